@@ -1,0 +1,234 @@
+"""One Settings object: konstruct.toml, overridden by KONSTRUCT_* environment variables.
+
+Only this module reads the environment. Secret values in the file may be references,
+``{"$env" = "NAME"}`` or ``{"$file" = "path"}``, resolved when the settings are loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from konstruct.errors import ConfigError
+
+CONFIG_FILENAME = "konstruct.toml"
+CONFIG_ENV = "KONSTRUCT_CONFIG"
+SECRET_KEY_ENV = "KONSTRUCT_SECRET_KEY"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSettings(_Section):
+    dir: Path = Field(Path(".konstruct"), description="Data directory (embedded database, queue, keys); relative to the config file.")
+
+
+class DatabaseSettings(_Section):
+    url: SecretStr | None = Field(None, description="PostgreSQL URL of the owner role (runs migrations). Empty: an embedded PostgreSQL under the data directory.")
+    app_password: SecretStr | None = Field(None, description="Password of the konstruct_app role. Empty: generated once and kept in the data directory.")
+    pool_size: int = Field(10, ge=1, le=200, description="Connections per process for the app role.")
+
+
+class QueueSettings(_Section):
+    url: str | None = Field(None, description="Task queue: empty for SQLite in the data directory, 'sqlite:///path' or 'redis://host:6379/0'.")
+    name: str = Field("konstruct", description="Queue name (lets several installations share one Redis).")
+
+
+class GatewaySettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8080, ge=1, le=65535, description="Port the gateway listens on.")
+    public_url: str = Field("http://127.0.0.1:8080", description="URL at which Slack, Meta and people reach the gateway.")
+
+
+class LLMSettings(_Section):
+    model: str = Field("openai/gpt-4o-mini", description="Default model, in litellm's provider/model form.")
+    api_base: str | None = Field(None, description="Base URL of the provider's API (an OpenAI-compatible server, a proxy).")
+    api_key: SecretStr | None = Field(None, description="Platform API key used when a tenant brings none; use a {\"$env\" = ...} reference.")
+    timeout: float = Field(60.0, gt=0, le=600, description="Seconds one LLM call may take.")
+    retries: int = Field(2, ge=0, le=10, description="Retries of a failed LLM call before the message is marked failed.")
+
+
+class AgentSettings(_Section):
+    history_messages: int = Field(20, ge=1, le=500, description="How many recent messages of a conversation go into the prompt.")
+    apology: str = Field(
+        "Sorry, I couldn't answer just now. Please try again in a moment.",
+        description="Sent to the person when the agent cannot answer.",
+    )
+
+
+class WorkerSettings(_Section):
+    concurrency: int = Field(64, ge=1, le=1000, description="Messages one worker process handles at once.")
+    heartbeat_interval: float = Field(5.0, gt=0, le=300, description="Seconds between worker heartbeats.")
+    stale_after: float = Field(30.0, gt=0, le=3600, description="A message claimed by a worker silent this long is re-queued.")
+    received_grace: float = Field(30.0, gt=0, le=3600, description="A stored message not claimed after this long is re-queued.")
+    sweep_interval: float = Field(15.0, gt=0, le=3600, description="Seconds between sweeps for stuck messages.")
+
+
+class Settings(BaseSettings):
+    """The effective configuration of one Konstruct installation."""
+
+    model_config = SettingsConfigDict(env_prefix="KONSTRUCT_", env_nested_delimiter="__", extra="forbid")
+
+    data: DataSettings = DataSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    queue: QueueSettings = QueueSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    llm: LLMSettings = LLMSettings()
+    agent: AgentSettings = AgentSettings()
+    worker: WorkerSettings = WorkerSettings()
+    secret_key: SecretStr | None = Field(
+        None, description="Master key(s) for secrets at rest, comma-separated, newest first. Empty: the 0600 file secret.key in the data directory."
+    )
+
+    # Where the file was found; relative paths are taken from its folder. Not a setting.
+    config_path: Path | None = Field(None, exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values come in as init kwargs; the environment overrides them.
+        return env_settings, init_settings
+
+    @property
+    def base_dir(self) -> Path:
+        return self.config_path.parent if self.config_path else Path.cwd()
+
+    @property
+    def data_dir(self) -> Path:
+        path = self.data.dir.expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.database.url is None or not self.database.url.get_secret_value()
+
+    @property
+    def queue_url(self) -> str:
+        return self.queue.url or f"sqlite:///{self.data_dir / 'queue.db'}"
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as a dict, with every secret shown only by its last four characters."""
+        out: dict[str, Any] = {"config_path": str(self.config_path) if self.config_path else None}
+        for name in type(self).model_fields:
+            if name == "config_path":
+                continue
+            section = getattr(self, name)
+            if not isinstance(section, BaseModel):
+                out[name] = mask_secret(section.get_secret_value()) if isinstance(section, SecretStr) else section
+                continue
+            values: dict[str, Any] = {}
+            for key in type(section).model_fields:
+                value = getattr(section, key)
+                if isinstance(value, SecretStr):
+                    raw = value.get_secret_value()
+                    value = mask_url(raw) if key == "url" else mask_secret(raw)
+                elif isinstance(value, str) and key == "url":
+                    value = mask_url(value)
+                elif isinstance(value, Path):
+                    value = str(value)
+                values[key] = value
+            out[name] = values
+        out["data"]["resolved_dir"] = str(self.data_dir)
+        return out
+
+
+def mask_secret(value: str | None) -> str | None:
+    """Show only a key hint: the last four characters."""
+    if not value:
+        return value
+    return "****" + value[-4:] if len(value) > 8 else "****"
+
+
+def mask_url(url: str | None) -> str | None:
+    """Hide the password in a URL, keep everything else."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:****@{parts.hostname or ''}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def find_config(path: str | Path | None = None) -> Path | None:
+    """The config file: an explicit path, $KONSTRUCT_CONFIG, or ./konstruct.toml."""
+    if path:
+        return Path(path).expanduser().resolve()
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env).expanduser().resolve()
+    local = Path.cwd() / CONFIG_FILENAME
+    return local.resolve() if local.exists() else None
+
+
+def load_settings(path: str | Path | None = None, *, require_file: bool = True) -> Settings:
+    """Read, resolve and validate the configuration; raise ConfigError with a one-line reason."""
+    config_path = find_config(path)
+    raw: dict[str, Any] = {}
+    if config_path is None:
+        if require_file:
+            raise ConfigError(f"no {CONFIG_FILENAME} found: run `konstruct init`, or pass --config PATH or set {CONFIG_ENV}")
+    elif not config_path.is_file():
+        raise ConfigError(f"config file {config_path} does not exist: run `konstruct init` or fix --config / {CONFIG_ENV}")
+    else:
+        try:
+            raw = tomllib.loads(config_path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {config_path}: {exc.strerror}") from None
+        raw = _resolve_references(raw, config_path.parent, ())
+    try:
+        return Settings(**raw, config_path=config_path)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, config_path)) from None
+
+
+def _resolve_references(value: Any, base: Path, where: tuple[str, ...]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"$env"}:
+            name = value["$env"]
+            if name not in os.environ:
+                raise ConfigError(f"{'.'.join(where)}: environment variable {name} is not set")
+            return os.environ[name]
+        if set(value) == {"$file"}:
+            file = Path(str(value["$file"])).expanduser()
+            file = file if file.is_absolute() else base / file
+            try:
+                return file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"{'.'.join(where)}: cannot read {file}: {exc.strerror}") from None
+        if any(key.startswith("$") for key in value):
+            raise ConfigError(f"{'.'.join(where)}: a reference is written {{\"$env\" = \"NAME\"}} or {{\"$file\" = \"path\"}}")
+        return {key: _resolve_references(item, base, (*where, key)) for key, item in value.items()}
+    return value
+
+
+def _describe_validation_error(exc: pydantic.ValidationError, path: Path | None) -> str:
+    errors = exc.errors()
+    first = errors[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting (see examples/konstruct.toml for the valid ones)"
+    elif "input" in first and not isinstance(first["input"], dict) and "secret" not in key and "key" not in key:
+        message += f" (got {first['input']!r})"
+    where = f"{path}: " if path else ""
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}{key}: {message}{more}"

@@ -1,0 +1,83 @@
+"""The app role's engine, and sessions scoped to one tenant by row-level security."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from konstruct.config import Settings
+from konstruct.db.models import TENANT_TABLES
+from konstruct.db.urls import DatabaseURLs, resolve_urls
+from konstruct.errors import DatabaseError, TenantNotSetError
+
+_TENANT_KEY = "konstruct_tenant_id"
+_TENANT_TABLE_RE = re.compile(r"\b(" + "|".join(sorted(TENANT_TABLES)) + r")\b", re.IGNORECASE)
+
+
+def _guard_tenant_tables(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+    # The database would return no rows anyway (RLS); raising makes the bug loud instead of silent.
+    if _TENANT_KEY not in conn.info and _TENANT_TABLE_RE.search(statement):
+        table = _TENANT_TABLE_RE.search(statement).group(1)  # type: ignore[union-attr]
+        raise TenantNotSetError(f"tenant table {table!r} used outside a tenant session (a bug: use db.tenant(tenant_id=...))")
+
+
+class Database:
+    """Connections as the app role. Tenant data only inside ``tenant(tenant_id=...)``."""
+
+    def __init__(self, settings: Settings, urls: DatabaseURLs | None = None) -> None:
+        self.settings = settings
+        self.urls = urls or resolve_urls(settings)
+        self.engine: AsyncEngine = create_async_engine(
+            self.urls.app_async(),
+            pool_size=settings.database.pool_size,
+            max_overflow=settings.database.pool_size,
+            pool_pre_ping=True,
+            pool_timeout=30,
+        )
+        event.listen(self.engine.sync_engine, "before_cursor_execute", _guard_tenant_tables)
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def tenant(self, *, tenant_id: uuid.UUID) -> AsyncIterator[AsyncSession]:
+        """One transaction in which row-level security shows only this tenant's rows."""
+        if not isinstance(tenant_id, uuid.UUID):
+            raise TenantNotSetError(f"tenant_id must be a UUID, got {tenant_id!r}")
+        session = self._sessions()
+        info: dict[str, Any] | None = None
+        try:
+            conn = await session.connection()
+            # Transaction-local (is_local=true) and a bound parameter: nothing leaks to the next user of the connection.
+            await conn.execute(text("select set_config('app.current_tenant', :tenant, true)"), {"tenant": str(tenant_id)})
+            info = conn.sync_connection.info  # type: ignore[union-attr]
+            info[_TENANT_KEY] = tenant_id
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
+        finally:
+            if info is not None:
+                info.pop(_TENANT_KEY, None)
+            await session.close()
+
+    @asynccontextmanager
+    async def system(self) -> AsyncIterator[AsyncSession]:
+        """A transaction with no tenant set: for tables without tenant data and look-up functions."""
+        async with self._sessions() as session, session.begin():
+            yield session
+
+    async def ping(self) -> None:
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("select 1"))
+        except Exception as exc:
+            raise DatabaseError(f"cannot reach the database as {self.urls.app.username}: {type(exc).__name__}: {exc}") from None
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,100 @@
+"""Bring the database up to date as the owner role, and check that it is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from psycopg import sql
+from sqlalchemy import Connection, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+from konstruct.config import Settings
+from konstruct.db.urls import APP_ROLE, DatabaseURLs, resolve_urls
+from konstruct.errors import DatabaseError
+
+
+def migrations_dir() -> Path:
+    import konstruct.migrations
+
+    return Path(konstruct.migrations.__file__).parent
+
+
+def _alembic_config(connection: Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+@dataclass
+class UpgradeResult:
+    before: str | None
+    after: str | None
+
+
+def upgrade(settings: Settings) -> UpgradeResult:
+    """Create the database if it is embedded, check pgvector, apply migrations, set the app role's password."""
+    urls = resolve_urls(settings, create_password=True)
+    if settings.embedded_database:
+        _create_database_if_missing(urls)
+    engine = create_engine(urls.owner_sync(), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            _require_pgvector(conn, urls)
+            before = MigrationContext.configure(conn).get_current_revision()
+            command.upgrade(_alembic_config(conn), "head")
+            after = MigrationContext.configure(conn).get_current_revision()
+            raw = conn.connection.dbapi_connection
+            password = urls.app.password or ""
+            conn.exec_driver_sql(
+                sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(sql.Identifier(APP_ROLE), sql.Literal(password)).as_string(raw)  # type: ignore[arg-type]
+            )
+            conn.exec_driver_sql(
+                sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(urls.owner.database or "postgres"), sql.Identifier(APP_ROLE)).as_string(raw)  # type: ignore[arg-type]
+            )
+    except OperationalError as exc:
+        raise DatabaseError(f"cannot reach the database as the owner role: {exc.orig}") from None
+    finally:
+        engine.dispose()
+    return UpgradeResult(before=before, after=after)
+
+
+def current_revision(urls: DatabaseURLs) -> str | None:
+    engine = create_engine(urls.owner_sync())
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except OperationalError as exc:
+        raise DatabaseError(f"cannot reach the database as the owner role: {exc.orig}") from None
+    finally:
+        engine.dispose()
+
+
+def _create_database_if_missing(urls: DatabaseURLs) -> None:
+    name = urls.owner.database or "postgres"
+    admin = make_url(urls.owner_sync()).set(database="postgres")
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            exists = conn.execute(text("select 1 from pg_database where datname = :n"), {"n": name}).scalar()
+            if not exists:
+                conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    finally:
+        engine.dispose()
+
+
+def _require_pgvector(conn: Connection, urls: DatabaseURLs) -> None:
+    available = conn.execute(text("select default_version from pg_available_extensions where name = 'vector'")).scalar()
+    if available is None:
+        host = urls.owner.host or urls.owner.query.get("host") or "the server"
+        raise DatabaseError(f"PostgreSQL at {host} has no pgvector extension: install pgvector 0.8 or newer, or leave database.url empty for the embedded server")
