@@ -32,13 +32,20 @@ class DataSettings(_Section):
 
 
 class DatabaseSettings(_Section):
-    url: SecretStr | None = Field(None, description="PostgreSQL URL of the owner role (runs migrations). Empty: an embedded PostgreSQL under the data directory.")
-    app_password: SecretStr | None = Field(None, description="Password of the konstruct_app role. Empty: generated once and kept in the data directory.")
+    url: SecretStr | None = Field(
+        None, description="PostgreSQL URL of the owner role (runs migrations). Empty: an embedded PostgreSQL under the data directory."
+    )
+    app_password: SecretStr | None = Field(
+        None, description="Password of the konstruct_app role. Empty: generated once and kept in the data directory."
+    )
     pool_size: int = Field(10, ge=1, le=200, description="Connections per process for the app role.")
 
 
 class QueueSettings(_Section):
-    url: str | None = Field(None, description="Task queue: empty for SQLite in the data directory, 'sqlite:///path' or 'redis://host:6379/0'.")
+    url: str | None = Field(
+        None,
+        description="Task queue: empty for huey's Postgres storage in Konstruct's own database, 'sqlite:///path' or 'redis://host:6379/0'.",
+    )
     name: str = Field("konstruct", description="Queue name (lets several installations share one Redis).")
 
 
@@ -51,7 +58,7 @@ class GatewaySettings(_Section):
 class LLMSettings(_Section):
     model: str = Field("openai/gpt-4o-mini", description="Default model, in litellm's provider/model form.")
     api_base: str | None = Field(None, description="Base URL of the provider's API (an OpenAI-compatible server, a proxy).")
-    api_key: SecretStr | None = Field(None, description="Platform API key used when a tenant brings none; use a {\"$env\" = ...} reference.")
+    api_key: SecretStr | None = Field(None, description='Platform API key used when a tenant brings none; use a {"$env" = ...} reference.')
     timeout: float = Field(60.0, gt=0, le=600, description="Seconds one LLM call may take.")
     retries: int = Field(2, ge=0, le=10, description="Retries of a failed LLM call before the message is marked failed.")
 
@@ -85,7 +92,8 @@ class Settings(BaseSettings):
     agent: AgentSettings = AgentSettings()
     worker: WorkerSettings = WorkerSettings()
     secret_key: SecretStr | None = Field(
-        None, description="Master key(s) for secrets at rest, comma-separated, newest first. Empty: the 0600 file secret.key in the data directory."
+        None,
+        description="Master key(s) for secrets at rest, comma-separated, newest first. Empty: the 0600 file secret.key in the data directory.",
     )
 
     # Where the file was found; relative paths are taken from its folder. Not a setting.
@@ -115,10 +123,6 @@ class Settings(BaseSettings):
     @property
     def embedded_database(self) -> bool:
         return self.database.url is None or not self.database.url.get_secret_value()
-
-    @property
-    def queue_url(self) -> str:
-        return self.queue.url or f"sqlite:///{self.data_dir / 'queue.db'}"
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict, with every secret shown only by its last four characters."""
@@ -205,7 +209,7 @@ def _resolve_references(value: Any, base: Path, where: tuple[str, ...]) -> Any:
         if set(value) == {"$env"}:
             name = value["$env"]
             if name not in os.environ:
-                raise ConfigError(f"{'.'.join(where)}: environment variable {name} is not set")
+                raise ConfigError(f"{'.'.join(where)}: environment variable {name} is not set: export it, or change the setting")
             return os.environ[name]
         if set(value) == {"$file"}:
             file = Path(str(value["$file"])).expanduser()
@@ -215,7 +219,7 @@ def _resolve_references(value: Any, base: Path, where: tuple[str, ...]) -> Any:
             except OSError as exc:
                 raise ConfigError(f"{'.'.join(where)}: cannot read {file}: {exc.strerror}") from None
         if any(key.startswith("$") for key in value):
-            raise ConfigError(f"{'.'.join(where)}: a reference is written {{\"$env\" = \"NAME\"}} or {{\"$file\" = \"path\"}}")
+            raise ConfigError(f'{".".join(where)}: a reference is written {{"$env" = "NAME"}} or {{"$file" = "path"}}')
         return {key: _resolve_references(item, base, (*where, key)) for key, item in value.items()}
     return value
 
@@ -232,3 +236,47 @@ def _describe_validation_error(exc: pydantic.ValidationError, path: Path | None)
     where = f"{path}: " if path else ""
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{where}{key}: {message}{more}"
+
+
+def secret_key_in_environment() -> bool:
+    """Whether the master key comes from KONSTRUCT_SECRET_KEY (then no key file is made)."""
+    return bool(os.environ.get(SECRET_KEY_ENV, "").strip())
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f'"{k}" = {_toml_value(v)}' for k, v in value.items()) + " }"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_config(values: dict[str, dict[str, Any]] | None = None) -> str:
+    """A konstruct.toml documenting every setting: given values set, the rest commented with their defaults."""
+    values = values or {}
+    lines = [
+        "# Konstruct configuration. Every setting can be overridden by the environment:",
+        "# [llm] api_base is KONSTRUCT_LLM__API_BASE. Secrets may be references instead of literals:",
+        '# api_key = { "$env" = "OPENAI_API_KEY" }  or  { "$file" = "/run/secrets/openai" }.',
+        "# Master key for secrets at rest: KONSTRUCT_SECRET_KEY, else the 0600 file secret.key in the data directory.",
+    ]
+    for name, field in Settings.model_fields.items():
+        model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        lines += ["", f"[{name}]"]
+        given = values.get(name, {})
+        for key, sub in model.model_fields.items():
+            lines.append(f"# {sub.description}")
+            if key in given:
+                lines.append(f"{key} = {_toml_value(given[key])}")
+            elif sub.default is None:
+                lines.append(f"# {key} =")
+            else:
+                default = sub.default.get_secret_value() if isinstance(sub.default, SecretStr) else sub.default
+                lines.append(f"# {key} = {_toml_value(default)}")
+    return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import event, text
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from konstruct.config import Settings
@@ -25,6 +26,11 @@ def _guard_tenant_tables(conn: Any, cursor: Any, statement: str, parameters: Any
     if _TENANT_KEY not in conn.info and _TENANT_TABLE_RE.search(statement):
         table = _TENANT_TABLE_RE.search(statement).group(1)  # type: ignore[union-attr]
         raise TenantNotSetError(f"tenant table {table!r} used outside a tenant session (a bug: use db.tenant(tenant_id=...))")
+
+
+def _raise_if_unmigrated(exc: BaseException) -> None:
+    if isinstance(exc, ProgrammingError) and "does not exist" in str(exc.orig):
+        raise DatabaseError("the database schema is missing or old: run `konstruct db upgrade`") from exc
 
 
 class Database:
@@ -58,8 +64,9 @@ class Database:
             info[_TENANT_KEY] = tenant_id
             yield session
             await session.commit()
-        except BaseException:
+        except BaseException as exc:
             await session.rollback()
+            _raise_if_unmigrated(exc)
             raise
         finally:
             if info is not None:
@@ -69,8 +76,12 @@ class Database:
     @asynccontextmanager
     async def system(self) -> AsyncIterator[AsyncSession]:
         """A transaction with no tenant set: for tables without tenant data and look-up functions."""
-        async with self._sessions() as session, session.begin():
-            yield session
+        try:
+            async with self._sessions() as session, session.begin():
+                yield session
+        except ProgrammingError as exc:
+            _raise_if_unmigrated(exc)
+            raise
 
     async def ping(self) -> None:
         try:

@@ -60,7 +60,9 @@ def upgrade(settings: Settings) -> UpgradeResult:
                 sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(sql.Identifier(APP_ROLE), sql.Literal(password)).as_string(raw)  # type: ignore[arg-type]
             )
             conn.exec_driver_sql(
-                sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(urls.owner.database or "postgres"), sql.Identifier(APP_ROLE)).as_string(raw)  # type: ignore[arg-type]
+                sql.SQL("GRANT CONNECT ON DATABASE {} TO {}")
+                .format(sql.Identifier(urls.owner.database or "postgres"), sql.Identifier(APP_ROLE))
+                .as_string(raw)  # type: ignore[arg-type]
             )
     except OperationalError as exc:
         raise DatabaseError(f"cannot reach the database as the owner role: {exc.orig}") from None
@@ -97,4 +99,6 @@ def _require_pgvector(conn: Connection, urls: DatabaseURLs) -> None:
     available = conn.execute(text("select default_version from pg_available_extensions where name = 'vector'")).scalar()
     if available is None:
         host = urls.owner.host or urls.owner.query.get("host") or "the server"
-        raise DatabaseError(f"PostgreSQL at {host} has no pgvector extension: install pgvector 0.8 or newer, or leave database.url empty for the embedded server")
+        raise DatabaseError(
+            f"PostgreSQL at {host} has no pgvector extension: install pgvector 0.8 or newer, or leave database.url empty for the embedded server"
+        )

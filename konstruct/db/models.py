@@ -138,6 +138,4 @@ class WorkerHeartbeat(Base):
     in_flight: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
-TENANT_TABLES = frozenset(
-    table.name for table in Base.metadata.sorted_tables if "tenant_id" in table.c or table.name == "tenants"
-)
+TENANT_TABLES = frozenset(table.name for table in Base.metadata.sorted_tables if "tenant_id" in table.c or table.name == "tenants")

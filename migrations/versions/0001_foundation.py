@@ -135,7 +135,7 @@ TENANT_TABLES = {
     "audit_events": "tenant_id",
 }
 
-FUNCTIONS = f"""
+FUNCTIONS = """
 -- Look-ups needed before a tenant is known. SECURITY DEFINER, owned by the owner role, and narrow:
 -- they return routing facts (ids, slugs, states), never conversation content.
 CREATE FUNCTION konstruct_tenant_directory()
@@ -196,8 +196,7 @@ def upgrade() -> None:
         op.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
         op.execute(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY")
         op.execute(
-            f"CREATE POLICY tenant_isolation ON {table} USING ({column} = {CURRENT_TENANT}) "
-            f"WITH CHECK ({column} = {CURRENT_TENANT})"
+            f"CREATE POLICY tenant_isolation ON {table} USING ({column} = {CURRENT_TENANT}) WITH CHECK ({column} = {CURRENT_TENANT})"
         )
         # The owner role (migrations, the SECURITY DEFINER look-ups) may see every row, as it could by
         # dropping the policy anyway; the app role is not a member of it.
@@ -221,5 +220,7 @@ def downgrade() -> None:
         "DROP TABLE IF EXISTS huey_counter, huey_task, huey_schedule, huey_kv, worker_heartbeats, audit_events, "
         "messages, inbound_messages, conversations, agents, tenants CASCADE"
     )
-    op.execute("DROP FUNCTION IF EXISTS konstruct_tenant_directory(), konstruct_requeue_stuck(text[], interval, interval), "
-               "konstruct_reject_audit_change()")
+    op.execute(
+        "DROP FUNCTION IF EXISTS konstruct_tenant_directory(), konstruct_requeue_stuck(text[], interval, interval), "
+        "konstruct_reject_audit_change()"
+    )

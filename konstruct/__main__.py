@@ -1,0 +1,3 @@
+from konstruct.cli import main
+
+main()

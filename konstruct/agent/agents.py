@@ -1,0 +1,124 @@
+"""Agents: a name, a role, a persona and a model, belonging to one tenant."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from konstruct import audit
+from konstruct.db.engine import Database
+from konstruct.db.models import Agent
+from konstruct.errors import ConflictError, NotFoundError, ValidationError
+from konstruct.tenancy.tenants import TenantInfo
+
+MAX_PERSONA = 20_000
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    name: str
+    role: str
+    persona: str
+    model: str | None
+    settings: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Agent) -> AgentInfo:
+        return cls(row.id, row.tenant_id, row.name, row.role, row.persona, row.model, dict(row.settings), row.created_at, row.updated_at)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "tenant_id": str(self.tenant_id),
+            "name": self.name,
+            "role": self.role,
+            "persona": self.persona,
+            "model": self.model,
+            "settings": self.settings,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+
+def _check(name: str | None = None, role: str | None = None, persona: str | None = None, model: str | None = None) -> None:
+    if name is not None and not (1 <= len(name.strip()) <= 100):
+        raise ValidationError("an agent name must be 1 to 100 characters")
+    if role is not None and not role.strip():
+        raise ValidationError("an agent needs a role, e.g. --role 'Support specialist'")
+    if persona is not None and not persona.strip():
+        raise ValidationError("an agent needs a persona: --persona TEXT or --persona-file FILE")
+    if persona is not None and len(persona) > MAX_PERSONA:
+        raise ValidationError(f"the persona is {len(persona)} characters; the limit is {MAX_PERSONA}")
+    if model is not None and not model.strip():
+        raise ValidationError("--model must not be empty (leave it out to use llm.model from the config)")
+
+
+async def create_agent(db: Database, tenant: TenantInfo, *, name: str, role: str, persona: str, model: str | None, actor: str) -> AgentInfo:
+    _check(name, role, persona, model)
+    try:
+        async with db.tenant(tenant_id=tenant.id) as session:
+            row = await session.scalar(
+                insert(Agent)
+                .values(tenant_id=tenant.id, name=name.strip(), role=role.strip(), persona=persona.strip(), model=model)
+                .returning(Agent)
+            )
+            assert row is not None
+            await audit.record(
+                session,
+                tenant_id=tenant.id,
+                actor=actor,
+                action="agent.created",
+                target=row.name,
+                detail={"role": row.role, "model": model},
+            )
+            return AgentInfo.from_row(row)
+    except IntegrityError:
+        raise ConflictError(f"tenant {tenant.slug!r} already has an agent named {name!r}") from None
+
+
+async def list_agents(db: Database, tenant: TenantInfo) -> list[AgentInfo]:
+    async with db.tenant(tenant_id=tenant.id) as session:
+        rows = await session.scalars(select(Agent).order_by(Agent.name))
+        return [AgentInfo.from_row(row) for row in rows]
+
+
+async def get_agent(db: Database, tenant: TenantInfo, name: str) -> AgentInfo:
+    async with db.tenant(tenant_id=tenant.id) as session:
+        row = await session.scalar(select(Agent).where(Agent.name == name))
+        if row is None:
+            raise NotFoundError(f"tenant {tenant.slug!r} has no agent {name!r}: see `konstruct agent list --tenant {tenant.slug}`")
+        return AgentInfo.from_row(row)
+
+
+async def update_agent(db: Database, tenant: TenantInfo, name: str, *, changes: dict[str, Any], actor: str) -> AgentInfo:
+    changes = {key: value for key, value in changes.items() if value is not None}
+    if not changes:
+        raise ValidationError("nothing to change: pass at least one of --name, --role, --persona, --persona-file, --model")
+    _check(**{key: changes.get(key) for key in ("name", "role", "persona", "model")})
+    agent = await get_agent(db, tenant, name)
+    try:
+        async with db.tenant(tenant_id=tenant.id) as session:
+            row = await session.scalar(update(Agent).where(Agent.id == agent.id).values(**changes, updated_at=func.now()).returning(Agent))
+            assert row is not None
+            detail = {key: (value if key != "persona" else f"{len(value)} characters") for key, value in changes.items()}
+            await audit.record(session, tenant_id=tenant.id, actor=actor, action="agent.updated", target=name, detail=detail)
+            return AgentInfo.from_row(row)
+    except IntegrityError:
+        raise ConflictError(f"tenant {tenant.slug!r} already has an agent named {changes.get('name')!r}") from None
+
+
+async def delete_agent(db: Database, tenant: TenantInfo, name: str, *, actor: str) -> AgentInfo:
+    agent = await get_agent(db, tenant, name)
+    async with db.tenant(tenant_id=tenant.id) as session:
+        await session.execute(delete(Agent).where(Agent.id == agent.id))
+        await audit.record(session, tenant_id=tenant.id, actor=actor, action="agent.deleted", target=name)
+    return agent

@@ -1,0 +1,175 @@
+"""The agent pipeline: one inbound message in, one reply out, exactly once.
+
+States of an inbox row: received → processing → replied | failed | ignored. No database connection
+is held while the model thinks, so one worker can keep many conversations in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from konstruct import audit
+from konstruct.agent.agents import AgentInfo
+from konstruct.agent.prompt import build_messages
+from konstruct.channels.base import Channel, Reply
+from konstruct.channels.registry import channel_for
+from konstruct.config import Settings
+from konstruct.db.engine import Database
+from konstruct.db.models import Agent, Conversation, InboundMessage, Message, Tenant
+from konstruct.llm.client import LLMError, complete
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    db: Database
+    channels: dict[str, Channel]
+    worker_id: str
+
+    async def process(self, *, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> str | None:
+        """Answer one inbox row. Returns its final state, or None when it was not ours to take."""
+        async with self.db.tenant(tenant_id=tenant_id) as session:
+            inbound = await session.scalar(
+                update(InboundMessage)
+                .where(InboundMessage.id == inbound_id, InboundMessage.status == "received")
+                .values(
+                    status="processing",
+                    attempts=InboundMessage.attempts + 1,
+                    worker_id=self.worker_id,
+                    claimed_at=func.now(),
+                )
+                .returning(InboundMessage)
+            )
+            if inbound is None:
+                return None  # a duplicate doorbell: another worker has it or it is finished
+            tenant = await session.get(Tenant, tenant_id)
+            conversation = await session.get(Conversation, inbound.conversation_id)
+            assert tenant is not None and conversation is not None
+            agent_row = await session.get(Agent, conversation.agent_id)
+            assert agent_row is not None
+            agent = AgentInfo.from_row(agent_row)
+            previous = await session.scalar(select(Message).where(Message.inbound_id == inbound_id, Message.direction == "out"))
+            history = (
+                await session.execute(
+                    select(Message.direction, Message.text)
+                    .where(
+                        Message.conversation_id == conversation.id,
+                        Message.created_at <= inbound.received_at,
+                        Message.status != "failed",
+                    )
+                    .order_by(Message.created_at.desc(), Message.direction.desc())
+                    .limit(self.settings.agent.history_messages)
+                )
+            ).all()
+            tenant_name, tenant_status = tenant.name, tenant.status
+            conversation_id, conversation_key = conversation.id, conversation.external_id
+
+        if tenant_status != "active":
+            await self._finish(tenant_id, inbound_id, None, status="ignored", error=f"tenant is {tenant_status}")
+            return "ignored"
+
+        status, error = "replied", None
+        if previous is not None:
+            # An earlier attempt stored the reply and died before finishing: deliver that one, don't ask again.
+            reply_id, reply_text = previous.id, previous.text
+        else:
+            messages = build_messages(agent, tenant_name, [(row.direction, row.text) for row in reversed(history)])
+            model = agent.model or self.settings.llm.model
+            try:
+                result = await complete(self.settings.llm, model=model, messages=messages)
+                reply_text, latency, used_model = result.text, result.latency_ms, result.model
+            except LLMError as exc:
+                log.warning("message %s: the model failed: %s", inbound_id, exc)
+                status, error = "failed", str(exc)
+                reply_text, latency, used_model = self.settings.agent.apology, None, model
+            reply_id = await self._store_reply(tenant_id, conversation_id, inbound_id, agent, reply_text, used_model, latency)
+            if reply_id is None:
+                return None  # someone else stored the reply first (unique per inbound message)
+
+        channel = channel_for(self.channels, inbound.channel)
+        reply = Reply(tenant_id, conversation_id, conversation_key, inbound.external_id, reply_text)
+        try:
+            external_id = await channel.send(reply)
+        except Exception as exc:
+            log.error("message %s: delivery through %s failed: %s", inbound_id, channel.name, type(exc).__name__)
+            await self._finish(
+                tenant_id,
+                inbound_id,
+                reply_id,
+                status="failed",
+                error=f"delivery failed: {type(exc).__name__}: {exc}"[:500],
+                delivered=False,
+            )
+            return "failed"
+        await self._finish(tenant_id, inbound_id, reply_id, status=status, error=error, external_id=external_id)
+        return status
+
+    async def _store_reply(
+        self,
+        tenant_id: uuid.UUID,
+        conversation_id: uuid.UUID,
+        inbound_id: uuid.UUID,
+        agent: AgentInfo,
+        reply_text: str,
+        model: str,
+        latency_ms: int | None,
+    ) -> uuid.UUID | None:
+        async with self.db.tenant(tenant_id=tenant_id) as session:
+            return await session.scalar(
+                pg_insert(Message)
+                .values(
+                    tenant_id=tenant_id,
+                    conversation_id=conversation_id,
+                    inbound_id=inbound_id,
+                    direction="out",
+                    author=agent.name,
+                    text=reply_text,
+                    status="sending",
+                    model=model,
+                    latency_ms=latency_ms,
+                )
+                .on_conflict_do_nothing()
+                .returning(Message.id)
+            )
+
+    async def _finish(
+        self,
+        tenant_id: uuid.UUID,
+        inbound_id: uuid.UUID,
+        reply_id: uuid.UUID | None,
+        *,
+        status: str,
+        error: str | None,
+        external_id: str | None = None,
+        delivered: bool = True,
+    ) -> None:
+        async with self.db.tenant(tenant_id=tenant_id) as session:
+            if reply_id is not None:
+                await session.execute(
+                    update(Message)
+                    .where(Message.id == reply_id)
+                    .values(status="sent" if delivered else "failed", external_id=external_id, error=None if delivered else error)
+                )
+            conversation_id = await session.scalar(
+                update(InboundMessage)
+                .where(InboundMessage.id == inbound_id)
+                .values(status=status, error=error, finished_at=func.now())
+                .returning(InboundMessage.conversation_id)
+            )
+            await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(last_message_at=func.now()))
+            action = {"replied": "message.replied", "failed": "message.failed", "ignored": "message.ignored"}[status]
+            await audit.record(
+                session,
+                tenant_id=tenant_id,
+                actor=f"worker:{self.worker_id}",
+                action=action,
+                target=str(inbound_id),
+                detail={"error": error} if error else {"reply_id": str(reply_id)},
+            )

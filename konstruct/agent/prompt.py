@@ -1,0 +1,27 @@
+"""Building what the model sees: persona, the AI-transparency clause, the recent conversation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from konstruct.agent.agents import AgentInfo
+
+# Unconditional and placed after the persona, so no persona can talk the agent out of it.
+AI_DISCLOSURE = (
+    "You are an AI, not a human. Whenever someone asks whether they are talking to a person, a bot or an AI, "
+    "say plainly that you are an AI assistant. Never claim or imply to be human. "
+    "This rule overrides anything above."
+)
+
+
+def system_prompt(agent: AgentInfo, tenant_name: str) -> str:
+    return f"You are {agent.name}, {agent.role} at {tenant_name}.\n\n{agent.persona.strip()}\n\n{AI_DISCLOSURE}"
+
+
+def build_messages(agent: AgentInfo, tenant_name: str, history: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """history: (direction, text) pairs, oldest first; 'in' is the person, 'out' the agent."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system_prompt(agent, tenant_name)}]
+    for direction, text in history:
+        messages.append({"role": "user" if direction == "in" else "assistant", "content": text})
+    return messages

@@ -1,0 +1,59 @@
+"""The `konstruct` command: the front door to everything."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from konstruct import __version__
+from konstruct.cli import agents, chat, serve, setup, tenants
+from konstruct.cli.common import err, state
+from konstruct.errors import KonstructError
+
+app = typer.Typer(
+    name="konstruct",
+    help="Run AI employees in Slack, WhatsApp and the terminal, for many tenants on one installation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"konstruct {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="Path to konstruct.toml (default: $KONSTRUCT_CONFIG or ./konstruct.toml).", metavar="PATH"
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More log output."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    st = state(ctx)
+    st.config = config
+    st.verbose = verbose
+
+
+setup.register(app)
+serve.register(app)
+chat.register(app)
+app.add_typer(tenants.app, name="tenant")
+app.add_typer(agents.app, name="agent")
+
+
+def main() -> None:
+    """Entry point: a KonstructError becomes one red line and exit code 1, never a traceback."""
+    try:
+        app()
+    except KonstructError as exc:
+        err.print(f"[red]Error:[/red] {exc}")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

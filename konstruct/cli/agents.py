@@ -1,0 +1,155 @@
+"""konstruct agent …: the AI employees of a tenant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from konstruct.agent import agents as service
+from konstruct.cli.common import JsonOption, actor, database, out, print_fields, print_json, print_table, run, settings
+from konstruct.errors import ValidationError
+from konstruct.tenancy.tenants import get_tenant
+
+app = typer.Typer(help="Create, list, change and delete a tenant's agents.", no_args_is_help=True)
+
+TenantOption = typer.Option(..., "--tenant", "-t", help="The tenant's slug.")
+
+
+def _persona(text: str | None, file: Path | None, *, required: bool) -> str | None:
+    if text is not None and file is not None:
+        raise ValidationError("give the persona as --persona TEXT or --persona-file FILE, not both")
+    if file is not None:
+        try:
+            return file.read_text()
+        except OSError as exc:
+            raise ValidationError(f"cannot read {file}: {exc.strerror}") from None
+    if text is None and required:
+        raise ValidationError("an agent needs a persona: --persona TEXT or --persona-file FILE")
+    return text
+
+
+@app.command("create")
+def create(
+    ctx: typer.Context,
+    tenant: str = TenantOption,
+    name: str = typer.Option(..., "--name", "-n", help="The agent's name, e.g. 'Ava'."),
+    role: str = typer.Option(..., "--role", "-r", help="Its role or title, e.g. 'Customer support'."),
+    persona: str | None = typer.Option(None, "--persona", help="Who it is and how it works, as text."),
+    persona_file: Path | None = typer.Option(None, "--persona-file", help="The persona from a file."),
+    model: str | None = typer.Option(None, "--model", "-m", help="litellm model (default: llm.model from the config)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Create an agent for a tenant."""
+    text = _persona(persona, persona_file, required=True)
+    assert text is not None
+
+    async def go() -> service.AgentInfo:
+        async with database(settings(ctx)) as db:
+            info = await get_tenant(db, tenant)
+            return await service.create_agent(db, info, name=name, role=role, persona=text, model=model, actor=actor())
+
+    agent = run(go())
+    if as_json:
+        print_json(agent.as_json())
+    else:
+        out.print(f"[green]created[/green] agent {agent.name} ({agent.role}) for {tenant}")
+
+
+@app.command("list")
+def list_(ctx: typer.Context, tenant: str = TenantOption, as_json: bool = JsonOption) -> None:
+    """List a tenant's agents."""
+
+    async def go() -> list[service.AgentInfo]:
+        async with database(settings(ctx)) as db:
+            return await service.list_agents(db, await get_tenant(db, tenant))
+
+    agents = run(go())
+    if as_json:
+        print_json([a.as_json() for a in agents])
+    elif not agents:
+        out.print(f"tenant {tenant} has no agents: `konstruct agent create --tenant {tenant} --name … --role … --persona …`")
+    else:
+        print_table(
+            None, ["name", "role", "model", "persona"], [(a.name, a.role, a.model or "(default)", _short(a.persona)) for a in agents]
+        )
+
+
+@app.command("show")
+def show(
+    ctx: typer.Context, name: str = typer.Argument(..., help="The agent's name."), tenant: str = TenantOption, as_json: bool = JsonOption
+) -> None:
+    """Show one agent in full."""
+
+    async def go() -> service.AgentInfo:
+        async with database(settings(ctx)) as db:
+            return await service.get_agent(db, await get_tenant(db, tenant), name)
+
+    agent = run(go())
+    if as_json:
+        print_json(agent.as_json())
+    else:
+        print_fields(
+            {
+                "name": agent.name,
+                "role": agent.role,
+                "model": agent.model or "(default)",
+                "id": agent.id,
+                "created": agent.created_at,
+                "persona": "",
+            }
+        )
+        out.print(agent.persona)
+
+
+@app.command("update")
+def update(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The agent's current name."),
+    tenant: str = TenantOption,
+    new_name: str | None = typer.Option(None, "--name", help="A new name."),
+    role: str | None = typer.Option(None, "--role", help="A new role."),
+    persona: str | None = typer.Option(None, "--persona", help="A new persona."),
+    persona_file: Path | None = typer.Option(None, "--persona-file", help="A new persona from a file."),
+    model: str | None = typer.Option(None, "--model", help="A new model."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Change an agent's name, role, persona or model."""
+    text = _persona(persona, persona_file, required=False)
+    changes = {"name": new_name, "role": role, "persona": text, "model": model}
+
+    async def go() -> service.AgentInfo:
+        async with database(settings(ctx)) as db:
+            return await service.update_agent(db, await get_tenant(db, tenant), name, changes=changes, actor=actor())
+
+    agent = run(go())
+    if as_json:
+        print_json(agent.as_json())
+    else:
+        out.print(f"[green]updated[/green] agent {agent.name}")
+
+
+@app.command("delete")
+def delete(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The agent's name."),
+    tenant: str = TenantOption,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Delete an agent and its conversations."""
+    if not yes:
+        if not typer.get_text_stream("stdin").isatty():
+            raise ValidationError(f"deleting agent {name!r} removes its conversations: pass --yes to confirm")
+        typer.confirm(f"Delete agent {name!r} of {tenant} and its conversations?", abort=True)
+
+    async def go() -> service.AgentInfo:
+        async with database(settings(ctx)) as db:
+            return await service.delete_agent(db, await get_tenant(db, tenant), name, actor=actor())
+
+    run(go())
+    out.print(f"[green]deleted[/green] agent {name}")
+
+
+def _short(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"

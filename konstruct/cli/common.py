@@ -1,0 +1,94 @@
+"""What every command shares: the settings, an async runner, output helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import logging
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from konstruct.config import Settings, load_settings
+from konstruct.db.engine import Database
+
+T = TypeVar("T")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
+
+
+@dataclass
+class State:
+    config: str | None = None
+    verbose: bool = False
+
+
+def state(ctx: typer.Context) -> State:
+    root = ctx.find_root()
+    if not isinstance(root.obj, State):
+        root.obj = State()
+    return root.obj
+
+
+def settings(ctx: typer.Context) -> Settings:
+    return load_settings(state(ctx).config)
+
+
+def actor() -> str:
+    """Who the local operator is, for the audit log."""
+    try:
+        return f"operator:{getpass.getuser()}"
+    except Exception:
+        return "operator:unknown"
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+@asynccontextmanager
+async def database(cfg: Settings) -> AsyncIterator[Database]:
+    db = Database(cfg)
+    try:
+        await db.ping()
+        yield db
+    finally:
+        await db.dispose()
+
+
+def print_json(data: Any) -> None:
+    out.print_json(json.dumps(data, default=str))
+
+
+def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if value is None else str(value) for value in row))
+    out.print(table)
+
+
+def print_fields(fields: dict[str, Any]) -> None:
+    width = max(len(key) for key in fields)
+    for key, value in fields.items():
+        out.print(f"[bold]{key.ljust(width)}[/bold]  {'' if value is None else value}")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("huey", "huey.consumer", "huey.consumer.Scheduler"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

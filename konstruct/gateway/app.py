@@ -1,0 +1,95 @@
+"""The gateway: a Starlette app. Channel webhooks join it in later issues; now health and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from konstruct.config import Settings
+from konstruct.db.engine import Database
+from konstruct.db.urls import resolve_urls
+from konstruct.errors import KonstructError
+from konstruct.worker.queue import make_queue
+
+log = logging.getLogger("konstruct.gateway")
+
+
+async def healthz(request: Request) -> Response:
+    """The process is up."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """The database and the queue are reachable: ready for traffic."""
+    state = request.app.state
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(state.db.ping(), timeout=5)
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = str(exc) if isinstance(exc, KonstructError) else type(exc).__name__
+    try:
+        pending = await asyncio.wait_for(asyncio.to_thread(state.queue.pending), timeout=5)
+        checks["queue"] = "ok"
+        checks["queue_pending"] = str(pending)
+    except Exception as exc:
+        checks["queue"] = str(exc) if isinstance(exc, KonstructError) else type(exc).__name__
+    ready = checks.get("database") == "ok" and checks.get("queue") == "ok"
+    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
+
+
+async def konstruct_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, KonstructError)
+    request_id = uuid.uuid4().hex[:12]
+    log.warning("request %s %s %s: %s", request_id, request.method, request.url.path, exc)
+    return JSONResponse({"error": str(exc), "request_id": request_id}, status_code=exc.http_status)
+
+
+def create_app(settings: Settings) -> Starlette:
+    """Build the gateway for these settings; connections open on startup, close on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        urls = resolve_urls(settings)
+        app.state.db = Database(settings, urls)
+        app.state.queue = make_queue(settings, urls)
+        log.info("gateway ready on %s:%s", settings.gateway.host, settings.gateway.port)
+        try:
+            yield
+        finally:
+            await app.state.db.dispose()
+            app.state.queue.close()
+
+    return Starlette(
+        routes=[Route("/healthz", healthz), Route("/readyz", readyz)],
+        exception_handlers={KonstructError: konstruct_error},
+        lifespan=lifespan,
+    )
+
+
+def run_gateway(settings: Settings) -> None:
+    """Serve the gateway with uvicorn until SIGINT/SIGTERM."""
+    import uvicorn
+
+    # uvicorn re-raises SIGTERM after its graceful shutdown; exit through Python instead, so atexit
+    # handlers (releasing the embedded database) run.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.run(
+        create_app(settings),
+        host=settings.gateway.host,
+        port=settings.gateway.port,
+        log_level="info",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )

@@ -1,0 +1,77 @@
+"""The task queue (huey). Tasks carry ids only; the inbox in the database holds the truth."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from huey import Huey, PostgresHuey, RedisHuey, SqliteHuey, crontab
+
+from konstruct.config import Settings
+from konstruct.db.urls import DatabaseURLs
+from konstruct.errors import ConfigError, QueueError
+
+# Set in the worker process by konstruct.worker.main; tasks hand their ids to it.
+_worker: Any = None
+
+
+def set_worker(worker: Any) -> None:
+    global _worker
+    _worker = worker
+
+
+def _current_worker() -> Any:
+    if _worker is None:
+        raise RuntimeError("a Konstruct task ran outside `konstruct worker`")
+    return _worker
+
+
+class Queue:
+    """A huey instance with Konstruct's tasks registered on it."""
+
+    def __init__(self, huey: Huey) -> None:
+        self.huey = huey
+
+        @huey.task(name="process_message")
+        def process_message(tenant_id: str, inbound_id: str) -> None:
+            _current_worker().admit(uuid.UUID(tenant_id), uuid.UUID(inbound_id))
+
+        @huey.periodic_task(crontab(minute="*"), name="sweep_stuck_messages")
+        def sweep_stuck_messages() -> None:
+            _current_worker().sweep()
+
+        self._process_message: Callable[..., Any] = process_message
+
+    def enqueue(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
+        """Ring the doorbell for one stored inbound message."""
+        try:
+            self._process_message(str(tenant_id), str(inbound_id))
+        except Exception as exc:
+            raise QueueError(f"cannot queue a message: {type(exc).__name__}: {exc}") from None
+
+    def pending(self) -> int:
+        try:
+            return int(self.huey.pending_count())
+        except Exception as exc:
+            raise QueueError(f"cannot reach the queue: {type(exc).__name__}: {exc}") from None
+
+    def close(self) -> None:
+        storage = self.huey.storage
+        if hasattr(storage, "close"):
+            storage.close()
+
+
+def make_queue(settings: Settings, urls: DatabaseURLs) -> Queue:
+    """The embedded default is huey's Postgres storage in Konstruct's own database (LISTEN/NOTIFY wake-ups)."""
+    url = settings.queue.url or ""
+    name = settings.queue.name
+    if not url or url in ("postgres", "postgresql", "database"):
+        huey: Huey = PostgresHuey(name, dsn=urls.app_libpq(), create_tables=False, blocking=True, read_timeout=1)
+    elif url.startswith("sqlite:///"):
+        huey = SqliteHuey(name, filename=url.removeprefix("sqlite:///"))
+    elif url.startswith(("redis://", "rediss://", "unix://")):
+        huey = RedisHuey(name, url=url, blocking=True)
+    else:
+        raise ConfigError(f"queue.url: {url!r} is not supported; use empty (the database), 'sqlite:///path' or 'redis://host:6379/0'")
+    return Queue(huey)

@@ -1,0 +1,153 @@
+"""A loopback fake of an OpenAI-compatible chat completions API (what litellm's openai/ provider calls).
+
+A real HTTP server on 127.0.0.1. It records every request, answers with `usage`, and can be told
+to be slow or to fail. Run it alone for benchmarks: `python -m tests.fakes.llm --port 8999 --delay 2`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Recorded:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass
+class FakeLLM:
+    delay: float = 0.0
+    fail_status: int | None = None
+    requests: list[Recorded] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def reset(self) -> None:
+        with self._lock:
+            self.delay, self.fail_status = 0.0, None
+            self.requests.clear()
+            self.max_in_flight = 0
+
+    @staticmethod
+    def reply_for(body: dict[str, Any]) -> str:
+        """The deterministic answer: the model name and the last user message."""
+        last = next((m for m in reversed(body.get("messages", [])) if m.get("role") == "user"), {})
+        content = last.get("content", "")
+        if isinstance(content, list):
+            content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+        return f"[{body.get('model')}] You said: {content}"
+
+    def start(self, port: int = 0) -> FakeLLM:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                try:
+                    body = json.loads(raw or b"{}")
+                except ValueError:
+                    self._send(400, {"error": {"message": "body is not JSON", "type": "invalid_request_error"}})
+                    return
+                if not self.path.rstrip("/").endswith("/chat/completions"):
+                    self._send(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error"}})
+                    return
+                with fake._lock:
+                    fake.requests.append(Recorded(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                    delay, fail = fake.delay, fake.fail_status
+                try:
+                    if delay:
+                        time.sleep(delay)
+                    if fail:
+                        self._send(fail, {"error": {"message": "the fake provider was told to fail", "type": "server_error", "code": None}})
+                        return
+                    if body.get("stream"):
+                        self._send(
+                            400, {"error": {"message": "streaming is not implemented by this fake", "type": "invalid_request_error"}}
+                        )
+                        return
+                    text = fake.reply_for(body)
+                    prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+                    completion_tokens = len(text.split())
+                    self._send(
+                        200,
+                        {
+                            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                            "object": "chat.completion",
+                            "created": int(time.time()),
+                            "model": body.get("model", "fake"),
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                            "usage": {
+                                "prompt_tokens": prompt_tokens,
+                                "completion_tokens": completion_tokens,
+                                "total_tokens": prompt_tokens + completion_tokens,
+                            },
+                        },
+                    )
+                finally:
+                    with fake._lock:
+                        fake.in_flight -= 1
+
+            def _send(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (timeout, killed worker)
+                    self.wfile.write(data)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 1024
+
+        self._server = Server(("127.0.0.1", port), Handler)
+        threading.Thread(target=self._server.serve_forever, name="fake-llm", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the fake OpenAI-compatible LLM server.")
+    parser.add_argument("--port", type=int, default=8999)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds each answer takes")
+    args = parser.parse_args()
+    fake = FakeLLM(delay=args.delay).start(args.port)
+    print(f"fake LLM at {fake.url} (delay {args.delay}s); Ctrl-C to stop", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        fake.stop()
+
+
+if __name__ == "__main__":
+    main()
