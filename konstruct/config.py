@@ -76,7 +76,6 @@ class WorkerSettings(_Section):
     heartbeat_interval: float = Field(5.0, gt=0, le=300, description="Seconds between worker heartbeats.")
     stale_after: float = Field(30.0, gt=0, le=3600, description="A message claimed by a worker silent this long is re-queued.")
     received_grace: float = Field(30.0, gt=0, le=3600, description="A stored message not claimed after this long is re-queued.")
-    sweep_interval: float = Field(15.0, gt=0, le=3600, description="Seconds between sweeps for stuck messages.")
 
 
 class Settings(BaseSettings):

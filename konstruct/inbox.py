@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import psutil
-from sqlalchemy import func, select, text
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from konstruct import audit
@@ -125,7 +125,7 @@ async def requeue_stuck(db: Database, enqueue: Enqueue, *, stale_after: float, r
             )
         ).all()
         if dead:
-            await session.execute(WorkerHeartbeat.__table__.delete().where(WorkerHeartbeat.worker_id.in_(dead)))
+            await session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.worker_id.in_(dead)))
     for row in rows:
         await asyncio.to_thread(enqueue, row.tenant_id, row.id)
     if rows:

@@ -76,6 +76,7 @@ class Pipeline:
             return "ignored"
 
         status, error = "replied", None
+        reply_id: uuid.UUID | None
         if previous is not None:
             # An earlier attempt stored the reply and died before finishing: deliver that one, don't ask again.
             reply_id, reply_text = previous.id, previous.text

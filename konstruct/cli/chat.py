@@ -14,7 +14,6 @@ from konstruct.cli.common import database, err, out, print_json, run, settings
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import KonstructError
 from konstruct.tenancy.tenants import get_tenant
-from konstruct.worker.queue import make_queue
 
 
 def register(app: typer.Typer) -> None:
@@ -39,6 +38,8 @@ def chat_command(
     wait = timeout or cfg.llm.timeout * (cfg.llm.retries + 1) + 15
 
     async def session(texts: list[str] | None) -> int:
+        from konstruct.worker.queue import make_queue
+
         urls = resolve_urls(cfg)
         queue = make_queue(cfg, urls)
         try:

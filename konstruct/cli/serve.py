@@ -16,7 +16,6 @@ from rich.text import Text
 
 from konstruct.cli.common import err, out, settings, setup_logging, state
 from konstruct.config import Settings
-from konstruct.db import migrate
 from konstruct.db.embedded import start_embedded
 
 
@@ -61,6 +60,8 @@ class Child:
 
 def up(ctx: typer.Context) -> None:
     """Start the embedded database (if used), migrate, and run the gateway and a worker until Ctrl-C."""
+    from konstruct.db import migrate
+
     cfg = settings(ctx)
     started = time.perf_counter()
     if cfg.embedded_database:

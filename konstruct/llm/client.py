@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -51,7 +52,7 @@ def _scrub(message: str, secret: str | None) -> str:
 
 async def complete(settings: LLMSettings, *, model: str, messages: list[dict[str, Any]]) -> Completion:
     """One chat completion with the configured timeout and retries; LLMError on any failure."""
-    litellm = load_litellm()
+    litellm = _litellm or await asyncio.to_thread(load_litellm)  # never block the event loop on the import
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     started = time.perf_counter()
     try:

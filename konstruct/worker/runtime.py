@@ -91,8 +91,8 @@ class WorkerRuntime:
     async def _startup(self) -> None:
         self.db = Database(self.settings, self.urls)
         self.pipeline = Pipeline(self.settings, self.db, channels(), self.worker_id)
-        # Import litellm now (seconds), not while the first person waits for an answer.
-        await asyncio.to_thread(load_litellm)
+        # Import litellm (seconds) in the background now, not when the first person is waiting.
+        self._warmup = asyncio.ensure_future(asyncio.to_thread(load_litellm))
         await self._beat()
         log.info("worker %s ready: %d conversations at once", self.worker_id, self.settings.worker.concurrency)
 

@@ -1,0 +1,119 @@
+"""Shared fixtures: one embedded PostgreSQL per session, a fresh database per test, the fake LLM.
+
+Each test gets its own database, cloned from a migrated template (CREATE DATABASE … TEMPLATE),
+so tests that run real gateway and worker processes are isolated as well as in-process ones.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy.engine import URL, make_url
+
+from konstruct.config import Settings, load_settings
+from konstruct.db import migrate
+from konstruct.db.embedded import start_embedded
+from konstruct.db.engine import Database
+from konstruct.secrets import create_secret_key_file
+from tests.fakes.llm import FakeLLM
+from tests.helpers import free_port
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+APP_PASSWORD = "test-app-password"
+TEMPLATE = "konstruct_template"
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> URL:
+    """The superuser URL of an embedded PostgreSQL + pgvector, started once for the session."""
+    data = tmp_path_factory.mktemp("embedded")
+    return make_url(start_embedded(data))
+
+
+def _admin(pg_server: URL) -> psycopg.Connection:
+    return psycopg.connect(pg_server.set(drivername="postgresql").render_as_string(hide_password=False), autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: URL, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A database migrated to head, cloned for every test."""
+    with _admin(pg_server) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}"')
+        conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
+    url = pg_server.set(database=TEMPLATE).render_as_string(hide_password=False)
+    settings = Settings(
+        database={"url": url, "app_password": APP_PASSWORD},  # type: ignore[arg-type]
+        data={"dir": tmp_path_factory.mktemp("template-data")},  # type: ignore[arg-type]
+    )
+    migrate.upgrade(settings)
+    return TEMPLATE
+
+
+@pytest.fixture
+def database_url(pg_server: URL, template_db: str) -> Iterator[str]:
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    with _admin(pg_server) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    yield pg_server.set(database=name).render_as_string(hide_password=False)
+    with _admin(pg_server) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def fake_llm_server() -> Iterator[FakeLLM]:
+    fake = FakeLLM().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake_llm(fake_llm_server: FakeLLM) -> FakeLLM:
+    fake_llm_server.reset()
+    return fake_llm_server
+
+
+def write_config(path: Path, database_url: str, llm_url: str, **sections: dict[str, object]) -> Path:
+    """A konstruct.toml for tests: an external database URL (the test database), the fake LLM."""
+    port = free_port()
+    values: dict[str, dict[str, object]] = {
+        "database": {"url": database_url, "app_password": APP_PASSWORD},
+        "gateway": {"port": port, "public_url": f"http://127.0.0.1:{port}"},
+        "llm": {"model": "openai/fake-model", "api_base": llm_url, "api_key": "sk-test-key-0001", "timeout": 10, "retries": 0},
+        "worker": {"heartbeat_interval": 0.5, "stale_after": 5, "received_grace": 30},
+    }
+    for name, extra in sections.items():
+        values.setdefault(name, {}).update(extra)
+    lines = []
+    for name, section in values.items():
+        lines.append(f"[{name}]")
+        for key, value in section.items():
+            lines.append(f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"')
+    path.mkdir(parents=True, exist_ok=True)
+    config = path / "konstruct.toml"
+    config.write_text("\n".join(lines) + "\n")
+    create_secret_key_file(path / ".konstruct" / "secret.key")
+    return config
+
+
+@pytest.fixture
+def config_path(tmp_path: Path, database_url: str, fake_llm: FakeLLM) -> Path:
+    return write_config(tmp_path, database_url, fake_llm.url)
+
+
+@pytest.fixture
+def settings(config_path: Path) -> Settings:
+    return load_settings(config_path)
+
+
+@pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[Database]:
+    database = Database(settings)
+    yield database
+    await database.dispose()

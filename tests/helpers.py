@@ -1,0 +1,93 @@
+"""Running real Konstruct processes from tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KONSTRUCT_")}
+    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", LITELLM_LOCAL_MODEL_COST_MAP="True", COLUMNS="200")
+    env.update(extra)
+    return env
+
+
+def konstruct(
+    *args: str, config: Path | None = None, timeout: float = 60, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a child process and capture what it prints."""
+    argv = [sys.executable, "-m", "konstruct"]
+    if config is not None:
+        argv += ["--config", str(config)]
+    return subprocess.run(
+        [*argv, *args], capture_output=True, text=True, timeout=timeout, env=env or cli_env(), cwd=cwd, stdin=subprocess.DEVNULL
+    )
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Proc:
+    """A long-running konstruct process (up, gateway, worker) whose output goes to a log file."""
+
+    def __init__(
+        self, name: str, args: list[str], *, config: Path | None, log_dir: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
+        argv = [sys.executable, "-m", "konstruct"]
+        if config is not None:
+            argv += ["--config", str(config)]
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [*argv, *args], stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or cli_env(), cwd=cwd
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for_log(self, text: str, timeout: float = 60) -> None:
+        def seen() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
+            return text in self.log()
+
+        wait_for(seen, timeout, f"{text!r} in the {self.name} log")
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(f"{self.name} did not stop within {timeout}s:\n{self.log()}") from None
+        self._log.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self._log.close()

@@ -1,0 +1,32 @@
+"""The gateway as a real process over HTTP."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from konstruct.config import Settings
+from tests.helpers import Proc
+
+
+def get(url: str) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_health_and_readiness(config_path: Path, settings: Settings, tmp_path: Path) -> None:
+    gateway = Proc("gateway", ["gateway"], config=config_path, log_dir=tmp_path)
+    try:
+        gateway.wait_for_log("Application startup complete")
+        base = f"http://127.0.0.1:{settings.gateway.port}"
+        assert get(f"{base}/healthz") == (200, {"status": "ok"})
+        status, body = get(f"{base}/readyz")
+        assert status == 200 and body["status"] == "ready", body
+        assert body["checks"] == {"database": "ok", "queue": "ok", "queue_pending": "0"}  # type: ignore[comparison-overlap]
+    finally:
+        assert gateway.stop() == 0

@@ -1,0 +1,253 @@
+"""The inbox → queue → worker path with real worker processes and the fake LLM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from konstruct.agent.agents import AgentInfo, create_agent
+from konstruct.agent.prompt import AI_DISCLOSURE
+from konstruct.channels.base import InboundMessage
+from konstruct.config import Settings
+from konstruct.db.engine import Database
+from konstruct.db.models import AuditEvent, Message
+from konstruct.db.models import InboundMessage as InboxRow
+from konstruct.db.urls import resolve_urls
+from konstruct.inbox import accept, store
+from konstruct.tenancy.tenants import TenantInfo, create_tenant, set_status
+from konstruct.worker.queue import make_queue
+from tests.fakes.llm import FakeLLM
+from tests.helpers import Proc, konstruct, wait_for
+
+
+@pytest.fixture
+async def acme(db: Database) -> tuple[TenantInfo, AgentInfo]:
+    tenant = await create_tenant(db, name="Acme", slug="acme", actor="test")
+    agent = await create_agent(db, tenant, name="Ava", role="Support lead", persona="You are warm and brief.", model=None, actor="test")
+    return tenant, agent
+
+
+@pytest.fixture
+def start_worker(config_path: Path, tmp_path: Path) -> Iterator[object]:
+    procs: list[Proc] = []
+
+    def start() -> Proc:
+        proc = Proc("worker", ["worker"], config=config_path, log_dir=tmp_path)
+        procs.append(proc)
+        proc.wait_for_log(" ready: ")
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.process.poll() is None:
+            proc.stop()
+
+
+async def replies_for(db: Database, tenant: TenantInfo, inbound_id: object) -> list[Message]:
+    async with db.tenant(tenant_id=tenant.id) as session:
+        return list(await session.scalars(select(Message).where(Message.inbound_id == inbound_id, Message.direction == "out")))
+
+
+async def inbox_row(db: Database, tenant: TenantInfo, inbound_id: object) -> InboxRow:
+    async with db.tenant(tenant_id=tenant.id) as session:
+        row = await session.get(InboxRow, inbound_id)
+        assert row is not None
+        return row
+
+
+async def wait_final(db: Database, tenant: TenantInfo, inbound_id: object, timeout: float = 30) -> InboxRow:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = await inbox_row(db, tenant, inbound_id)
+        if row.status in ("replied", "failed", "ignored"):
+            return row
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"message {inbound_id} still {row.status} after {timeout}s")
+
+
+def message(tenant: TenantInfo, agent: AgentInfo, external_id: str, text: str, conversation: str = "cli:test") -> InboundMessage:
+    return InboundMessage(
+        tenant_id=tenant.id,
+        agent_id=agent.id,
+        channel="terminal",
+        external_id=external_id,
+        conversation_key=conversation,
+        sender="pat",
+        text=text,
+    )
+
+
+async def test_chat_round_trip_with_history_and_disclosure(
+    acme: tuple[TenantInfo, AgentInfo], config_path: Path, start_worker: object, fake_llm: FakeLLM, db: Database
+) -> None:
+    start_worker()  # type: ignore[operator]
+    first = konstruct("chat", "--tenant", "acme", "--agent", "Ava", "--message", "What are your opening hours?", config=config_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "[fake-model] You said: What are your opening hours?"
+    second = konstruct("chat", "-t", "acme", "-a", "Ava", "-m", "And on Sundays?", "--json", config=config_path)
+    assert second.returncode == 0, second.stderr
+    result = json.loads(second.stdout)
+    assert result["status"] == "replied" and result["reply"].endswith("And on Sundays?")
+
+    sent = fake_llm.requests[-1].body
+    assert fake_llm.requests[-1].headers["authorization"] == "Bearer sk-test-key-0001"
+    system = sent["messages"][0]
+    assert system["role"] == "system" and AI_DISCLOSURE in system["content"] and "You are warm and brief." in system["content"]
+    # The conversation's history went along: first question, first answer, the new question.
+    assert [m["role"] for m in sent["messages"][1:]] == ["user", "assistant", "user"]
+    assert sent["messages"][1]["content"] == "What are your opening hours?"
+
+    tenant, _ = acme
+    async with db.tenant(tenant_id=tenant.id) as session:
+        actions = list(await session.scalars(select(AuditEvent.action).order_by(AuditEvent.id)))
+        directions = list(await session.scalars(select(Message.direction).order_by(Message.created_at, Message.direction.desc())))
+    assert actions.count("message.received") == 2 and actions.count("message.replied") == 2
+    assert directions == ["in", "out", "in", "out"]
+
+
+async def test_same_message_twice_gets_one_reply(
+    acme: tuple[TenantInfo, AgentInfo], config_path: Path, start_worker: object, fake_llm: FakeLLM, db: Database
+) -> None:
+    start_worker()  # type: ignore[operator]
+    args = ["chat", "-t", "acme", "-a", "Ava", "-m", "Refund please", "--message-id", "msg-42", "--json"]
+    first, second = konstruct(*args, config=config_path), konstruct(*args, config=config_path)
+    assert first.returncode == 0 and second.returncode == 0, (first.stderr, second.stderr)
+    one, two = json.loads(first.stdout), json.loads(second.stdout)
+    assert one["message_id"] == two["message_id"] and two["duplicate"] is True and one["duplicate"] is False
+    assert one["reply"] == two["reply"]
+    assert len(fake_llm.requests) == 1
+    assert len(await replies_for(db, acme[0], one["message_id"])) == 1
+
+
+async def test_duplicate_deliveries_at_once_get_one_reply(
+    acme: tuple[TenantInfo, AgentInfo], settings: Settings, start_worker: object, fake_llm: FakeLLM, db: Database
+) -> None:
+    tenant, agent = acme
+    start_worker()  # type: ignore[operator]
+    queue = make_queue(settings, resolve_urls(settings))
+    try:
+        results = await asyncio.gather(*(accept(db, queue.enqueue, message(tenant, agent, "same-event", "hi")) for _ in range(8)))
+    finally:
+        queue.close()
+    assert len({r.id for r in results}) == 1 and sum(not r.duplicate for r in results) == 1
+    row = await wait_final(db, tenant, results[0].id)
+    assert row.status == "replied"
+    await asyncio.sleep(0.5)  # any second doorbell would have been handled by now
+    assert len(await replies_for(db, tenant, row.id)) == 1
+    assert len(fake_llm.requests) == 1
+
+
+async def test_worker_killed_mid_call_answers_exactly_once_after_restart(
+    acme: tuple[TenantInfo, AgentInfo], settings: Settings, start_worker: object, fake_llm: FakeLLM, db: Database
+) -> None:
+    tenant, agent = acme
+    fake_llm.delay = 2.0
+    worker = start_worker()  # type: ignore[operator]
+    queue = make_queue(settings, resolve_urls(settings))
+    try:
+        stored = await accept(db, queue.enqueue, message(tenant, agent, "crash-1", "Are you there?"))
+    finally:
+        queue.close()
+    wait_for(lambda: fake_llm.in_flight >= 1, 20, "the LLM call to start")
+    assert (await inbox_row(db, tenant, stored.id)).status == "processing"
+    worker.kill()  # type: ignore[attr-defined]  # SIGKILL: no cleanup, no goodbye
+    fake_llm.delay = 0.0
+    start_worker()  # type: ignore[operator]
+    row = await wait_final(db, tenant, stored.id)
+    assert row.status == "replied" and row.attempts == 2
+    await asyncio.sleep(0.5)
+    replies = await replies_for(db, tenant, stored.id)
+    assert len(replies) == 1 and replies[0].text == "[fake-model] You said: Are you there?"
+
+
+async def test_lost_doorbell_is_rung_again_by_the_sweeper(
+    acme: tuple[TenantInfo, AgentInfo], tmp_path: Path, database_url: str, fake_llm: FakeLLM, db: Database
+) -> None:
+    from tests.conftest import write_config
+
+    tenant, agent = acme
+    stored = await store(db, message(tenant, agent, "never-queued", "hello?"))  # stored, but never enqueued
+    await asyncio.sleep(1.1)
+    config = write_config(tmp_path / "sweep", database_url, fake_llm.url, worker={"received_grace": 1})
+    proc = Proc("worker", ["worker"], config=config, log_dir=tmp_path)
+    try:
+        proc.wait_for_log(" ready: ")
+        row = await wait_final(db, tenant, stored.id)
+    finally:
+        proc.stop()
+    assert row.status == "replied"
+    assert "re-queued 1 stuck message" in proc.log()
+
+
+async def test_failed_llm_leaves_message_failed_and_apologises(
+    acme: tuple[TenantInfo, AgentInfo], config_path: Path, settings: Settings, start_worker: object, fake_llm: FakeLLM, db: Database
+) -> None:
+    fake_llm.fail_status = 503
+    start_worker()  # type: ignore[operator]
+    result = konstruct("chat", "-t", "acme", "-a", "Ava", "-m", "hello", "--json", config=config_path)
+    assert result.returncode == 1
+    data = json.loads(result.stdout)
+    assert data["status"] == "failed" and data["reply"] == settings.agent.apology
+    assert "503" in data["error"] or "ServiceUnavailable" in data["error"]
+    assert "sk-test-key-0001" not in result.stdout + result.stderr
+    row = await inbox_row(db, acme[0], data["message_id"])
+    assert row.status == "failed" and row.error
+
+
+async def test_suspended_tenant_does_not_answer(
+    acme: tuple[TenantInfo, AgentInfo], config_path: Path, settings: Settings, start_worker: object, fake_llm: FakeLLM, db: Database
+) -> None:
+    tenant, agent = acme
+    start_worker()  # type: ignore[operator]
+    queue = make_queue(settings, resolve_urls(settings))
+    try:
+        stored = await store(db, message(tenant, agent, "before-suspend", "hi"))
+        await set_status(db, "acme", "suspended", actor="test")
+        queue.enqueue(tenant.id, stored.id)
+    finally:
+        queue.close()
+    row = await wait_final(db, tenant, stored.id)
+    assert row.status == "ignored" and "suspended" in (row.error or "")
+    assert fake_llm.requests == [] and await replies_for(db, tenant, stored.id) == []
+    refused = konstruct("chat", "-t", "acme", "-a", "Ava", "-m", "hi", config=config_path)
+    assert refused.returncode == 1 and "suspended" in refused.stderr and "Traceback" not in refused.stderr
+
+
+async def test_one_worker_keeps_many_conversations_in_flight(
+    acme: tuple[TenantInfo, AgentInfo], settings: Settings, start_worker: object, fake_llm: FakeLLM, db: Database
+) -> None:
+    tenant, agent = acme
+    fake_llm.delay = 1.0
+    start_worker()  # type: ignore[operator]
+    queue = make_queue(settings, resolve_urls(settings))
+    started = time.monotonic()
+    try:
+        stored = [await accept(db, queue.enqueue, message(tenant, agent, f"m{n}", f"q{n}", conversation=f"c{n}")) for n in range(30)]
+    finally:
+        queue.close()
+    rows = [await wait_final(db, tenant, s.id) for s in stored]
+    took = time.monotonic() - started
+    assert all(r.status == "replied" for r in rows)
+    assert fake_llm.max_in_flight >= 20, f"only {fake_llm.max_in_flight} LLM calls at once"
+    assert took < 10, f"30 one-second answers took {took:.1f}s: they did not overlap"
+
+
+async def test_no_worker_is_a_clear_error(acme: tuple[TenantInfo, AgentInfo], config_path: Path, db: Database) -> None:
+    result = konstruct("chat", "-t", "acme", "-a", "Ava", "-m", "anyone?", config=config_path)
+    assert result.returncode == 1
+    assert "no worker is running" in result.stderr and "Traceback" not in result.stderr
+    async with db.tenant(tenant_id=acme[0].id) as session:
+        assert await session.scalar(select(func.count()).select_from(InboxRow)) == 0
+
+
+async def test_worker_stops_gracefully_on_sigint(acme: tuple[TenantInfo, AgentInfo], start_worker: object, db: Database) -> None:
+    worker = start_worker()  # type: ignore[operator]
+    assert worker.stop(signal.SIGINT) == 0  # type: ignore[attr-defined]
+    assert "worker stopped" in worker.log()  # type: ignore[attr-defined]
