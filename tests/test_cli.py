@@ -155,3 +155,24 @@ def test_no_config_anywhere(tmp_path: Path) -> None:
     result = konstruct("tenant", "list", cwd=tmp_path, env=env)
     fails(result, "konstruct init")
     assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_up_refuses_a_busy_port_at_once(config_path: Path, settings: object) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", settings.gateway.port))  # type: ignore[attr-defined]
+        busy.listen()
+        fails(konstruct("up", config=config_path, timeout=30), f"gateway.port {settings.gateway.port}")  # type: ignore[attr-defined]
+
+
+def test_up_stops_everything_on_sigterm(config_path: Path, settings: object, tmp_path: Path) -> None:
+    import signal
+
+    from tests.helpers import Proc
+
+    up = Proc("up", ["up"], config=config_path, log_dir=tmp_path)
+    up.wait_for_log("Konstruct is up")
+    assert up.stop(signal.SIGTERM) == 0
+    log = up.log()
+    assert "worker stopped" in log and "Finished server process" in log and log.rstrip().endswith("stopped")

@@ -49,18 +49,21 @@ class Pipeline:
             )
             if inbound is None:
                 return None  # a duplicate doorbell: another worker has it or it is finished
-            tenant = await session.get(Tenant, tenant_id)
-            conversation = await session.get(Conversation, inbound.conversation_id)
-            assert tenant is not None and conversation is not None
-            agent_row = await session.get(Agent, conversation.agent_id)
-            assert agent_row is not None
-            agent = AgentInfo.from_row(agent_row)
+            context = (
+                await session.execute(
+                    select(Tenant.name, Tenant.status, Conversation.external_id, Agent)
+                    .join(Conversation, Conversation.tenant_id == Tenant.id)
+                    .join(Agent, Agent.id == Conversation.agent_id)
+                    .where(Conversation.id == inbound.conversation_id)
+                )
+            ).one()
+            agent = AgentInfo.from_row(context.Agent)
             previous = await session.scalar(select(Message).where(Message.inbound_id == inbound_id, Message.direction == "out"))
             history = (
                 await session.execute(
                     select(Message.direction, Message.text)
                     .where(
-                        Message.conversation_id == conversation.id,
+                        Message.conversation_id == inbound.conversation_id,
                         Message.created_at <= inbound.received_at,
                         Message.status != "failed",
                     )
@@ -68,8 +71,8 @@ class Pipeline:
                     .limit(self.settings.agent.history_messages)
                 )
             ).all()
-            tenant_name, tenant_status = tenant.name, tenant.status
-            conversation_id, conversation_key = conversation.id, conversation.external_id
+            tenant_name, tenant_status = context.name, context.status
+            conversation_id, conversation_key = inbound.conversation_id, context.external_id
 
         if tenant_status != "active":
             await self._finish(tenant_id, inbound_id, None, status="ignored", error=f"tenant is {tenant_status}")

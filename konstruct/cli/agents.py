@@ -7,7 +7,19 @@ from pathlib import Path
 import typer
 
 from konstruct.agent import agents as service
-from konstruct.cli.common import JsonOption, actor, database, out, print_fields, print_json, print_table, run, settings
+from konstruct.cli.common import (
+    JsonOption,
+    YesOption,
+    actor,
+    confirm_deletion,
+    database,
+    out,
+    print_fields,
+    print_json,
+    print_table,
+    run,
+    settings,
+)
 from konstruct.errors import ValidationError
 from konstruct.tenancy.tenants import get_tenant
 
@@ -134,13 +146,10 @@ def delete(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="The agent's name."),
     tenant: str = TenantOption,
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    yes: bool = YesOption,
 ) -> None:
     """Delete an agent and its conversations."""
-    if not yes:
-        if not typer.get_text_stream("stdin").isatty():
-            raise ValidationError(f"deleting agent {name!r} removes its conversations: pass --yes to confirm")
-        typer.confirm(f"Delete agent {name!r} of {tenant} and its conversations?", abort=True)
+    confirm_deletion(yes, f"agent {name!r} of {tenant}", "its conversations")
 
     async def go() -> service.AgentInfo:
         async with database(settings(ctx)) as db:

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from konstruct.config import Settings, load_settings
 from konstruct.db.engine import Database
+from konstruct.errors import ValidationError
 
 T = TypeVar("T")
 
@@ -41,6 +42,18 @@ def state(ctx: typer.Context) -> State:
 
 def settings(ctx: typer.Context) -> Settings:
     return load_settings(state(ctx).config)
+
+
+YesOption = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
+
+
+def confirm_deletion(yes: bool, what: str, consequence: str) -> None:
+    """Ask before deleting; without a terminal to ask on, insist on --yes."""
+    if yes:
+        return
+    if not typer.get_text_stream("stdin").isatty():
+        raise ValidationError(f"deleting {what} removes {consequence}: pass --yes to confirm")
+    typer.confirm(f"Delete {what} and {consequence}?", abort=True)
 
 
 def actor() -> str:

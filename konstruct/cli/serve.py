@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from rich.text import Text
 from konstruct.cli.common import err, out, settings, setup_logging, state
 from konstruct.config import Settings
 from konstruct.db.embedded import start_embedded
+from konstruct.errors import ConfigError
 
 
 def register(app: typer.Typer) -> None:
@@ -64,6 +66,7 @@ def up(ctx: typer.Context) -> None:
 
     cfg = settings(ctx)
     started = time.perf_counter()
+    _require_free_port(cfg)
     if cfg.embedded_database:
         # This process holds the server open, so it outlives restarts of the children.
         start_embedded(cfg.data_dir)
@@ -78,6 +81,19 @@ def up(ctx: typer.Context) -> None:
         Child("worker", [*base, "worker"], signal.SIGINT, "magenta"),  # SIGINT is huey's graceful stop
     ]
     Supervisor(cfg, children, started).run()
+
+
+def _require_free_port(cfg: Settings) -> None:
+    """Say so at once when the gateway's port is taken, instead of restarting a crashing gateway."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((cfg.gateway.host, cfg.gateway.port))
+        except OSError as exc:
+            raise ConfigError(
+                f"gateway.port {cfg.gateway.port} on {cfg.gateway.host} is not available ({exc.strerror}): "
+                "stop what uses it, or set another port (KONSTRUCT_GATEWAY__PORT=…)"
+            ) from None
 
 
 class Supervisor:

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import typer
 
-from konstruct.cli.common import JsonOption, actor, database, out, print_fields, print_json, print_table, run, settings
-from konstruct.errors import ValidationError
+from konstruct.cli.common import (
+    JsonOption,
+    YesOption,
+    actor,
+    confirm_deletion,
+    database,
+    out,
+    print_fields,
+    print_json,
+    print_table,
+    run,
+    settings,
+)
 from konstruct.tenancy import tenants as service
 
 app = typer.Typer(help="Create, list, suspend and delete tenants.", no_args_is_help=True)
@@ -96,13 +107,10 @@ def resume(ctx: typer.Context, slug: str = typer.Argument(..., help="The tenant'
 def delete(
     ctx: typer.Context,
     slug: str = typer.Argument(..., help="The tenant's slug."),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    yes: bool = YesOption,
 ) -> None:
     """Delete a tenant with its agents, conversations and messages (its audit log stays)."""
-    if not yes:
-        if not typer.get_text_stream("stdin").isatty():
-            raise ValidationError(f"deleting tenant {slug!r} removes all its data: pass --yes to confirm")
-        typer.confirm(f"Delete tenant {slug!r} and all its agents, conversations and messages?", abort=True)
+    confirm_deletion(yes, f"tenant {slug!r}", "all its agents, conversations and messages")
 
     async def go() -> service.TenantInfo:
         async with database(settings(ctx)) as db:

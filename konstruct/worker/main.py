@@ -17,19 +17,23 @@ def run_worker(settings: Settings, *, threads: int = 4, periodic: bool = True) -
     urls = resolve_urls(settings)
     queue = make_queue(settings, urls)
     runtime = WorkerRuntime(settings, urls, queue)
-    runtime.start()
-    set_worker(runtime)
-    consumer = queue.huey.create_consumer(
-        workers=threads,
-        worker_type="thread",
-        periodic=periodic,
-        initial_delay=0.05,
-        backoff=1.5,
-        max_delay=0.5,
-        check_worker_health=True,
-    )
     try:
+        runtime.start()
+        set_worker(runtime)
+        consumer = queue.huey.create_consumer(
+            workers=threads,
+            worker_type="thread",
+            periodic=periodic,
+            initial_delay=0.05,
+            backoff=1.5,
+            max_delay=0.5,
+            check_worker_health=True,
+        )
+        log.info("worker %s ready: %d conversations at once", runtime.worker_id, settings.worker.concurrency)
         consumer.run()
+    except KeyboardInterrupt:
+        # SIGINT before huey installed its own handler: nothing was admitted yet, so stopping is graceful.
+        log.info("interrupted during start-up")
     finally:
         grace = settings.llm.timeout * (settings.llm.retries + 1) + 5
         runtime.stop(timeout=grace)

@@ -69,9 +69,10 @@ class WorkerRuntime:
             log.warning("stopping with %d message(s) in flight; the sweeper will re-queue them", self.in_flight)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        self._call(self._shutdown(), timeout=10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._call(self._shutdown(), timeout=10)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
 
     # -- called from huey's threads --
 
@@ -94,7 +95,6 @@ class WorkerRuntime:
         # Import litellm (seconds) in the background now, not when the first person is waiting.
         self._warmup = asyncio.ensure_future(asyncio.to_thread(load_litellm))
         await self._beat()
-        log.info("worker %s ready: %d conversations at once", self.worker_id, self.settings.worker.concurrency)
 
     async def _shutdown(self) -> None:
         if self.db is None:

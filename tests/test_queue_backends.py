@@ -1,0 +1,68 @@
+"""The other queue backends: SQLite in the data directory, and Redis for scale-out."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from konstruct.agent.agents import create_agent
+from konstruct.db.engine import Database
+from konstruct.tenancy.tenants import create_tenant
+from tests.conftest import write_config
+from tests.fakes.llm import FakeLLM
+from tests.helpers import Proc, free_port, konstruct, wait_for
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    server = shutil.which("redis-server")
+    if server is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing: .ci/run installs it (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    import socket
+
+    def accepting() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(accepting, 10, "redis-server to listen")
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_chat_through_each_queue_backend(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, database_url: str, fake_llm: FakeLLM, db: Database
+) -> None:
+    queue_url = f"sqlite:///{tmp_path / 'queue.db'}" if backend == "sqlite" else request.getfixturevalue("redis_url")
+    config = write_config(tmp_path / "site", database_url, fake_llm.url, queue={"url": queue_url})
+    tenant = await create_tenant(db, name="Acme", slug="acme", actor="test")
+    await create_agent(db, tenant, name="Ava", role="Support", persona="Brief.", model=None, actor="test")
+    worker = Proc("worker", ["worker"], config=config, log_dir=tmp_path)
+    try:
+        worker.wait_for_log(" ready: ")
+        result = konstruct("chat", "-t", "acme", "-a", "Ava", "-m", f"via {backend}", config=config)
+        assert result.returncode == 0, result.stderr + worker.log()
+        assert result.stdout.strip() == f"[fake-model] You said: via {backend}"
+    finally:
+        assert worker.stop() == 0
+
+
+def test_unknown_queue_url_is_a_clear_error(tmp_path: Path, database_url: str, fake_llm: FakeLLM) -> None:
+    config = write_config(tmp_path, database_url, fake_llm.url, queue={"url": "amqp://rabbit"})
+    result = konstruct("doctor", config=config)
+    assert result.returncode == 1
+    assert "queue.url" in result.stdout and "not supported" in result.stdout
