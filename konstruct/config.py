@@ -75,6 +75,7 @@ class WorkerSettings(_Section):
     concurrency: int = Field(64, ge=1, le=1000, description="Messages one worker process handles at once.")
     heartbeat_interval: float = Field(5.0, gt=0, le=300, description="Seconds between worker heartbeats.")
     stale_after: float = Field(30.0, gt=0, le=3600, description="A message claimed by a worker silent this long is re-queued.")
+    max_attempts: int = Field(5, ge=1, le=100, description="A message whose processing died this many times is marked failed.")
     received_grace: float = Field(30.0, gt=0, le=3600, description="A stored message not claimed after this long is re-queued.")
 
 

@@ -253,3 +253,24 @@ async def test_worker_stops_gracefully_on_sigint(acme: tuple[TenantInfo, AgentIn
     worker = start_worker()  # type: ignore[operator]
     assert worker.stop(signal.SIGINT) == 0  # type: ignore[attr-defined]
     assert "worker stopped" in worker.log()  # type: ignore[attr-defined]
+
+
+async def test_a_message_that_keeps_crashing_its_worker_is_given_up(
+    acme: tuple[TenantInfo, AgentInfo], settings: Settings, start_worker: object, fake_llm: FakeLLM, db: Database
+) -> None:
+    """Not an endless loop: after worker.max_attempts claims that never finished, the row is failed."""
+    from sqlalchemy import update
+
+    tenant, agent = acme
+    stored = await store(db, message(tenant, agent, "poison", "boom"))
+    async with db.tenant(tenant_id=tenant.id) as session:  # as if five workers had died on it already
+        await session.execute(update(InboxRow).where(InboxRow.id == stored.id).values(attempts=settings.worker.max_attempts))
+    start_worker()  # type: ignore[operator]
+    queue = make_queue(settings, resolve_urls(settings))
+    try:
+        queue.enqueue(tenant.id, stored.id)
+    finally:
+        queue.close()
+    row = await wait_final(db, tenant, stored.id)
+    assert row.status == "failed" and "gave up after 5 attempts" in (row.error or "")
+    assert fake_llm.requests == []

@@ -17,7 +17,6 @@ from konstruct import audit
 from konstruct.agent.agents import AgentInfo
 from konstruct.agent.prompt import build_messages
 from konstruct.channels.base import Channel, Reply
-from konstruct.channels.registry import channel_for
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import Agent, Conversation, InboundMessage, Message, Tenant
@@ -77,8 +76,18 @@ class Pipeline:
         if tenant_status != "active":
             await self._finish(tenant_id, inbound_id, None, status="ignored", error=f"tenant is {tenant_status}")
             return "ignored"
+        if inbound.attempts > self.settings.worker.max_attempts:
+            # Every earlier attempt died mid-way (a crash, a bug): stop the loop, keep the row to look at.
+            reason = f"gave up after {inbound.attempts - 1} attempts that did not finish"
+            await self._finish(tenant_id, inbound_id, None, status="failed", error=reason)
+            return "failed"
+        channel = self.channels.get(inbound.channel)
+        if channel is None:
+            await self._finish(tenant_id, inbound_id, None, status="failed", error=f"no {inbound.channel!r} channel on this worker")
+            return "failed"
 
-        status, error = "replied", None
+        status = "replied"
+        error: str | None = None
         reply_id: uuid.UUID | None
         if previous is not None:
             # An earlier attempt stored the reply and died before finishing: deliver that one, don't ask again.
@@ -97,7 +106,6 @@ class Pipeline:
             if reply_id is None:
                 return None  # someone else stored the reply first (unique per inbound message)
 
-        channel = channel_for(self.channels, inbound.channel)
         reply = Reply(tenant_id, conversation_id, conversation_key, inbound.external_id, reply_text)
         try:
             external_id = await channel.send(reply)
