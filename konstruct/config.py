@@ -63,6 +63,21 @@ class LLMSettings(_Section):
     retries: int = Field(2, ge=0, le=10, description="Retries of a failed LLM call before the message is marked failed.")
 
 
+class SlackSettings(_Section):
+    client_id: str | None = Field(None, description="Client id of your distributed Slack app (multi-workspace OAuth install).")
+    client_secret: SecretStr | None = Field(None, description='Client secret of that app; use a {"$env" = ...} reference.')
+    signing_secret: SecretStr | None = Field(None, description="Signing secret of that app; single-workspace connections bring their own.")
+    scopes: str = Field(
+        "app_mentions:read,channels:history,chat:write,files:read,groups:history,im:history,im:read,im:write,mpim:history",
+        description="Bot scopes requested on install.",
+    )
+    api_url: str = Field("https://slack.com/api/", description="Slack Web API base URL (a test fake points elsewhere).")
+    authorize_url: str = Field("https://slack.com/oauth/v2/authorize", description="Slack's OAuth v2 authorize page.")
+    install_link_ttl: float = Field(86400.0, gt=0, description="Seconds an install link stays valid.")
+    placeholder: str = Field("_thinking…_", description="Posted at once while the agent works, then replaced by the answer.")
+    max_image_bytes: int = Field(10_000_000, gt=0, description="Larger image attachments are described to the model, not sent.")
+
+
 class AgentSettings(_Section):
     history_messages: int = Field(20, ge=1, le=500, description="How many recent messages of a conversation go into the prompt.")
     apology: str = Field(
@@ -90,6 +105,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     llm: LLMSettings = LLMSettings()
     agent: AgentSettings = AgentSettings()
+    slack: SlackSettings = SlackSettings()
     worker: WorkerSettings = WorkerSettings()
     secret_key: SecretStr | None = Field(
         None,
@@ -280,3 +296,11 @@ def render_config(values: dict[str, dict[str, Any]] | None = None) -> str:
                 default = sub.default.get_secret_value() if isinstance(sub.default, SecretStr) else sub.default
                 lines.append(f"# {key} = {_toml_value(default)}")
     return "\n".join(lines) + "\n"
+
+
+def read_secret_from_environment(name: str, what: str) -> str:
+    """A secret the operator named by environment variable (so it never lands in shell history)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise ConfigError(f"{what}: environment variable {name} is not set or empty")
+    return value

@@ -16,6 +16,7 @@ from psycopg import errors, sql
 from psycopg.types.json import Jsonb
 
 from konstruct.agent.agents import create_agent
+from konstruct.channels import connections
 from konstruct.channels.base import InboundMessage
 from konstruct.config import Settings
 from konstruct.db.engine import Database
@@ -28,6 +29,11 @@ from konstruct.tenancy.tenants import TenantInfo, create_tenant
 async def seed(db: Database, slug: str) -> TenantInfo:
     tenant = await create_tenant(db, name=f"Tenant {slug}", slug=slug, actor="test")
     agent = await create_agent(db, tenant, name="Ava", role="Support", persona="Helpful.", model=None, actor="test")
+    slack, _ = await connections.connect(
+        db, db.settings, tenant, kind="slack", external_id=f"T-{slug}", name=slug, mode="single",
+        credentials={"bot_token": f"xoxb-{slug}-secret", "signing_secret": f"{slug}-signing"}, details={}, default_agent=None, actor="test",
+    )  # fmt: skip
+    await connections.set_route(db, tenant, slack, "C-general", "Ava", actor="test")
     for n in range(2):
         await store(
             db,
@@ -87,7 +93,16 @@ def test_app_role_is_neither_superuser_nor_bypassrls_nor_owner(app_conn: psycopg
 
 def test_every_tenant_table_forces_row_level_security(two_tenants: Any, app_conn: psycopg.Connection) -> None:
     tables = tenant_tables(app_conn)
-    assert {"tenants", "agents", "conversations", "inbound_messages", "messages", "audit_events"} <= set(tables)
+    assert {
+        "tenants",
+        "agents",
+        "conversations",
+        "inbound_messages",
+        "messages",
+        "audit_events",
+        "channel_connections",
+        "channel_routes",
+    } <= set(tables)
     for table in tables:
         row = app_conn.execute("select relrowsecurity, relforcerowsecurity from pg_class where relname = %s", (table,)).fetchone()
         assert row == (True, True), f"{table} lacks ENABLE/FORCE ROW LEVEL SECURITY"
@@ -181,6 +196,9 @@ def test_lookups_before_a_tenant_is_known_expose_no_content(two_tenants: Any, ap
     rows = app_conn.execute("select * from konstruct_tenant_directory()").fetchall()
     assert sorted(r[1] for r in rows) == ["alpha", "beta"]
     assert len(rows[0]) == 5  # id, slug, name, status, created_at: no messages, agents or keys
+    found = app_conn.execute("select * from konstruct_resolve_connection('slack', 'T-alpha')").fetchall()
+    assert len(found) == 1 and b"xoxb-alpha-secret" not in bytes(found[0][4])  # credentials stay encrypted
+    assert app_conn.execute("select * from konstruct_resolve_connection('slack', 'T-nobody')").fetchall() == []
 
 
 async def test_code_touching_tenant_data_without_a_tenant_raises(db: Database) -> None:

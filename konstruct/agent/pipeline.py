@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from konstruct import audit
 from konstruct.agent.agents import AgentInfo
 from konstruct.agent.prompt import build_messages
-from konstruct.channels.base import Channel, Reply
+from konstruct.channels.base import Channel, Reply, Target
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import Agent, Conversation, InboundMessage, Message, Tenant
@@ -86,6 +86,10 @@ class Pipeline:
             await self._finish(tenant_id, inbound_id, None, status="failed", error=f"no {inbound.channel!r} channel on this worker")
             return "failed"
 
+        target = Target(tenant_id, conversation_id, conversation_key, inbound.external_id, dict(inbound.payload), inbound.reply_ref)
+        if target.reply_ref is None:
+            target = await self._prepare(channel, target, inbound_id)
+
         status = "replied"
         error: str | None = None
         reply_id: uuid.UUID | None
@@ -93,7 +97,12 @@ class Pipeline:
             # An earlier attempt stored the reply and died before finishing: deliver that one, don't ask again.
             reply_id, reply_text = previous.id, previous.text
         else:
-            messages = build_messages(agent, tenant_name, [(row.direction, row.text) for row in reversed(history)])
+            try:
+                parts = await channel.attachments(target)
+            except Exception as exc:  # the answer matters more than the picture: say it could not be read
+                log.warning("message %s: attachments unavailable: %s", inbound_id, type(exc).__name__)
+                parts = [{"type": "text", "text": "(The person attached files that could not be downloaded.)"}]
+            messages = build_messages(agent, tenant_name, [(row.direction, row.text) for row in reversed(history)], parts)
             model = agent.model or self.settings.llm.model
             try:
                 result = await complete(self.settings.llm, model=model, messages=messages)
@@ -106,9 +115,8 @@ class Pipeline:
             if reply_id is None:
                 return None  # someone else stored the reply first (unique per inbound message)
 
-        reply = Reply(tenant_id, conversation_id, conversation_key, inbound.external_id, reply_text)
         try:
-            external_id = await channel.send(reply)
+            external_id = await channel.send(Reply(target, reply_text))
         except Exception as exc:
             log.error("message %s: delivery through %s failed: %s", inbound_id, channel.name, type(exc).__name__)
             await self._finish(
@@ -122,6 +130,19 @@ class Pipeline:
             return "failed"
         await self._finish(tenant_id, inbound_id, reply_id, status=status, error=error, external_id=external_id)
         return status
+
+    async def _prepare(self, channel: Channel, target: Target, inbound_id: uuid.UUID) -> Target:
+        """Let the channel show the agent is working; keep its reference so a retry reuses it."""
+        try:
+            ref = await channel.prepare(target)
+        except Exception as exc:  # a missing placeholder must not cost the answer
+            log.warning("message %s: %s could not show progress: %s", inbound_id, channel.name, exc)
+            return target
+        if ref is None:
+            return target
+        async with self.db.tenant(tenant_id=target.tenant_id) as session:
+            await session.execute(update(InboundMessage).where(InboundMessage.id == inbound_id).values(reply_ref=ref))
+        return replace(target, reply_ref=ref)
 
     async def _store_reply(
         self,

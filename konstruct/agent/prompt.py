@@ -19,9 +19,17 @@ def system_prompt(agent: AgentInfo, tenant_name: str) -> str:
     return f"You are {agent.name}, {agent.role} at {tenant_name}.\n\n{agent.persona.strip()}\n\n{AI_DISCLOSURE}"
 
 
-def build_messages(agent: AgentInfo, tenant_name: str, history: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
-    """history: (direction, text) pairs, oldest first; 'in' is the person, 'out' the agent."""
+def build_messages(
+    agent: AgentInfo, tenant_name: str, history: Sequence[tuple[str, str]], attachments: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """history: (direction, text) pairs, oldest first; 'in' is the person, 'out' the agent.
+
+    attachments (image_url parts, text notes) join the newest message from the person.
+    """
     messages: list[dict[str, Any]] = [{"role": "system", "content": system_prompt(agent, tenant_name)}]
     for direction, text in history:
         messages.append({"role": "user" if direction == "in" else "assistant", "content": text})
+    if attachments and messages[-1]["role"] == "user":
+        text = messages[-1]["content"]
+        messages[-1]["content"] = ([{"type": "text", "text": text}] if text else []) + list(attachments)
     return messages

@@ -1,4 +1,4 @@
-"""What every channel speaks: a normalised inbound message, a reply, and the Channel protocol."""
+"""What every channel speaks: a normalised inbound message, a reply target, and the Channel protocol."""
 
 from __future__ import annotations
 
@@ -14,27 +14,48 @@ class InboundMessage:
     tenant_id: uuid.UUID
     agent_id: uuid.UUID
     channel: str  # "terminal", "slack", "whatsapp"
-    external_id: str  # the channel's id for this message: dedupe key (Slack event_id, WhatsApp wamid)
+    external_id: str  # the channel's id for this message: the dedupe key
     conversation_key: str  # the channel's id for the conversation (thread, DM, wa_id, terminal session)
     sender: str  # the person, in the channel's terms
     text: str
-    payload: dict[str, Any] = field(default_factory=dict)
+    payload: dict[str, Any] = field(default_factory=dict)  # channel facts the reply needs (ids, files)
 
 
 @dataclass(frozen=True)
-class Reply:
-    """What the agent says back, addressed to one conversation."""
+class Target:
+    """Where the answer to one inbound message goes."""
 
     tenant_id: uuid.UUID
     conversation_id: uuid.UUID
     conversation_key: str
     inbound_external_id: str
+    payload: dict[str, Any]
+    reply_ref: str | None = None  # what prepare() returned on this or an earlier attempt
+
+
+@dataclass(frozen=True)
+class Reply:
+    target: Target
     text: str
 
 
+class ChannelError(Exception):
+    """Delivery through a channel failed; the message says why, without secrets."""
+
+
 class Channel(Protocol):
-    """Delivers replies. Returns the channel's id for the delivered message, if it has one."""
+    """How the worker talks back. A channel never imports the agent: it is handed what to say."""
 
     name: str
 
-    async def send(self, reply: Reply) -> str | None: ...
+    async def prepare(self, target: Target) -> str | None:
+        """Show the person the agent is working (e.g. a placeholder); return a reference send() can use."""
+        ...
+
+    async def attachments(self, target: Target) -> list[dict[str, Any]]:
+        """The inbound message's media as model content parts (image_url parts, or text notes)."""
+        ...
+
+    async def send(self, reply: Reply) -> str | None:
+        """Deliver the reply; return the channel's id for it, if it has one."""
+        ...

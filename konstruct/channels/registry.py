@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from konstruct.channels.base import Channel
+from konstruct.channels.slack.channel import SlackChannel
 from konstruct.channels.terminal import TerminalChannel
+from konstruct.config import Settings
+from konstruct.db.engine import Database
 
 
-def channels() -> dict[str, Channel]:
-    return {"terminal": TerminalChannel()}
+def channels(settings: Settings, db: Database) -> dict[str, Channel]:
+    return {"terminal": TerminalChannel(), "slack": SlackChannel(settings, db)}

@@ -10,12 +10,13 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 
 from konstruct import inbox
 from konstruct.agent.agents import AgentInfo
-from konstruct.channels.base import InboundMessage, Reply
+from konstruct.channels.base import InboundMessage, Reply, Target
 from konstruct.db.engine import Database
 from konstruct.db.models import InboundMessage as InboxRow
 from konstruct.db.models import Message
@@ -27,6 +28,12 @@ FINAL = ("replied", "failed", "ignored")
 
 class TerminalChannel:
     name = "terminal"
+
+    async def prepare(self, target: Target) -> str | None:
+        return None  # `konstruct chat` shows its own waiting state
+
+    async def attachments(self, target: Target) -> list[dict[str, Any]]:
+        return []  # the terminal sends text only
 
     async def send(self, reply: Reply) -> str | None:
         # Nothing leaves the machine: delivery is the committed message row (see module docstring).

@@ -15,6 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from konstruct.channels.slack import oauth
+from konstruct.channels.slack.events import SlackEvents
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.urls import resolve_urls
@@ -48,6 +50,12 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503)
 
 
+async def slack_events(request: Request) -> Response:
+    """Slack Events API: verified, stored and queued before the 200."""
+    slack: SlackEvents = request.app.state.slack
+    return await slack.handle(request)
+
+
 async def konstruct_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, KonstructError)
     request_id = uuid.uuid4().hex[:12]
@@ -61,8 +69,10 @@ def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         urls = resolve_urls(settings)
+        app.state.settings = settings
         app.state.db = Database(settings, urls)
         app.state.queue = make_queue(settings, urls)
+        app.state.slack = SlackEvents(settings, app.state.db, app.state.queue.enqueue)
         log.info("gateway ready on %s:%s", settings.gateway.host, settings.gateway.port)
         try:
             yield
@@ -71,7 +81,13 @@ def create_app(settings: Settings) -> Starlette:
             app.state.queue.close()
 
     return Starlette(
-        routes=[Route("/healthz", healthz), Route("/readyz", readyz)],
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/slack/events", slack_events, methods=["POST"]),
+            Route("/slack/install", oauth.install),
+            Route("/slack/oauth_redirect", oauth.oauth_redirect),
+        ],
         exception_handlers={KonstructError: konstruct_error},
         lifespan=lifespan,
     )

@@ -91,7 +91,7 @@ class WorkerRuntime:
 
     async def _startup(self) -> None:
         self.db = Database(self.settings, self.urls)
-        self.pipeline = Pipeline(self.settings, self.db, channels(), self.worker_id)
+        self.pipeline = Pipeline(self.settings, self.db, channels(self.settings, self.db), self.worker_id)
         # Import litellm (seconds) in the background now, not when the first person is waiting.
         self._warmup = asyncio.ensure_future(asyncio.to_thread(load_litellm))
         await self._beat()

@@ -1,0 +1,119 @@
+"""Replying in Slack from the worker: a placeholder at once, then the answer in its place.
+
+Posting is paced per channel (Slack allows about one message a second per channel) and every call
+honours 429 Retry-After, so bursts are slowed down, never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from typing import Any
+
+import httpx
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from konstruct.channels.base import ChannelError, Reply, Target
+from konstruct.channels.connections import credentials_for
+from konstruct.channels.slack.client import web_client
+from konstruct.channels.slack.format import split_message, to_mrkdwn
+from konstruct.config import Settings
+from konstruct.db.engine import Database
+
+POST_INTERVAL = 1.0  # seconds between posts to one channel
+TOKEN_TTL = 60.0
+
+
+class SlackChannel:
+    name = "slack"
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.settings = settings
+        self.db = db
+        self._tokens: dict[tuple[uuid.UUID, str], tuple[float, str]] = {}
+        self._pace: dict[tuple[str, str], tuple[asyncio.Lock, list[float]]] = {}
+
+    async def prepare(self, target: Target) -> str | None:
+        """Post the placeholder in the thread; its ts is where the answer will go."""
+        client = await self._client(target)
+        response = await self._post(client, target, self.settings.slack.placeholder)
+        return str(response["ts"])
+
+    async def attachments(self, target: Target) -> list[dict[str, Any]]:
+        """Images (downloaded with the bot token) as image parts; other files named by name and type."""
+        files = target.payload.get("files") or []
+        if not files:
+            return []
+        token = await self._token(target)
+        parts: list[dict[str, Any]] = []
+        async with httpx.AsyncClient(timeout=20, follow_redirects=False) as http:
+            for file in files:
+                name, mimetype = file.get("name", "file"), file.get("mimetype", "application/octet-stream")
+                size = int(file.get("size") or 0)
+                if mimetype.startswith("image/") and file.get("url_private") and size <= self.settings.slack.max_image_bytes:
+                    data = await self._download(http, file["url_private"], token)
+                    if data is not None:
+                        parts.append(
+                            {"type": "image_url", "image_url": {"url": f"data:{mimetype};base64,{base64.b64encode(data).decode()}"}}
+                        )
+                        continue
+                parts.append(
+                    {"type": "text", "text": f"(Attached file: {name}, {mimetype}, {size} bytes; its content is not shown to you.)"}
+                )
+        return parts
+
+    async def send(self, reply: Reply) -> str | None:
+        """Replace the placeholder with the first part of the answer; post the rest in the thread."""
+        target = reply.target
+        client = await self._client(target)
+        chunks = split_message(to_mrkdwn(reply.text)) or [reply.text or "…"]
+        first_ts: str | None = None
+        try:
+            if target.reply_ref:
+                await client.chat_update(channel=target.payload["channel"], ts=target.reply_ref, text=chunks[0])
+                first_ts = target.reply_ref
+            else:
+                first_ts = str((await self._post(client, target, chunks[0]))["ts"])
+            for chunk in chunks[1:]:
+                await self._post(client, target, chunk)
+        except SlackApiError as exc:
+            raise ChannelError(f"Slack refused the reply: {exc.response.get('error')}") from None
+        return first_ts
+
+    async def _post(self, client: AsyncWebClient, target: Target, text: str) -> Any:
+        channel = target.payload["channel"]
+        lock, last = self._pace.setdefault((target.payload.get("team_id", ""), channel), (asyncio.Lock(), [0.0]))
+        async with lock:
+            wait = last[0] + POST_INTERVAL - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                response = await client.chat_postMessage(channel=channel, text=text, thread_ts=target.payload.get("thread_ts"), mrkdwn=True)
+            except SlackApiError as exc:
+                raise ChannelError(f"Slack refused a message: {exc.response.get('error')}") from None
+            last[0] = time.monotonic()
+        return response
+
+    async def _download(self, http: httpx.AsyncClient, url: str, token: str) -> bytes | None:
+        response = await http.get(url, headers={"Authorization": f"Bearer {token}"})
+        if response.status_code != 200 or len(response.content) > self.settings.slack.max_image_bytes:
+            return None  # Slack answers an unauthorised download with a redirect to its login page
+        return response.content
+
+    async def _client(self, target: Target) -> AsyncWebClient:
+        return web_client(self.settings, await self._token(target))
+
+    async def _token(self, target: Target) -> str:
+        team_id = target.payload.get("team_id", "")
+        key = (target.tenant_id, team_id)
+        cached = self._tokens.get(key)
+        if cached and time.monotonic() - cached[0] < TOKEN_TTL:
+            return cached[1]
+        connection, credentials = await credentials_for(self.db, self.settings, target.tenant_id, "slack", team_id)
+        if connection.status != "connected":
+            raise ChannelError(f"the Slack workspace {connection.name} is disconnected: reinstall the app")
+        self._tokens[key] = (time.monotonic(), credentials["bot_token"])
+        return credentials["bot_token"]

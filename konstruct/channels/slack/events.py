@@ -1,0 +1,220 @@
+"""Slack Events API in the gateway: verify (bolt), decide whether the agent should answer, store, queue, ack.
+
+Nothing slow happens here: the answer is the worker's job. Each message is stored once, keyed by
+channel + ts, so a retry, or the `message` and `app_mention` events Slack sends for one mention,
+give one reply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from typing import Any
+from urllib.parse import parse_qs
+
+from slack_bolt.app.async_app import AsyncApp
+from slack_bolt.authorization import AuthorizeResult
+from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_sdk.signature import SignatureVerifier
+from sqlalchemy import select
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from konstruct import inbox
+from konstruct.channels.base import InboundMessage
+from konstruct.channels.connections import ResolveCache, Resolved, agent_for_channel, set_status, single_mode_candidates, unseal
+from konstruct.channels.slack.client import web_client
+from konstruct.config import Settings
+from konstruct.db.engine import Database
+from konstruct.db.models import Conversation
+
+log = logging.getLogger("konstruct.slack")
+
+# Messages with these subtypes are people talking; every other subtype (edits, deletions, joins, bots) is not.
+PEOPLE_SUBTYPES = {None, "file_share", "thread_broadcast"}
+CONNECTION = "konstruct_connection"
+
+
+def team_id_of(body: bytes, content_type: str | None) -> str | None:
+    """The workspace an event comes from (None for url_verification). Read before verification: only for routing."""
+    try:
+        if content_type and content_type.startswith("application/x-www-form-urlencoded"):
+            payload = json.loads(parse_qs(body.decode()).get("payload", ["{}"])[0])
+            team = payload.get("team") or {}
+            return team.get("id") if isinstance(team, dict) else None
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    team_id = data.get("team_id")
+    return team_id if isinstance(team_id, str) else None
+
+
+def conversation_key(team_id: str, event: dict[str, Any]) -> tuple[str, str | None]:
+    """(conversation key, thread to reply in). A thread is a conversation; a DM outside threads is one too."""
+    channel = event["channel"]
+    if event.get("channel_type") == "im" and not event.get("thread_ts"):
+        return f"{team_id}:{channel}", None
+    root = event.get("thread_ts") or event["ts"]
+    return f"{team_id}:{channel}:{root}", root
+
+
+class SlackEvents:
+    """The /slack/events endpoint."""
+
+    def __init__(self, settings: Settings, db: Database, enqueue: inbox.Enqueue) -> None:
+        self.settings = settings
+        self.db = db
+        self.enqueue = enqueue
+        self.connections = ResolveCache(db)
+        self._apps: dict[str, AsyncApp] = {}
+
+    async def handle(self, request: Request) -> Response:
+        body = await request.body()
+        team_id = team_id_of(body, request.headers.get("content-type"))
+        resolved = await self.connections.get("slack", team_id) if team_id else None
+        secret = await self._signing_secret(resolved, team_id, body, dict(request.headers))
+        if secret is None:
+            # No secret can authenticate this request: store nothing, tell nothing.
+            return JSONResponse({"error": "invalid request signature"}, status_code=401)
+        bolt_request = AsyncBoltRequest(
+            body=body.decode("utf-8", "replace"), query=dict(request.query_params), headers=dict(request.headers)
+        )
+        bolt_request.context[CONNECTION] = resolved
+        response = await self._app(secret).async_dispatch(bolt_request)
+        return Response(content=response.body, status_code=response.status, headers=response.first_headers_without_set_cookie())
+
+    async def _signing_secret(self, resolved: Resolved | None, team_id: str | None, body: bytes, headers: dict[str, str]) -> str | None:
+        app_secret = self.settings.slack.signing_secret.get_secret_value() if self.settings.slack.signing_secret else None
+        if resolved is not None and resolved.mode == "single":
+            return unseal(self.settings, resolved.credentials).get("signing_secret")
+        if team_id is not None:
+            return app_secret
+        # url_verification carries no team: try the app's secret, then each single-workspace app's.
+        candidates = [app_secret] if app_secret else []
+        candidates += [
+            unseal(self.settings, blob).get("signing_secret") or "" for _, _, blob in await single_mode_candidates(self.db, "slack")
+        ]
+        for candidate in candidates:
+            if candidate and SignatureVerifier(candidate).is_valid_request(body, headers):
+                return candidate
+        return app_secret
+
+    def _app(self, secret: str) -> AsyncApp:
+        key = hashlib.sha256(secret.encode()).hexdigest()
+        app = self._apps.get(key)
+        if app is not None:
+            return app
+
+        # bolt injects arguments by parameter name, so it is handed plain functions, not bound methods.
+        async def authorize(context: dict[str, Any], team_id: str | None, enterprise_id: str | None) -> AuthorizeResult:
+            return self._authorize(context, team_id, enterprise_id)
+
+        async def on_mention(event: dict[str, Any], body: dict[str, Any], context: dict[str, Any]) -> None:
+            await self._store(event, body, context, mention=True)
+
+        async def on_message(event: dict[str, Any], body: dict[str, Any], context: dict[str, Any]) -> None:
+            await self._store(event, body, context, mention=False)
+
+        async def on_uninstalled(context: dict[str, Any]) -> None:
+            await self._disconnect(context, "app_uninstalled")
+
+        async def on_tokens_revoked(event: dict[str, Any], context: dict[str, Any]) -> None:
+            if event.get("tokens", {}).get("bot"):
+                await self._disconnect(context, "tokens_revoked")
+
+        async def on_other(event: dict[str, Any]) -> None:
+            log.debug("ignoring Slack event %s", event.get("type"))
+
+        app = AsyncApp(
+            signing_secret=secret,
+            authorize=authorize,
+            client=web_client(self.settings),
+            process_before_response=True,  # ack only after the message is stored
+            ignoring_self_events_enabled=True,
+            logger=logging.getLogger("konstruct.slack.bolt"),
+        )
+        app.event("app_mention")(on_mention)
+        app.event("message")(on_message)
+        app.event("app_uninstalled")(on_uninstalled)
+        app.event("tokens_revoked")(on_tokens_revoked)
+        app.event(re.compile(".*"))(on_other)  # acknowledged, so Slack does not retry it
+        self._apps[key] = app
+        return app
+
+    def _authorize(self, context: dict[str, Any], team_id: str | None, enterprise_id: str | None) -> AuthorizeResult:
+        resolved: Resolved | None = context.get(CONNECTION)
+        if resolved is None or resolved.status != "connected":
+            return AuthorizeResult(enterprise_id=enterprise_id, team_id=team_id)  # listeners see no connection and ignore
+        return AuthorizeResult(
+            enterprise_id=enterprise_id,
+            team_id=team_id,
+            bot_user_id=resolved.details.get("bot_user_id"),
+            bot_id=resolved.details.get("bot_id"),
+            bot_token=unseal(self.settings, resolved.credentials).get("bot_token"),
+        )
+
+    async def _disconnect(self, context: dict[str, Any], reason: str) -> None:
+        resolved: Resolved | None = context.get(CONNECTION)
+        if resolved is None:
+            return
+        await set_status(self.db, resolved.tenant_id, resolved.id, "disconnected", actor="slack", reason=reason)
+        self.connections.forget("slack", context.get("team_id") or "")
+
+    async def _store(self, event: dict[str, Any], body: dict[str, Any], context: dict[str, Any], *, mention: bool) -> None:
+        resolved: Resolved | None = context.get(CONNECTION)
+        team_id = body.get("team_id") or context.get("team_id")
+        if resolved is None or resolved.status != "connected" or not team_id:
+            return
+        bot_user_id = resolved.details.get("bot_user_id")
+        if event.get("subtype") not in PEOPLE_SUBTYPES or event.get("bot_id") or not event.get("user") or event.get("user") == bot_user_id:
+            return  # bots (ourselves included), edits, deletions, joins: never answered, so no loops
+        if "channel" not in event or "ts" not in event:
+            return
+        text = event.get("text") or ""
+        key, thread = conversation_key(team_id, event)
+        is_dm = event.get("channel_type") == "im"
+        async with self.db.tenant(tenant_id=resolved.tenant_id) as session:
+            agent_id = await session.scalar(
+                select(Conversation.agent_id).where(Conversation.channel == "slack", Conversation.external_id == key).limit(1)
+            )
+            if agent_id is None:
+                if not (mention or is_dm):
+                    return  # a channel message in a thread the agent is not part of (mentions come as app_mention)
+                agent_id = await agent_for_channel(session, resolved.id, event["channel"])
+        if agent_id is None:
+            log.warning("tenant %s has no agent to answer in Slack", resolved.tenant_id)
+            return
+        if bot_user_id:
+            text = text.replace(f"<@{bot_user_id}>", "").strip()
+        files = [
+            {k: f.get(k) for k in ("id", "name", "mimetype", "size", "url_private") if f.get(k) is not None}
+            for f in event.get("files", [])
+            if isinstance(f, dict)
+        ]
+        await inbox.accept(
+            self.db,
+            self.enqueue,
+            InboundMessage(
+                tenant_id=resolved.tenant_id,
+                agent_id=agent_id,
+                channel="slack",
+                external_id=f"{event['channel']}:{event['ts']}",
+                conversation_key=key,
+                sender=event["user"],
+                text=text,
+                payload={
+                    "team_id": team_id,
+                    "channel": event["channel"],
+                    "ts": event["ts"],
+                    "thread_ts": thread,
+                    "event_id": body.get("event_id"),
+                    "files": files,
+                    "received": time.time(),
+                },
+            ),
+        )

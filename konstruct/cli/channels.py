@@ -1,0 +1,222 @@
+"""konstruct channel …: connect Slack workspaces, choose which agent answers where."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from slack_sdk.errors import SlackApiError
+
+from konstruct.channels import connections as service
+from konstruct.channels.connections import ConnectionInfo, hint
+from konstruct.channels.slack.client import web_client
+from konstruct.channels.slack.oauth import install_link
+from konstruct.cli.common import (
+    JsonOption,
+    YesOption,
+    actor,
+    confirm_deletion,
+    database,
+    out,
+    print_fields,
+    print_json,
+    print_table,
+    run,
+    settings,
+)
+from konstruct.config import Settings, read_secret_from_environment
+from konstruct.errors import ValidationError
+from konstruct.tenancy.tenants import directory, get_tenant
+
+app = typer.Typer(help="Connect channels (Slack) to tenants and route them to agents.", no_args_is_help=True)
+TenantOption = typer.Option(..., "--tenant", "-t", help="The tenant's slug.")
+
+
+def _secret(env_name: str | None, prompt: str, what: str) -> str:
+    if env_name:
+        return read_secret_from_environment(env_name, what)
+    if not sys.stdin.isatty():
+        raise ValidationError(
+            f"{what}: pass it as an environment variable (--{what.replace(' ', '-')}-env NAME); there is no terminal to ask on"
+        )
+    value: str = typer.prompt(prompt, hide_input=True).strip()
+    if not value:
+        raise ValidationError(f"{what} is empty")
+    return value
+
+
+@app.command("connect")
+def connect(
+    ctx: typer.Context,
+    kind: str = typer.Argument(..., help="The channel: slack."),
+    tenant: str = TenantOption,
+    single_workspace: bool = typer.Option(
+        False, "--single-workspace", help="Connect one workspace with its own app's bot token (asked, hidden)."
+    ),
+    bot_token_env: str | None = typer.Option(
+        None, "--bot-token-env", help="Single-workspace: environment variable holding the bot token (xoxb-…)."
+    ),
+    signing_secret_env: str | None = typer.Option(
+        None, "--signing-secret-env", help="Single-workspace: environment variable holding the app's signing secret."
+    ),
+    agent: str | None = typer.Option(
+        None, "--agent", help="The agent answering where no route says otherwise (default: the tenant's first)."
+    ),
+    as_json: bool = JsonOption,
+) -> None:
+    """Connect Slack: print an install link (multi-workspace OAuth), or connect one workspace by its bot token."""
+    if kind != "slack":
+        raise ValidationError(f"unknown channel {kind!r}: only 'slack' can be connected so far")
+    cfg = settings(ctx)
+    single = single_workspace or bool(bot_token_env or signing_secret_env)
+
+    async def go() -> tuple[str | None, ConnectionInfo | None, bool]:
+        async with database(cfg) as db:
+            info = await get_tenant(db, tenant)
+            if not single:
+                if agent:
+                    raise ValidationError(
+                        "--agent applies once the workspace is installed: use `konstruct channel route` or connect again with it"
+                    )
+                return install_link(cfg, info.id), None, False
+            token = _secret(bot_token_env, "Slack bot token (xoxb-…)", "bot token")
+            signing_secret = _secret(signing_secret_env, "Slack signing secret", "signing secret")
+            identity = await _auth_test(cfg, token)
+            connection, created = await service.connect(
+                db, cfg, info, kind="slack", external_id=identity["team_id"], name=identity.get("team") or identity["team_id"],
+                mode="single", credentials={"bot_token": token, "signing_secret": signing_secret},
+                details={"bot_user_id": identity.get("user_id"), "bot_id": identity.get("bot_id"), "bot_token_hint": hint(token),
+                         "signing_secret_hint": hint(signing_secret)},
+                default_agent=agent, actor=actor(),
+            )  # fmt: skip
+            return None, connection, created
+
+    link, connection, created = run(go())
+    if link is not None:
+        if as_json:
+            print_json({"install_url": link})
+        else:
+            out.print(f"Send this install link to a Slack admin of {tenant} (valid {cfg.slack.install_link_ttl / 3600:g} h):")
+            typer.echo(link)
+        return
+    assert connection is not None
+    if as_json:
+        print_json(connection.as_json())
+    else:
+        out.print(
+            f"[green]{'connected' if created else 'reconnected'}[/green] Slack workspace {connection.name} ({connection.external_id}) to {tenant}"
+        )
+        out.print(f"Set the app's Event Subscriptions Request URL to {cfg.gateway.public_url.rstrip('/')}/slack/events")
+
+
+async def _auth_test(cfg: Settings, token: str) -> dict[str, str]:
+    try:
+        response = await web_client(cfg, token).auth_test()
+    except SlackApiError as exc:
+        raise ValidationError(f"Slack rejected the bot token ({exc.response.get('error')}): check it and try again") from None
+    except Exception as exc:
+        raise ValidationError(f"cannot reach Slack at {cfg.slack.api_url} ({type(exc).__name__})") from None
+    return dict(response.data) if isinstance(response.data, dict) else {}
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    tenant: str | None = typer.Option(None, "--tenant", "-t", help="Only this tenant (default: all)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """List channel connections."""
+
+    async def go() -> list[tuple[str, ConnectionInfo]]:
+        async with database(settings(ctx)) as db:
+            tenants = [await get_tenant(db, tenant)] if tenant else await directory(db)
+            return [(t.slug, c) for t in tenants for c in await service.list_connections(db, t)]
+
+    rows = run(go())
+    if as_json:
+        print_json([{"tenant": slug, **c.as_json()} for slug, c in rows])
+    elif not rows:
+        out.print("no channels connected: `konstruct channel connect slack --tenant SLUG`")
+    else:
+        print_table(
+            None,
+            ["tenant", "kind", "workspace", "id", "mode", "status"],
+            [(s, c.kind, c.name, c.external_id, c.mode, c.status) for s, c in rows],
+        )
+
+
+@app.command("show")
+def show(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="Team id or connection id."),
+    tenant: str = TenantOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Show one connection and its routes (secrets only as key hints)."""
+
+    async def go() -> tuple[ConnectionInfo, list[tuple[str, str]]]:
+        async with database(settings(ctx)) as db:
+            info = await get_tenant(db, tenant)
+            connection = await service.get_connection(db, info, ref)
+            return connection, await service.list_routes(db, info, connection)
+
+    connection, routes = run(go())
+    if as_json:
+        print_json({**connection.as_json(), "routes": [{"channel": c, "agent": a} for c, a in routes]})
+        return
+    print_fields({"kind": connection.kind, "workspace": connection.name, "id": connection.external_id, "mode": connection.mode,
+                  "status": connection.status, "connected by": connection.created_by, "updated": connection.updated_at,
+                  **{k: v for k, v in connection.details.items() if v}})  # fmt: skip
+    for channel, agent_name in routes:
+        out.print(f"route  {channel} → {agent_name}")
+
+
+@app.command("disconnect")
+def disconnect(
+    ctx: typer.Context, ref: str = typer.Argument(..., help="Team id or connection id."), tenant: str = TenantOption, yes: bool = YesOption
+) -> None:
+    """Disconnect: the agents stop answering there (reconnect or reinstall to resume)."""
+    confirm_deletion(yes, f"the connection {ref}", "the agents' presence there (until reconnected)")
+
+    async def go() -> ConnectionInfo:
+        async with database(settings(ctx)) as db:
+            info = await get_tenant(db, tenant)
+            connection = await service.get_connection(db, info, ref)
+            await service.set_status(db, info.id, connection.id, "disconnected", actor=actor(), reason="disconnected by operator")
+            return connection
+
+    connection = run(go())
+    out.print(f"[green]disconnected[/green] {connection.kind} {connection.name}")
+
+
+@app.command("route")
+def route(
+    ctx: typer.Context,
+    tenant: str = TenantOption,
+    slack_channel: str = typer.Option(..., "--slack-channel", help="Slack channel id, e.g. C0123ABCD."),
+    agent: str | None = typer.Option(None, "--agent", help="The agent that answers in that channel."),
+    remove: bool = typer.Option(False, "--remove", help="Remove the route (the default agent answers again)."),
+    workspace: str | None = typer.Option(None, "--workspace", help="Team id, when the tenant has several workspaces."),
+) -> None:
+    """Choose which agent answers in one Slack channel."""
+    if bool(agent) == remove:
+        raise ValidationError("give either --agent NAME or --remove")
+
+    async def go() -> str:
+        async with database(settings(ctx)) as db:
+            info = await get_tenant(db, tenant)
+            slack = [c for c in await service.list_connections(db, info) if c.kind == "slack"]
+            if workspace:
+                slack = [c for c in slack if c.external_id == workspace]
+            if len(slack) != 1:
+                raise ValidationError(
+                    f"tenant {tenant!r} has no Slack workspace connected" if not slack else "several workspaces: pass --workspace TEAM_ID"
+                )
+            if remove:
+                found = await service.remove_route(db, info, slack[0], slack_channel, actor=actor())
+                return "removed the route" if found else "there was no route"
+            assert agent is not None
+            await service.set_route(db, info, slack[0], slack_channel, agent, actor=actor())
+            return f"{agent} now answers in {slack_channel}"
+
+    out.print(run(go()))

@@ -1,0 +1,416 @@
+"""A loopback fake of Slack's Web API (what slack_sdk's `AsyncWebClient(base_url=fake.url)` calls).
+
+A real HTTP server on 127.0.0.1. It records every call, keeps the messages the bot posts, grants
+OAuth installs from codes a test registers, serves private files only to a registered bot token
+(anyone else gets the 302 to a sign-in page that real Slack gives), and can be told to rate limit
+a method with HTTP 429 and `Retry-After`.
+
+Only the methods konstruct uses are implemented: `auth.test`, `oauth.v2.access`, `chat.postMessage`,
+`chat.update` and `conversations.replies`. Anything else answers `{"ok": false, "error": "unknown_method"}`.
+Like real Slack, every answer except a rate limit is HTTP 200 with `"ok"` telling success from failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import mimetypes
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+
+@dataclass
+class Call:
+    method: str
+    token: str | None
+    args: dict[str, Any]
+    rate_limited: bool = False
+
+
+@dataclass
+class Answer:
+    status: int
+    payload: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _ts_key(ts: str) -> tuple[int, int]:
+    seconds, _, fraction = ts.partition(".")
+    return int(seconds or 0), int(fraction or 0)
+
+
+@dataclass
+class FakeSlack:
+    client_id: str = "111.222"
+    client_secret: str = "fake-client-secret"
+    retry_after: int = 1
+    tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
+    oauth_codes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rate_limit: dict[str, int] = field(default_factory=dict)
+    calls: list[Call] = field(default_factory=list)
+    messages: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    files: dict[str, tuple[dict[str, Any], bytes]] = field(default_factory=dict)  # file id -> (file object, bytes)
+    downloads: list[tuple[str, str | None]] = field(default_factory=list)  # (path, bearer token) of every GET /files-pri/...
+    _seq: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _server: ThreadingHTTPServer | None = None
+
+    @property
+    def origin(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def url(self) -> str:
+        """The `base_url` for slack_sdk's clients: it must end with a slash."""
+        return f"{self.origin}/api/"
+
+    def reset(self) -> None:
+        with self._lock:
+            self.retry_after = 1
+            self.tokens.clear()
+            self.oauth_codes.clear()
+            self.rate_limit.clear()
+            self.calls.clear()
+            self.messages.clear()
+            self.files.clear()
+            self.downloads.clear()
+
+    def calls_to(self, method: str) -> list[Call]:
+        with self._lock:
+            return [call for call in self.calls if call.method == method]
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def add_token(
+        self,
+        token: str,
+        *,
+        team_id: str = "T0000000001",
+        team: str = "Fake Team",
+        user_id: str = "U0000000BOT",
+        bot_id: str = "B0000000001",
+    ) -> dict[str, Any]:
+        """Register a bot token (what `auth.test` and the other methods accept)."""
+        info = {"team_id": team_id, "team": team, "user_id": user_id, "bot_id": bot_id, "url": self._team_url(team)}
+        with self._lock:
+            self.tokens[token] = info
+        return info
+
+    def add_oauth_code(
+        self,
+        code: str,
+        *,
+        team_id: str = "T0000000001",
+        team: str = "Fake Team",
+        bot_user_id: str = "U0000000BOT",
+        bot_id: str = "B0000000001",
+        access_token: str | None = None,
+        app_id: str = "A0000000001",
+        authed_user_id: str = "U0000000001",
+        scope: str = "app_mentions:read,chat:write,files:read,im:history",
+    ) -> dict[str, Any]:
+        """Register a single-use code for `oauth.v2.access`; it grants this install."""
+        grant = {
+            "team_id": team_id,
+            "team": team,
+            "bot_user_id": bot_user_id,
+            "bot_id": bot_id,
+            "access_token": access_token or f"xoxb-{team_id}-{code}",
+            "app_id": app_id,
+            "authed_user_id": authed_user_id,
+            "scope": scope,
+        }
+        with self._lock:
+            self.oauth_codes[code] = grant
+        return grant
+
+    def add_message(self, channel: str, text: str, *, user: str = "U0000000001", thread_ts: str | None = None) -> dict[str, Any]:
+        """Store a message a person wrote (it reached the app as an event), so `conversations.replies` returns it."""
+        with self._lock:
+            ts = self._new_ts()
+            message: dict[str, Any] = {"type": "message", "text": text, "ts": ts, "user": user}
+            if thread_ts:
+                message["thread_ts"] = thread_ts
+            self.messages[(channel, ts)] = message
+            return dict(message)
+
+    def add_file(self, name: str, mimetype: str, content: bytes, *, team_id: str = "T0000000001") -> dict[str, Any]:
+        """Store bytes; return the file object as it appears in a message event's `files`."""
+        with self._lock:
+            file_id = f"F{self._next():010d}"
+        extension = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        url = f"{self.origin}/files-pri/{team_id}-{file_id}/{quote(name)}"
+        info: dict[str, Any] = {
+            "id": file_id,
+            "name": name,
+            "title": name,
+            "mimetype": mimetype,
+            "filetype": extension or mimetype.rsplit("/", 1)[-1],
+            "size": len(content),
+            "url_private": url,
+            "url_private_download": f"{url}?download=1",
+        }
+        with self._lock:
+            self.files[file_id] = (info, content)
+        return dict(info)
+
+    @staticmethod
+    def _team_url(team: str) -> str:
+        return f"https://{re.sub(r'[^a-z0-9]+', '-', team.lower()).strip('-') or 'fake'}.slack.com/"
+
+    def _new_ts(self) -> str:
+        return f"{int(time.time())}.{self._next():06d}"
+
+    # The Web API. Called with the lock held.
+
+    def _answer(self, method: str, token: str | None, basic: tuple[str, str] | None, args: dict[str, Any]) -> Answer:
+        call = Call(method, token, args)
+        self.calls.append(call)
+        if self.rate_limit.get(method, 0) > 0:
+            self.rate_limit[method] -= 1
+            call.rate_limited = True
+            return Answer(429, {"ok": False, "error": "ratelimited"}, {"Retry-After": str(self.retry_after)})
+        if method == "oauth.v2.access":
+            return Answer(200, self._oauth_v2_access(basic, args))
+        if method == "auth.test":
+            info = self.tokens.get(token or "")
+            if info is None:
+                return Answer(200, {"ok": False, "error": "invalid_auth"})
+            return Answer(200, self._auth_test(info))
+        handlers = {
+            "chat.postMessage": self._chat_post_message,
+            "chat.update": self._chat_update,
+            "conversations.replies": self._conversations_replies,
+        }
+        handler = handlers.get(method)
+        if handler is None:
+            return Answer(200, {"ok": False, "error": "unknown_method"})
+        if not token:
+            return Answer(200, {"ok": False, "error": "not_authed"})
+        info = self.tokens.get(token)
+        if info is None:
+            return Answer(200, {"ok": False, "error": "invalid_auth"})
+        return Answer(200, handler(info, args))
+
+    def _auth_test(self, info: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "url": info.get("url") or self._team_url(info["team"]),
+            "team": info["team"],
+            "user": "konstruct-bot",
+            "team_id": info["team_id"],
+            "user_id": info["user_id"],
+            "bot_id": info["bot_id"],
+            "is_enterprise_install": False,
+        }
+
+    def _oauth_v2_access(self, basic: tuple[str, str] | None, args: dict[str, Any]) -> dict[str, Any]:
+        client_id, client_secret = basic or (args.get("client_id"), args.get("client_secret"))
+        if client_id != self.client_id:
+            return {"ok": False, "error": "invalid_client_id"}
+        if client_secret != self.client_secret:
+            return {"ok": False, "error": "bad_client_secret"}
+        grant = self.oauth_codes.pop(str(args.get("code") or ""), None)  # single use: a second exchange finds nothing
+        if grant is None:
+            return {"ok": False, "error": "invalid_code"}
+        if grant.get("redirect_uri") and args.get("redirect_uri") != grant["redirect_uri"]:
+            return {"ok": False, "error": "bad_redirect_uri"}
+        self.tokens[grant["access_token"]] = {
+            "team_id": grant["team_id"],
+            "team": grant["team"],
+            "user_id": grant["bot_user_id"],
+            "bot_id": grant["bot_id"],
+            "url": self._team_url(grant["team"]),
+        }
+        return {
+            "ok": True,
+            "access_token": grant["access_token"],
+            "token_type": "bot",
+            "scope": grant["scope"],
+            "bot_user_id": grant["bot_user_id"],
+            "app_id": grant["app_id"],
+            "team": {"id": grant["team_id"], "name": grant["team"]},
+            "enterprise": None,
+            "is_enterprise_install": False,
+            "authed_user": {"id": grant["authed_user_id"]},
+        }
+
+    def _chat_post_message(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        channel = args.get("channel")
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        text, blocks = args.get("text"), args.get("blocks")
+        if not text and not blocks and not args.get("attachments"):
+            return {"ok": False, "error": "no_text"}
+        ts = self._new_ts()
+        message: dict[str, Any] = {"type": "message", "text": text or "", "ts": ts, "user": info["user_id"], "bot_id": info["bot_id"]}
+        if args.get("thread_ts"):
+            message["thread_ts"] = str(args["thread_ts"])
+        if blocks:
+            message["blocks"] = blocks
+        self.messages[(str(channel), ts)] = message
+        return {"ok": True, "channel": channel, "ts": ts, "message": dict(message)}
+
+    def _chat_update(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        channel, ts = str(args.get("channel") or ""), str(args.get("ts") or "")
+        message = self.messages.get((channel, ts))
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        if message.get("user") != info["user_id"]:
+            return {"ok": False, "error": "cant_update_message"}
+        text, blocks = args.get("text"), args.get("blocks")
+        if not text and not blocks:
+            return {"ok": False, "error": "no_text"}
+        message["text"] = text or ""
+        if blocks:
+            message["blocks"] = blocks
+        message["edited"] = {"user": info["user_id"], "ts": self._new_ts()}
+        return {"ok": True, "channel": channel, "ts": ts, "text": message["text"], "message": dict(message)}
+
+    def _conversations_replies(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        channel, ts = str(args.get("channel") or ""), str(args.get("ts") or "")
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        if not ts:
+            return {"ok": False, "error": "invalid_arguments"}
+        thread = [
+            dict(message)
+            for (in_channel, message_ts), message in self.messages.items()
+            if in_channel == channel and (message_ts == ts or message.get("thread_ts") == ts)
+        ]
+        thread.sort(key=lambda message: _ts_key(message["ts"]))
+        return {"ok": True, "messages": thread, "has_more": False}
+
+    # Private files. Called with the lock held.
+
+    def _download(self, path: str, token: str | None) -> tuple[int, str, bytes]:
+        self.downloads.append((path, token))
+        if not token or token not in self.tokens:
+            return 302, "", b""
+        match = re.fullmatch(r"/files-pri/(?P<team>[^/]+)-(?P<id>[^/-]+)/(?P<name>[^/]+)", path)
+        stored = self.files.get(match["id"]) if match else None
+        if stored is None or urlsplit(stored[0]["url_private"]).path != path:
+            return 404, "text/plain", b"file not found"
+        info, content = stored
+        return 200, info["mimetype"] or mimetypes.guess_type(info["name"])[0] or "application/octet-stream", content
+
+    def start(self, port: int = 0) -> FakeSlack:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def do_GET(self) -> None:
+                self._handle()
+
+            def do_POST(self) -> None:
+                self._handle()
+
+            def _handle(self) -> None:
+                raw = self._read_body()
+                parts = urlsplit(self.path)
+                token, basic = self._credentials()
+                if parts.path.startswith("/api/"):
+                    args = self._args(parts.query, raw)
+                    if args is None:
+                        self._send(Answer(200, {"ok": False, "error": "invalid_json"}))
+                        return
+                    if token is None and isinstance(args.get("token"), str):
+                        token = args["token"]  # Slack still takes a token in the body
+                    with fake._lock:
+                        answer = fake._answer(parts.path[len("/api/") :].strip("/"), token, basic, args)
+                    self._send(answer)
+                elif parts.path.startswith("/files-pri/") and self.command == "GET":
+                    with fake._lock:
+                        status, content_type, data = fake._download(parts.path, token)
+                    if status == 302:
+                        self._send_bytes(302, "", b"", {"Location": f"{fake.origin}/signin"})
+                    else:
+                        self._send_bytes(status, content_type, data)
+                elif parts.path == "/signin" and self.command == "GET":
+                    page = b"<!DOCTYPE html><html><head><title>Sign in | Slack</title></head><body>Sign in to your workspace</body></html>"
+                    self._send_bytes(200, "text/html; charset=utf-8", page)
+                else:
+                    self._send(Answer(404, {"ok": False, "error": f"no route {parts.path}"}))
+
+            def _read_body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks: list[bytes] = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                                pass
+                            return b"".join(chunks)
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            def _credentials(self) -> tuple[str | None, tuple[str, str] | None]:
+                """The bearer token, or the client id and secret of HTTP Basic auth."""
+                scheme, _, value = (self.headers.get("Authorization") or "").strip().partition(" ")
+                if scheme.lower() == "bearer" and value.strip():
+                    return value.strip(), None
+                if scheme.lower() == "basic":
+                    with contextlib.suppress(binascii.Error, UnicodeDecodeError):
+                        user, _, password = base64.b64decode(value.strip(), validate=True).decode("latin-1").partition(":")
+                        return None, (user, password)
+                return None, None
+
+            def _args(self, query: str, raw: bytes) -> dict[str, Any] | None:
+                """Query string and body together: form values are single strings, JSON is as sent. None when JSON is broken."""
+                args: dict[str, Any] = {k: v[0] if len(v) == 1 else v for k, v in parse_qs(query, keep_blank_values=True).items()}
+                content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+                if content_type == "application/json" and raw.strip():
+                    try:
+                        body = json.loads(raw)
+                    except ValueError:
+                        return None
+                    if not isinstance(body, dict):
+                        return None
+                    args.update(body)
+                elif raw:
+                    form = parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True)
+                    args.update({k: v[0] if len(v) == 1 else v for k, v in form.items()})
+                return args
+
+            def _send(self, answer: Answer) -> None:
+                self._send_bytes(answer.status, "application/json; charset=utf-8", json.dumps(answer.payload).encode(), answer.headers)
+
+            def _send_bytes(self, status: int, content_type: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                if content_type:
+                    self.send_header("Content-Type", content_type)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (timeout, killed worker)
+                    self.wfile.write(data)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 1024
+
+        self._server = Server(("127.0.0.1", port), Handler)
+        threading.Thread(target=self._server.serve_forever, name="fake-slack", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

@@ -1,0 +1,322 @@
+"""Slack end to end: signed events to a real gateway process, a real worker, the fake Slack Web API."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from konstruct.agent.agents import create_agent
+from konstruct.db.engine import Database
+from konstruct.db.models import InboundMessage as InboxRow
+from konstruct.tenancy.tenants import create_tenant, get_tenant
+from tests.conftest import write_config
+from tests.fakes.llm import FakeLLM
+from tests.fakes.slack import FakeSlack
+from tests.helpers import Proc, cli_env, konstruct, wait_for
+
+TEAM = "T0000000001"
+BOT_USER = "U0000000BOT"
+BOT_TOKEN = "xoxb-single-workspace-token-7777"
+SINGLE_SECRET = "single-app-signing-secret"
+APP_SECRET = "distributed-app-signing-secret"
+
+
+@pytest.fixture(scope="session")
+def fake_slack_server() -> Iterator[FakeSlack]:
+    fake = FakeSlack().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake_slack(fake_slack_server: FakeSlack) -> FakeSlack:
+    fake_slack_server.reset()
+    fake_slack_server.retry_after = 0
+    return fake_slack_server
+
+
+def sign(body: bytes, secret: str, timestamp: int | None = None) -> dict[str, str]:
+    ts = str(timestamp if timestamp is not None else int(time.time()))
+    signature = "v0=" + hmac.new(secret.encode(), f"v0:{ts}:".encode() + body, hashlib.sha256).hexdigest()
+    return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": signature, "Content-Type": "application/json"}
+
+
+@dataclass
+class SlackSystem:
+    base: str
+    config: Path
+    db: Database
+    slack: FakeSlack
+    llm: FakeLLM
+    tenant_id: uuid.UUID
+    worker: Proc
+    gateway: Proc
+    env: dict[str, str]
+
+    def post(self, payload: dict[str, Any], secret: str = SINGLE_SECRET, headers: dict[str, str] | None = None) -> httpx.Response:
+        body = json.dumps(payload).encode()
+        return httpx.post(f"{self.base}/slack/events", content=body, headers={**sign(body, secret), **(headers or {})}, timeout=10)
+
+    def event(self, event: dict[str, Any], event_id: str | None = None, team: str = TEAM) -> dict[str, Any]:
+        return {
+            "token": "legacy-verification-token",
+            "team_id": team,
+            "api_app_id": "A0000000001",
+            "event": event,
+            "type": "event_callback",
+            "event_id": event_id or f"Ev{uuid.uuid4().hex[:10].upper()}",
+            "event_time": int(time.time()),
+        }
+
+    async def inbox_count(self) -> int:
+        async with self.db.tenant(tenant_id=self.tenant_id) as session:
+            return int(await session.scalar(select(func.count()).select_from(InboxRow)) or 0)
+
+    def updates(self) -> list[Any]:
+        return [c for c in self.slack.calls_to("chat.update") if not c.rate_limited]
+
+    def wait_updates(self, n: int, timeout: float = 30) -> list[Any]:
+        wait_for(lambda: len(self.updates()) >= n, timeout, f"{n} chat.update call(s); worker log:\n{self.worker.log()}")
+        return self.updates()
+
+
+def mention(ts: str, text: str = "<@U0000000BOT> what is our refund policy?", **extra: Any) -> dict[str, Any]:
+    return {"type": "app_mention", "user": "U0000000001", "text": text, "ts": ts, "channel": "C0000000001", "event_ts": ts, **extra}
+
+
+def message(ts: str, text: str, channel: str = "C0000000001", **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "message",
+        "user": "U0000000001",
+        "text": text,
+        "ts": ts,
+        "channel": channel,
+        "channel_type": "channel",
+        "event_ts": ts,
+        **extra,
+    }
+
+
+def new_ts() -> str:
+    return f"{time.time():.6f}"
+
+
+@pytest.fixture
+async def slack_system(tmp_path: Path, database_url: str, fake_llm: FakeLLM, fake_slack: FakeSlack, db: Database) -> Any:
+    origin = fake_slack.origin
+    config = write_config(
+        tmp_path / "site",
+        database_url,
+        fake_llm.url,
+        slack={
+            "api_url": fake_slack.url,
+            "authorize_url": f"{origin}/oauth/v2/authorize",
+            "client_id": fake_slack.client_id,
+            "client_secret": fake_slack.client_secret,
+            "signing_secret": APP_SECRET,
+        },
+    )
+    tenant = await create_tenant(db, name="Acme", slug="acme", actor="test")
+    await create_agent(db, tenant, name="Ava", role="Support", persona="Helpful and brief.", model=None, actor="test")
+    fake_slack.add_token(BOT_TOKEN, team_id=TEAM, team="Acme HQ", user_id=BOT_USER)
+    env = cli_env(SLACK_BOT="xoxb-single-workspace-token-7777", SLACK_SIGNING=SINGLE_SECRET)
+    connected = konstruct(
+        "channel", "connect", "slack", "--tenant", "acme", "--bot-token-env", "SLACK_BOT", "--signing-secret-env", "SLACK_SIGNING",
+        config=config, env=env,
+    )  # fmt: skip
+    assert connected.returncode == 0, connected.stderr
+    gateway = Proc("gateway", ["gateway"], config=config, log_dir=tmp_path)
+    worker = Proc("worker", ["worker"], config=config, log_dir=tmp_path)
+    gateway.wait_for_log("Application startup complete")
+    worker.wait_for_log(" ready: ")
+    from konstruct.config import load_settings
+
+    port = load_settings(config).gateway.port
+    system = SlackSystem(f"http://127.0.0.1:{port}", config, db, fake_slack, fake_llm, tenant.id, worker, gateway, env)
+    yield system
+    for proc in (gateway, worker):
+        proc.stop()
+
+
+async def test_url_verification_and_signature_checks(slack_system: SlackSystem) -> None:
+    challenge = {"token": "x", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P", "type": "url_verification"}
+    response = slack_system.post(challenge)
+    assert response.status_code == 200 and challenge["challenge"] in response.text
+    assert slack_system.post(challenge, secret=APP_SECRET).status_code == 200  # the distributed app's own secret works too
+
+    event = slack_system.event(mention(new_ts()))
+    assert slack_system.post(event, secret="not-the-secret").status_code == 401
+    body = json.dumps(event).encode()
+    stale = sign(body, SINGLE_SECRET, timestamp=int(time.time()) - 600)
+    assert httpx.post(f"{slack_system.base}/slack/events", content=body, headers=stale).status_code == 401
+    assert httpx.post(f"{slack_system.base}/slack/events", content=body, headers={"Content-Type": "application/json"}).status_code == 401
+    await asyncio.sleep(0.5)
+    assert await slack_system.inbox_count() == 0
+    assert slack_system.llm.requests == []
+
+
+async def test_mention_is_answered_in_a_thread_with_a_placeholder_replaced(slack_system: SlackSystem) -> None:
+    ts = new_ts()
+    response = slack_system.post(slack_system.event(mention(ts)))
+    assert response.status_code == 200
+    update = slack_system.wait_updates(1)[0]
+    posts = slack_system.slack.calls_to("chat.postMessage")
+    assert len(posts) == 1 and posts[0].args["thread_ts"] == ts and posts[0].args["text"] == "_thinking…_"
+    assert posts[0].token == BOT_TOKEN
+    assert update.args["ts"] == slack_system.slack.messages[("C0000000001", update.args["ts"])]["ts"]
+    assert update.args["text"] == "[fake-model] You said: what is our refund policy?"  # the mention itself is stripped
+    system_prompt = slack_system.llm.requests[-1].body["messages"][0]["content"]
+    assert "You are an AI" in system_prompt
+
+
+async def test_thread_follow_ups_dms_and_what_is_never_answered(slack_system: SlackSystem) -> None:
+    root = new_ts()
+    slack_system.post(slack_system.event(mention(root)))
+    slack_system.wait_updates(1)
+    # A follow-up in that thread, without a mention, is answered, with the thread's history.
+    slack_system.post(slack_system.event(message(new_ts(), "and for digital goods?", thread_ts=root)))
+    slack_system.wait_updates(2)
+    history = slack_system.llm.requests[-1].body["messages"]
+    assert [m["role"] for m in history[1:]] == ["user", "assistant", "user"]
+    # A direct message is answered.
+    slack_system.post(slack_system.event(message(new_ts(), "hi in private", channel="D0000000001", channel_type="im")))
+    updates = slack_system.wait_updates(3)
+    assert updates[-1].args["channel"] == "D0000000001" and updates[-1].args["text"].endswith("hi in private")
+    # Never answered: bots (ourselves included), edits, joins, threads the agent is not in, plain channel chatter.
+    ignored = [
+        message(new_ts(), "I am a bot", bot_id="B0000000099", thread_ts=root),
+        {**message(new_ts(), "my own words", thread_ts=root), "user": BOT_USER},
+        message(new_ts(), "edited", subtype="message_changed", thread_ts=root),
+        message(new_ts(), "<@U0000000001> joined", subtype="channel_join"),
+        message(new_ts(), "someone else's thread", thread_ts="1700000000.000001"),
+        message(new_ts(), "chatter in the channel"),
+    ]
+    for event in ignored:
+        assert slack_system.post(slack_system.event(event)).status_code == 200
+    await asyncio.sleep(2)
+    assert len(slack_system.updates()) == 3 and len(slack_system.llm.requests) == 3
+    assert await slack_system.inbox_count() == 3
+
+
+async def test_retries_and_double_events_get_exactly_one_answer(slack_system: SlackSystem) -> None:
+    ts = new_ts()
+    slack_system.llm.delay = 1.0  # the retries arrive while the first delivery is being answered
+    payload = slack_system.event(mention(ts), event_id="Ev0RETRY000")
+
+    def deliver(n: int) -> int:
+        headers = {"X-Slack-Retry-Num": str(n), "X-Slack-Retry-Reason": "http_timeout"} if n else {}
+        return slack_system.post(payload, headers=headers).status_code
+
+    statuses = await asyncio.gather(*(asyncio.to_thread(deliver, n) for n in range(4)))
+    assert statuses == [200, 200, 200, 200]
+    # Slack also sends a `message` event (another event id) for the same mention.
+    slack_system.post(slack_system.event(message(ts, "<@U0000000BOT> what is our refund policy?")))
+    slack_system.wait_updates(1)
+    await asyncio.sleep(2)
+    assert len(slack_system.updates()) == 1
+    assert len(slack_system.llm.requests) == 1
+    assert await slack_system.inbox_count() == 1
+
+
+async def test_image_reaches_the_model_and_other_files_are_named(slack_system: SlackSystem) -> None:
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+    image = slack_system.slack.add_file("chart.png", "image/png", png, team_id=TEAM)
+    pdf = slack_system.slack.add_file("terms.pdf", "application/pdf", b"%PDF-1.4", team_id=TEAM)
+    slack_system.post(
+        slack_system.event(mention(new_ts(), "<@U0000000BOT> what does this show?", files=[image, pdf], subtype="file_share"))
+    )
+    slack_system.wait_updates(1)
+    content = slack_system.llm.requests[-1].body["messages"][-1]["content"]
+    assert isinstance(content, list)
+    assert content[0] == {"type": "text", "text": "what does this show?"}
+    image_parts = [p for p in content if p["type"] == "image_url"]
+    assert len(image_parts) == 1 and image_parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert any("terms.pdf" in p.get("text", "") and "application/pdf" in p.get("text", "") for p in content)
+    assert [token for _, token in slack_system.slack.downloads] == [BOT_TOKEN]  # downloaded with the bot token, once
+
+
+async def test_rate_limits_are_honoured_and_long_answers_split(slack_system: SlackSystem) -> None:
+    slack_system.slack.rate_limit = {"chat.postMessage": 1, "chat.update": 1}
+    long_question = " ".join(f"word{n}" for n in range(900))  # the fake echoes it: well over 3,900 characters
+    slack_system.post(slack_system.event(mention(new_ts(), f"<@U0000000BOT> {long_question}")))
+    slack_system.wait_updates(1)
+    # The placeholder, then (after the update) the second part of the answer.
+    wait_for(lambda: len([c for c in slack_system.slack.calls_to("chat.postMessage") if not c.rate_limited]) >= 2, 20, "the split reply")
+    posts = slack_system.slack.calls_to("chat.postMessage")
+    assert [c.rate_limited for c in posts][:2] == [True, False]  # the 429, then the same post again
+    texts = [slack_system.updates()[0].args["text"], *[c.args["text"] for c in posts if not c.rate_limited][1:]]
+    assert all(len(t) <= 3900 for t in texts) and len(texts) >= 2
+    assert "".join(texts).replace(" ", "").endswith("word899")
+
+
+async def test_oauth_install_end_to_end(slack_system: SlackSystem) -> None:
+    link = konstruct("channel", "connect", "slack", "--tenant", "acme", "--json", config=slack_system.config)
+    assert link.returncode == 0, link.stderr
+    install_url = json.loads(link.stdout)["install_url"]
+    assert install_url.startswith(f"{slack_system.base}/slack/install?state=")
+    with httpx.Client(follow_redirects=False) as browser:
+        step1 = browser.get(install_url)
+        assert step1.status_code == 302
+        consent = urlsplit(step1.headers["location"])
+        query = parse_qs(consent.query)
+        assert consent.path == "/oauth/v2/authorize" and query["client_id"] == [slack_system.slack.client_id]
+        assert query["redirect_uri"] == [f"{slack_system.base}/slack/oauth_redirect"]
+        # The admin approves; Slack sends the browser back with a code and the same state.
+        slack_system.slack.add_oauth_code(
+            "code-123", team_id="T0000000OAU", team="Globex Slack", bot_user_id="U000000OBOT", access_token="xoxb-oauth-4242"
+        )
+        done = browser.get(f"{slack_system.base}/slack/oauth_redirect", params={"code": "code-123", "state": query["state"][0]})
+        assert done.status_code == 200 and "installed" in done.text, done.text
+        # The same code (a replayed redirect) and a forged state are refused.
+        assert (
+            browser.get(f"{slack_system.base}/slack/oauth_redirect", params={"code": "code-123", "state": "forged.state"}).status_code
+            == 400
+        )
+    without_cookie = httpx.get(f"{slack_system.base}/slack/oauth_redirect", params={"code": "x", "state": query["state"][0]})
+    assert without_cookie.status_code == 400
+
+    listed = json.loads(konstruct("channel", "list", "--tenant", "acme", "--json", config=slack_system.config).stdout)
+    oauth = next(c for c in listed if c["external_id"] == "T0000000OAU")
+    assert oauth["mode"] == "oauth" and oauth["status"] == "connected" and oauth["details"]["bot_token_hint"] == "…4242"
+    assert "xoxb-oauth-4242" not in json.dumps(listed)
+
+    # Events from the installed workspace are signed with the distributed app's secret and answered with its token.
+    event = slack_system.event(mention(new_ts(), "<@U000000OBOT> hello from Globex"), team="T0000000OAU")
+    assert slack_system.post(event, secret=APP_SECRET).status_code == 200
+    update = slack_system.wait_updates(1)[0]
+    assert update.token == "xoxb-oauth-4242" and update.args["text"].endswith("hello from Globex")
+
+    # Uninstalling marks the connection disconnected; it no longer answers.
+    uninstall = slack_system.event({"type": "app_uninstalled"}, team="T0000000OAU")
+    assert slack_system.post(uninstall, secret=APP_SECRET).status_code == 200
+    listed = json.loads(konstruct("channel", "list", "--tenant", "acme", "--json", config=slack_system.config).stdout)
+    assert next(c for c in listed if c["external_id"] == "T0000000OAU")["status"] == "disconnected"
+
+
+async def test_channel_routes_choose_the_agent(slack_system: SlackSystem) -> None:
+    tenant_info = await get_tenant(slack_system.db, "acme")
+    await create_agent(slack_system.db, tenant_info, name="Max", role="Sales", persona="Sells.", model="openai/sales-model", actor="test")
+    routed = konstruct(
+        "channel", "route", "--tenant", "acme", "--slack-channel", "C0000000SAL", "--agent", "Max", config=slack_system.config
+    )
+    assert routed.returncode == 0, routed.stderr
+    slack_system.post(slack_system.event({**mention(new_ts()), "channel": "C0000000SAL"}))
+    slack_system.wait_updates(1)
+    assert slack_system.llm.requests[-1].body["model"] == "sales-model"
+    shown = json.loads(konstruct("channel", "show", TEAM, "--tenant", "acme", "--json", config=slack_system.config).stdout)
+    assert shown["routes"] == [{"channel": "C0000000SAL", "agent": "Max"}]
+    assert shown["details"]["signing_secret_hint"] == "…" + SINGLE_SECRET[-4:]
+    assert SINGLE_SECRET not in json.dumps(shown) and BOT_TOKEN not in json.dumps(shown)
