@@ -84,7 +84,7 @@ async def in_flight(site: Path, fake: FakeLLM, messages: int) -> tuple[int, floa
     for n in range(messages):
         await accept(
             db,
-            queue.enqueue,
+            queue,
             InboundMessage(tenant.id, agent.id, "terminal", f"{run}-{n}", f"bench-{run}-{n}", f"person-{n}", f"question {n}"),
         )
     while True:

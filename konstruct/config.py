@@ -53,6 +53,7 @@ class GatewaySettings(_Section):
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8080, ge=1, le=65535, description="Port the gateway listens on.")
     public_url: str = Field("http://127.0.0.1:8080", description="URL at which Slack, Meta and people reach the gateway.")
+    workers: int = Field(1, ge=1, le=64, description="Gateway processes sharing the port (each one event loop).")
 
 
 class LLMSettings(_Section):

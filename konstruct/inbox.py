@@ -1,8 +1,9 @@
-"""The inbox: store first, then queue. The database row is the truth; the queue only a doorbell."""
+"""The inbox: store, then (or with) queue. The database row is the truth; the queue only a doorbell."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -10,19 +11,36 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Protocol
 
 import psutil
-from sqlalchemy import delete, func, select, text
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import TextClause, delete, func, select, text
 
-from konstruct import audit
 from konstruct.channels.base import InboundMessage as NewMessage
 from konstruct.db.engine import Database
-from konstruct.db.models import Conversation, InboundMessage, Message, WorkerHeartbeat
+from konstruct.db.models import InboundMessage, WorkerHeartbeat
 
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[uuid.UUID, uuid.UUID], None]
+
+
+class Doorbell(Protocol):
+    """The queue as the inbox needs it (konstruct.worker.queue.Queue)."""
+
+    def enqueue(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None: ...
+
+    def outbox(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> OutboxTask | None: ...
+
+
+@dataclass(frozen=True)
+class OutboxTask:
+    """A queue entry written in the same transaction as the inbox row (huey's Postgres storage)."""
+
+    table: str
+    queue: str
+    data: bytes
+    notify_channel: str
 
 
 @dataclass(frozen=True)
@@ -32,75 +50,114 @@ class Stored:
     conversation_id: uuid.UUID
     status: str
     duplicate: bool
+    queued: bool = False
 
 
-async def store(db: Database, message: NewMessage) -> Stored:
-    """Store an inbound message once (unique per tenant, channel and external id) with its history row."""
+# One statement: pick the agent, upsert the conversation, insert the inbox row (once), its history row
+# and audit event, and (with the Postgres queue) the queue entry. One round trip for a webhook.
+_STORE = """
+WITH existing AS (
+    SELECT agent_id FROM conversations
+    WHERE channel = :channel AND external_id = :key AND (CAST(:agent AS uuid) IS NULL OR agent_id = CAST(:agent AS uuid))
+    ORDER BY created_at LIMIT 1
+), chosen AS (
+    SELECT coalesce(
+        CAST(:agent AS uuid),
+        (SELECT agent_id FROM existing),
+        CASE WHEN :may_start THEN coalesce(
+            (SELECT agent_id FROM channel_routes WHERE connection_id = CAST(:connection AS uuid) AND external_channel = :ext_channel),
+            (SELECT default_agent_id FROM channel_connections WHERE id = CAST(:connection AS uuid)),
+            (SELECT id FROM agents ORDER BY created_at, id LIMIT 1)
+        ) END
+    ) AS agent_id
+), conv AS (
+    INSERT INTO conversations (tenant_id, agent_id, channel, external_id, person)
+    SELECT CAST(:tenant AS uuid), agent_id, :channel, :key, :sender FROM chosen WHERE agent_id IS NOT NULL
+    ON CONFLICT (tenant_id, channel, external_id, agent_id) DO UPDATE SET last_message_at = now()
+    RETURNING id
+), inb AS (
+    INSERT INTO inbound_messages (id, tenant_id, conversation_id, channel, external_id, sender, text, payload)
+    SELECT CAST(:id AS uuid), CAST(:tenant AS uuid), conv.id, :channel, :external_id, :sender, :text, CAST(:payload AS jsonb) FROM conv
+    ON CONFLICT (tenant_id, channel, external_id) DO NOTHING
+    RETURNING id, conversation_id
+), hist AS (
+    INSERT INTO messages (tenant_id, conversation_id, inbound_id, direction, author, text, status)
+    SELECT CAST(:tenant AS uuid), conversation_id, id, 'in', :sender, :text, 'received' FROM inb
+), aud AS (
+    INSERT INTO audit_events (tenant_id, actor, action, target, detail)
+    SELECT CAST(:tenant AS uuid), :actor, 'message.received', id::text,
+           jsonb_build_object('channel', :channel, 'external_id', :external_id, 'conversation_id', conversation_id::text)
+    FROM inb
+), queued AS (
+    {queue_insert}
+)
+SELECT (SELECT id FROM inb) AS inbound_id,
+       (SELECT conversation_id FROM inb) AS conversation_id,
+       (SELECT agent_id FROM chosen) AS agent_id,
+       (SELECT count(*) FROM queued) AS queued
+"""
+_QUEUE_INSERT = "INSERT INTO {table} (queue, data, priority) SELECT :queue, :task, 0 FROM inb RETURNING pg_notify(:notify, '')"
+_NO_QUEUE = "SELECT 1 WHERE false"
+_statements: dict[str | None, TextClause] = {}
+
+
+def _store_statement(queue_table: str | None) -> TextClause:
+    statement = _statements.get(queue_table)
+    if statement is None:
+        queue_insert = _QUEUE_INSERT.format(table=queue_table) if queue_table else _NO_QUEUE
+        statement = _statements[queue_table] = text(_STORE.format(queue_insert=queue_insert))
+    return statement
+
+
+async def store(db: Database, message: NewMessage, outbox: OutboxTask | None = None, inbound_id: uuid.UUID | None = None) -> Stored | None:
+    """Store an inbound message once (unique per tenant, channel and external id) with its history row.
+
+    None when nobody should answer it (no agent, or a thread the agent is not part of).
+    """
+    inbound_id = inbound_id or uuid.uuid4()
+    routing = message.routing
+    params: dict[str, Any] = {
+        "id": str(inbound_id),
+        "tenant": str(message.tenant_id),
+        "agent": str(message.agent_id) if message.agent_id else None,
+        "connection": str(routing.connection_id) if routing else None,
+        "ext_channel": routing.external_channel if routing else None,
+        "may_start": routing.may_start if routing else True,
+        "channel": message.channel,
+        "key": message.conversation_key,
+        "external_id": message.external_id,
+        "sender": message.sender,
+        "text": message.text,
+        "payload": json.dumps(message.payload),
+        "actor": f"{message.channel}:{message.sender}",
+    }
+    if outbox:
+        params.update(queue=outbox.queue, task=outbox.data, notify=outbox.notify_channel)
     async with db.tenant(tenant_id=message.tenant_id) as session:
-        conversation_id = await session.scalar(
-            pg_insert(Conversation)
-            .values(
-                tenant_id=message.tenant_id,
-                agent_id=message.agent_id,
-                channel=message.channel,
-                external_id=message.conversation_key,
-                person=message.sender,
-            )
-            .on_conflict_do_update(index_elements=["tenant_id", "channel", "external_id", "agent_id"], set_={"last_message_at": func.now()})
-            .returning(Conversation.id)
-        )
-        assert conversation_id is not None
-        inbound_id = await session.scalar(
-            pg_insert(InboundMessage)
-            .values(
-                tenant_id=message.tenant_id,
-                conversation_id=conversation_id,
-                channel=message.channel,
-                external_id=message.external_id,
-                sender=message.sender,
-                text=message.text,
-                payload=message.payload,
-            )
-            .on_conflict_do_nothing(index_elements=["tenant_id", "channel", "external_id"])
-            .returning(InboundMessage.id)
-        )
-        if inbound_id is None:
-            existing = (
-                await session.execute(
-                    select(InboundMessage.id, InboundMessage.conversation_id, InboundMessage.status).where(
-                        InboundMessage.channel == message.channel, InboundMessage.external_id == message.external_id
-                    )
+        row = (await session.execute(_store_statement(outbox.table if outbox else None), params)).one()
+        if row.agent_id is None:
+            return None
+        if row.inbound_id is not None:
+            return Stored(row.inbound_id, message.tenant_id, row.conversation_id, "received", duplicate=False, queued=bool(row.queued))
+        existing = (
+            await session.execute(
+                select(InboundMessage.id, InboundMessage.conversation_id, InboundMessage.status).where(
+                    InboundMessage.channel == message.channel, InboundMessage.external_id == message.external_id
                 )
-            ).one()
-            return Stored(existing.id, message.tenant_id, existing.conversation_id, existing.status, duplicate=True)
-        await session.execute(
-            pg_insert(Message).values(
-                tenant_id=message.tenant_id,
-                conversation_id=conversation_id,
-                inbound_id=inbound_id,
-                direction="in",
-                author=message.sender,
-                text=message.text,
-                status="received",
             )
-        )
-        await audit.record(
-            session,
-            tenant_id=message.tenant_id,
-            actor=f"{message.channel}:{message.sender}",
-            action="message.received",
-            target=str(inbound_id),
-            detail={"channel": message.channel, "external_id": message.external_id, "conversation_id": str(conversation_id)},
-        )
-    return Stored(inbound_id, message.tenant_id, conversation_id, "received", duplicate=False)
+        ).one()
+        return Stored(existing.id, message.tenant_id, existing.conversation_id, existing.status, duplicate=True)
 
 
-async def accept(db: Database, enqueue: Enqueue, message: NewMessage) -> Stored:
-    """Store, then ring the doorbell. A duplicate is not queued again; a queue failure is left to the sweeper."""
-    stored = await store(db, message)
-    if not stored.duplicate:
+async def accept(db: Database, queue: Doorbell, message: NewMessage) -> Stored | None:
+    """Store, and ring the doorbell: in the same transaction when the queue lives in the database,
+    else right after (a failure there is left to the sweeper). A duplicate is not queued again."""
+    inbound_id = uuid.uuid4()
+    outbox = queue.outbox(message.tenant_id, inbound_id)
+    stored = await store(db, message, outbox, inbound_id)
+    if stored is not None and not stored.duplicate and not stored.queued:
         try:
-            await asyncio.to_thread(enqueue, stored.tenant_id, stored.id)
+            await asyncio.to_thread(queue.enqueue, stored.tenant_id, stored.id)
         except Exception as exc:  # the row is safe; the sweeper re-queues it after worker.received_grace
             log.error("stored message %s but could not queue it (%s); the sweeper will retry", stored.id, type(exc).__name__)
     return stored

@@ -43,12 +43,24 @@ def master_keys(settings: Settings) -> list[str]:
     return keys
 
 
+_fernets: dict[tuple[str, ...], MultiFernet] = {}
+
+
 def fernet(settings: Settings) -> MultiFernet:
     """A MultiFernet over the master keys: encrypts with the first, decrypts with any."""
+    source = (settings.secret_key.get_secret_value(),) if settings.secret_key is not None else None
+    if source is None or not source[0].strip():
+        # The key file is read once per process (webhooks decrypt on every request); `secrets rotate` restarts.
+        source = (str(secret_key_path(settings)),)
+    cached = _fernets.get(source)
+    if cached is not None:
+        return cached
     try:
-        return MultiFernet([Fernet(key.encode()) for key in master_keys(settings)])
+        built = MultiFernet([Fernet(key.encode()) for key in master_keys(settings)])
     except ValueError:
         raise ConfigError("the master key is not a valid Fernet key (32 url-safe base64-encoded bytes)") from None
+    _fernets[source] = built
+    return built
 
 
 def encrypt(settings: Settings, plaintext: str) -> bytes:

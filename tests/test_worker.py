@@ -133,7 +133,7 @@ async def test_duplicate_deliveries_at_once_get_one_reply(
     start_worker()  # type: ignore[operator]
     queue = make_queue(settings, resolve_urls(settings))
     try:
-        results = await asyncio.gather(*(accept(db, queue.enqueue, message(tenant, agent, "same-event", "hi")) for _ in range(8)))
+        results = await asyncio.gather(*(accept(db, queue, message(tenant, agent, "same-event", "hi")) for _ in range(8)))
     finally:
         queue.close()
     assert len({r.id for r in results}) == 1 and sum(not r.duplicate for r in results) == 1
@@ -152,7 +152,7 @@ async def test_worker_killed_mid_call_answers_exactly_once_after_restart(
     worker = start_worker()  # type: ignore[operator]
     queue = make_queue(settings, resolve_urls(settings))
     try:
-        stored = await accept(db, queue.enqueue, message(tenant, agent, "crash-1", "Are you there?"))
+        stored = await accept(db, queue, message(tenant, agent, "crash-1", "Are you there?"))
     finally:
         queue.close()
     wait_for(lambda: fake_llm.in_flight >= 1, 20, "the LLM call to start")
@@ -227,11 +227,11 @@ async def test_one_worker_keeps_many_conversations_in_flight(
     start_worker()  # type: ignore[operator]
     queue = make_queue(settings, resolve_urls(settings))
     try:
-        warm = await accept(db, queue.enqueue, message(tenant, agent, "warm-up", "hi", conversation="warm"))
+        warm = await accept(db, queue, message(tenant, agent, "warm-up", "hi", conversation="warm"))
         await wait_final(db, tenant, warm.id)  # the worker has imported litellm
         fake_llm.delay, fake_llm.max_in_flight = 1.0, 0
         started = time.monotonic()
-        stored = [await accept(db, queue.enqueue, message(tenant, agent, f"m{n}", f"q{n}", conversation=f"c{n}")) for n in range(30)]
+        stored = [await accept(db, queue, message(tenant, agent, f"m{n}", f"q{n}", conversation=f"c{n}")) for n in range(30)]
     finally:
         queue.close()
     rows = [await wait_final(db, tenant, s.id) for s in stored]

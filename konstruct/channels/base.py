@@ -8,17 +8,28 @@ from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
+class Routing:
+    """Let the database pick the agent: the conversation's own, else the channel's route, the connection's
+    default, the tenant's first agent. may_start=False only continues a conversation that exists."""
+
+    connection_id: uuid.UUID
+    external_channel: str
+    may_start: bool
+
+
+@dataclass(frozen=True)
 class InboundMessage:
-    """A message from a person, normalised, with its tenant and agent already resolved."""
+    """A message from a person, normalised, with its tenant resolved (and its agent, or how to route it)."""
 
     tenant_id: uuid.UUID
-    agent_id: uuid.UUID
+    agent_id: uuid.UUID | None
     channel: str  # "terminal", "slack", "whatsapp"
     external_id: str  # the channel's id for this message: the dedupe key
     conversation_key: str  # the channel's id for the conversation (thread, DM, wa_id, terminal session)
     sender: str  # the person, in the channel's terms
     text: str
     payload: dict[str, Any] = field(default_factory=dict)  # channel facts the reply needs (ids, files)
+    routing: Routing | None = None  # when agent_id is None
 
 
 @dataclass(frozen=True)

@@ -103,21 +103,23 @@ async def resolve(db: Database, kind: str, external_id: str) -> Resolved | None:
 
 
 class ResolveCache:
-    """Resolved connections kept for a few seconds: a webhook burst from one workspace costs one look-up."""
+    """Resolved connections (credentials decrypted) kept for a few seconds in the gateway's memory:
+    a webhook burst from one workspace costs one look-up and one decryption."""
 
-    def __init__(self, db: Database, ttl: float = 5.0) -> None:
-        self.db, self.ttl = db, ttl
-        self._entries: dict[tuple[str, str], tuple[float, Resolved | None]] = {}
+    def __init__(self, db: Database, settings: Settings, ttl: float = 5.0) -> None:
+        self.db, self.settings, self.ttl = db, settings, ttl
+        self._entries: dict[tuple[str, str], tuple[float, tuple[Resolved, dict[str, str]] | None]] = {}
 
-    async def get(self, kind: str, external_id: str) -> Resolved | None:
+    async def get(self, kind: str, external_id: str) -> tuple[Resolved, dict[str, str]] | None:
         key = (kind, external_id)
         now = time.monotonic()
         cached = self._entries.get(key)
         if cached is not None and now - cached[0] < self.ttl:
             return cached[1]
         found = await resolve(self.db, kind, external_id)
-        self._entries[key] = (now, found)
-        return found
+        entry = (found, unseal(self.settings, found.credentials)) if found else None
+        self._entries[key] = (now, entry)
+        return entry
 
     def forget(self, kind: str, external_id: str) -> None:
         self._entries.pop((kind, external_id), None)
@@ -261,19 +263,6 @@ async def list_routes(db: Database, tenant: TenantInfo, connection: ConnectionIn
             .order_by(ChannelRoute.external_channel)
         )
         return [(row.external_channel, row.name) for row in rows]
-
-
-async def agent_for_channel(session: AsyncSession, connection_id: uuid.UUID, external_channel: str) -> uuid.UUID | None:
-    """The routed agent, else the connection's default, else the tenant's first agent."""
-    route = await session.scalar(
-        select(ChannelRoute.agent_id).where(ChannelRoute.connection_id == connection_id, ChannelRoute.external_channel == external_channel)
-    )
-    if route is not None:
-        return route
-    default = await session.scalar(select(ChannelConnection.default_agent_id).where(ChannelConnection.id == connection_id))
-    if default is not None:
-        return default
-    return await session.scalar(select(Agent.id).order_by(Agent.created_at).limit(1))
 
 
 async def _agent_id(session: AsyncSession, tenant: TenantInfo, name: str) -> uuid.UUID:

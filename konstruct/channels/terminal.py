@@ -52,7 +52,7 @@ class ChatResult:
 
 async def chat(
     db: Database,
-    enqueue: inbox.Enqueue,
+    queue: inbox.Doorbell,
     tenant: TenantInfo,
     agent: AgentInfo,
     *,
@@ -73,7 +73,7 @@ async def chat(
     started = time.perf_counter()
     stored = await inbox.accept(
         db,
-        enqueue,
+        queue,
         InboundMessage(
             tenant_id=tenant.id,
             agent_id=agent.id,
@@ -84,6 +84,7 @@ async def chat(
             text=text,
         ),
     )
+    assert stored is not None  # the agent was named, so someone answers
     deadline = started + timeout
     delay = 0.01
     while True:

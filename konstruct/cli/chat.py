@@ -50,7 +50,7 @@ def chat_command(
                 async def send(text: str, mid: str | None) -> ChatResult:
                     return await chat(
                         db,
-                        queue.enqueue,
+                        queue,
                         tenant_info,
                         agent_info,
                         text=text,

@@ -43,7 +43,9 @@ class Database:
             self.urls.app_async(),
             pool_size=settings.database.pool_size,
             max_overflow=settings.database.pool_size,
-            pool_pre_ping=True,
+            # No ping on every checkout (a round trip per transaction); a dropped connection is detected on
+            # use and the pool invalidated, and connections are recycled regularly.
+            pool_recycle=1800,
             pool_timeout=30,
         )
         event.listen(self.engine.sync_engine, "before_cursor_execute", _guard_tenant_tables)

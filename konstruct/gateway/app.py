@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import os
 import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -17,7 +20,7 @@ from starlette.routing import Route
 
 from konstruct.channels.slack import oauth
 from konstruct.channels.slack.events import SlackEvents
-from konstruct.config import Settings
+from konstruct.config import CONFIG_ENV, Settings, load_settings
 from konstruct.db.engine import Database
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import KonstructError
@@ -72,7 +75,11 @@ def create_app(settings: Settings) -> Starlette:
         app.state.settings = settings
         app.state.db = Database(settings, urls)
         app.state.queue = make_queue(settings, urls)
-        app.state.slack = SlackEvents(settings, app.state.db, app.state.queue.enqueue)
+        app.state.slack = SlackEvents(settings, app.state.db, app.state.queue)
+        # Everything alive now lives as long as the process: keep it out of the collector's way, so
+        # garbage collection does not pause request handling to walk the imported modules.
+        gc.collect()
+        gc.freeze()
         log.info("gateway ready on %s:%s", settings.gateway.host, settings.gateway.port)
         try:
             yield
@@ -93,6 +100,11 @@ def create_app(settings: Settings) -> Starlette:
     )
 
 
+def app_from_config() -> Starlette:
+    """The app for one of several gateway processes (uvicorn's factory)."""
+    return create_app(load_settings())
+
+
 def run_gateway(settings: Settings) -> None:
     """Serve the gateway with uvicorn until SIGINT/SIGTERM."""
     import uvicorn
@@ -100,12 +112,21 @@ def run_gateway(settings: Settings) -> None:
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit through Python instead, so atexit
     # handlers (releasing the embedded database) run.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    app: Any = create_app(settings)
+    if settings.gateway.workers > 1:
+        # Several processes: uvicorn imports the app in each, from the same config file and environment.
+        os.environ[CONFIG_ENV] = str(settings.config_path)
+        app = "konstruct.gateway.app:app_from_config"
     uvicorn.run(
-        create_app(settings),
+        app,
+        factory=settings.gateway.workers > 1,
+        workers=settings.gateway.workers,
         host=settings.gateway.host,
         port=settings.gateway.port,
         log_level="info",
         access_log=False,
         lifespan="on",
+        loop="uvloop",  # asyncpg and the HTTP parser are several times cheaper on uvloop + httptools
+        http="httptools",
         timeout_graceful_shutdown=10,
     )

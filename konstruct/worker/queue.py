@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from huey import Huey, PostgresHuey, RedisHuey, SqliteHuey, crontab
+from huey.storage import PostgresStorage
 
 from konstruct.config import Settings
 from konstruct.db.urls import DatabaseURLs
 from konstruct.errors import ConfigError, QueueError
+from konstruct.inbox import OutboxTask
 
 # Set in the worker process by konstruct.worker.main; tasks hand their ids to it.
 _worker: Any = None
@@ -41,7 +42,7 @@ class Queue:
         def sweep_stuck_messages() -> None:
             _current_worker().sweep()
 
-        self._process_message: Callable[..., Any] = process_message
+        self._process_message: Any = process_message  # a huey TaskWrapper
 
     def enqueue(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
         """Ring the doorbell for one stored inbound message."""
@@ -49,6 +50,14 @@ class Queue:
             self._process_message(str(tenant_id), str(inbound_id))
         except Exception as exc:
             raise QueueError(f"cannot queue a message: {type(exc).__name__}: {exc}") from None
+
+    def outbox(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> OutboxTask | None:
+        """The queue entry as a row for the inbox's own transaction, when the queue is huey's Postgres storage."""
+        storage = self.huey.storage
+        if not isinstance(storage, PostgresStorage):
+            return None
+        task = self._process_message.s(str(tenant_id), str(inbound_id))
+        return OutboxTask(table=storage.table_task, queue=storage.name, data=self.huey.serialize_task(task), notify_channel=storage.channel)
 
     def pending(self) -> int:
         try:

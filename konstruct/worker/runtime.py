@@ -19,6 +19,7 @@ from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import uvloop
 from sqlalchemy import delete, func
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -42,7 +43,7 @@ class WorkerRuntime:
         self.urls = urls
         self.queue = queue
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="konstruct-loop", daemon=True)
         self._slots = threading.BoundedSemaphore(settings.worker.concurrency)
         self._lock = threading.Lock()

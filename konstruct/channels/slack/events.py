@@ -19,23 +19,22 @@ from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.authorization import AuthorizeResult
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.signature import SignatureVerifier
-from sqlalchemy import select
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from konstruct import inbox
-from konstruct.channels.base import InboundMessage
-from konstruct.channels.connections import ResolveCache, Resolved, agent_for_channel, set_status, single_mode_candidates, unseal
+from konstruct.channels.base import InboundMessage, Routing
+from konstruct.channels.connections import ResolveCache, Resolved, set_status, single_mode_candidates, unseal
 from konstruct.channels.slack.client import web_client
 from konstruct.config import Settings
 from konstruct.db.engine import Database
-from konstruct.db.models import Conversation
 
 log = logging.getLogger("konstruct.slack")
 
 # Messages with these subtypes are people talking; every other subtype (edits, deletions, joins, bots) is not.
 PEOPLE_SUBTYPES = {None, "file_share", "thread_broadcast"}
 CONNECTION = "konstruct_connection"
+CREDENTIALS = "konstruct_credentials"
 
 
 def team_id_of(body: bytes, content_type: str | None) -> str | None:
@@ -66,18 +65,19 @@ def conversation_key(team_id: str, event: dict[str, Any]) -> tuple[str, str | No
 class SlackEvents:
     """The /slack/events endpoint."""
 
-    def __init__(self, settings: Settings, db: Database, enqueue: inbox.Enqueue) -> None:
+    def __init__(self, settings: Settings, db: Database, queue: inbox.Doorbell) -> None:
         self.settings = settings
         self.db = db
-        self.enqueue = enqueue
-        self.connections = ResolveCache(db)
+        self.queue = queue
+        self.connections = ResolveCache(db, settings)
         self._apps: dict[str, AsyncApp] = {}
 
     async def handle(self, request: Request) -> Response:
         body = await request.body()
         team_id = team_id_of(body, request.headers.get("content-type"))
-        resolved = await self.connections.get("slack", team_id) if team_id else None
-        secret = await self._signing_secret(resolved, team_id, body, dict(request.headers))
+        entry = await self.connections.get("slack", team_id) if team_id else None
+        resolved, credentials = entry if entry else (None, {})
+        secret = await self._signing_secret(resolved, credentials, team_id, body, dict(request.headers))
         if secret is None:
             # No secret can authenticate this request: store nothing, tell nothing.
             return JSONResponse({"error": "invalid request signature"}, status_code=401)
@@ -85,13 +85,16 @@ class SlackEvents:
             body=body.decode("utf-8", "replace"), query=dict(request.query_params), headers=dict(request.headers)
         )
         bolt_request.context[CONNECTION] = resolved
+        bolt_request.context[CREDENTIALS] = credentials
         response = await self._app(secret).async_dispatch(bolt_request)
         return Response(content=response.body, status_code=response.status, headers=response.first_headers_without_set_cookie())
 
-    async def _signing_secret(self, resolved: Resolved | None, team_id: str | None, body: bytes, headers: dict[str, str]) -> str | None:
+    async def _signing_secret(
+        self, resolved: Resolved | None, credentials: dict[str, str], team_id: str | None, body: bytes, headers: dict[str, str]
+    ) -> str | None:
         app_secret = self.settings.slack.signing_secret.get_secret_value() if self.settings.slack.signing_secret else None
         if resolved is not None and resolved.mode == "single":
-            return unseal(self.settings, resolved.credentials).get("signing_secret")
+            return credentials.get("signing_secret")
         if team_id is not None:
             return app_secret
         # url_verification carries no team: try the app's secret, then each single-workspace app's.
@@ -155,7 +158,7 @@ class SlackEvents:
             team_id=team_id,
             bot_user_id=resolved.details.get("bot_user_id"),
             bot_id=resolved.details.get("bot_id"),
-            bot_token=unseal(self.settings, resolved.credentials).get("bot_token"),
+            bot_token=context.get(CREDENTIALS, {}).get("bot_token"),
         )
 
     async def _disconnect(self, context: dict[str, Any], reason: str) -> None:
@@ -178,17 +181,6 @@ class SlackEvents:
         text = event.get("text") or ""
         key, thread = conversation_key(team_id, event)
         is_dm = event.get("channel_type") == "im"
-        async with self.db.tenant(tenant_id=resolved.tenant_id) as session:
-            agent_id = await session.scalar(
-                select(Conversation.agent_id).where(Conversation.channel == "slack", Conversation.external_id == key).limit(1)
-            )
-            if agent_id is None:
-                if not (mention or is_dm):
-                    return  # a channel message in a thread the agent is not part of (mentions come as app_mention)
-                agent_id = await agent_for_channel(session, resolved.id, event["channel"])
-        if agent_id is None:
-            log.warning("tenant %s has no agent to answer in Slack", resolved.tenant_id)
-            return
         if bot_user_id:
             text = text.replace(f"<@{bot_user_id}>", "").strip()
         files = [
@@ -196,12 +188,14 @@ class SlackEvents:
             for f in event.get("files", [])
             if isinstance(f, dict)
         ]
-        await inbox.accept(
+        stored = await inbox.accept(
             self.db,
-            self.enqueue,
+            self.queue,
             InboundMessage(
                 tenant_id=resolved.tenant_id,
-                agent_id=agent_id,
+                agent_id=None,
+                # A mention or a DM may start a conversation; other thread messages only continue one.
+                routing=Routing(resolved.id, event["channel"], may_start=mention or is_dm),
                 channel="slack",
                 external_id=f"{event['channel']}:{event['ts']}",
                 conversation_key=key,
@@ -218,3 +212,5 @@ class SlackEvents:
                 },
             ),
         )
+        if stored is None and (mention or is_dm):
+            log.warning("tenant %s has no agent to answer in Slack", resolved.tenant_id)
