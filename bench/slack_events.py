@@ -166,7 +166,7 @@ def main() -> None:
         gateway = spawn(site, env, "gateway")
         worker = spawn(site, env, "worker", nice=args.worker_nice) if args.worker == "during" else None
         try:
-            wait_log(site, "gateway", "Application startup complete")
+            wait_log(site, "gateway", "Uvicorn running on")
             if worker is not None:
                 wait_log(site, "worker", " ready: ")
             print(

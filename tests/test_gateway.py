@@ -22,7 +22,7 @@ def get(url: str) -> tuple[int, dict[str, object]]:
 def test_health_and_readiness(config_path: Path, settings: Settings, tmp_path: Path) -> None:
     gateway = Proc("gateway", ["gateway"], config=config_path, log_dir=tmp_path)
     try:
-        gateway.wait_for_log("Application startup complete")
+        gateway.wait_for_log("Uvicorn running on")
         base = f"http://127.0.0.1:{settings.gateway.port}"
         assert get(f"{base}/healthz") == (200, {"status": "ok"})
         status, body = get(f"{base}/readyz")

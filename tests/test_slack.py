@@ -140,7 +140,7 @@ async def slack_system(tmp_path: Path, database_url: str, fake_llm: FakeLLM, fak
     assert connected.returncode == 0, connected.stderr
     gateway = Proc("gateway", ["gateway"], config=config, log_dir=tmp_path)
     worker = Proc("worker", ["worker"], config=config, log_dir=tmp_path)
-    gateway.wait_for_log("Application startup complete")
+    gateway.wait_for_log("Uvicorn running on")
     worker.wait_for_log(" ready: ")
     from konstruct.config import load_settings
 
