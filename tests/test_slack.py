@@ -299,6 +299,20 @@ async def test_oauth_install_end_to_end(slack_system: SlackSystem) -> None:
     update = slack_system.wait_updates(1)[0]
     assert update.token == "xoxb-oauth-4242" and update.args["text"].endswith("hello from Globex")
 
+    # Installing again (a new code, a new token) updates the same connection.
+    link = json.loads(konstruct("channel", "connect", "slack", "--tenant", "acme", "--json", config=slack_system.config).stdout)[
+        "install_url"
+    ]
+    with httpx.Client(follow_redirects=False) as browser:
+        state = parse_qs(urlsplit(browser.get(link).headers["location"]).query)["state"][0]
+        slack_system.slack.add_oauth_code(
+            "code-456", team_id="T0000000OAU", team="Globex Slack", bot_user_id="U000000OBOT", access_token="xoxb-oauth-9999"
+        )
+        assert browser.get(f"{slack_system.base}/slack/oauth_redirect", params={"code": "code-456", "state": state}).status_code == 200
+    listed = json.loads(konstruct("channel", "list", "--tenant", "acme", "--json", config=slack_system.config).stdout)
+    globex = [c for c in listed if c["external_id"] == "T0000000OAU"]
+    assert len(globex) == 1 and globex[0]["details"]["bot_token_hint"] == "…9999"
+
     # Uninstalling marks the connection disconnected; it no longer answers.
     uninstall = slack_system.event({"type": "app_uninstalled"}, team="T0000000OAU")
     assert slack_system.post(uninstall, secret=APP_SECRET).status_code == 200

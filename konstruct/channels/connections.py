@@ -102,6 +102,9 @@ async def resolve(db: Database, kind: str, external_id: str) -> Resolved | None:
     return Resolved(row.id, row.tenant_id, row.status, row.mode, bytes(row.credentials), dict(row.details)) if row else None
 
 
+MAX_CACHED = 10_000
+
+
 class ResolveCache:
     """Resolved connections (credentials decrypted) kept for a few seconds in the gateway's memory:
     a webhook burst from one workspace costs one look-up and one decryption."""
@@ -118,6 +121,8 @@ class ResolveCache:
             return cached[1]
         found = await resolve(self.db, kind, external_id)
         entry = (found, unseal(self.settings, found.credentials)) if found else None
+        if len(self._entries) >= MAX_CACHED:  # ids come from unauthenticated requests: bound the memory
+            self._entries.pop(next(iter(self._entries)))
         self._entries[key] = (now, entry)
         return entry
 

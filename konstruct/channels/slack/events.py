@@ -71,6 +71,7 @@ class SlackEvents:
         self.queue = queue
         self.connections = ResolveCache(db, settings)
         self._apps: dict[str, AsyncApp] = {}
+        self._singles: tuple[float, list[str]] = (float("-inf"), [])
 
     async def handle(self, request: Request) -> Response:
         body = await request.body()
@@ -98,14 +99,19 @@ class SlackEvents:
         if team_id is not None:
             return app_secret
         # url_verification carries no team: try the app's secret, then each single-workspace app's.
-        candidates = [app_secret] if app_secret else []
-        candidates += [
-            unseal(self.settings, blob).get("signing_secret") or "" for _, _, blob in await single_mode_candidates(self.db, "slack")
-        ]
+        candidates = ([app_secret] if app_secret else []) + await self._single_secrets()
         for candidate in candidates:
             if candidate and SignatureVerifier(candidate).is_valid_request(body, headers):
                 return candidate
         return app_secret
+
+    async def _single_secrets(self) -> list[str]:
+        """Signing secrets of single-workspace apps, cached briefly (url_verification needs no team, so no look-up key)."""
+        now = time.monotonic()
+        if now - self._singles[0] > 5.0:
+            blobs = await single_mode_candidates(self.db, "slack")
+            self._singles = (now, [unseal(self.settings, blob).get("signing_secret") or "" for _, _, blob in blobs])
+        return self._singles[1]
 
     def _app(self, secret: str) -> AsyncApp:
         key = hashlib.sha256(secret.encode()).hexdigest()
