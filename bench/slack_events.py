@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -57,6 +58,19 @@ def wait_log(site: Path, name: str, text: str, timeout: float = 60) -> None:
     raise SystemExit(f"{name} did not log {text!r}:\n{(site / f'{name}.log').read_text()}")
 
 
+def wait_ready(url: str, processes: int, timeout: float = 60) -> None:
+    """Every gateway process answers /readyz (several in a row, since each connection may land on another)."""
+    deadline, streak = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline and streak < 10 * processes:
+        try:
+            streak = streak + 1 if httpx.get(url, timeout=2).status_code == 200 else 0
+        except httpx.HTTPError:
+            streak = 0
+            time.sleep(0.2)
+    if streak < 10 * processes:
+        raise SystemExit(f"the gateway at {url} did not become ready")
+
+
 def signed(event_id: str, channel: str, ts: str) -> tuple[bytes, dict[str, str]]:
     body = json.dumps(
         {
@@ -86,6 +100,7 @@ async def load(url: str, rate: float, seconds: float, channels: int) -> tuple[li
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     errors = 0
+    kinds: dict[str, int] = {}
     connector = aiohttp.TCPConnector(limit=200)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as client:
 
@@ -96,8 +111,9 @@ async def load(url: str, rate: float, seconds: float, channels: int) -> tuple[li
                 async with client.post(url, data=body, headers=headers) as response:
                     await response.read()
                     statuses[response.status] = statuses.get(response.status, 0) + 1
-            except (aiohttp.ClientError, TimeoutError):
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 errors += 1
+                kinds[type(exc).__name__] = kinds.get(type(exc).__name__, 0) + 1
             latencies.append(time.perf_counter() - due)
 
         start = time.perf_counter() + 0.2
@@ -110,6 +126,8 @@ async def load(url: str, rate: float, seconds: float, channels: int) -> tuple[li
             tasks.append(asyncio.create_task(one(n, due)))
         await asyncio.gather(*tasks)
         took = time.perf_counter() - start
+    if kinds:
+        print(f"transport errors by kind: {kinds}")
     return latencies, statuses, errors, took
 
 
@@ -167,6 +185,7 @@ def main() -> None:
         worker = spawn(site, env, "worker", nice=args.worker_nice) if args.worker == "during" else None
         try:
             wait_log(site, "gateway", "Uvicorn running on")
+            wait_ready(f"http://127.0.0.1:{port}/readyz", args.gateway_workers)
             if worker is not None:
                 wait_log(site, "worker", " ready: ")
             print(
@@ -204,6 +223,9 @@ def main() -> None:
             exactly_once = len(updates) == sent == len(answered) == len(questions) == len(set(questions))
             print(f"every event answered exactly once: {'yes' if exactly_once else 'NO'}")
         finally:
+            for name in ("gateway", "worker"):  # kept for a look after the temporary folder is gone
+                if (site / f"{name}.log").exists():
+                    (Path(tempfile.gettempdir()) / f"konstruct-bench-{name}.log").write_bytes((site / f"{name}.log").read_bytes())
             running = [p for p in (gateway, worker) if p is not None]
             for proc in running:
                 proc.send_signal(2)
