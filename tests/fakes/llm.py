@@ -7,14 +7,15 @@ to be slow or to fail. Run it alone for benchmarks: `python -m tests.fakes.llm -
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
+
+from tests.fakes.server import QuietHandler, serve, shutdown
 
 
 @dataclass
@@ -58,12 +59,7 @@ class FakeLLM:
     def start(self, port: int = 0) -> FakeLLM:
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
@@ -114,26 +110,13 @@ class FakeLLM:
                         fake.in_flight -= 1
 
             def _send(self, status: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (timeout, killed worker)
-                    self.wfile.write(data)
+                self.send_bytes(status, "application/json", json.dumps(payload).encode())
 
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 1024
-
-        self._server = Server(("127.0.0.1", port), Handler)
-        threading.Thread(target=self._server.serve_forever, name="fake-llm", daemon=True).start()
+        self._server = serve(Handler, port, "fake-llm")
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        shutdown(self._server)
 
 
 def main() -> None:

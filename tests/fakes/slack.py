@@ -21,9 +21,11 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
+
+from tests.fakes.server import QuietHandler, serve, shutdown
 
 
 @dataclass
@@ -307,12 +309,7 @@ class FakeSlack:
     def start(self, port: int = 0) -> FakeSlack:
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 self._handle()
 
@@ -337,12 +334,12 @@ class FakeSlack:
                     with fake._lock:
                         status, content_type, data = fake._download(parts.path, token)
                     if status == 302:
-                        self._send_bytes(302, "", b"", {"Location": f"{fake.origin}/signin"})
+                        self.send_bytes(302, "", b"", {"Location": f"{fake.origin}/signin"})
                     else:
-                        self._send_bytes(status, content_type, data)
+                        self.send_bytes(status, content_type, data)
                 elif parts.path == "/signin" and self.command == "GET":
                     page = b"<!DOCTYPE html><html><head><title>Sign in | Slack</title></head><body>Sign in to your workspace</body></html>"
-                    self._send_bytes(200, "text/html; charset=utf-8", page)
+                    self.send_bytes(200, "text/html; charset=utf-8", page)
                 else:
                     self._send(Answer(404, {"ok": False, "error": f"no route {parts.path}"}))
 
@@ -389,28 +386,10 @@ class FakeSlack:
                 return args
 
             def _send(self, answer: Answer) -> None:
-                self._send_bytes(answer.status, "application/json; charset=utf-8", json.dumps(answer.payload).encode(), answer.headers)
+                self.send_bytes(answer.status, "application/json; charset=utf-8", json.dumps(answer.payload).encode(), answer.headers)
 
-            def _send_bytes(self, status: int, content_type: str, data: bytes, headers: dict[str, str] | None = None) -> None:
-                self.send_response(status)
-                if content_type:
-                    self.send_header("Content-Type", content_type)
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (timeout, killed worker)
-                    self.wfile.write(data)
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 1024
-
-        self._server = Server(("127.0.0.1", port), Handler)
-        threading.Thread(target=self._server.serve_forever, name="fake-slack", daemon=True).start()
+        self._server = serve(Handler, port, "fake-slack")
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        shutdown(self._server)
