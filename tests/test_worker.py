@@ -22,7 +22,7 @@ from konstruct.db.models import InboundMessage as InboxRow
 from konstruct.db.urls import resolve_urls
 from konstruct.inbox import accept, store
 from konstruct.tenancy.tenants import TenantInfo, create_tenant, set_status
-from konstruct.worker.queue import make_queue
+from konstruct.worker.queue import Queue, make_queue
 from tests.fakes.llm import FakeLLM
 from tests.helpers import Proc, konstruct, wait_for
 
@@ -32,6 +32,14 @@ async def acme(db: Database) -> tuple[TenantInfo, AgentInfo]:
     tenant = await create_tenant(db, name="Acme", slug="acme", actor="test")
     agent = await create_agent(db, tenant, name="Ava", role="Support lead", persona="You are warm and brief.", model=None, actor="test")
     return tenant, agent
+
+
+@pytest.fixture
+def queue(settings: Settings) -> Iterator[Queue]:
+    """The queue as the gateway and `konstruct chat` use it, to put messages in from the test."""
+    q = make_queue(settings, resolve_urls(settings))
+    yield q
+    q.close()
 
 
 @pytest.fixture
@@ -127,15 +135,11 @@ async def test_same_message_twice_gets_one_reply(
 
 
 async def test_duplicate_deliveries_at_once_get_one_reply(
-    acme: tuple[TenantInfo, AgentInfo], settings: Settings, start_worker: object, fake_llm: FakeLLM, db: Database
+    acme: tuple[TenantInfo, AgentInfo], settings: Settings, queue: Queue, start_worker: object, fake_llm: FakeLLM, db: Database
 ) -> None:
     tenant, agent = acme
     start_worker()  # type: ignore[operator]
-    queue = make_queue(settings, resolve_urls(settings))
-    try:
-        results = await asyncio.gather(*(accept(db, queue, message(tenant, agent, "same-event", "hi")) for _ in range(8)))
-    finally:
-        queue.close()
+    results = await asyncio.gather(*(accept(db, queue, message(tenant, agent, "same-event", "hi")) for _ in range(8)))
     assert len({r.id for r in results}) == 1 and sum(not r.duplicate for r in results) == 1
     row = await wait_final(db, tenant, results[0].id)
     assert row.status == "replied"
@@ -145,16 +149,12 @@ async def test_duplicate_deliveries_at_once_get_one_reply(
 
 
 async def test_worker_killed_mid_call_answers_exactly_once_after_restart(
-    acme: tuple[TenantInfo, AgentInfo], settings: Settings, start_worker: object, fake_llm: FakeLLM, db: Database
+    acme: tuple[TenantInfo, AgentInfo], settings: Settings, queue: Queue, start_worker: object, fake_llm: FakeLLM, db: Database
 ) -> None:
     tenant, agent = acme
     fake_llm.delay = 2.0
     worker = start_worker()  # type: ignore[operator]
-    queue = make_queue(settings, resolve_urls(settings))
-    try:
-        stored = await accept(db, queue, message(tenant, agent, "crash-1", "Are you there?"))
-    finally:
-        queue.close()
+    stored = await accept(db, queue, message(tenant, agent, "crash-1", "Are you there?"))
     wait_for(lambda: fake_llm.in_flight >= 1, 20, "the LLM call to start")
     assert (await inbox_row(db, tenant, stored.id)).status == "processing"
     worker.kill()  # type: ignore[attr-defined]  # SIGKILL: no cleanup, no goodbye
@@ -202,17 +202,19 @@ async def test_failed_llm_leaves_message_failed_and_apologises(
 
 
 async def test_suspended_tenant_does_not_answer(
-    acme: tuple[TenantInfo, AgentInfo], config_path: Path, settings: Settings, start_worker: object, fake_llm: FakeLLM, db: Database
+    acme: tuple[TenantInfo, AgentInfo],
+    config_path: Path,
+    settings: Settings,
+    queue: Queue,
+    start_worker: object,
+    fake_llm: FakeLLM,
+    db: Database,
 ) -> None:
     tenant, agent = acme
     start_worker()  # type: ignore[operator]
-    queue = make_queue(settings, resolve_urls(settings))
-    try:
-        stored = await store(db, message(tenant, agent, "before-suspend", "hi"))
-        await set_status(db, "acme", "suspended", actor="test")
-        queue.enqueue(tenant.id, stored.id)
-    finally:
-        queue.close()
+    stored = await store(db, message(tenant, agent, "before-suspend", "hi"))
+    await set_status(db, "acme", "suspended", actor="test")
+    queue.enqueue(tenant.id, stored.id)
     row = await wait_final(db, tenant, stored.id)
     assert row.status == "ignored" and "suspended" in (row.error or "")
     assert fake_llm.requests == [] and await replies_for(db, tenant, stored.id) == []
@@ -221,19 +223,15 @@ async def test_suspended_tenant_does_not_answer(
 
 
 async def test_one_worker_keeps_many_conversations_in_flight(
-    acme: tuple[TenantInfo, AgentInfo], settings: Settings, start_worker: object, fake_llm: FakeLLM, db: Database
+    acme: tuple[TenantInfo, AgentInfo], settings: Settings, queue: Queue, start_worker: object, fake_llm: FakeLLM, db: Database
 ) -> None:
     tenant, agent = acme
     start_worker()  # type: ignore[operator]
-    queue = make_queue(settings, resolve_urls(settings))
-    try:
-        warm = await accept(db, queue, message(tenant, agent, "warm-up", "hi", conversation="warm"))
-        await wait_final(db, tenant, warm.id)  # the worker has imported litellm
-        fake_llm.delay, fake_llm.max_in_flight = 1.0, 0
-        started = time.monotonic()
-        stored = [await accept(db, queue, message(tenant, agent, f"m{n}", f"q{n}", conversation=f"c{n}")) for n in range(30)]
-    finally:
-        queue.close()
+    warm = await accept(db, queue, message(tenant, agent, "warm-up", "hi", conversation="warm"))
+    await wait_final(db, tenant, warm.id)  # the worker has imported litellm
+    fake_llm.delay, fake_llm.max_in_flight = 1.0, 0
+    started = time.monotonic()
+    stored = [await accept(db, queue, message(tenant, agent, f"m{n}", f"q{n}", conversation=f"c{n}")) for n in range(30)]
     rows = [await wait_final(db, tenant, s.id) for s in stored]
     took = time.monotonic() - started
     assert all(r.status == "replied" for r in rows)
@@ -256,7 +254,7 @@ async def test_worker_stops_gracefully_on_sigint(acme: tuple[TenantInfo, AgentIn
 
 
 async def test_a_message_that_keeps_crashing_its_worker_is_given_up(
-    acme: tuple[TenantInfo, AgentInfo], settings: Settings, start_worker: object, fake_llm: FakeLLM, db: Database
+    acme: tuple[TenantInfo, AgentInfo], settings: Settings, queue: Queue, start_worker: object, fake_llm: FakeLLM, db: Database
 ) -> None:
     """Not an endless loop: after worker.max_attempts claims that never finished, the row is failed."""
     from sqlalchemy import update
@@ -266,11 +264,7 @@ async def test_a_message_that_keeps_crashing_its_worker_is_given_up(
     async with db.tenant(tenant_id=tenant.id) as session:  # as if five workers had died on it already
         await session.execute(update(InboxRow).where(InboxRow.id == stored.id).values(attempts=settings.worker.max_attempts))
     start_worker()  # type: ignore[operator]
-    queue = make_queue(settings, resolve_urls(settings))
-    try:
-        queue.enqueue(tenant.id, stored.id)
-    finally:
-        queue.close()
+    queue.enqueue(tenant.id, stored.id)
     row = await wait_final(db, tenant, stored.id)
     assert row.status == "failed" and "gave up after 5 attempts" in (row.error or "")
     assert fake_llm.requests == []
