@@ -22,3 +22,5 @@ check:  ## format, lint and type checks in one go
 
 bench: install  ## the benchmarks under bench/ (print their figures; not tests)
 	$(PYTHON) bench/foundation.py
+	$(PYTHON) bench/slack_events.py --worker after
+	$(PYTHON) bench/whatsapp_webhooks.py --worker after

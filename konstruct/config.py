@@ -79,6 +79,27 @@ class SlackSettings(_Section):
     max_image_bytes: int = Field(10_000_000, gt=0, description="Larger image attachments are described to the model, not sent.")
 
 
+class WhatsAppSettings(_Section):
+    graph_url: str = Field("https://graph.facebook.com", description="Meta Graph API origin (a test fake points elsewhere).")
+    api_version: str = Field("v23.0", pattern=r"^v\d+\.\d+$", description="Graph API version in request paths.")
+    verify_token: SecretStr | None = Field(
+        None, description="Webhook verify token for the handshake; each connected number may also bring its own."
+    )
+    template_name: str | None = Field(
+        None,
+        description="Approved template sent when a reply falls outside the 24-hour window. Empty: such replies are recorded as failed.",
+    )
+    template_language: str = Field("en_US", description="Language code of that template.")
+    max_media_bytes: int = Field(16_000_000, gt=0, description="Larger media are not downloaded; the model is told they could not be read.")
+    number_rate: float = Field(80.0, gt=0, description="Messages per second sent from one business number (Meta's default is 80).")
+    recipient_interval: float = Field(6.0, ge=0, description="Seconds between two messages to the same person (Meta's pair rate limit).")
+    send_retries: int = Field(
+        4, ge=0, le=20, description="Retries of a send that failed for a reason retrying helps (rate limits, outages)."
+    )
+    retry_backoff: float = Field(2.0, gt=0, description="Seconds before the first retry; doubled on each further one.")
+    timeout: float = Field(20.0, gt=0, description="Seconds allowed for one Graph API request.")
+
+
 class AgentSettings(_Section):
     history_messages: int = Field(20, ge=1, le=500, description="How many recent messages of a conversation go into the prompt.")
     apology: str = Field(
@@ -107,6 +128,7 @@ class Settings(BaseSettings):
     llm: LLMSettings = LLMSettings()
     agent: AgentSettings = AgentSettings()
     slack: SlackSettings = SlackSettings()
+    whatsapp: WhatsAppSettings = WhatsAppSettings()
     worker: WorkerSettings = WorkerSettings()
     secret_key: SecretStr | None = Field(
         None,

@@ -76,8 +76,9 @@ WITH existing AS (
     ON CONFLICT (tenant_id, channel, external_id, agent_id) DO UPDATE SET last_message_at = now()
     RETURNING id
 ), inb AS (
-    INSERT INTO inbound_messages (id, tenant_id, conversation_id, channel, external_id, sender, text, payload)
-    SELECT CAST(:id AS uuid), CAST(:tenant AS uuid), conv.id, :channel, :external_id, :sender, :text, CAST(:payload AS jsonb) FROM conv
+    INSERT INTO inbound_messages (id, tenant_id, conversation_id, channel, external_id, sender, text, payload, status)
+    SELECT CAST(:id AS uuid), CAST(:tenant AS uuid), conv.id, :channel, :external_id, :sender, :text, CAST(:payload AS jsonb), CAST(:status AS text)
+    FROM conv
     ON CONFLICT (tenant_id, channel, external_id) DO NOTHING
     RETURNING id, conversation_id
 ), hist AS (
@@ -96,7 +97,7 @@ SELECT (SELECT id FROM inb) AS inbound_id,
        (SELECT agent_id FROM chosen) AS agent_id,
        (SELECT count(*) FROM queued) AS queued
 """
-_QUEUE_INSERT = "INSERT INTO {table} (queue, data, priority) SELECT :queue, :task, 0 FROM inb RETURNING pg_notify(:notify, '')"
+_QUEUE_INSERT = "INSERT INTO {table} (queue, data, priority) SELECT :queue, :task, 0 FROM inb WHERE CAST(:status AS text) = 'received' RETURNING pg_notify(:notify, '')"
 _NO_QUEUE = "SELECT 1 WHERE false"
 _statements: dict[str | None, TextClause] = {}
 
@@ -130,6 +131,7 @@ async def store(db: Database, message: NewMessage, outbox: OutboxTask | None = N
         "text": message.text,
         "payload": json.dumps(message.payload),
         "actor": f"{message.channel}:{message.sender}",
+        "status": "received" if message.answer else "ignored",
     }
     if outbox:
         params.update(queue=outbox.queue, task=outbox.data, notify=outbox.notify_channel)
@@ -138,7 +140,9 @@ async def store(db: Database, message: NewMessage, outbox: OutboxTask | None = N
         if row.agent_id is None:
             return None
         if row.inbound_id is not None:
-            return Stored(row.inbound_id, message.tenant_id, row.conversation_id, "received", duplicate=False, queued=bool(row.queued))
+            return Stored(
+                row.inbound_id, message.tenant_id, row.conversation_id, params["status"], duplicate=False, queued=bool(row.queued)
+            )
         existing = (
             await session.execute(
                 select(InboundMessage.id, InboundMessage.conversation_id, InboundMessage.status).where(
@@ -155,7 +159,7 @@ async def accept(db: Database, queue: Doorbell, message: NewMessage) -> Stored |
     inbound_id = uuid.uuid4()
     outbox = queue.outbox(message.tenant_id, inbound_id)
     stored = await store(db, message, outbox, inbound_id)
-    if stored is not None and not stored.duplicate and not stored.queued:
+    if stored is not None and stored.status == "received" and not stored.duplicate and not stored.queued:
         try:
             await asyncio.to_thread(queue.enqueue, stored.tenant_id, stored.id)
         except Exception as exc:  # the row is safe; the sweeper re-queues it after worker.received_grace

@@ -20,6 +20,7 @@ from konstruct.channels import connections
 from konstruct.channels.base import InboundMessage
 from konstruct.config import Settings
 from konstruct.db.engine import Database
+from konstruct.db.models import DeliveryStatus
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import TenantNotSetError
 from konstruct.inbox import store
@@ -47,6 +48,8 @@ async def seed(db: Database, slug: str) -> TenantInfo:
                 text=f"secret of {slug} #{n}",
             ),
         )
+    async with db.tenant(tenant_id=tenant.id) as session:
+        session.add(DeliveryStatus(tenant_id=tenant.id, channel="whatsapp", external_id=f"wamid.{slug}", status="delivered"))
     return tenant
 
 

@@ -10,7 +10,7 @@ import logging
 import uuid
 from dataclasses import dataclass, replace
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from konstruct import audit
@@ -23,6 +23,17 @@ from konstruct.db.models import Agent, Conversation, InboundMessage, Message, Te
 from konstruct.llm.client import LLMError, complete
 
 log = logging.getLogger(__name__)
+
+_LOCK_DELIVERY = text("SELECT pg_advisory_xact_lock(hashtext('delivery:' || CAST(:external_id AS text)))")
+_SENT = text("""
+UPDATE messages m SET external_id = CAST(:external_id AS text), status = coalesce(d.status, 'sent'),
+                      status_at = coalesce(d.status_at, now()), error = d.error
+FROM (SELECT 1) AS one LEFT JOIN LATERAL (
+    SELECT status, status_at, error FROM delivery_statuses WHERE external_id = CAST(:external_id AS text)
+    ORDER BY konstruct_delivery_rank(status) DESC LIMIT 1
+) AS d ON true
+WHERE m.id = :id
+""")
 
 
 @dataclass
@@ -184,7 +195,12 @@ class Pipeline:
         delivered: bool = True,
     ) -> None:
         async with self.db.tenant(tenant_id=tenant_id) as session:
-            if reply_id is not None:
+            if reply_id is not None and delivered and external_id:
+                # The channel may already have reported this message delivered or read (a status webhook can
+                # beat this transaction): start from what it reported, under the same lock the webhook takes.
+                await session.execute(_LOCK_DELIVERY, {"external_id": external_id})
+                await session.execute(_SENT, {"id": reply_id, "external_id": external_id})
+            elif reply_id is not None:
                 await session.execute(
                     update(Message)
                     .where(Message.id == reply_id)

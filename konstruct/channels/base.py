@@ -30,6 +30,7 @@ class InboundMessage:
     text: str
     payload: dict[str, Any] = field(default_factory=dict)  # channel facts the reply needs (ids, files)
     routing: Routing | None = None  # when agent_id is None
+    answer: bool = True  # False: kept in the conversation's history (a reaction), not answered
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from konstruct import audit
+from konstruct.channels.base import ChannelError
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import Agent, ChannelConnection, ChannelRoute
@@ -128,6 +129,25 @@ class ResolveCache:
 
     def forget(self, kind: str, external_id: str) -> None:
         self._entries.pop((kind, external_id), None)
+
+
+class SecretCache:
+    """One secret of a tenant's connection (a bot token, an access token) kept for a minute in a worker:
+    the decryption and look-up happen once, and a disconnected connection is refused."""
+
+    def __init__(self, db: Database, settings: Settings, kind: str, field: str, ttl: float = 60.0) -> None:
+        self.db, self.settings, self.kind, self.field, self.ttl = db, settings, kind, field, ttl
+        self._entries: dict[tuple[uuid.UUID, str], tuple[float, str]] = {}
+
+    async def get(self, tenant_id: uuid.UUID, external_id: str) -> str:
+        cached = self._entries.get((tenant_id, external_id))
+        if cached and time.monotonic() - cached[0] < self.ttl:
+            return cached[1]
+        connection, credentials = await credentials_for(self.db, self.settings, tenant_id, self.kind, external_id)
+        if connection.status != "connected":
+            raise ChannelError(f"the {self.kind} connection {connection.name} is disconnected: connect it again")
+        self._entries[(tenant_id, external_id)] = (time.monotonic(), credentials[self.field])
+        return credentials[self.field]
 
 
 async def single_mode_candidates(db: Database, kind: str) -> list[tuple[uuid.UUID, uuid.UUID, bytes]]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from konstruct.channels.base import Channel
 from konstruct.channels.slack.channel import SlackChannel
 from konstruct.channels.terminal import TerminalChannel
+from konstruct.channels.whatsapp.channel import WhatsAppChannel
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 
 
 def channels(settings: Settings, db: Database) -> dict[str, Channel]:
-    return {"terminal": TerminalChannel(), "slack": SlackChannel(settings, db)}
+    return {"terminal": TerminalChannel(), "slack": SlackChannel(settings, db), "whatsapp": WhatsAppChannel(settings, db)}

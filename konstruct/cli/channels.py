@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
 from slack_sdk.errors import SlackApiError
@@ -11,6 +12,7 @@ from konstruct.channels import connections as service
 from konstruct.channels.connections import ConnectionInfo, hint
 from konstruct.channels.slack.client import web_client
 from konstruct.channels.slack.oauth import install_link
+from konstruct.channels.whatsapp.graph import Graph, GraphError
 from konstruct.cli.common import (
     JsonOption,
     YesOption,
@@ -28,7 +30,7 @@ from konstruct.config import Settings, read_secret_from_environment
 from konstruct.errors import ValidationError
 from konstruct.tenancy.tenants import directory, get_tenant
 
-app = typer.Typer(help="Connect channels (Slack) to tenants and route them to agents.", no_args_is_help=True)
+app = typer.Typer(help="Connect channels (Slack, WhatsApp) to tenants and route them to agents.", no_args_is_help=True)
 TenantOption = typer.Option(..., "--tenant", "-t", help="The tenant's slug.")
 
 
@@ -48,26 +50,41 @@ def _secret(env_name: str | None, prompt: str, what: str) -> str:
 @app.command("connect")
 def connect(
     ctx: typer.Context,
-    kind: str = typer.Argument(..., help="The channel: slack."),
+    kind: str = typer.Argument(..., help="The channel: slack or whatsapp."),
     tenant: str = TenantOption,
     single_workspace: bool = typer.Option(
-        False, "--single-workspace", help="Connect one workspace with its own app's bot token (asked, hidden)."
+        False, "--single-workspace", help="Slack: connect one workspace with its own app's bot token (asked, hidden)."
     ),
     bot_token_env: str | None = typer.Option(
-        None, "--bot-token-env", help="Single-workspace: environment variable holding the bot token (xoxb-…)."
+        None, "--bot-token-env", help="Slack single-workspace: environment variable holding the bot token (xoxb-…)."
     ),
     signing_secret_env: str | None = typer.Option(
-        None, "--signing-secret-env", help="Single-workspace: environment variable holding the app's signing secret."
+        None, "--signing-secret-env", help="Slack single-workspace: environment variable holding the app's signing secret."
+    ),
+    phone_number_id: str | None = typer.Option(None, "--phone-number-id", help="WhatsApp: the business number's phone-number id."),
+    access_token_env: str | None = typer.Option(
+        None, "--access-token-env", help="WhatsApp: environment variable holding the access token (else asked, hidden)."
+    ),
+    app_secret_env: str | None = typer.Option(
+        None, "--app-secret-env", help="WhatsApp: environment variable holding the Meta app secret (else asked, hidden)."
+    ),
+    verify_token_env: str | None = typer.Option(
+        None, "--verify-token-env", help="WhatsApp: environment variable holding the webhook verify token (else asked, hidden)."
     ),
     agent: str | None = typer.Option(
         None, "--agent", help="The agent answering where no route says otherwise (default: the tenant's first)."
     ),
     as_json: bool = JsonOption,
 ) -> None:
-    """Connect Slack: print an install link (multi-workspace OAuth), or connect one workspace by its bot token."""
-    if kind != "slack":
-        raise ValidationError(f"unknown channel {kind!r}: only 'slack' can be connected so far")
+    """Connect Slack (an install link, or one workspace by its bot token) or a WhatsApp Business number."""
+    if kind not in ("slack", "whatsapp"):
+        raise ValidationError(f"unknown channel {kind!r}: choose slack or whatsapp")
     cfg = settings(ctx)
+    if kind == "whatsapp":
+        _connect_whatsapp(cfg, tenant, phone_number_id, access_token_env, app_secret_env, verify_token_env, agent, as_json)
+        return
+    if phone_number_id or access_token_env or app_secret_env or verify_token_env:
+        raise ValidationError("--phone-number-id and the --…-env options for WhatsApp do not apply to slack")
     single = single_workspace or bool(bot_token_env or signing_secret_env)
 
     async def go() -> tuple[str | None, ConnectionInfo | None, bool]:
@@ -109,6 +126,59 @@ def connect(
         out.print(f"Set the app's Event Subscriptions Request URL to {cfg.gateway.public_url.rstrip('/')}/slack/events")
 
 
+def _connect_whatsapp(
+    cfg: Settings,
+    tenant: str,
+    phone_number_id: str | None,
+    access_token_env: str | None,
+    app_secret_env: str | None,
+    verify_token_env: str | None,
+    agent: str | None,
+    as_json: bool,
+) -> None:
+    if not phone_number_id or not phone_number_id.strip().isdigit():
+        raise ValidationError("give --phone-number-id: the numeric id of the business number (WhatsApp Manager → API setup)")
+    number = phone_number_id.strip()
+
+    async def go() -> tuple[ConnectionInfo, bool]:
+        async with database(cfg) as db:
+            info = await get_tenant(db, tenant)
+            token = _secret(access_token_env, "WhatsApp access token", "access token")
+            app_secret = _secret(app_secret_env, "Meta app secret", "app secret")
+            verify_token = _secret(verify_token_env, "Webhook verify token (you choose it)", "verify token")
+            identity = await _phone_number(cfg, number, token)
+            name = str(identity.get("verified_name") or identity.get("display_phone_number") or number)
+            return await service.connect(
+                db, cfg, info, kind="whatsapp", external_id=number, name=name, mode="single",
+                credentials={"access_token": token, "app_secret": app_secret, "verify_token": verify_token},
+                details={"display_phone_number": identity.get("display_phone_number"), "access_token_hint": hint(token),
+                         "app_secret_hint": hint(app_secret), "verify_token_hint": hint(verify_token)},
+                default_agent=agent, actor=actor(),
+            )  # fmt: skip
+
+    connection, created = run(go())
+    if as_json:
+        print_json(connection.as_json())
+        return
+    out.print(f"[green]{'connected' if created else 'reconnected'}[/green] WhatsApp number {connection.name} ({number}) to {tenant}")
+    out.print(
+        f"In the Meta app's WhatsApp → Configuration, set the callback URL to {cfg.gateway.public_url.rstrip('/')}/whatsapp/webhook "
+        "with the same verify token, and subscribe to the messages field"
+    )
+
+
+async def _phone_number(cfg: Settings, number: str, token: str) -> dict[str, Any]:
+    graph = Graph(cfg.whatsapp)
+    try:
+        return await graph.phone_number(number, token)
+    except GraphError as exc:
+        if exc.code == 0 and not exc.http_status:
+            raise ValidationError(f"cannot reach the Graph API at {cfg.whatsapp.graph_url} ({exc})") from None
+        raise ValidationError(f"Meta rejected the access token for number {number} ({exc}): check both and try again") from None
+    finally:
+        await graph.close()
+
+
 async def _auth_test(cfg: Settings, token: str) -> dict[str, str]:
     try:
         response = await web_client(cfg, token).auth_test()
@@ -136,11 +206,11 @@ def list_(
     if as_json:
         print_json([{"tenant": slug, **c.as_json()} for slug, c in rows])
     elif not rows:
-        out.print("no channels connected: `konstruct channel connect slack --tenant SLUG`")
+        out.print("no channels connected: `konstruct channel connect slack|whatsapp --tenant SLUG`")
     else:
         print_table(
             None,
-            ["tenant", "kind", "workspace", "id", "mode", "status"],
+            ["tenant", "kind", "name", "id", "mode", "status"],
             [(s, c.kind, c.name, c.external_id, c.mode, c.status) for s, c in rows],
         )
 
@@ -148,7 +218,7 @@ def list_(
 @app.command("show")
 def show(
     ctx: typer.Context,
-    ref: str = typer.Argument(..., help="Team id or connection id."),
+    ref: str = typer.Argument(..., help="Slack team id, WhatsApp phone-number id, or connection id."),
     tenant: str = TenantOption,
     as_json: bool = JsonOption,
 ) -> None:
@@ -164,7 +234,7 @@ def show(
     if as_json:
         print_json({**connection.as_json(), "routes": [{"channel": c, "agent": a} for c, a in routes]})
         return
-    print_fields({"kind": connection.kind, "workspace": connection.name, "id": connection.external_id, "mode": connection.mode,
+    print_fields({"kind": connection.kind, "name": connection.name, "id": connection.external_id, "mode": connection.mode,
                   "status": connection.status, "connected by": connection.created_by, "updated": connection.updated_at,
                   **{k: v for k, v in connection.details.items() if v}})  # fmt: skip
     for channel, agent_name in routes:
@@ -173,7 +243,10 @@ def show(
 
 @app.command("disconnect")
 def disconnect(
-    ctx: typer.Context, ref: str = typer.Argument(..., help="Team id or connection id."), tenant: str = TenantOption, yes: bool = YesOption
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="Slack team id, WhatsApp phone-number id, or connection id."),
+    tenant: str = TenantOption,
+    yes: bool = YesOption,
 ) -> None:
     """Disconnect: the agents stop answering there (reconnect or reinstall to resume)."""
     confirm_deletion(yes, f"the connection {ref}", "the agents' presence there (until reconnected)")

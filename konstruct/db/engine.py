@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -91,6 +92,16 @@ class Database:
                 await conn.execute(text("select 1"))
         except Exception as exc:
             raise DatabaseError(f"cannot reach the database as {self.urls.app.username}: {type(exc).__name__}: {exc}") from None
+
+    async def warm(self, connections: int) -> None:
+        """Open this many pooled connections now, so the first burst of traffic does not wait for
+        PostgreSQL to start a backend per connection."""
+        held: list[Any] = []
+        try:
+            held = list(await asyncio.gather(*(self.engine.connect() for _ in range(connections))))
+            await asyncio.gather(*(conn.execute(text("select 1")) for conn in held))
+        finally:
+            await asyncio.gather(*(conn.close() for conn in held))
 
     async def dispose(self) -> None:
         await self.engine.dispose()

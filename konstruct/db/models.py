@@ -109,6 +109,7 @@ class Message(Base):
     error: Mapped[str | None] = mapped_column(Text)
     model: Mapped[str | None] = mapped_column(Text)
     latency_ms: Mapped[int | None] = mapped_column(Integer)
+    status_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
     created_at: Mapped[datetime] = _created()
 
 
@@ -157,6 +158,21 @@ class ChannelRoute(Base):
     external_channel: Mapped[str] = mapped_column(Text)
     agent_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("agents.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = _created()
+
+
+class DeliveryStatus(Base):
+    """The furthest status a channel reported for one message it carried (WhatsApp: by wamid)."""
+
+    __tablename__ = "delivery_statuses"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = _tenant_id()
+    channel: Mapped[str] = mapped_column(Text)
+    external_id: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    status_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    updated_at: Mapped[datetime] = _created()
 
 
 class WorkerHeartbeat(Base):

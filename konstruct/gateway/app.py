@@ -1,4 +1,4 @@
-"""The gateway: a Starlette app. Channel webhooks join it in later issues; now health and readiness."""
+"""The gateway: a Starlette app with health and readiness, and the Slack and WhatsApp webhooks."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from konstruct.channels.slack import oauth
 from konstruct.channels.slack.events import SlackEvents
+from konstruct.channels.whatsapp.webhook import WhatsAppWebhook
 from konstruct.config import CONFIG_ENV, Settings, load_settings
 from konstruct.db.engine import Database
 from konstruct.db.urls import resolve_urls
@@ -59,6 +60,18 @@ async def slack_events(request: Request) -> Response:
     return await slack.handle(request)
 
 
+async def whatsapp_verify(request: Request) -> Response:
+    """Meta's webhook subscription handshake."""
+    whatsapp: WhatsAppWebhook = request.app.state.whatsapp
+    return await whatsapp.verify(request)
+
+
+async def whatsapp_receive(request: Request) -> Response:
+    """WhatsApp Cloud API deliveries: signature checked, stored, then 200."""
+    whatsapp: WhatsAppWebhook = request.app.state.whatsapp
+    return await whatsapp.receive(request)
+
+
 async def konstruct_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, KonstructError)
     request_id = uuid.uuid4().hex[:12]
@@ -76,6 +89,11 @@ def create_app(settings: Settings) -> Starlette:
         app.state.db = Database(settings, urls)
         app.state.queue = make_queue(settings, urls)
         app.state.slack = SlackEvents(settings, app.state.db, app.state.queue)
+        app.state.whatsapp = WhatsAppWebhook(settings, app.state.db, app.state.queue)
+        try:
+            await app.state.db.warm(settings.database.pool_size)
+        except Exception as exc:  # not fatal: /readyz tells whether the database is reachable
+            log.warning("could not open database connections at startup: %s", type(exc).__name__)
         # Everything alive now lives as long as the process: keep it out of the collector's way, so
         # garbage collection does not pause request handling to walk the imported modules.
         gc.collect()
@@ -94,6 +112,8 @@ def create_app(settings: Settings) -> Starlette:
             Route("/slack/events", slack_events, methods=["POST"]),
             Route("/slack/install", oauth.install),
             Route("/slack/oauth_redirect", oauth.oauth_redirect),
+            Route("/whatsapp/webhook", whatsapp_verify, methods=["GET"]),
+            Route("/whatsapp/webhook", whatsapp_receive, methods=["POST"]),
         ],
         exception_handlers={KonstructError: konstruct_error},
         lifespan=lifespan,

@@ -29,6 +29,7 @@ def run_worker(settings: Settings, *, threads: int = 4, periodic: bool = True) -
             max_delay=0.5,
             check_worker_health=True,
         )
+        runtime.stopping = consumer.stop_flag  # a graceful stop does not wait for slots to admit more work
         log.info("worker %s ready: %d conversations at once", runtime.worker_id, settings.worker.concurrency)
         consumer.run()
     except KeyboardInterrupt:

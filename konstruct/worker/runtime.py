@@ -52,6 +52,7 @@ class WorkerRuntime:
         self._heartbeat: Future[None] | None = None
         self.db: Database | None = None
         self.pipeline: Pipeline | None = None
+        self.stopping: Any = None  # the consumer's stop flag (a threading.Event), once it runs
 
     # -- life cycle (called from the consumer's main thread) --
 
@@ -79,7 +80,11 @@ class WorkerRuntime:
 
     def admit(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
         """Start answering a message, waiting for a free slot when `worker.concurrency` are in flight."""
-        self._slots.acquire()
+        while not self._slots.acquire(timeout=0.25):
+            if self.stopping is not None and self.stopping.is_set():
+                # Shutting down with every slot busy: leave it stored as received; the sweeper re-queues it.
+                log.info("message %s left for after the restart", inbound_id)
+                return
         with self._lock:
             self.in_flight += 1
         future = asyncio.run_coroutine_threadsafe(self._process(tenant_id, inbound_id), self.loop)
@@ -102,6 +107,10 @@ class WorkerRuntime:
             return
         async with self.db.system() as session:
             await session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.worker_id == self.worker_id))
+        for channel in self.pipeline.channels.values() if self.pipeline else ():
+            close = getattr(channel, "close", None)
+            if close is not None:
+                await close()
         await self.db.dispose()
 
     async def _process(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:

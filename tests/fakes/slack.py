@@ -317,7 +317,7 @@ class FakeSlack:
                 self._handle()
 
             def _handle(self) -> None:
-                raw = self._read_body()
+                raw = self.read_body()
                 parts = urlsplit(self.path)
                 token, basic = self._credentials()
                 if parts.path.startswith("/api/"):
@@ -342,20 +342,6 @@ class FakeSlack:
                     self.send_bytes(200, "text/html; charset=utf-8", page)
                 else:
                     self._send(Answer(404, {"ok": False, "error": f"no route {parts.path}"}))
-
-            def _read_body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    chunks: list[bytes] = []
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                        if size == 0:
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
-                                pass
-                            return b"".join(chunks)
-                        chunks.append(self.rfile.read(size))
-                        self.rfile.readline()
-                length = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(length) if length else b""
 
             def _credentials(self) -> tuple[str | None, tuple[str, str] | None]:
                 """The bearer token, or the client id and secret of HTTP Basic auth."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-import uuid
 from typing import Any
 
 import httpx
@@ -17,14 +16,13 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from konstruct.channels.base import ChannelError, Reply, Target
-from konstruct.channels.connections import credentials_for
+from konstruct.channels.connections import SecretCache
 from konstruct.channels.slack.client import web_client
 from konstruct.channels.slack.format import split_message, to_mrkdwn
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 
 POST_INTERVAL = 1.0  # seconds between posts to one channel
-TOKEN_TTL = 60.0
 
 
 class SlackChannel:
@@ -33,7 +31,7 @@ class SlackChannel:
     def __init__(self, settings: Settings, db: Database) -> None:
         self.settings = settings
         self.db = db
-        self._tokens: dict[tuple[uuid.UUID, str], tuple[float, str]] = {}
+        self.tokens = SecretCache(db, settings, "slack", "bot_token")
         self._pace: dict[tuple[str, str], tuple[asyncio.Lock, list[float]]] = {}
 
     async def prepare(self, target: Target) -> str | None:
@@ -107,13 +105,4 @@ class SlackChannel:
         return web_client(self.settings, await self._token(target))
 
     async def _token(self, target: Target) -> str:
-        team_id = target.payload.get("team_id", "")
-        key = (target.tenant_id, team_id)
-        cached = self._tokens.get(key)
-        if cached and time.monotonic() - cached[0] < TOKEN_TTL:
-            return cached[1]
-        connection, credentials = await credentials_for(self.db, self.settings, target.tenant_id, "slack", team_id)
-        if connection.status != "connected":
-            raise ChannelError(f"the Slack workspace {connection.name} is disconnected: reinstall the app")
-        self._tokens[key] = (time.monotonic(), credentials["bot_token"])
-        return credentials["bot_token"]
+        return await self.tokens.get(target.tenant_id, target.payload.get("team_id", ""))

@@ -26,6 +26,7 @@ from konstruct import inbox
 from konstruct.channels.base import InboundMessage, Routing
 from konstruct.channels.connections import ResolveCache, Resolved, set_status, single_mode_candidates, unseal
 from konstruct.channels.slack.client import web_client
+from konstruct.channels.webhook_body import read_body
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 
@@ -74,7 +75,9 @@ class SlackEvents:
         self._singles: tuple[float, list[str]] = (float("-inf"), [])
 
     async def handle(self, request: Request) -> Response:
-        body = await request.body()
+        body = await read_body(request)
+        if body is None:
+            return JSONResponse({"error": "payload too large"}, status_code=413)
         team_id = team_id_of(body, request.headers.get("content-type"))
         entry = await self.connections.get("slack", team_id) if team_id else None
         resolved, credentials = entry if entry else (None, {})

@@ -1,0 +1,194 @@
+"""The WhatsApp webhook in the gateway: the verification handshake, then signed deliveries stored and acked.
+
+A delivery is authenticated with the app secret of the number it names (X-Hub-Signature-256 over the
+raw body), its messages are stored in the inbox (one row per wamid, so a redelivery is a no-op) and its
+delivery statuses recorded, then Meta gets its 200. The answer is the worker's job.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import text
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from konstruct import inbox
+from konstruct.channels.base import InboundMessage, Routing
+from konstruct.channels.connections import ResolveCache, Resolved, single_mode_candidates, unseal
+from konstruct.channels.webhook_body import read_body
+from konstruct.channels.whatsapp import normalize
+from konstruct.channels.whatsapp.graph import signature_ok
+from konstruct.config import Settings
+from konstruct.db.engine import Database
+
+log = logging.getLogger("konstruct.whatsapp")
+
+_LOCK = text(
+    "SELECT pg_advisory_xact_lock(h) FROM (SELECT hashtext('delivery:' || x) AS h FROM unnest(CAST(:ids AS text[])) x ORDER BY 1) s"
+)
+# Record each status unless the message already went further (statuses arrive out of order), and move
+# the outgoing message forward the same way.
+_STATUSES = text("""
+WITH input AS (
+    SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:statuses AS text[]), CAST(:ats AS timestamptz[]), CAST(:errors AS text[]))
+        AS t(external_id, status, status_at, error)
+), recorded AS (
+    INSERT INTO delivery_statuses (tenant_id, channel, external_id, status, status_at, error)
+    SELECT CAST(:tenant AS uuid), 'whatsapp', external_id, status, status_at, error FROM input
+    ON CONFLICT (tenant_id, channel, external_id) DO UPDATE
+        SET status = excluded.status, status_at = excluded.status_at, error = excluded.error, updated_at = now()
+        WHERE konstruct_delivery_rank(delivery_statuses.status) < konstruct_delivery_rank(excluded.status)
+    RETURNING external_id, status, status_at, error
+)
+UPDATE messages m SET status = r.status, status_at = r.status_at, error = coalesce(r.error, m.error)
+FROM recorded r
+WHERE m.external_id = r.external_id AND m.direction = 'out'
+  AND konstruct_delivery_rank(m.status) < konstruct_delivery_rank(r.status)
+""")
+SECRETS_TTL = 5.0
+
+
+class WhatsAppWebhook:
+    """GET and POST /whatsapp/webhook."""
+
+    def __init__(self, settings: Settings, db: Database, queue: inbox.Doorbell) -> None:
+        self.settings = settings
+        self.db = db
+        self.queue = queue
+        self.connections = ResolveCache(db, settings)
+        self._all: tuple[float, list[dict[str, str]]] = (float("-inf"), [])
+
+    async def verify(self, request: Request) -> Response:
+        """Meta's subscription handshake: echo hub.challenge when hub.verify_token is one of ours."""
+        params = request.query_params
+        token = params.get("hub.verify_token") or ""
+        if params.get("hub.mode") != "subscribe" or not token:
+            return PlainTextResponse("forbidden", status_code=403)
+        candidates = [c.get("verify_token") or "" for c in await self._all_credentials()]
+        if self.settings.whatsapp.verify_token:
+            candidates.append(self.settings.whatsapp.verify_token.get_secret_value())
+        # Compare with every candidate (no early exit), in constant time.
+        matched = [hmac.compare_digest(token.encode(), c.encode()) for c in candidates if c]
+        if not any(matched):
+            return PlainTextResponse("forbidden", status_code=403)
+        return PlainTextResponse(params.get("hub.challenge") or "")
+
+    async def receive(self, request: Request) -> Response:
+        body = await read_body(request)
+        if body is None:
+            return JSONResponse({"error": "payload too large"}, status_code=413)
+        signature = request.headers.get("x-hub-signature-256")
+        if not signature:
+            return JSONResponse({"error": "missing X-Hub-Signature-256"}, status_code=403)
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+        values = normalize.changes(payload) if isinstance(payload, dict) else []
+        accepted: list[tuple[Resolved, dict[str, Any]]] = []
+        verified_any = False
+        for value in values:
+            number = normalize.phone_number_id(value)
+            entry = await self.connections.get("whatsapp", number) if number else None
+            if entry is None:
+                continue
+            resolved, credentials = entry
+            if not signature_ok(credentials.get("app_secret", ""), body, signature):
+                continue
+            verified_any = True
+            if resolved.status == "connected":
+                accepted.append((resolved, value))
+        if not verified_any and not await self._signed_by_any(body, signature):
+            # Unknown number or wrong secret: nothing is stored, and nothing is said about why.
+            return JSONResponse({"error": "invalid signature"}, status_code=403)
+        for resolved, value in accepted:
+            for message in normalize.messages(value):
+                await self._store(resolved, value, message)
+        # Messages are safe; a failure recording statuses must not make Meta re-deliver the messages for days.
+        for resolved, value in accepted:
+            try:
+                await self._statuses(resolved, normalize.statuses(value))
+            except Exception as exc:
+                log.error("could not record WhatsApp statuses for %s: %s", resolved.id, type(exc).__name__)
+        return JSONResponse({"ok": True})
+
+    async def _signed_by_any(self, body: bytes, signature: str) -> bool:
+        """Deliveries that name no number of ours (account updates, unknown fields) are checked against every app secret."""
+        return any(signature_ok(c.get("app_secret", ""), body, signature) for c in await self._all_credentials())
+
+    async def _all_credentials(self) -> list[dict[str, str]]:
+        now = time.monotonic()
+        if now - self._all[0] > SECRETS_TTL:
+            blobs = await single_mode_candidates(self.db, "whatsapp")
+            self._all = (now, [unseal(self.settings, blob) for _, _, blob in blobs])
+        return self._all[1]
+
+    async def _store(self, resolved: Resolved, value: dict[str, Any], message: normalize.Normalized) -> None:
+        number = normalize.phone_number_id(value) or ""
+        media = message.media
+        await inbox.accept(
+            self.db,
+            self.queue,
+            InboundMessage(
+                tenant_id=resolved.tenant_id,
+                agent_id=None,
+                routing=Routing(resolved.id, message.wa_id, may_start=True),
+                channel="whatsapp",
+                external_id=message.wamid,
+                conversation_key=f"{number}:{message.wa_id}",
+                sender=message.wa_id,
+                text=message.text,
+                answer=message.answer,
+                payload={
+                    "phone_number_id": number,
+                    "wa_id": message.wa_id,
+                    "wamid": message.wamid,
+                    "name": message.name,
+                    "kind": message.kind,
+                    "timestamp": message.timestamp,
+                    "reply_to": message.reply_to,
+                    "media": None
+                    if media is None
+                    else {
+                        "id": media.id,
+                        "kind": media.kind,
+                        "mime_type": media.mime_type,
+                        "sha256": media.sha256,
+                        "caption": media.caption,
+                        "filename": media.filename,
+                    },
+                    "received": time.time(),
+                },
+            ),
+        )
+
+    async def _statuses(self, resolved: Resolved, statuses: list[normalize.Status]) -> None:
+        if not statuses:
+            return
+        furthest: dict[str, normalize.Status] = {}
+        for status in statuses:  # one row per wamid per statement: keep the furthest of this delivery
+            seen = furthest.get(status.wamid)
+            if seen is None or RANK[status.status] > RANK[seen.status]:
+                furthest[status.wamid] = status
+        ids = sorted(furthest)
+        async with self.db.tenant(tenant_id=resolved.tenant_id) as session:
+            await session.execute(_LOCK, {"ids": ids})
+            await session.execute(
+                _STATUSES,
+                {
+                    "tenant": str(resolved.tenant_id),
+                    "ids": ids,
+                    "statuses": [furthest[i].status for i in ids],
+                    "ats": [datetime.fromtimestamp(furthest[i].timestamp, UTC) if furthest[i].timestamp else None for i in ids],
+                    "errors": [furthest[i].error for i in ids],
+                },
+            )
+
+
+RANK = {"sent": 1, "delivered": 2, "read": 3, "failed": 4}
