@@ -127,7 +127,7 @@ def pct(values: list[float], q: float) -> float:
 def add_load_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--rate", type=float, default=200.0, help=f"{what} per second")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long to send (measured)")
-    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load at the same rate before measuring (0: none)")
+    parser.add_argument("--warmup", type=float, default=0.0, help="seconds of load at the same rate before measuring (0: none)")
     parser.add_argument("--worker-nice", type=int, default=10, help="nice level of the worker (the gateway's ack comes first)")
     parser.add_argument("--gateway-workers", type=int, default=2, help="gateway processes (gateway.workers)")
     parser.add_argument(

@@ -4,7 +4,7 @@ Everything on loopback: `konstruct init` in a temporary folder (embedded Postgre
 worker process, the fake Slack Web API and the fake LLM from tests/fakes. Latency is measured from
 each event's *scheduled* send time (so a slow gateway cannot hide behind a slow load generator).
 
-    python bench/slack_events.py [--rate 200] [--seconds 30] [--warmup 5] [--channels 100] [--worker during|after]
+    python bench/slack_events.py [--rate 200] [--seconds 30] [--warmup 0] [--channels 100] [--worker during|after]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ worker process, the fake Graph API and the fake LLM from tests/fakes. Each webho
 shape (one text message from one of --people senders, a fresh wamid), signed with X-Hub-Signature-256.
 Latency is measured from each webhook's *scheduled* send time.
 
-    python bench/whatsapp_webhooks.py [--rate 200] [--seconds 30] [--warmup 5] [--people 1000] [--worker during|after]
+    python bench/whatsapp_webhooks.py [--rate 200] [--seconds 30] [--warmup 0] [--people 1000] [--worker during|after]
 """
 
 from __future__ import annotations

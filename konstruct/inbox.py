@@ -17,6 +17,7 @@ import psutil
 from sqlalchemy import TextClause, delete, func, select, text
 
 from konstruct.channels.base import InboundMessage as NewMessage
+from konstruct.channels.base import Routing
 from konstruct.db.engine import Database
 from konstruct.db.models import InboundMessage, WorkerHeartbeat
 
@@ -165,6 +166,14 @@ async def accept(db: Database, queue: Doorbell, message: NewMessage) -> Stored |
         except Exception as exc:  # the row is safe; the sweeper re-queues it after worker.received_grace
             log.error("stored message %s but could not queue it (%s); the sweeper will retry", stored.id, type(exc).__name__)
     return stored
+
+
+async def warm(db: Database, queue: Doorbell, connections: int) -> None:
+    """Run the store statement as a no-op (an unknown tenant, no agent, may not start) on as many pooled
+    connections, so each has it parsed and planned before the first webhook waits on it."""
+    nobody = uuid.uuid4()
+    message = NewMessage(nobody, None, "warm-up", "warm-up", "warm-up", "warm-up", "", routing=Routing(nobody, "", may_start=False))
+    await asyncio.gather(*(store(db, message, queue.outbox(nobody, nobody)) for _ in range(connections)))
 
 
 def dead_local_workers(heartbeats: list[tuple[str, str, int]]) -> list[str]:

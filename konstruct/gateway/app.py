@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from konstruct import inbox
 from konstruct.channels.slack import oauth
 from konstruct.channels.slack.events import SlackEvents
 from konstruct.channels.whatsapp.webhook import WhatsAppWebhook
@@ -90,10 +91,12 @@ def create_app(settings: Settings) -> Starlette:
         app.state.queue = make_queue(settings, urls)
         app.state.slack = SlackEvents(settings, app.state.db, app.state.queue)
         app.state.whatsapp = WhatsAppWebhook(settings, app.state.db, app.state.queue)
-        try:
+        try:  # connections and bolt apps ready before the first webhook, not built while it waits
             await app.state.db.warm(settings.database.pool_size)
+            await inbox.warm(app.state.db, app.state.queue, settings.database.pool_size)
+            await app.state.slack.warm()
         except Exception as exc:  # not fatal: /readyz tells whether the database is reachable
-            log.warning("could not open database connections at startup: %s", type(exc).__name__)
+            log.warning("could not warm up at startup: %s", type(exc).__name__)
         # Everything alive now lives as long as the process: keep it out of the collector's way, so
         # garbage collection does not pause request handling to walk the imported modules.
         gc.collect()
