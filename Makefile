@@ -7,6 +7,7 @@ PIP := $(PYTHON) -m pip
 install:  ## install Konstruct with its test tools (torch's CPU build first, so nothing pulls CUDA)
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps -e examples/tool-plugin
 
 run: install  ## first time: konstruct init; then konstruct up on the embedded defaults
 	@test -f konstruct.toml || $(PYTHON) -m konstruct init

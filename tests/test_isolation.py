@@ -20,7 +20,7 @@ from konstruct.channels import connections
 from konstruct.channels.base import InboundMessage
 from konstruct.config import Settings
 from konstruct.db.engine import Database
-from konstruct.db.models import DeliveryStatus
+from konstruct.db.models import DeliveryStatus, Memory
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import TenantNotSetError
 from konstruct.inbox import store
@@ -50,6 +50,7 @@ async def seed(db: Database, slug: str) -> TenantInfo:
         )
     async with db.tenant(tenant_id=tenant.id) as session:
         session.add(DeliveryStatus(tenant_id=tenant.id, channel="whatsapp", external_id=f"wamid.{slug}", status="delivered"))
+        session.add(Memory(tenant_id=tenant.id, agent_id=agent.id, person="someone", content=f"{slug} likes tea", embedding=[0.05] * 384))
     return tenant
 
 

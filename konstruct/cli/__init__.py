@@ -7,7 +7,7 @@ import sys
 import typer
 
 from konstruct import __version__
-from konstruct.cli import agents, channels, chat, serve, setup, tenants
+from konstruct.cli import agents, audit, channels, chat, serve, setup, tenants
 from konstruct.cli.common import err, state
 from konstruct.errors import KonstructError
 
@@ -46,6 +46,7 @@ chat.register(app)
 app.add_typer(tenants.app, name="tenant")
 app.add_typer(agents.app, name="agent")
 app.add_typer(channels.app, name="channel")
+app.add_typer(audit.app, name="audit")
 
 
 def main() -> None:

@@ -6,9 +6,10 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from pgvector.sqlalchemy import Vector
 from sqlalchemy import BigInteger, ForeignKey, Identity, Integer, LargeBinary, Text
 from sqlalchemy import text as sql_text
-from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NOW = sql_text("now()")
@@ -39,6 +40,8 @@ class Tenant(Base):
     status: Mapped[str] = mapped_column(Text, server_default="active")
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _created()
+    allowed_hosts: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default=sql_text("'{}'"))
+    escalation_target: Mapped[str | None] = mapped_column(Text)
 
 
 class Agent(Base):
@@ -67,6 +70,10 @@ class Conversation(Base):
     status: Mapped[str] = mapped_column(Text, server_default="open")
     created_at: Mapped[datetime] = _created()
     last_message_at: Mapped[datetime] = _created()
+    summary: Mapped[str | None] = mapped_column(Text)
+    summary_until: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    escalated_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    escalation_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class InboundMessage(Base):
@@ -124,6 +131,25 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(Text)
     target: Mapped[str | None] = mapped_column(Text)
     detail: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=sql_text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = _created()
+    # Set by the database (trigger konstruct_audit_chain): the event's place in its tenant's hash chain.
+    seq: Mapped[int] = mapped_column(BigInteger)
+    prev_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
+    hash: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Memory(Base):
+    """Something an agent remembers about one person, with its embedding (all-MiniLM-L6-v2, 384 dimensions)."""
+
+    __tablename__ = "memories"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = _tenant_id()
+    agent_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("agents.id", ondelete="CASCADE"))
+    person: Mapped[str] = mapped_column(Text)
+    content: Mapped[str] = mapped_column(Text)
+    embedding: Mapped[Any] = mapped_column(Vector(384))
+    inbound_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     created_at: Mapped[datetime] = _created()
 
 

@@ -1,0 +1,255 @@
+"""web_fetch's machinery: the host allow-list, the address check, a pinned connection, manual redirects, HTML to text.
+
+Each hop (the URL, then up to ``MAX_REDIRECTS`` redirects) is checked the same way: http or https, a host on the
+tenant's allow-list, every address the host resolves to public (unless ``ctx.allow_private``). The request then goes to
+the address that was checked, never to a second DNS answer: the URL's host is replaced by that IP address, the
+``Host`` header keeps the name, and for https the TLS server name (SNI) and certificate check use the name too
+(httpcore's ``sni_hostname`` request extension), so certificate verification is unchanged. Proxies from the environment
+are ignored (``trust_env=False``) since they would make the connection somewhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import re
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from html.parser import HTMLParser
+
+import httpx
+
+from konstruct.agent.tools.registry import ToolContext, ToolError
+
+MAX_BYTES = 200_000
+TIME_LIMIT = 10.0
+MAX_REDIRECTS = 3
+USER_AGENT = "Konstruct-web_fetch/0.1"
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_REDIRECTS = {301, 302, 303, 307, 308}
+
+
+@dataclass(frozen=True)
+class Page:
+    """What a fetch brought back (the body cut at ``MAX_BYTES``)."""
+
+    url: str
+    status: int
+    content_type: str
+    body: bytes
+    truncated: bool
+    charset: str | None = None
+
+    def text(self) -> str:
+        """The body as readable text: HTML reduced to its text, other text decoded, binary content described."""
+        kind = self.content_type.split(";")[0].strip().lower()
+        if not _is_text(kind):
+            return f"(binary content of {len(self.body)} bytes, not shown)"
+        try:
+            text = self.body.decode(self.charset or "utf-8", errors="replace")
+        except LookupError:
+            text = self.body.decode("utf-8", errors="replace")
+        return html_to_text(text) if kind in ("text/html", "application/xhtml+xml") else text
+
+
+def _is_text(kind: str) -> bool:
+    return (
+        kind.startswith("text/")
+        or kind in ("", "application/json", "application/xml", "application/javascript", "application/xhtml+xml")
+        or kind.endswith(("+json", "+xml"))
+    )
+
+
+def normalise_host(host: str) -> str:
+    """Lower case, no trailing dot, no IPv6 brackets, international names as punycode."""
+    host = host.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
+    if not host.isascii():
+        with contextlib.suppress(UnicodeError):
+            host = ".".join(label if label == "*" else label.encode("idna").decode("ascii") for label in host.split("."))
+    return host
+
+
+def host_allowed(host: str, allowed_hosts: Sequence[str]) -> bool:
+    """Whether ``host`` is on the allow-list: an exact entry, or ``*.example.com`` for any name under example.com (not the apex)."""
+    host = normalise_host(host)
+    for entry in map(normalise_host, allowed_hosts):
+        if entry == host or (entry.startswith("*.") and len(entry) > 2 and host.endswith(entry[1:])):
+            return True
+    return False
+
+
+def is_public(address: IPAddress) -> bool:
+    """Whether an address is a public unicast one (IPv4-mapped, NAT64 and 6to4 IPv6 addresses judged by their IPv4 part)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return is_public(address.ipv4_mapped)
+        if address in _NAT64:
+            return is_public(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        if address.sixtofour is not None and not is_public(address.sixtofour):
+            return False
+    return address.is_global and not (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_reserved
+        or address.is_unspecified
+    )
+
+
+async def resolve(host: str, port: int) -> list[IPAddress]:
+    """The addresses ``host`` resolves to, in the resolver's order, without duplicates."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ToolError(f"could not resolve {host}: {exc}") from None
+    addresses: list[IPAddress] = []
+    for *_, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
+        if address not in addresses:
+            addresses.append(address)
+    if not addresses:
+        raise ToolError(f"could not resolve {host}")
+    return addresses
+
+
+async def _checked_addresses(url: httpx.URL, ctx: ToolContext) -> list[IPAddress]:
+    if url.scheme not in ("http", "https"):
+        raise ToolError(f"only http and https URLs can be fetched, not {url.scheme or 'a relative URL'}")
+    if url.userinfo:
+        raise ToolError("URLs with a user name or password are not fetched")
+    host = normalise_host(url.raw_host.decode("ascii"))
+    if not host:
+        raise ToolError("the URL has no host")
+    if not host_allowed(host, ctx.allowed_hosts):
+        raise ToolError(f"{host} is not on this workspace's web allow-list")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    addresses = await resolve(host, port)
+    if not ctx.allow_private:
+        refused = [address for address in addresses if not is_public(address)]
+        if refused:
+            raise ToolError(f"{host} resolves to a private or reserved address ({refused[0]}); refused")
+    return addresses
+
+
+async def _send(client: httpx.AsyncClient, url: httpx.URL, addresses: list[IPAddress]) -> httpx.Response:
+    """GET ``url`` from the first of ``addresses`` that accepts a connection, with the name kept for Host and TLS."""
+    host = url.raw_host.decode("ascii")
+    extensions = {"sni_hostname": host} if url.scheme == "https" and not _is_ip(host) else {}
+    failure: Exception | None = None
+    for address in addresses:
+        request = client.build_request(
+            "GET", url.copy_with(host=str(address)), headers={"Host": url.netloc.decode("ascii")}, extensions=extensions
+        )
+        try:
+            return await client.send(request, stream=True)
+        except httpx.ConnectError as exc:
+            failure = exc
+    raise ToolError(f"could not connect to {normalise_host(host)}: {failure}")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def fetch(url: str, ctx: ToolContext) -> Page:
+    """GET ``url`` under the rules above; a refusal or failure is a ``ToolError``."""
+    try:
+        async with asyncio.timeout(TIME_LIMIT):
+            return await _fetch(url, ctx)
+    except TimeoutError:
+        raise ToolError(f"the fetch took longer than {TIME_LIMIT:g} seconds") from None
+    except httpx.HTTPError as exc:
+        raise ToolError(f"the fetch failed: {type(exc).__name__}: {exc}") from None
+
+
+async def _fetch(raw_url: str, ctx: ToolContext) -> Page:
+    try:
+        url = httpx.URL(raw_url.strip())
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ToolError(f"not a valid URL: {exc}") from None
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", "Accept": "text/html, text/*;q=0.9, */*;q=0.5"}
+    async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=TIME_LIMIT, headers=headers) as client:
+        for hop in range(MAX_REDIRECTS + 1):
+            addresses = await _checked_addresses(url, ctx)
+            response = await _send(client, url, addresses)
+            try:
+                location = response.headers.get("Location")
+                if response.status_code in _REDIRECTS and location:
+                    if hop == MAX_REDIRECTS:
+                        raise ToolError(f"more than {MAX_REDIRECTS} redirects; stopped at {url}")
+                    try:
+                        url = url.join(location)
+                    except httpx.InvalidURL as exc:
+                        raise ToolError(f"the redirect to {location!r} is not a valid URL: {exc}") from None
+                    continue
+                body, truncated = await _read(response)
+                return Page(
+                    str(url), response.status_code, response.headers.get("Content-Type", ""), body, truncated, response.charset_encoding
+                )
+            finally:
+                await response.aclose()
+    raise AssertionError("unreachable")
+
+
+async def _read(response: httpx.Response) -> tuple[bytes, bool]:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_BYTES:
+            break
+    return b"".join(chunks)[:MAX_BYTES], size > MAX_BYTES
+
+
+_SKIP = {"script", "style", "noscript", "template", "svg", "iframe", "object", "canvas"}
+_HEADINGS = {"h1", "h2", "h3", "h4", "h5", "h6"}
+_BLOCK = _HEADINGS | {"address", "article", "aside", "blockquote", "br", "dd", "div", "dl", "dt", "figcaption", "footer", "form", "header"}
+_BLOCK |= {"hr", "li", "main", "nav", "ol", "p", "pre", "section", "table", "title", "tr", "ul"}
+
+
+class _TextExtractor(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skipping = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _SKIP:
+            self.skipping += 1
+        elif tag in _BLOCK:
+            self.parts.append("\n- " if tag == "li" else "\n")
+        elif tag in ("td", "th"):
+            self.parts.append(" ")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _SKIP:
+            self.skipping = max(0, self.skipping - 1)
+        elif tag in _BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skipping:
+            self.parts.append(data)
+
+
+def html_to_text(html: str) -> str:
+    """The readable text of an HTML page: no tags, scripts or styles; one line per block, blank runs collapsed."""
+    parser = _TextExtractor()
+    parser.feed(html)
+    parser.close()
+    lines = (re.sub(r"[ \t\r\f\v\u00a0]+", " ", line).strip() for line in "".join(parser.parts).split("\n"))
+    return "\n".join(line for line in lines if line and line != "-")
