@@ -101,11 +101,24 @@ class WhatsAppSettings(_Section):
 
 
 class AgentSettings(_Section):
+    tool_steps: int = Field(5, ge=1, le=50, description="Model turns with tool calls allowed for one answer.")
+    tool_seconds: float = Field(60.0, gt=0, le=600, description="Time allowed for all tool calls of one answer.")
+    web_fetch_private: bool = Field(False, description="Let web_fetch reach private, loopback and link-local addresses (tests, labs).")
+    handoff: str = Field(
+        "I'm handing this conversation to a human colleague, who will take over from here.",
+        description="Said to the person when the conversation is escalated to a human.",
+    )
     history_messages: int = Field(20, ge=1, le=500, description="How many recent messages of a conversation go into the prompt.")
     apology: str = Field(
         "Sorry, I couldn't answer just now. Please try again in a moment.",
         description="Sent to the person when the agent cannot answer.",
     )
+
+
+class MemorySettings(_Section):
+    enabled: bool = Field(True, description="Long-term memory: remember what people say, recall it in later conversations.")
+    recall: int = Field(5, ge=1, le=50, description="Memories of the person recalled into the prompt before each answer.")
+    min_words: int = Field(3, ge=1, le=100, description="Shorter messages (and questions) are not worth remembering.")
 
 
 class WorkerSettings(_Section):
@@ -129,6 +142,7 @@ class Settings(BaseSettings):
     agent: AgentSettings = AgentSettings()
     slack: SlackSettings = SlackSettings()
     whatsapp: WhatsAppSettings = WhatsAppSettings()
+    memory: MemorySettings = MemorySettings()
     worker: WorkerSettings = WorkerSettings()
     secret_key: SecretStr | None = Field(
         None,

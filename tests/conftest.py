@@ -87,6 +87,8 @@ def write_config(path: Path, database_url: str, llm_url: str, **sections: dict[s
         "gateway": {"port": port, "public_url": f"http://127.0.0.1:{port}"},
         "llm": {"model": "openai/fake-model", "api_base": llm_url, "api_key": "sk-test-key-0001", "timeout": 10, "retries": 0},
         "worker": {"heartbeat_interval": 0.5, "stale_after": 5, "received_grace": 30},
+        # Long-term memory loads a sentence-transformers model in the worker: on only where a test is about it.
+        "memory": {"enabled": False},
     }
     for name, extra in sections.items():
         values.setdefault(name, {}).update(extra)
@@ -94,7 +96,10 @@ def write_config(path: Path, database_url: str, llm_url: str, **sections: dict[s
     for name, section in values.items():
         lines.append(f"[{name}]")
         for key, value in section.items():
-            lines.append(f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"')
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            else:
+                lines.append(f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"')
     path.mkdir(parents=True, exist_ok=True)
     config = path / "konstruct.toml"
     config.write_text("\n".join(lines) + "\n")

@@ -99,17 +99,53 @@ async def get_agent(db: Database, tenant: TenantInfo, name: str) -> AgentInfo:
         return AgentInfo.from_row(row)
 
 
+SETTING_KEYS = ("tools", "escalation_rules")
+
+
+def check_tools(names: list[str]) -> list[str]:
+    """Tool names an agent may enable: known to this installation (built in or from a plugin)."""
+    from konstruct.agent.tools.registry import default_registry
+
+    registry = default_registry()
+    unknown = registry.validate_names(names)
+    if unknown:
+        raise ValidationError(f"unknown tool(s) {', '.join(unknown)}: available are {', '.join(registry.names())}")
+    return list(dict.fromkeys(names))
+
+
+def check_rules(rules: list[str]) -> list[str]:
+    """Escalation rules, each parsed now so a bad one is refused with the position of the mistake."""
+    from konstruct.agent.rules import RuleError, parse
+
+    for text in rules:
+        try:
+            parse(text)
+        except RuleError as exc:
+            raise ValidationError(f"escalation rule {text!r}: {exc}") from None
+    return rules
+
+
 async def update_agent(db: Database, tenant: TenantInfo, name: str, *, changes: dict[str, Any], actor: str) -> AgentInfo:
     changes = {key: value for key, value in changes.items() if value is not None}
     if not changes:
-        raise ValidationError("nothing to change: pass at least one of --name, --role, --persona, --persona-file, --model")
+        raise ValidationError(
+            "nothing to change: pass at least one of --name, --role, --persona, --persona-file, --model, --tools, --escalation-rule"
+        )
     _check(**{key: changes.get(key) for key in ("name", "role", "persona", "model")})
+    if "tools" in changes:
+        changes["tools"] = check_tools(changes["tools"])
+    if "escalation_rules" in changes:
+        changes["escalation_rules"] = check_rules(changes["escalation_rules"])
     agent = await get_agent(db, tenant, name)
+    new_settings = {**agent.settings, **{key: changes.pop(key) for key in SETTING_KEYS if key in changes}}
     try:
         async with db.tenant(tenant_id=tenant.id) as session:
-            row = await session.scalar(update(Agent).where(Agent.id == agent.id).values(**changes, updated_at=func.now()).returning(Agent))
+            row = await session.scalar(
+                update(Agent).where(Agent.id == agent.id).values(**changes, settings=new_settings, updated_at=func.now()).returning(Agent)
+            )
             assert row is not None
             detail = {key: (value if key != "persona" else f"{len(value)} characters") for key, value in changes.items()}
+            detail.update({key: new_settings[key] for key in SETTING_KEYS if new_settings.get(key) != agent.settings.get(key)})
             await audit.record(session, tenant_id=tenant.id, actor=actor, action="agent.updated", target=name, detail=detail)
             return AgentInfo.from_row(row)
     except IntegrityError:

@@ -6,21 +6,27 @@ is held while the model thinks, so one worker can keep many conversations in fli
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from konstruct import audit
+from konstruct.agent import escalation, memory
 from konstruct.agent.agents import AgentInfo
 from konstruct.agent.prompt import build_messages
+from konstruct.agent.tools.registry import ToolContext, ToolResult, default_registry
 from konstruct.channels.base import Channel, Reply, Target
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import Agent, Conversation, InboundMessage, Message, Tenant
-from konstruct.llm.client import LLMError, complete
+from konstruct.llm.client import Completion, LLMError, complete, supports_vision
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +42,16 @@ WHERE m.id = :id
 """)
 
 
+NO_VISION = "(The person sent an image, but this model cannot see images: say so if it matters.)"
+
+
 @dataclass
 class Pipeline:
     settings: Settings
     db: Database
     channels: dict[str, Channel]
     worker_id: str
+    remember: Callable[[uuid.UUID, uuid.UUID], None] | None = None  # queues embedding what the person said
 
     async def process(self, *, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> str | None:
         """Answer one inbox row. Returns its final state, or None when it was not ours to take."""
@@ -61,7 +71,15 @@ class Pipeline:
                 return None  # a duplicate doorbell: another worker has it or it is finished
             context = (
                 await session.execute(
-                    select(Tenant.name, Tenant.status, Conversation.external_id, Agent)
+                    select(
+                        Tenant.name,
+                        Tenant.status,
+                        Tenant.allowed_hosts,
+                        Conversation.external_id,
+                        Conversation.status.label("state"),
+                        Conversation.channel.label("conversation_channel"),
+                        Agent,
+                    )
                     .join(Conversation, Conversation.tenant_id == Tenant.id)
                     .join(Agent, Agent.id == Conversation.agent_id)
                     .where(Conversation.id == inbound.conversation_id)
@@ -83,6 +101,9 @@ class Pipeline:
             ).all()
             tenant_name, tenant_status = context.name, context.status
             conversation_id, conversation_key = inbound.conversation_id, context.external_id
+            turns = await session.scalar(
+                select(func.count()).select_from(InboundMessage).where(InboundMessage.conversation_id == inbound.conversation_id)
+            )
 
         if tenant_status != "active":
             await self._finish(tenant_id, inbound_id, None, status="ignored", error=f"tenant is {tenant_status}")
@@ -97,7 +118,33 @@ class Pipeline:
             await self._finish(tenant_id, inbound_id, None, status="failed", error=f"no {inbound.channel!r} channel on this worker")
             return "failed"
 
+        if context.state == "escalated" and previous is None:
+            # A human has the conversation: the agent never talks over them. `/release` hands it back.
+            if inbound.text.strip().lower() == escalation.RELEASE_COMMAND:
+                await escalation.release(
+                    self.db, tenant_id=tenant_id, conversation_id=conversation_id, actor=f"{inbound.channel}:{inbound.sender}"
+                )
+                await self._finish(tenant_id, inbound_id, None, status="ignored", error="released the conversation back to the agent")
+            else:
+                await self._finish(tenant_id, inbound_id, None, status="ignored", error="escalated: a human is handling this conversation")
+            return "ignored"
+
         target = Target(tenant_id, conversation_id, conversation_key, inbound.external_id, dict(inbound.payload), inbound.reply_ref)
+        rules = list(agent.settings.get("escalation_rules") or [])
+        fired = escalation.check(rules, inbound.text, int(turns or 0)) if rules and previous is None else None
+        if fired is not None:
+            rule, why = fired
+            link = escalation.conversation_link(inbound.channel, target.payload, conversation_id)
+            reason = f"rule {rule!r} fired: {'; '.join(why.reasons)}"
+            await escalation.escalate(self.db, self.settings, tenant_id=tenant_id, conversation_id=conversation_id, reason=reason,
+                                      actor=f"agent:{agent.name}", link=link)  # fmt: skip
+            handoff_id = await self._store_reply(
+                tenant_id, conversation_id, inbound_id, agent, self.settings.agent.handoff, "escalation", None
+            )
+            if handoff_id is None:
+                return None
+            return await self._deliver(channel, target, inbound_id, handoff_id, self.settings.agent.handoff, "replied", None)
+
         if target.reply_ref is None:
             target = await self._prepare(channel, target, inbound_id)
 
@@ -113,10 +160,23 @@ class Pipeline:
             except Exception as exc:  # the answer matters more than the picture: say it could not be read
                 log.warning("message %s: attachments unavailable: %s", inbound_id, type(exc).__name__)
                 parts = [{"type": "text", "text": "(The person attached files that could not be downloaded.)"}]
-            messages = build_messages(agent, tenant_name, [(row.direction, row.text) for row in reversed(history)], parts)
             model = agent.model or self.settings.llm.model
+            if any(p.get("type") == "image_url" for p in parts) and not await asyncio.to_thread(supports_vision, model):
+                parts = [p if p.get("type") != "image_url" else {"type": "text", "text": NO_VISION} for p in parts]
+            memories: list[str] = []
+            if self.settings.memory.enabled:
+                try:
+                    memories = await memory.recall(self.db, tenant_id=tenant_id, agent_id=agent.id, person=inbound.sender,
+                                                   query=inbound.text, k=self.settings.memory.recall)  # fmt: skip
+                except Exception as exc:  # an answer without memories beats no answer
+                    log.warning("message %s: recall failed: %s", inbound_id, type(exc).__name__)
+            messages = build_messages(agent, tenant_name, [(row.direction, row.text) for row in reversed(history)], parts, memories)
+            tools = ToolRun(self, agent, ToolContext(
+                tenant_id, agent.id, conversation_id, inbound.sender, tuple(context.allowed_hosts or ()),
+                allow_private=self.settings.agent.web_fetch_private,
+            ), target, inbound.channel)  # fmt: skip
             try:
-                result = await complete(self.settings.llm, model=model, messages=messages)
+                result = await tools.answer(model, messages)
                 reply_text, latency, used_model = result.text, result.latency_ms, result.model
             except LLMError as exc:
                 log.warning("message %s: the model failed: %s", inbound_id, exc)
@@ -126,6 +186,22 @@ class Pipeline:
             if reply_id is None:
                 return None  # someone else stored the reply first (unique per inbound message)
 
+        outcome = await self._deliver(channel, target, inbound_id, reply_id, reply_text, status, error)
+        if (
+            self.remember is not None
+            and self.settings.memory.enabled
+            and memory.worth_remembering(inbound.text, self.settings.memory.min_words)
+        ):
+            try:  # fire and forget: the answer does not wait for the embedding
+                await asyncio.to_thread(self.remember, tenant_id, inbound_id)
+            except Exception as exc:
+                log.warning("message %s: could not queue remembering it: %s", inbound_id, type(exc).__name__)
+        return outcome
+
+    async def _deliver(
+        self, channel: Channel, target: Target, inbound_id: uuid.UUID, reply_id: uuid.UUID, reply_text: str, status: str, error: str | None
+    ) -> str:
+        tenant_id = target.tenant_id
         try:
             external_id = await channel.send(Reply(target, reply_text))
         except Exception as exc:
@@ -222,3 +298,58 @@ class Pipeline:
                 target=str(inbound_id),
                 detail={"error": error} if error else {"reply_id": str(reply_id)},
             )
+
+
+class ToolRun:
+    """The bounded tool-call loop for one answer: the model may call the agent's tools for up to
+    `agent.tool_steps` turns and `agent.tool_seconds` in all; each call is audited (arguments redacted)."""
+
+    def __init__(self, pipeline: Pipeline, agent: AgentInfo, ctx: ToolContext, target: Target, channel: str) -> None:
+        self.pipeline, self.agent, self.target, self.channel = pipeline, agent, target, channel
+        self.names = list(agent.settings.get("tools") or [])
+        self.registry = default_registry() if self.names else None
+        services: dict[str, Callable[..., Awaitable[Any]]] = {"memory_search": self._memory_search, "escalate": self._escalate}
+        self.ctx = replace(ctx, services=services)
+
+    async def answer(self, model: str, messages: list[dict[str, Any]]) -> Completion:
+        settings = self.pipeline.settings
+        specs = self.registry.specs(self.names) if self.registry else []
+        deadline = time.monotonic() + settings.agent.tool_seconds
+        result = await complete(settings.llm, model=model, messages=messages, tools=specs or None)
+        steps = 0
+        while result.tool_calls and self.registry is not None:
+            steps += 1
+            messages = [*messages, result.assistant_message()]
+            for call in result.tool_calls:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    output = "error: the time for tools is up; answer with what you have"
+                else:
+                    outcome = await self.registry.call(call.name, call.arguments, self.ctx, timeout=remaining)
+                    output = outcome.output
+                    await self._audit(call.name, outcome)
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
+            # Out of steps or time: one last turn without tools, so the model answers with what it has.
+            exhausted = steps >= settings.agent.tool_steps or time.monotonic() >= deadline
+            result = await complete(settings.llm, model=model, messages=messages, tools=None if exhausted else specs)
+            if exhausted:
+                break
+        return result
+
+    async def _audit(self, name: str, outcome: ToolResult) -> None:
+        async with self.pipeline.db.tenant(tenant_id=self.ctx.tenant_id) as session:
+            await audit.record(
+                session, tenant_id=self.ctx.tenant_id, actor=f"agent:{self.agent.name}", action="tool.called", target=name,
+                detail={"arguments": outcome.redacted_arguments, "ok": outcome.ok, "ms": outcome.duration_ms,
+                        "conversation_id": str(self.ctx.conversation_id), **({} if outcome.ok else {"error": outcome.output[:300]})},
+            )  # fmt: skip
+
+    async def _memory_search(self, query: str, limit: int = 5) -> list[str]:
+        return await memory.recall(self.pipeline.db, tenant_id=self.ctx.tenant_id, agent_id=self.agent.id, person=self.ctx.person,
+                                   query=query, k=limit)  # fmt: skip
+
+    async def _escalate(self, reason: str) -> bool:
+        link = escalation.conversation_link(self.channel, self.target.payload, self.ctx.conversation_id)
+        return await escalation.escalate(self.pipeline.db, self.pipeline.settings, tenant_id=self.ctx.tenant_id,
+                                         conversation_id=self.ctx.conversation_id, reason=f"the agent asked: {reason}",
+                                         actor=f"agent:{self.agent.name}", link=link)  # fmt: skip

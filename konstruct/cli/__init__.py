@@ -7,7 +7,7 @@ import sys
 import typer
 
 from konstruct import __version__
-from konstruct.cli import agents, audit, channels, chat, serve, setup, tenants
+from konstruct.cli import agents, audit, brain, channels, chat, serve, setup, tenants
 from konstruct.cli.common import err, state
 from konstruct.errors import KonstructError
 
@@ -47,6 +47,10 @@ app.add_typer(tenants.app, name="tenant")
 app.add_typer(agents.app, name="agent")
 app.add_typer(channels.app, name="channel")
 app.add_typer(audit.app, name="audit")
+app.add_typer(brain.memory_app, name="memory")
+app.add_typer(brain.conversation_app, name="conversation")
+app.add_typer(brain.escalation_app, name="escalation")
+tenants.app.command("configure")(brain.configure)
 
 
 def main() -> None:

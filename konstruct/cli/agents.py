@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -124,11 +125,21 @@ def update(
     persona: str | None = typer.Option(None, "--persona", help="A new persona."),
     persona_file: Path | None = typer.Option(None, "--persona-file", help="A new persona from a file."),
     model: str | None = typer.Option(None, "--model", help="A new model."),
+    tools: str | None = typer.Option(
+        None, "--tools", help="Tools the agent may use, comma-separated ('' for none), e.g. calculator,web_fetch."
+    ),
+    rules: list[str] | None = typer.Option(
+        None, "--escalation-rule", help='A rule handing the conversation to a human, e.g. "refund OR lawyer" (repeat; "" clears).'
+    ),
     as_json: bool = JsonOption,
 ) -> None:
-    """Change an agent's name, role, persona or model."""
+    """Change an agent's name, role, persona, model, tools or escalation rules."""
     text = _persona(persona, persona_file, required=False)
-    changes = {"name": new_name, "role": role, "persona": text, "model": model}
+    changes: dict[str, Any] = {"name": new_name, "role": role, "persona": text, "model": model}
+    if tools is not None:
+        changes["tools"] = [t.strip() for t in tools.split(",") if t.strip()]
+    if rules is not None:
+        changes["escalation_rules"] = [r for r in rules if r.strip()]
 
     async def go() -> service.AgentInfo:
         async with database(settings(ctx)) as db:

@@ -30,10 +30,11 @@ def chat_command(
     message_id: str | None = typer.Option(None, "--message-id", help="Idempotency key: the same id sent twice gets one reply."),
     timeout: float | None = typer.Option(None, "--timeout", help="Seconds to wait for the reply (default: from llm.timeout and retries)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (with --message)."),
+    as_person: str | None = typer.Option(None, "--person", help="Who you speak as (default: your login name)."),
 ) -> None:
     """Chat with an agent. Needs a running worker (`konstruct up` or `konstruct worker`)."""
     cfg = settings(ctx)
-    person = _local_user()
+    person = as_person or _local_user()
     key = conversation or (f"cli:{person}:{uuid.uuid4().hex[:8]}" if new else f"cli:{person}")
     wait = timeout or cfg.llm.timeout * (cfg.llm.retries + 1) + 15
 

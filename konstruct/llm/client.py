@@ -18,12 +18,42 @@ class LLMError(KonstructError):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
     model: str
     prompt_tokens: int
     completion_tokens: int
     latency_ms: int
+    tool_calls: tuple[ToolCall, ...] = ()
+
+    def assistant_message(self) -> dict[str, Any]:
+        """This turn as a message for the next request (tool calls included)."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.text or None}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in self.tool_calls
+            ]
+        return message
+
+
+def supports_vision(model: str) -> bool:
+    """Whether the model takes image input. litellm's model map decides; a model it does not know is trusted to."""
+    litellm = load_litellm()
+    try:
+        litellm.get_model_info(model)
+    except Exception:
+        return True
+    try:
+        return bool(litellm.supports_vision(model=model))
+    except Exception:
+        return True
 
 
 _litellm: Any = None
@@ -50,7 +80,9 @@ def _scrub(message: str, secret: str | None) -> str:
     return message[:300]
 
 
-async def complete(settings: LLMSettings, *, model: str, messages: list[dict[str, Any]]) -> Completion:
+async def complete(
+    settings: LLMSettings, *, model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> Completion:
     """One chat completion with the configured timeout and retries; LLMError on any failure."""
     litellm = _litellm or await asyncio.to_thread(load_litellm)  # never block the event loop on the import
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
@@ -63,13 +95,18 @@ async def complete(settings: LLMSettings, *, model: str, messages: list[dict[str
             api_key=api_key,
             timeout=settings.timeout,
             num_retries=settings.retries,
+            **({"tools": tools} if tools else {}),
         )
     except Exception as exc:
         raise LLMError(f"{type(exc).__name__}: {_scrub(str(exc), api_key)}") from None
     latency_ms = int((time.perf_counter() - started) * 1000)
     choice = response.choices[0]
     text = (choice.message.content or "").strip()
-    if not text:
+    calls = tuple(
+        ToolCall(str(c.id), str(c.function.name), str(c.function.arguments or "{}"))
+        for c in (getattr(choice.message, "tool_calls", None) or [])
+    )
+    if not text and not calls:
         raise LLMError(f"the model {model} returned an empty answer (finish_reason={choice.finish_reason})")
     usage = getattr(response, "usage", None)
     return Completion(
@@ -78,4 +115,5 @@ async def complete(settings: LLMSettings, *, model: str, messages: list[dict[str
         prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
         completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
         latency_ms=latency_ms,
+        tool_calls=calls,
     )

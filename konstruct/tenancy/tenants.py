@@ -101,3 +101,20 @@ async def tenant_stats(db: Database, tenant: TenantInfo) -> dict[str, int]:
         conversations = await session.scalar(select(func.count()).select_from(Conversation))
         messages = await session.scalar(select(func.count()).select_from(InboundMessage))
     return {"agents": agents or 0, "conversations": conversations or 0, "inbound_messages": messages or 0}
+
+
+async def update_settings(
+    db: Database, tenant: TenantInfo, *, escalation_target: str | None, allowed_hosts: list[str] | None, actor: str
+) -> dict[str, object]:
+    """Where escalations are announced, and which hosts web_fetch may reach. Returns the new values."""
+    values: dict[str, object] = {}
+    if escalation_target is not None:
+        values["escalation_target"] = escalation_target or None
+    if allowed_hosts is not None:
+        values["allowed_hosts"] = allowed_hosts
+    if not values:
+        raise ValidationError("nothing to change: pass --escalation-target and/or --allowed-hosts")
+    async with db.tenant(tenant_id=tenant.id) as session:
+        await session.execute(update(Tenant).where(Tenant.id == tenant.id).values(**values, updated_at=func.now()))
+        await audit.record(session, tenant_id=tenant.id, actor=actor, action="tenant.updated", target=tenant.slug, detail=values)
+    return values

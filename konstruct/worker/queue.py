@@ -42,7 +42,16 @@ class Queue:
         def sweep_stuck_messages() -> None:
             _current_worker().sweep()
 
+        @huey.task(name="remember_message", retries=2, retry_delay=5)
+        def remember_message(tenant_id: str, inbound_id: str) -> None:
+            _current_worker().remember(uuid.UUID(tenant_id), uuid.UUID(inbound_id))
+
         self._process_message: Any = process_message  # a huey TaskWrapper
+        self._remember_message: Any = remember_message
+
+    def enqueue_memory(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
+        """Fire and forget: embed what the person said in this message and keep it as a memory."""
+        self._remember_message(str(tenant_id), str(inbound_id))
 
     def enqueue(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
         """Ring the doorbell for one stored inbound message."""

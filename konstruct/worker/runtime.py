@@ -20,15 +20,16 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import uvloop
-from sqlalchemy import delete, func
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from konstruct import inbox
+from konstruct.agent import memory
 from konstruct.agent.pipeline import Pipeline
 from konstruct.channels.registry import channels
 from konstruct.config import Settings
 from konstruct.db.engine import Database
-from konstruct.db.models import WorkerHeartbeat
+from konstruct.db.models import Conversation, InboundMessage, WorkerHeartbeat
 from konstruct.db.urls import DatabaseURLs
 from konstruct.llm.client import load_litellm
 from konstruct.worker.queue import Queue
@@ -93,11 +94,32 @@ class WorkerRuntime:
     def sweep(self) -> None:
         self._call(self._sweep())
 
+    def remember(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
+        """Embed and store one message as a memory (the embedding runs in a thread, off the loop)."""
+        self._call(self._remember(tenant_id, inbound_id), timeout=300)
+
     # -- on the loop --
+
+    async def _remember(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
+        assert self.db is not None
+        async with self.db.tenant(tenant_id=tenant_id) as session:
+            row = (
+                await session.execute(
+                    select(InboundMessage.text, InboundMessage.sender, Conversation.agent_id)
+                    .join(Conversation, Conversation.id == InboundMessage.conversation_id)
+                    .where(InboundMessage.id == inbound_id)
+                )
+            ).first()
+        if row is not None:  # gone: forgotten meanwhile
+            await memory.remember(
+                self.db, tenant_id=tenant_id, agent_id=row.agent_id, person=row.sender, content=row.text, inbound_id=inbound_id
+            )
 
     async def _startup(self) -> None:
         self.db = Database(self.settings, self.urls)
-        self.pipeline = Pipeline(self.settings, self.db, channels(self.settings, self.db), self.worker_id)
+        self.pipeline = Pipeline(
+            self.settings, self.db, channels(self.settings, self.db), self.worker_id, remember=self.queue.enqueue_memory
+        )
         # Import litellm (seconds) in the background now, not when the first person is waiting.
         self._warmup = asyncio.ensure_future(asyncio.to_thread(load_litellm))
         await self._beat()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import threading
 import time
 import uuid
@@ -48,9 +49,33 @@ class FakeLLM:
             self.max_in_flight = 0
 
     @staticmethod
+    def tool_calls_for(body: dict[str, Any]) -> list[dict[str, Any]]:
+        """Tool calls the person asked for with `[[call NAME {json args}]]`, made when the tool is offered
+        and its result is not in the conversation yet (so the next turn answers with the result)."""
+        messages = body.get("messages", [])
+        if not body.get("tools") or (messages and messages[-1].get("role") == "tool"):
+            return []
+        last = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+        content = last.get("content", "")
+        if isinstance(content, list):
+            content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+        offered = {t.get("function", {}).get("name") for t in body["tools"]}
+        calls = []
+        for n, match in enumerate(re.finditer(r"\[\[call (\w+) (\{.*?\})\]\]", str(content))):
+            if match[1] in offered:
+                calls.append(
+                    {"id": f"call_{n}_{uuid.uuid4().hex[:8]}", "type": "function", "function": {"name": match[1], "arguments": match[2]}}
+                )
+        return calls
+
+    @staticmethod
     def reply_for(body: dict[str, Any]) -> str:
-        """The deterministic answer: the model name and the last user message."""
-        last = next((m for m in reversed(body.get("messages", [])) if m.get("role") == "user"), {})
+        """The deterministic answer: the model name and the last user message (or the tool results it got)."""
+        messages = body.get("messages", [])
+        if messages and messages[-1].get("role") == "tool":
+            results = [m.get("content", "") for m in messages if m.get("role") == "tool"]
+            return f"[{body.get('model')}] Tool said: " + " | ".join(results)
+        last = next((m for m in reversed(messages) if m.get("role") == "user"), {})
         content = last.get("content", "")
         if isinstance(content, list):
             content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
@@ -88,6 +113,10 @@ class FakeLLM:
                         )
                         return
                     text = fake.reply_for(body)
+                    message: dict[str, Any] = {"role": "assistant", "content": text}
+                    calls = fake.tool_calls_for(body)
+                    if calls:
+                        message = {"role": "assistant", "content": None, "tool_calls": calls}
                     prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
                     completion_tokens = len(text.split())
                     self._send(
@@ -97,7 +126,7 @@ class FakeLLM:
                             "object": "chat.completion",
                             "created": int(time.time()),
                             "model": body.get("model", "fake"),
-                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if calls else "stop"}],
                             "usage": {
                                 "prompt_tokens": prompt_tokens,
                                 "completion_tokens": completion_tokens,

@@ -1,0 +1,157 @@
+"""Escalation to a human: mark the conversation, tell the tenant's escalation target, stay silent until released."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from slack_sdk.errors import SlackApiError
+from sqlalchemy import select, update
+
+from konstruct import audit
+from konstruct.agent.rules import Explanation, first_match, parse
+from konstruct.channels.connections import credentials_for
+from konstruct.channels.slack.client import web_client
+from konstruct.config import Settings
+from konstruct.db.engine import Database
+from konstruct.db.models import ChannelConnection, Conversation, InboundMessage, Tenant
+from konstruct.errors import NotFoundError, ValidationError
+from konstruct.tenancy.tenants import TenantInfo
+
+log = logging.getLogger("konstruct.escalation")
+
+RELEASE_COMMAND = "/release"
+
+
+@dataclass(frozen=True)
+class EscalationInfo:
+    conversation_id: uuid.UUID
+    channel: str
+    external_id: str
+    person: str
+    status: str
+    escalated_at: datetime | None
+    reason: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.conversation_id),
+            "channel": self.channel,
+            "conversation": self.external_id,
+            "person": self.person,
+            "status": self.status,
+            "escalated_at": self.escalated_at.isoformat() if self.escalated_at else None,
+            "reason": self.reason,
+        }
+
+
+def check(rules: list[str], message: str, count: int) -> tuple[str, Explanation] | None:
+    """Which of an agent's rules fires for this message (the person's count-th turn), and why."""
+    found = first_match([parse(r) for r in rules], message, count)
+    return (found[0].text, found[1]) if found else None
+
+
+def conversation_link(channel: str, payload: dict[str, Any], conversation_id: uuid.UUID) -> str:
+    """Where a human finds the conversation."""
+    if channel == "slack" and payload.get("team_id") and payload.get("channel"):
+        thread = payload.get("thread_ts")
+        base = f"https://app.slack.com/client/{payload['team_id']}/{payload['channel']}"
+        return f"{base}/thread/{payload['channel']}-{thread}" if thread else base
+    if channel == "whatsapp" and payload.get("wa_id"):
+        return f"https://wa.me/{payload['wa_id']}"
+    return f"konstruct conversation list --escalated (conversation {conversation_id})"
+
+
+async def escalate(
+    db: Database, settings: Settings, *, tenant_id: uuid.UUID, conversation_id: uuid.UUID, reason: str, actor: str, link: str
+) -> bool:
+    """Mark the conversation escalated (once: False when it already was) and notify the tenant's target."""
+    async with db.tenant(tenant_id=tenant_id) as session:
+        changed = await session.scalar(
+            update(Conversation)
+            .where(Conversation.id == conversation_id, Conversation.status != "escalated")
+            .values(status="escalated", escalated_at=datetime.now().astimezone(), escalation_reason=reason[:500])
+            .returning(Conversation.id)
+        )
+        if changed is None:
+            return False
+        target = await session.scalar(select(Tenant.escalation_target).where(Tenant.id == tenant_id))
+        await audit.record(
+            session, tenant_id=tenant_id, actor=actor, action="conversation.escalated", target=str(conversation_id),
+            detail={"reason": reason[:500], "notify": target},
+        )  # fmt: skip
+    if target:
+        await _notify(db, settings, tenant_id, target, f":rotating_light: A conversation needs a human: {reason}\n{link}")
+    return True
+
+
+async def _notify(db: Database, settings: Settings, tenant_id: uuid.UUID, target: str, text: str) -> None:
+    """Post to the escalation target (slack:C… channel or slack:U… user) through the tenant's Slack workspace."""
+    kind, _, where = target.partition(":")
+    if kind != "slack" or not where:
+        log.warning("tenant %s: escalation target %r is not slack:CHANNEL or slack:USER", tenant_id, target)
+        return
+    async with db.tenant(tenant_id=tenant_id) as session:
+        team = await session.scalar(
+            select(ChannelConnection.external_id).where(ChannelConnection.kind == "slack", ChannelConnection.status == "connected").limit(1)
+        )
+    if team is None:
+        log.warning("tenant %s: no connected Slack workspace to notify %s", tenant_id, target)
+        return
+    _, credentials = await credentials_for(db, settings, tenant_id, "slack", team)
+    try:
+        await web_client(settings, credentials["bot_token"]).chat_postMessage(channel=where, text=text)
+    except SlackApiError as exc:
+        log.warning("tenant %s: could not notify %s: %s", tenant_id, target, exc.response.get("error"))
+
+
+async def release(db: Database, *, tenant_id: uuid.UUID, conversation_id: uuid.UUID, actor: str) -> bool:
+    """Hand the conversation back to the agent. False when it was not escalated."""
+    async with db.tenant(tenant_id=tenant_id) as session:
+        changed = await session.scalar(
+            update(Conversation)
+            .where(Conversation.id == conversation_id, Conversation.status == "escalated")
+            .values(status="open")
+            .returning(Conversation.id)
+        )
+        if changed is not None:
+            await audit.record(session, tenant_id=tenant_id, actor=actor, action="conversation.released", target=str(conversation_id))
+    return changed is not None
+
+
+async def list_conversations(db: Database, tenant: TenantInfo, *, escalated_only: bool) -> list[EscalationInfo]:
+    async with db.tenant(tenant_id=tenant.id) as session:
+        query = select(Conversation).order_by(Conversation.last_message_at.desc()).limit(500)
+        if escalated_only:
+            query = query.where(Conversation.status == "escalated")
+        rows = await session.scalars(query)
+        return [EscalationInfo(r.id, r.channel, r.external_id, r.person, r.status, r.escalated_at, r.escalation_reason) for r in rows]
+
+
+async def find_conversation(db: Database, tenant: TenantInfo, ref: str) -> uuid.UUID:
+    """A conversation by its id or the first 8+ characters of it."""
+    for conversation in await list_conversations(db, tenant, escalated_only=False):
+        text = str(conversation.conversation_id)
+        if ref == text or (len(ref) >= 8 and text.startswith(ref)):
+            return conversation.conversation_id
+    raise NotFoundError(f"tenant {tenant.slug!r} has no conversation {ref!r}: see `konstruct conversation list --tenant {tenant.slug}`")
+
+
+async def person_turns(db: Database, tenant_id: uuid.UUID, conversation_id: uuid.UUID) -> int:
+    from sqlalchemy import func
+
+    async with db.tenant(tenant_id=tenant_id) as session:
+        return int(
+            await session.scalar(select(func.count()).select_from(InboundMessage).where(InboundMessage.conversation_id == conversation_id))
+            or 0
+        )
+
+
+def validate_target(target: str) -> str:
+    kind, _, where = target.partition(":")
+    if kind != "slack" or not where or where[0] not in "CGUD":
+        raise ValidationError("an escalation target is slack:CHANNEL_ID or slack:USER_ID, e.g. slack:C0123ABCD")
+    return target

