@@ -108,7 +108,13 @@ class AgentSettings(_Section):
         "I'm handing this conversation to a human colleague, who will take over from here.",
         description="Said to the person when the conversation is escalated to a human.",
     )
-    history_messages: int = Field(20, ge=1, le=500, description="How many recent messages of a conversation go into the prompt.")
+    history_messages: int = Field(20, ge=1, le=500, description="At most this many recent messages of a conversation go into the prompt.")
+    history_tokens: int = Field(
+        3000,
+        ge=100,
+        le=200_000,
+        description="Token budget for those messages; older turns are summarised by the model and the summary kept.",
+    )
     apology: str = Field(
         "Sorry, I couldn't answer just now. Please try again in a moment.",
         description="Sent to the person when the agent cannot answer.",

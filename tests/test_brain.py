@@ -67,7 +67,7 @@ async def brain(tmp_path: Path, database_url: str, fake_llm: FakeLLM, db: Databa
     slack_fake.retry_after = 0
     config = write_config(
         tmp_path / "site", database_url, fake_llm.url, memory={"enabled": True}, slack={"api_url": slack_fake.url},
-        agent={"web_fetch_private": True},
+        agent={"web_fetch_private": True, "history_messages": 4},
     )  # fmt: skip
     acme = await create_tenant(db, name="Acme", slug="acme", actor="test")
     globex = await create_tenant(db, name="Globex", slug="globex", actor="test")
@@ -182,6 +182,23 @@ async def test_escalation_fires_notifies_silences_and_releases(brain: Brain, sla
     assert json.loads(brain.cli("conversation", "list", "--tenant", "acme", "--escalated", "--json").stdout) == []
     actions = [e.action for e in await audit.events(brain.db, brain.acme.id)]
     assert actions.count("conversation.escalated") == 2 and actions.count("conversation.released") == 2
+
+
+async def test_a_long_conversation_is_summarised_and_the_summary_kept(brain: Brain) -> None:
+    for n in range(4):
+        brain.chat(f"Part {n} of my story: I have {n + 2} cats.", person="uma", new=False)
+    final = brain.chat("So how many cats did I mention first?", person="uma", new=False)
+    assert final["status"] == "replied"
+    summaries = [r for r in brain.llm.requests if "Summarise this conversation" in str(r.body["messages"][0]["content"])]
+    assert summaries and "Part 0 of my story" in summaries[0].body["messages"][1]["content"]
+    prompt = brain.llm.requests[-1].body["messages"]
+    assert "Earlier in this conversation (a summary)" in prompt[0]["content"] and prompt[0]["content"].endswith(AI_DISCLOSURE)
+    assert len(prompt) - 1 <= 4  # the recent window: at most agent.history_messages turns
+    async with brain.db.tenant(tenant_id=brain.acme.id) as session:
+        from konstruct.db.models import Conversation
+
+        kept = await session.scalar(select(Conversation.summary).where(Conversation.person == "uma"))
+    assert kept
 
 
 def test_vision_is_known_per_model() -> None:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,6 +40,27 @@ FROM (SELECT 1) AS one LEFT JOIN LATERAL (
 ) AS d ON true
 WHERE m.id = :id
 """)
+
+
+MAX_UNSUMMARISED = 500
+SUMMARY_INSTRUCTION = (
+    "Summarise this conversation for your own later reference: who the person is, what they asked, what was decided or "
+    "promised, what is still open. Keep every fact that may matter later; at most 200 words."
+)
+
+
+def split_history(newest_first: Sequence[Any], max_messages: int, max_tokens: int) -> tuple[list[Any], list[Any]]:
+    """(the recent window that fits the prompt, the older turns to summarise), both oldest first.
+    Tokens are estimated at four characters each."""
+    window: list[Any] = []
+    used = 0
+    for row in newest_first:
+        cost = len(row.text) // 4 + 4
+        if window and (len(window) >= max_messages or used + cost > max_tokens):
+            break
+        window.append(row)
+        used += cost
+    return window[::-1], list(newest_first[len(window) :])[::-1]
 
 
 NO_VISION = "(The person sent an image, but this model cannot see images: say so if it matters.)"
@@ -78,6 +99,8 @@ class Pipeline:
                         Conversation.external_id,
                         Conversation.status.label("state"),
                         Conversation.channel.label("conversation_channel"),
+                        Conversation.summary,
+                        Conversation.summary_until,
                         Agent,
                     )
                     .join(Conversation, Conversation.tenant_id == Tenant.id)
@@ -87,16 +110,19 @@ class Pipeline:
             ).one()
             agent = AgentInfo.from_row(context.Agent)
             previous = await session.scalar(select(Message).where(Message.inbound_id == inbound_id, Message.direction == "out"))
+            summary, summary_until = context.summary, context.summary_until
+            since = [Message.created_at > summary_until] if summary_until is not None else []
             history = (
                 await session.execute(
-                    select(Message.direction, Message.text)
+                    select(Message.direction, Message.text, Message.created_at)
                     .where(
                         Message.conversation_id == inbound.conversation_id,
                         Message.created_at <= inbound.received_at,
                         Message.status != "failed",
+                        *since,
                     )
                     .order_by(Message.created_at.desc(), Message.direction.desc())
-                    .limit(self.settings.agent.history_messages)
+                    .limit(MAX_UNSUMMARISED)
                 )
             ).all()
             tenant_name, tenant_status = context.name, context.status
@@ -170,7 +196,10 @@ class Pipeline:
                                                    query=inbound.text, k=self.settings.memory.recall)  # fmt: skip
                 except Exception as exc:  # an answer without memories beats no answer
                     log.warning("message %s: recall failed: %s", inbound_id, type(exc).__name__)
-            messages = build_messages(agent, tenant_name, [(row.direction, row.text) for row in reversed(history)], parts, memories)
+            window, older = split_history(history, self.settings.agent.history_messages, self.settings.agent.history_tokens)
+            if older:
+                summary = await self._summarise(tenant_id, conversation_id, agent, model, summary, older) or summary
+            messages = build_messages(agent, tenant_name, [(row.direction, row.text) for row in window], parts, memories, summary)
             tools = ToolRun(self, agent, ToolContext(
                 tenant_id, agent.id, conversation_id, inbound.sender, tuple(context.allowed_hosts or ()),
                 allow_private=self.settings.agent.web_fetch_private,
@@ -217,6 +246,28 @@ class Pipeline:
             return "failed"
         await self._finish(tenant_id, inbound_id, reply_id, status=status, error=error, external_id=external_id)
         return status
+
+    async def _summarise(
+        self, tenant_id: uuid.UUID, conversation_id: uuid.UUID, agent: AgentInfo, model: str, summary: str | None, older: list[Any]
+    ) -> str | None:
+        """Fold the turns that no longer fit the prompt into the conversation's summary (by the model), and keep it."""
+        turns = "\n".join(f"{'Person' if row.direction == 'in' else agent.name}: {row.text}" for row in older)
+        prompt = [
+            {"role": "system", "content": SUMMARY_INSTRUCTION},
+            {"role": "user", "content": (f"Summary so far:\n{summary}\n\n" if summary else "") + f"Next turns:\n{turns}"},
+        ]
+        try:
+            result = await complete(self.settings.llm, model=model, messages=prompt)
+        except LLMError as exc:
+            log.warning("conversation %s: could not summarise older turns: %s", conversation_id, exc)
+            return None
+        async with self.db.tenant(tenant_id=tenant_id) as session:
+            await session.execute(
+                update(Conversation)
+                .where(Conversation.id == conversation_id)
+                .values(summary=result.text[:8000], summary_until=older[-1].created_at)
+            )
+        return result.text[:8000]
 
     async def _prepare(self, channel: Channel, target: Target, inbound_id: uuid.UUID) -> Target:
         """Let the channel show the agent is working; keep its reference so a retry reuses it."""

@@ -15,12 +15,13 @@ AI_DISCLOSURE = (
 )
 
 
-def system_prompt(agent: AgentInfo, tenant_name: str, memories: Sequence[str] = ()) -> str:
+def system_prompt(agent: AgentInfo, tenant_name: str, memories: Sequence[str] = (), summary: str | None = None) -> str:
+    earlier = f"Earlier in this conversation (a summary):\n{summary}\n\n" if summary else ""
     remembered = ""
     if memories:
         lines = "\n".join(f"- {m}" for m in memories)
         remembered = f"What this person told you in earlier conversations (use it when it helps):\n{lines}\n\n"
-    return f"You are {agent.name}, {agent.role} at {tenant_name}.\n\n{agent.persona.strip()}\n\n{remembered}{AI_DISCLOSURE}"
+    return f"You are {agent.name}, {agent.role} at {tenant_name}.\n\n{agent.persona.strip()}\n\n{earlier}{remembered}{AI_DISCLOSURE}"
 
 
 def build_messages(
@@ -29,12 +30,13 @@ def build_messages(
     history: Sequence[tuple[str, str]],
     attachments: Sequence[dict[str, Any]] = (),
     memories: Sequence[str] = (),
+    summary: str | None = None,
 ) -> list[dict[str, Any]]:
     """history: (direction, text) pairs, oldest first; 'in' is the person, 'out' the agent.
 
     attachments (image_url parts, text notes) join the newest message from the person.
     """
-    messages: list[dict[str, Any]] = [{"role": "system", "content": system_prompt(agent, tenant_name, memories)}]
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system_prompt(agent, tenant_name, memories, summary)}]
     for direction, text in history:
         messages.append({"role": "user" if direction == "in" else "assistant", "content": text})
     if attachments and messages[-1]["role"] == "user":
