@@ -25,3 +25,4 @@ bench: install  ## the benchmarks under bench/ (print their figures; not tests)
 	$(PYTHON) bench/foundation.py
 	$(PYTHON) bench/slack_events.py --worker after
 	$(PYTHON) bench/whatsapp_webhooks.py --worker after
+	$(PYTHON) bench/memory_recall.py

