@@ -1,4 +1,7 @@
-"""The append-only audit log: who did what, when, in which tenant; hash-chained per tenant by the database."""
+"""The append-only audit log: who did what, when, in which tenant.
+
+Events are inserted plainly (nothing on the hot path waits for a lock); the database's sealer links them into
+a per-tenant hash chain soon after (the worker every minute, `audit verify|tail|export` before reading)."""
 
 from __future__ import annotations
 
@@ -37,8 +40,18 @@ async def latest(session: AsyncSession, *, limit: int = 50) -> list[AuditEvent]:
 _CHAIN = text("""
 SELECT id, seq, prev_hash, hash,
        konstruct_audit_hash(prev_hash, tenant_id, seq, actor, action, target, detail, created_at) AS expected
-FROM audit_events ORDER BY seq, id
+FROM audit_events WHERE seq IS NOT NULL ORDER BY seq, id
 """)
+_SEAL = text("SELECT konstruct_audit_seal(:tenant)")
+_SEAL_ALL = text("SELECT konstruct_audit_seal_all()")
+
+
+async def seal(db: Database, tenant_id: uuid.UUID | None = None) -> int:
+    """Link unsealed events into their tenant's chain (all tenants when none is given); returns how many."""
+    async with db.system() as session:
+        if tenant_id is None:
+            return int(await session.scalar(_SEAL_ALL) or 0)
+        return int(await session.scalar(_SEAL, {"tenant": str(tenant_id)}) or 0)
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,7 @@ async def verify(db: Database, tenant_id: uuid.UUID, *, max_problems: int = 20) 
     """
     problems: list[str] = []
     count, expected_seq, previous = 0, 1, None
+    await seal(db, tenant_id)
     async with db.tenant(tenant_id=tenant_id) as session:
         result = await session.stream(_CHAIN)
         async for row in result:
@@ -79,7 +93,8 @@ async def verify(db: Database, tenant_id: uuid.UUID, *, max_problems: int = 20) 
 
 
 async def events(db: Database, tenant_id: uuid.UUID, *, limit: int | None = None) -> list[AuditEvent]:
-    """The tenant's events in chain order (the newest `limit` of them, when given)."""
+    """The tenant's events in chain order (the newest `limit` of them, when given), sealed first."""
+    await seal(db, tenant_id)
     async with db.tenant(tenant_id=tenant_id) as session:
         if limit is None:
             return list(await session.scalars(select(AuditEvent).order_by(AuditEvent.seq)))

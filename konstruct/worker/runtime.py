@@ -23,7 +23,7 @@ import uvloop
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from konstruct import inbox
+from konstruct import audit, inbox
 from konstruct.agent import memory
 from konstruct.agent.pipeline import Pipeline
 from konstruct.channels.registry import channels
@@ -176,6 +176,12 @@ class WorkerRuntime:
             stale_after=self.settings.worker.stale_after,
             received_grace=self.settings.worker.received_grace,
         )
+        try:  # the audit chain grows here, off the webhooks' path
+            sealed = await audit.seal(self.db)
+            if sealed:
+                log.debug("sealed %d audit event(s) into their chains", sealed)
+        except Exception as exc:
+            log.warning("could not seal audit events: %s", type(exc).__name__)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = 60) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
