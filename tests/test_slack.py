@@ -334,3 +334,16 @@ async def test_channel_routes_choose_the_agent(slack_system: SlackSystem) -> Non
     assert shown["routes"] == [{"channel": "C0000000SAL", "agent": "Max"}]
     assert shown["details"]["signing_secret_hint"] == "…" + SINGLE_SECRET[-4:]
     assert SINGLE_SECRET not in json.dumps(shown) and BOT_TOKEN not in json.dumps(shown)
+
+
+async def test_a_model_without_vision_gets_a_note_instead_of_the_image(slack_system: SlackSystem) -> None:
+    updated = konstruct("agent", "update", "Ava", "--tenant", "acme", "--model", "openai/gpt-3.5-turbo", config=slack_system.config)
+    assert updated.returncode == 0, updated.stderr
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+    image = slack_system.slack.add_file("photo.png", "image/png", png, team_id=TEAM)
+    slack_system.post(slack_system.event(mention(new_ts(), "<@U0000000BOT> what is in this photo?", files=[image], subtype="file_share")))
+    update = slack_system.wait_updates(1)[0]
+    assert update.args["text"].startswith("[gpt-3.5-turbo]")  # answered, not an error
+    content = slack_system.llm.requests[-1].body["messages"][-1]["content"]
+    assert not any(part["type"] == "image_url" for part in content)
+    assert any("cannot see images" in part.get("text", "") for part in content)
