@@ -7,7 +7,8 @@ import hashlib
 import hmac
 import time
 
-from konstruct.channels.whatsapp.channel import Pacer, hex_digest, split_text, to_whatsapp
+from konstruct.channels.slack.format import split_message as split_text
+from konstruct.channels.whatsapp.channel import Pacer, hex_digest, to_whatsapp
 from konstruct.channels.whatsapp.graph import GraphError, signature_ok
 
 

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from slack_sdk.errors import SlackApiError
-from sqlalchemy import select, update
+from sqlalchemy import Text, cast, select, update
 
 from konstruct import audit
-from konstruct.agent.rules import Explanation, first_match, parse
+from konstruct.agent.rules import Explanation, Rule, first_match, parse
 from konstruct.channels.connections import credentials_for
 from konstruct.channels.slack.client import web_client
 from konstruct.config import Settings
 from konstruct.db.engine import Database
-from konstruct.db.models import ChannelConnection, Conversation, InboundMessage, Tenant
+from konstruct.db.models import ChannelConnection, Conversation, Tenant
 from konstruct.errors import NotFoundError, ValidationError
 from konstruct.tenancy.tenants import TenantInfo
 
@@ -48,9 +50,14 @@ class EscalationInfo:
         }
 
 
+@functools.lru_cache(maxsize=1024)
+def _parsed(rule: str) -> Rule:
+    return parse(rule)
+
+
 def check(rules: list[str], message: str, count: int) -> tuple[str, Explanation] | None:
     """Which of an agent's rules fires for this message (the person's count-th turn), and why."""
-    found = first_match([parse(r) for r in rules], message, count)
+    found = first_match([_parsed(r) for r in rules], message, count)
     return (found[0].text, found[1]) if found else None
 
 
@@ -133,21 +140,15 @@ async def list_conversations(db: Database, tenant: TenantInfo, *, escalated_only
 
 async def find_conversation(db: Database, tenant: TenantInfo, ref: str) -> uuid.UUID:
     """A conversation by its id or the first 8+ characters of it."""
-    for conversation in await list_conversations(db, tenant, escalated_only=False):
-        text = str(conversation.conversation_id)
-        if ref == text or (len(ref) >= 8 and text.startswith(ref)):
-            return conversation.conversation_id
+    if len(ref) < 8 or not re.fullmatch(r"[0-9a-f-]+", ref.lower()):
+        raise ValidationError(f"{ref!r} is not a conversation id: give it whole or its first 8 characters")
+    async with db.tenant(tenant_id=tenant.id) as session:
+        found = list(await session.scalars(select(Conversation.id).where(cast(Conversation.id, Text).like(f"{ref.lower()}%")).limit(2)))
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ValidationError(f"{ref!r} matches several conversations: give more of the id")
     raise NotFoundError(f"tenant {tenant.slug!r} has no conversation {ref!r}: see `konstruct conversation list --tenant {tenant.slug}`")
-
-
-async def person_turns(db: Database, tenant_id: uuid.UUID, conversation_id: uuid.UUID) -> int:
-    from sqlalchemy import func
-
-    async with db.tenant(tenant_id=tenant_id) as session:
-        return int(
-            await session.scalar(select(func.count()).select_from(InboundMessage).where(InboundMessage.conversation_id == conversation_id))
-            or 0
-        )
 
 
 def validate_target(target: str) -> str:

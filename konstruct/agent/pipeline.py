@@ -127,9 +127,15 @@ class Pipeline:
             ).all()
             tenant_name, tenant_status = context.name, context.status
             conversation_id, conversation_key = inbound.conversation_id, context.external_id
-            turns = await session.scalar(
-                select(func.count()).select_from(InboundMessage).where(InboundMessage.conversation_id == inbound.conversation_id)
-            )
+            rules = list(agent.settings.get("escalation_rules") or [])
+            turns = 0
+            if rules:  # `count` in a rule: the person's turns in this conversation
+                turns = int(
+                    await session.scalar(
+                        select(func.count()).select_from(InboundMessage).where(InboundMessage.conversation_id == inbound.conversation_id)
+                    )
+                    or 0
+                )
 
         if tenant_status != "active":
             await self._finish(tenant_id, inbound_id, None, status="ignored", error=f"tenant is {tenant_status}")
@@ -156,8 +162,7 @@ class Pipeline:
             return "ignored"
 
         target = Target(tenant_id, conversation_id, conversation_key, inbound.external_id, dict(inbound.payload), inbound.reply_ref)
-        rules = list(agent.settings.get("escalation_rules") or [])
-        fired = escalation.check(rules, inbound.text, int(turns or 0)) if rules and previous is None else None
+        fired = escalation.check(rules, inbound.text, turns) if rules and previous is None else None
         if fired is not None:
             rule, why = fired
             link = escalation.conversation_link(inbound.channel, target.payload, conversation_id)

@@ -103,10 +103,8 @@ def is_public(address: IPAddress) -> bool:
 
 async def resolve(host: str, port: int) -> list[IPAddress]:
     """The addresses ``host`` resolves to, in the resolver's order, without duplicates."""
-    try:
+    if _is_ip(host):
         return [ipaddress.ip_address(host)]
-    except ValueError:
-        pass
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:

@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 
 from konstruct.channels.base import ChannelError, Reply, Target
 from konstruct.channels.connections import SecretCache
+from konstruct.channels.slack.format import split_message
 from konstruct.channels.whatsapp.graph import OUTSIDE_WINDOW, WHATSAPP_TEXT_LIMIT, Graph, GraphError
 from konstruct.config import Settings
 from konstruct.db.engine import Database
@@ -40,21 +41,6 @@ def to_whatsapp(markdown: str) -> str:
     out = re.sub(r"~~(.+?)~~", r"~\1~", out)
     out = re.sub(r"^#{1,6}\s+(.+)$", r"*\1*", out, flags=re.MULTILINE)
     return re.sub(r"\[([^\]]+)\]\((https?://[^)\s]+)\)", r"\1 (\2)", out)
-
-
-def split_text(text: str, limit: int = WHATSAPP_TEXT_LIMIT) -> list[str]:
-    """Parts within WhatsApp's limit, broken at paragraph, line or word boundaries where possible."""
-    parts: list[str] = []
-    rest = text.strip()
-    while len(rest) > limit:
-        cut = max(rest.rfind("\n\n", 0, limit), rest.rfind("\n", 0, limit), rest.rfind(" ", 0, limit))
-        if cut < limit // 2:
-            cut = limit
-        parts.append(rest[:cut].rstrip())
-        rest = rest[cut:].lstrip()
-    if rest:
-        parts.append(rest)
-    return parts
 
 
 def hex_digest(value: Any) -> str | None:
@@ -169,7 +155,7 @@ class WhatsAppChannel:
         if not await self._in_window(target):
             return await self._template(number, person, token, "the last message from the person is more than 24 hours old")
         first: str | None = None
-        for part in split_text(to_whatsapp(reply.text)) or ["…"]:
+        for part in split_message(to_whatsapp(reply.text), WHATSAPP_TEXT_LIMIT) or ["…"]:
             body = {"recipient_type": "individual", "to": person, "type": "text", "text": {"body": part, "preview_url": False}}
             try:
                 wamid = await self._send(number, person, token, body)
