@@ -62,6 +62,15 @@ class LLMSettings(_Section):
     api_key: SecretStr | None = Field(None, description='Platform API key used when a tenant brings none; use a {"$env" = ...} reference.')
     timeout: float = Field(60.0, gt=0, le=600, description="Seconds one LLM call may take.")
     retries: int = Field(2, ge=0, le=10, description="Retries of a failed LLM call before the message is marked failed.")
+    max_tokens: int = Field(1024, ge=16, le=200_000, description="Most tokens one answer may have (also bounds the budget estimate).")
+    fallbacks: list[str] = Field(
+        default_factory=list, description="Models tried in order when the model fails (an agent's own list, if set, wins)."
+    )
+    provider_keys: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description='Platform keys per provider, used when a tenant brings none: { "anthropic" = { "$env" = "ANTHROPIC_API_KEY" } }.',
+    )
+    cooldown: float = Field(0.0, ge=0, le=3600, description="Seconds a failing model is skipped after failures (0: always try it).")
 
 
 class SlackSettings(_Section):
@@ -127,6 +136,53 @@ class MemorySettings(_Section):
     min_words: int = Field(3, ge=1, le=100, description="Shorter messages (and questions) are not worth remembering.")
 
 
+class BudgetSettings(_Section):
+    downgrade_model: str | None = Field(None, description="The cheaper model used by budgets with action 'downgrade' that name none.")
+    unavailable: str = Field(
+        "I'm not available right now. Someone from the team will get back to you.",
+        description="Told to people when their organisation's monthly budget is used up (action 'block').",
+    )
+
+
+class SMTPSettings(_Section):
+    host: str | None = Field(None, description="SMTP server for notification and invitation emails; empty: no email is sent.")
+    port: int = Field(587, ge=1, le=65535, description="SMTP port.")
+    username: str | None = Field(None, description="SMTP login, if the server needs one.")
+    password: SecretStr | None = Field(None, description='SMTP password; use a {"$env" = ...} reference.')
+    sender: str = Field("konstruct@localhost", description="From address of the emails.")
+    security: str = Field("starttls", pattern="^(starttls|tls|none)$", description="starttls, tls (implicit, port 465) or none.")
+    timeout: float = Field(20.0, gt=0, le=300, description="Seconds allowed for one SMTP conversation.")
+
+
+class Plan(_Section):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,40}$", description="Plan name used on the command line.")
+    price_id: str = Field(min_length=1, description="The Stripe price id (price_...).")
+    budget_usd: float = Field(0.0, ge=0, description="LLM spending included per month (0: no limit from the plan).")
+
+
+class BillingSettings(_Section):
+    stripe_api_key: SecretStr | None = Field(None, description='Stripe secret key; empty: billing is off. Use a {"$env" = ...} reference.')
+    webhook_secret: SecretStr | None = Field(None, description="Signing secret of the Stripe webhook endpoint (whsec_...).")
+    api_base: str | None = Field(None, description="Stripe API origin (a test fake points elsewhere); empty: Stripe's own.")
+    plans: list[Plan] = Field(default_factory=list, description="Plans: [[billing.plans]] tables with name, price_id, budget_usd.")
+    grace_days: float = Field(7.0, ge=0, le=90, description="Days a past_due subscription keeps the agents running.")
+    paused: str = Field(
+        "This assistant is paused at the moment. Please contact the team another way.",
+        description="Told to people when their organisation has no active subscription.",
+    )
+    tolerance: int = Field(300, ge=1, le=86400, description="Seconds a Stripe webhook signature stays valid.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.stripe_api_key is not None and bool(self.stripe_api_key.get_secret_value())
+
+    def plan(self, name: str) -> Plan | None:
+        return next((plan for plan in self.plans if plan.name == name), None)
+
+    def plan_for_price(self, price_id: str | None) -> Plan | None:
+        return next((plan for plan in self.plans if plan.price_id == price_id), None)
+
+
 class WorkerSettings(_Section):
     concurrency: int = Field(64, ge=1, le=1000, description="Messages one worker process handles at once.")
     heartbeat_interval: float = Field(5.0, gt=0, le=300, description="Seconds between worker heartbeats.")
@@ -149,6 +205,9 @@ class Settings(BaseSettings):
     slack: SlackSettings = SlackSettings()
     whatsapp: WhatsAppSettings = WhatsAppSettings()
     memory: MemorySettings = MemorySettings()
+    budget: BudgetSettings = BudgetSettings()
+    smtp: SMTPSettings = SMTPSettings()
+    billing: BillingSettings = BillingSettings()
     worker: WorkerSettings = WorkerSettings()
     secret_key: SecretStr | None = Field(
         None,
@@ -196,7 +255,11 @@ class Settings(BaseSettings):
             values: dict[str, Any] = {}
             for key in type(section).model_fields:
                 value = getattr(section, key)
-                if isinstance(value, SecretStr):
+                if isinstance(value, dict):
+                    value = {k: mask_secret(v.get_secret_value()) if isinstance(v, SecretStr) else v for k, v in value.items()}
+                elif isinstance(value, list):
+                    value = [item.model_dump() if isinstance(item, BaseModel) else item for item in value]
+                elif isinstance(value, SecretStr):
                     raw = value.get_secret_value()
                     value = mask_url(raw) if key == "url" else mask_secret(raw)
                 elif isinstance(value, str) and key == "url":
@@ -309,6 +372,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, Path):
         value = str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, dict):
         return "{ " + ", ".join(f'"{k}" = {_toml_value(v)}' for k, v in value.items()) + " }"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -333,6 +398,8 @@ def render_config(values: dict[str, dict[str, Any]] | None = None) -> str:
             lines.append(f"# {sub.description}")
             if key in given:
                 lines.append(f"{key} = {_toml_value(given[key])}")
+            elif sub.default_factory is not None:
+                lines.append(f"# {key} = {_toml_value(sub.default_factory())}")  # type: ignore[call-arg]
             elif sub.default is None:
                 lines.append(f"# {key} =")
             else:

@@ -71,4 +71,39 @@ def decrypt(settings: Settings, token: bytes) -> str:
     try:
         return fernet(settings).decrypt(token).decode()
     except InvalidToken:
+        pass
+    # `konstruct secrets rotate` may have added a key since this process read them: read them again, once.
+    _fernets.clear()
+    try:
+        return fernet(settings).decrypt(token).decode()
+    except InvalidToken:
         raise ConfigError("a stored secret cannot be decrypted with the current master key") from None
+
+
+def _write_key_file(path: Path, keys: list[str]) -> None:
+    """Replace the key file atomically, readable by its owner only."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write("\n".join(keys) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fernets.clear()
+
+
+def add_master_key(settings: Settings) -> int:
+    """Put a new master key first in the key file (older keys stay, to read what is not re-encrypted yet).
+    Returns how many keys the file holds now."""
+    keys = master_keys(settings)
+    _write_key_file(secret_key_path(settings), [Fernet.generate_key().decode(), *keys])
+    return len(keys) + 1
+
+
+def drop_old_master_keys(settings: Settings) -> int:
+    """Keep only the newest master key in the key file. Returns how many were dropped."""
+    keys = master_keys(settings)
+    if len(keys) > 1:
+        _write_key_file(secret_key_path(settings), keys[:1])
+    return len(keys) - 1

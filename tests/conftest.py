@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import URL, make_url
 
-from konstruct.config import Settings, load_settings
+from konstruct.config import Settings, _toml_value, load_settings
 from konstruct.db import migrate
 from konstruct.db.embedded import start_embedded
 from konstruct.db.engine import Database
@@ -95,11 +95,7 @@ def write_config(path: Path, database_url: str, llm_url: str, **sections: dict[s
     lines = []
     for name, section in values.items():
         lines.append(f"[{name}]")
-        for key, value in section.items():
-            if isinstance(value, bool):
-                lines.append(f"{key} = {'true' if value else 'false'}")
-            else:
-                lines.append(f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"')
+        lines += [f"{key} = {_toml_value(value)}" for key, value in section.items()]
     path.mkdir(parents=True, exist_ok=True)
     config = path / "konstruct.toml"
     config.write_text("\n".join(lines) + "\n")

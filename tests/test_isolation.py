@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -20,10 +22,12 @@ from konstruct.channels import connections
 from konstruct.channels.base import InboundMessage
 from konstruct.config import Settings
 from konstruct.db.engine import Database
-from konstruct.db.models import DeliveryStatus, Memory
+from konstruct.db.models import BudgetReservation, DeliveryStatus, LLMUsage, Memory, Subscription
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import TenantNotSetError
 from konstruct.inbox import store
+from konstruct.llm.budget import account, set_budget
+from konstruct.llm.keys import add_key
 from konstruct.tenancy.tenants import TenantInfo, create_tenant
 
 
@@ -51,6 +55,15 @@ async def seed(db: Database, slug: str) -> TenantInfo:
     async with db.tenant(tenant_id=tenant.id) as session:
         session.add(DeliveryStatus(tenant_id=tenant.id, channel="whatsapp", external_id=f"wamid.{slug}", status="delivered"))
         session.add(Memory(tenant_id=tenant.id, agent_id=agent.id, person="someone", content=f"{slug} likes tea", embedding=[0.05] * 384))
+        session.add(
+            LLMUsage(tenant_id=tenant.id, agent_id=agent.id, model="openai/gpt-4o-mini", prompt_tokens=10, cost_usd=Decimal("0.01"))
+        )
+        session.add(BudgetReservation(tenant_id=tenant.id, estimate_usd=Decimal("0.02"), expires_at=datetime.now(UTC) + timedelta(hours=1)))
+        session.add(Subscription(id=f"sub_{slug}", tenant_id=tenant.id, customer_id=f"cus_{slug}", status="active"))
+    await add_key(db, db.settings, tenant, provider="openai", key=f"sk-{slug}-own-key-1234", api_base=None, actor="test")
+    await set_budget(db, tenant, usd=10, alerts=[80], action="block", downgrade_model=None, settings=db.settings, actor="test")
+    async with db.tenant(tenant_id=tenant.id) as session:
+        await account(session, tenant.id, Decimal("0.01"), None, None)
     return tenant
 
 
@@ -137,7 +150,7 @@ def test_a_tenant_sees_and_changes_only_its_own_rows(
                 "select attname from pg_attribute where attrelid = %s::regclass and attidentity <> ''", (table,)
             ).fetchall()
         }
-        if column != "id" and "id" not in identity:
+        if column != "id" and "id" in forged and "id" not in identity:
             forged["id"] = str(uuid.uuid4())
         columns = [name for name in forged if name not in identity]
         insert = sql.SQL("insert into {} ({}) select {} from jsonb_populate_record(null::{}, %s)").format(
@@ -146,7 +159,11 @@ def test_a_tenant_sees_and_changes_only_its_own_rows(
         with pytest.raises(errors.InsufficientPrivilege):
             app_conn.execute(insert, (Jsonb(forged),))
 
-        if table != "audit_events":  # audit rows cannot be updated or deleted at all: see the test below
+        if table == "llm_usage":  # a record: the app role may add rows, never edit them
+            as_tenant(app_conn, a.id)
+            with pytest.raises(errors.InsufficientPrivilege):
+                app_conn.execute(sql.SQL("update {} set {} = {}").format(ident, col, col))
+        elif table != "audit_events":  # audit rows cannot be updated or deleted at all: see the test below
             as_tenant(app_conn, a.id)
             with pytest.raises(errors.InsufficientPrivilege):  # moving A's row into B
                 app_conn.execute(sql.SQL("update {} set {} = %s").format(ident, col), (b.id,))

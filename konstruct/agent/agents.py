@@ -99,7 +99,7 @@ async def get_agent(db: Database, tenant: TenantInfo, name: str) -> AgentInfo:
         return AgentInfo.from_row(row)
 
 
-SETTING_KEYS = ("tools", "escalation_rules")
+SETTING_KEYS = ("tools", "escalation_rules", "fallbacks")
 
 
 def check_tools(names: list[str]) -> list[str]:
@@ -129,13 +129,17 @@ async def update_agent(db: Database, tenant: TenantInfo, name: str, *, changes: 
     changes = {key: value for key, value in changes.items() if value is not None}
     if not changes:
         raise ValidationError(
-            "nothing to change: pass at least one of --name, --role, --persona, --persona-file, --model, --tools, --escalation-rule"
+            "nothing to change: pass at least one of --name, --role, --persona, --persona-file, --model, --fallbacks, --tools, --escalation-rule"
         )
     _check(**{key: changes.get(key) for key in ("name", "role", "persona", "model")})
     if "tools" in changes:
         changes["tools"] = check_tools(changes["tools"])
     if "escalation_rules" in changes:
         changes["escalation_rules"] = check_rules(changes["escalation_rules"])
+    if "fallbacks" in changes:
+        for fallback in changes["fallbacks"]:
+            if not fallback or len(fallback) > 200 or any(c.isspace() for c in fallback):
+                raise ValidationError(f"--fallbacks: {fallback!r} is not a model name, e.g. anthropic/claude-3-5-haiku-20241022")
     agent = await get_agent(db, tenant, name)
     new_settings = {**agent.settings, **{key: changes.pop(key) for key in SETTING_KEYS if key in changes}}
     try:

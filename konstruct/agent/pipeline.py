@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import func, select, text, update
@@ -22,11 +22,14 @@ from konstruct.agent import escalation, memory
 from konstruct.agent.agents import AgentInfo
 from konstruct.agent.prompt import build_messages
 from konstruct.agent.tools.registry import ToolContext, ToolResult, default_registry
+from konstruct.billing.events import tenant_standing
+from konstruct.billing.state import Standing
 from konstruct.channels.base import Channel, Reply, Target
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import Agent, Conversation, InboundMessage, Message, Tenant
-from konstruct.llm.client import Completion, LLMError, complete, supports_vision
+from konstruct.llm.client import Completion, LLMError, supports_vision
+from konstruct.llm.service import BudgetExhausted, CallContext, LLMService, Notice
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,11 @@ class Pipeline:
     channels: dict[str, Channel]
     worker_id: str
     remember: Callable[[uuid.UUID, uuid.UUID], None] | None = None  # queues embedding what the person said
+    notify: Callable[[Notice], None] | None = None  # queues an email to a tenant's admins
+    llm: LLMService = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.llm = LLMService(self.settings, self.db, self.notify)
 
     async def process(self, *, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> str | None:
         """Answer one inbox row. Returns its final state, or None when it was not ours to take."""
@@ -126,6 +134,9 @@ class Pipeline:
                 )
             ).all()
             tenant_name, tenant_status = context.name, context.status
+            billing: Standing | None = None
+            if self.settings.billing.enabled:
+                billing = await tenant_standing(session, self.settings, tenant_id)
             conversation_id, conversation_key = inbound.conversation_id, context.external_id
             rules = list(agent.settings.get("escalation_rules") or [])
             turns = 0
@@ -162,6 +173,16 @@ class Pipeline:
             return "ignored"
 
         target = Target(tenant_id, conversation_id, conversation_key, inbound.external_id, dict(inbound.payload), inbound.reply_ref)
+        if billing is not None and not billing.ok and previous is None:
+            # No active subscription: the agents are paused, and people are told so (no model is asked).
+            notice_id = await self._store_reply(
+                tenant_id, conversation_id, inbound_id, agent, self.settings.billing.paused, "billing", None
+            )
+            if notice_id is None:
+                return None
+            return await self._deliver(
+                channel, target, inbound_id, notice_id, self.settings.billing.paused, "replied", f"paused: {billing.reason}"
+            )
         fired = escalation.check(rules, inbound.text, turns) if rules and previous is None else None
         if fired is not None:
             rule, why = fired
@@ -212,6 +233,10 @@ class Pipeline:
             try:
                 result = await tools.answer(model, messages)
                 reply_text, latency, used_model = result.text, result.latency_ms, result.model
+            except BudgetExhausted as exc:
+                # The operator has been told (once a month); the person hears the agent is unavailable.
+                error = f"budget: {exc}"
+                reply_text, latency, used_model = self.settings.budget.unavailable, None, "budget"
             except LLMError as exc:
                 log.warning("message %s: the model failed: %s", inbound_id, exc)
                 status, error = "failed", str(exc)
@@ -262,7 +287,8 @@ class Pipeline:
             {"role": "user", "content": (f"Summary so far:\n{summary}\n\n" if summary else "") + f"Next turns:\n{turns}"},
         ]
         try:
-            result = await complete(self.settings.llm, model=model, messages=prompt)
+            ctx = CallContext(tenant_id, agent.id, conversation_id, "summary", f"agent:{agent.name}")
+            result = await self.llm.complete(ctx, model=model, messages=prompt, fallbacks=(agent.settings.get("fallbacks") or None))
         except LLMError as exc:
             log.warning("conversation %s: could not summarise older turns: %s", conversation_id, exc)
             return None
@@ -371,7 +397,10 @@ class ToolRun:
         settings = self.pipeline.settings
         specs = self.registry.specs(self.names) if self.registry else []
         deadline = time.monotonic() + settings.agent.tool_seconds
-        result = await complete(settings.llm, model=model, messages=messages, tools=specs or None)
+        llm = self.pipeline.llm
+        ctx = CallContext(self.ctx.tenant_id, self.agent.id, self.ctx.conversation_id, "reply", f"agent:{self.agent.name}")
+        fallbacks = self.agent.settings.get("fallbacks") or None
+        result = await llm.complete(ctx, model=model, messages=messages, tools=specs or None, fallbacks=fallbacks)
         steps = 0
         while result.tool_calls and self.registry is not None:
             steps += 1
@@ -387,7 +416,7 @@ class ToolRun:
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
             # Out of steps or time: one last turn without tools, so the model answers with what it has.
             exhausted = steps >= settings.agent.tool_steps or time.monotonic() >= deadline
-            result = await complete(settings.llm, model=model, messages=messages, tools=None if exhausted else specs)
+            result = await llm.complete(ctx, model=model, messages=messages, tools=None if exhausted else specs, fallbacks=fallbacks)
             if exhausted:
                 break
         return result

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from konstruct import __version__
-from konstruct.cli import agents, audit, brain, channels, chat, serve, setup, tenants
+from konstruct.cli import agents, audit, brain, channels, chat, money, serve, setup, tenants
 from konstruct.cli.common import err, state
 from konstruct.errors import KonstructError
 
@@ -50,6 +50,11 @@ app.add_typer(audit.app, name="audit")
 app.add_typer(brain.memory_app, name="memory")
 app.add_typer(brain.conversation_app, name="conversation")
 app.add_typer(brain.escalation_app, name="escalation")
+app.add_typer(money.key_app, name="key")
+app.add_typer(money.secrets_app, name="secrets")
+app.add_typer(money.budget_app, name="budget")
+app.add_typer(money.billing_app, name="billing")
+app.command("usage")(money.usage)
 tenants.app.command("configure")(brain.configure)
 
 

@@ -125,6 +125,9 @@ def update(
     persona: str | None = typer.Option(None, "--persona", help="A new persona."),
     persona_file: Path | None = typer.Option(None, "--persona-file", help="A new persona from a file."),
     model: str | None = typer.Option(None, "--model", help="A new model."),
+    fallbacks: str | None = typer.Option(
+        None, "--fallbacks", help="Models tried in order when the model fails, comma-separated ('' for the config's list)."
+    ),
     tools: str | None = typer.Option(
         None, "--tools", help="Tools the agent may use, comma-separated ('' for none), e.g. calculator,web_fetch."
     ),
@@ -133,9 +136,11 @@ def update(
     ),
     as_json: bool = JsonOption,
 ) -> None:
-    """Change an agent's name, role, persona, model, tools or escalation rules."""
+    """Change an agent's name, role, persona, model, fallback models, tools or escalation rules."""
     text = _persona(persona, persona_file, required=False)
     changes: dict[str, Any] = {"name": new_name, "role": role, "persona": text, "model": model}
+    if fallbacks is not None:
+        changes["fallbacks"] = [m.strip() for m in fallbacks.split(",") if m.strip()]
     if tools is not None:
         changes["tools"] = [t.strip() for t in tools.split(",") if t.strip()]
     if rules is not None:

@@ -151,9 +151,12 @@ def configure(
         None, "--escalation-target", help="Where escalations are announced: slack:CHANNEL_ID or slack:USER_ID ('' for none)."
     ),
     allowed_hosts: str | None = typer.Option(None, "--allowed-hosts", help="Hosts web_fetch may reach, comma-separated ('' for none)."),
+    contact_email: str | None = typer.Option(
+        None, "--contact-email", help="Where budget alerts and billing notices are emailed ('' for none)."
+    ),
     as_json: bool = JsonOption,
 ) -> None:
-    """Set a tenant's escalation target and web_fetch allow-list."""
+    """Set a tenant's escalation target, web_fetch allow-list and contact email."""
     target = escalations.validate_target(escalation_target) if escalation_target else escalation_target
     hosts = None
     if allowed_hosts is not None:
@@ -164,7 +167,8 @@ def configure(
 
     async def go() -> dict[str, object]:
         async with database(settings(ctx)) as db:
-            return await update_settings(db, await get_tenant(db, slug), escalation_target=target, allowed_hosts=hosts, actor=actor())
+            return await update_settings(db, await get_tenant(db, slug), escalation_target=target, allowed_hosts=hosts, actor=actor(),
+                                         contact_email=contact_email)  # fmt: skip
 
     values = run(go())
     if as_json:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
+from decimal import Decimal
 from typing import Any
 
 from pgvector.sqlalchemy import Vector
-from sqlalchemy import BigInteger, ForeignKey, Identity, Integer, LargeBinary, Text
+from sqlalchemy import BigInteger, Boolean, Date, ForeignKey, Identity, Integer, LargeBinary, Numeric, Text
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -42,6 +43,9 @@ class Tenant(Base):
     updated_at: Mapped[datetime] = _created()
     allowed_hosts: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default=sql_text("'{}'"))
     escalation_target: Mapped[str | None] = mapped_column(Text)
+    contact_email: Mapped[str | None] = mapped_column(Text)
+    stripe_customer_id: Mapped[str | None] = mapped_column(Text)
+    billing_exempt: Mapped[bool] = mapped_column(Boolean, server_default=sql_text("false"))
 
 
 class Agent(Base):
@@ -212,6 +216,106 @@ class WorkerHeartbeat(Base):
     started_at: Mapped[datetime] = _created()
     seen_at: Mapped[datetime] = _created()
     in_flight: Mapped[int] = mapped_column(Integer, server_default="0")
+
+
+class LLMKey(Base):
+    """A tenant's own provider API key: the Fernet token and a hint, never the key."""
+
+    __tablename__ = "llm_keys"
+
+    id: Mapped[uuid.UUID] = _id()
+    tenant_id: Mapped[uuid.UUID] = _tenant_id()
+    provider: Mapped[str] = mapped_column(Text)
+    secret: Mapped[bytes] = mapped_column(LargeBinary)
+    hint: Mapped[str] = mapped_column(Text)
+    api_base: Mapped[str | None] = mapped_column(Text)
+    added_by: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created()
+
+
+class LLMUsage(Base):
+    """One LLM call: who, which model, tokens, cost and latency (failed calls too)."""
+
+    __tablename__ = "llm_usage"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = _tenant_id()
+    agent_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), ForeignKey("agents.id", ondelete="SET NULL"))
+    conversation_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), ForeignKey("conversations.id", ondelete="SET NULL"))
+    purpose: Mapped[str] = mapped_column(Text, server_default="reply")
+    model: Mapped[str] = mapped_column(Text)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, server_default="0")
+    completion_tokens: Mapped[int] = mapped_column(Integer, server_default="0")
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(18, 8), server_default="0")
+    latency_ms: Mapped[int] = mapped_column(Integer, server_default="0")
+    key_source: Mapped[str] = mapped_column(Text, server_default="platform")
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created()
+
+
+class Budget(Base):
+    __tablename__ = "budgets"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    monthly_usd: Mapped[Decimal] = mapped_column(Numeric(14, 4))
+    alerts: Mapped[list[int]] = mapped_column(ARRAY(Integer), server_default=sql_text("'{80}'"))
+    action: Mapped[str] = mapped_column(Text, server_default="block")
+    downgrade_model: Mapped[str | None] = mapped_column(Text)
+    updated_by: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = _created()
+
+
+class BudgetMonth(Base):
+    __tablename__ = "budget_months"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    month: Mapped[date] = mapped_column(Date, primary_key=True)
+    spent_usd: Mapped[Decimal] = mapped_column(Numeric(18, 8), server_default="0")
+    alerts_sent: Mapped[list[int]] = mapped_column(ARRAY(Integer), server_default=sql_text("'{}'"))
+    limit_notified: Mapped[bool] = mapped_column(Boolean, server_default=sql_text("false"))
+
+
+class BudgetReservation(Base):
+    __tablename__ = "budget_reservations"
+
+    id: Mapped[uuid.UUID] = _id()
+    tenant_id: Mapped[uuid.UUID] = _tenant_id()
+    estimate_usd: Mapped[Decimal] = mapped_column(Numeric(18, 8))
+    created_at: Mapped[datetime] = _created()
+    expires_at: Mapped[datetime] = mapped_column(TIMESTAMP(timezone=True))
+
+
+class Subscription(Base):
+    """A Stripe subscription as last decided from its events."""
+
+    __tablename__ = "subscriptions"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = _tenant_id()
+    customer_id: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    price_id: Mapped[str | None] = mapped_column(Text)
+    plan: Mapped[str | None] = mapped_column(Text)
+    current_period_end: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    cancel_at_period_end: Mapped[bool] = mapped_column(Boolean, server_default=sql_text("false"))
+    past_due_since: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    state_at: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    state_rank: Mapped[int] = mapped_column(Integer, server_default="0")
+    last_invoice: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = _created()
+
+
+class StripeEvent(Base):
+    """A Stripe event id seen (stored before acting on it). Holds no tenant data."""
+
+    __tablename__ = "stripe_events"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    type: Mapped[str] = mapped_column(Text)
+    created: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = _created()
+    processed_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    outcome: Mapped[str | None] = mapped_column(Text)
 
 
 TENANT_TABLES = frozenset(table.name for table in Base.metadata.sorted_tables if "tenant_id" in table.c or table.name == "tenants")

@@ -1,4 +1,4 @@
-"""The gateway: a Starlette app with health and readiness, and the Slack and WhatsApp webhooks."""
+"""The gateway: a Starlette app with health and readiness, and the Slack, WhatsApp and Stripe webhooks."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from konstruct import inbox
+from konstruct.billing import events as billing_events
 from konstruct.channels.slack import oauth
 from konstruct.channels.slack.events import SlackEvents
+from konstruct.channels.webhook_body import read_body
 from konstruct.channels.whatsapp.webhook import WhatsAppWebhook
 from konstruct.config import CONFIG_ENV, Settings, load_settings
 from konstruct.db.engine import Database
@@ -73,6 +75,23 @@ async def whatsapp_receive(request: Request) -> Response:
     return await whatsapp.receive(request)
 
 
+async def stripe_webhook(request: Request) -> Response:
+    """Stripe events: signature verified over the raw body, each event id processed once."""
+    settings: Settings = request.app.state.settings
+    if not settings.billing.enabled or settings.billing.webhook_secret is None:
+        return JSONResponse({"error": "billing is off on this installation"}, status_code=404)
+    body = await read_body(request)
+    if body is None:
+        return JSONResponse({"error": "body too large"}, status_code=413)
+    try:
+        event = billing_events.verify(settings, body, request.headers.get("stripe-signature"))
+    except billing_events.BadSignature as exc:
+        log.warning("stripe webhook refused: %s", exc)
+        return JSONResponse({"error": "invalid signature"}, status_code=400)
+    outcome = await billing_events.handle(request.app.state.db, settings, event)
+    return JSONResponse({"received": True, "outcome": outcome.status})
+
+
 async def konstruct_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, KonstructError)
     request_id = uuid.uuid4().hex[:12]
@@ -117,6 +136,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/slack/oauth_redirect", oauth.oauth_redirect),
             Route("/whatsapp/webhook", whatsapp_verify, methods=["GET"]),
             Route("/whatsapp/webhook", whatsapp_receive, methods=["POST"]),
+            Route("/stripe/webhook", stripe_webhook, methods=["POST"]),
         ],
         exception_handlers={KonstructError: konstruct_error},
         lifespan=lifespan,

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from konstruct.config import LLMSettings
 from konstruct.errors import KonstructError
 
 
@@ -68,52 +65,8 @@ def load_litellm() -> Any:
 
         litellm.suppress_debug_info = True
         litellm.telemetry = False
+        # litellm logs failures with request details at ERROR; ours are recorded, audited and key-free.
         for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm", "httpx", "openai"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         _litellm = litellm
     return _litellm
-
-
-def _scrub(message: str, secret: str | None) -> str:
-    if secret and secret in message:
-        message = message.replace(secret, "****")
-    return message[:300]
-
-
-async def complete(
-    settings: LLMSettings, *, model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-) -> Completion:
-    """One chat completion with the configured timeout and retries; LLMError on any failure."""
-    litellm = _litellm or await asyncio.to_thread(load_litellm)  # never block the event loop on the import
-    api_key = settings.api_key.get_secret_value() if settings.api_key else None
-    started = time.perf_counter()
-    try:
-        response = await litellm.acompletion(
-            model=model,
-            messages=messages,
-            api_base=settings.api_base or None,
-            api_key=api_key,
-            timeout=settings.timeout,
-            num_retries=settings.retries,
-            **({"tools": tools} if tools else {}),
-        )
-    except Exception as exc:
-        raise LLMError(f"{type(exc).__name__}: {_scrub(str(exc), api_key)}") from None
-    latency_ms = int((time.perf_counter() - started) * 1000)
-    choice = response.choices[0]
-    text = (choice.message.content or "").strip()
-    calls = tuple(
-        ToolCall(str(c.id), str(c.function.name), str(c.function.arguments or "{}"))
-        for c in (getattr(choice.message, "tool_calls", None) or [])
-    )
-    if not text and not calls:
-        raise LLMError(f"the model {model} returned an empty answer (finish_reason={choice.finish_reason})")
-    usage = getattr(response, "usage", None)
-    return Completion(
-        text=text,
-        model=getattr(response, "model", None) or model,
-        prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-        completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-        latency_ms=latency_ms,
-        tool_calls=calls,
-    )

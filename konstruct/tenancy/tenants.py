@@ -17,6 +17,7 @@ from konstruct.db.models import Agent, Conversation, InboundMessage, Tenant
 from konstruct.errors import ConflictError, NotFoundError, ValidationError
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,13 @@ async def tenant_stats(db: Database, tenant: TenantInfo) -> dict[str, int]:
 
 
 async def update_settings(
-    db: Database, tenant: TenantInfo, *, escalation_target: str | None, allowed_hosts: list[str] | None, actor: str
+    db: Database,
+    tenant: TenantInfo,
+    *,
+    escalation_target: str | None,
+    allowed_hosts: list[str] | None,
+    actor: str,
+    contact_email: str | None = None,
 ) -> dict[str, object]:
     """Where escalations are announced, and which hosts web_fetch may reach. Returns the new values."""
     values: dict[str, object] = {}
@@ -112,8 +119,13 @@ async def update_settings(
         values["escalation_target"] = escalation_target or None
     if allowed_hosts is not None:
         values["allowed_hosts"] = allowed_hosts
+    if contact_email is not None:
+        contact_email = contact_email.strip()
+        if contact_email and not EMAIL_RE.match(contact_email):
+            raise ValidationError(f"--contact-email {contact_email!r} is not an email address")
+        values["contact_email"] = contact_email or None
     if not values:
-        raise ValidationError("nothing to change: pass --escalation-target and/or --allowed-hosts")
+        raise ValidationError("nothing to change: pass --escalation-target, --allowed-hosts and/or --contact-email")
     async with db.tenant(tenant_id=tenant.id) as session:
         await session.execute(update(Tenant).where(Tenant.id == tenant.id).values(**values, updated_at=func.now()))
         await audit.record(session, tenant_id=tenant.id, actor=actor, action="tenant.updated", target=tenant.slug, detail=values)

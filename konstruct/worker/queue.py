@@ -12,6 +12,7 @@ from konstruct.config import Settings
 from konstruct.db.urls import DatabaseURLs
 from konstruct.errors import ConfigError, QueueError
 from konstruct.inbox import OutboxTask
+from konstruct.llm.service import Notice
 
 # Set in the worker process by konstruct.worker.main; tasks hand their ids to it.
 _worker: Any = None
@@ -46,12 +47,21 @@ class Queue:
         def remember_message(tenant_id: str, inbound_id: str) -> None:
             _current_worker().remember(uuid.UUID(tenant_id), uuid.UUID(inbound_id))
 
+        @huey.task(name="notify_admins", retries=5, retry_delay=30)
+        def notify_admins(tenant_id: str, kind: str, subject: str, body: str) -> None:
+            _current_worker().notify_admins(uuid.UUID(tenant_id), kind, subject, body)
+
+        self._notify_admins: Any = notify_admins
         self._process_message: Any = process_message  # a huey TaskWrapper
         self._remember_message: Any = remember_message
 
     def enqueue_memory(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
         """Fire and forget: embed what the person said in this message and keep it as a memory."""
         self._remember_message(str(tenant_id), str(inbound_id))
+
+    def enqueue_notice(self, notice: Notice) -> None:
+        """Email the tenant's admins about something (a budget alert) from a worker, with retries."""
+        self._notify_admins(str(notice.tenant_id), notice.kind, notice.subject, notice.body)
 
     def enqueue(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
         """Ring the doorbell for one stored inbound message."""

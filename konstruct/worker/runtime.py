@@ -23,7 +23,7 @@ import uvloop
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from konstruct import audit, inbox
+from konstruct import audit, inbox, mail
 from konstruct.agent import memory
 from konstruct.agent.pipeline import Pipeline
 from konstruct.channels.registry import channels
@@ -98,6 +98,10 @@ class WorkerRuntime:
         """Embed and store one message as a memory (the embedding runs in a thread, off the loop)."""
         self._call(self._remember(tenant_id, inbound_id), timeout=300)
 
+    def notify_admins(self, tenant_id: uuid.UUID, kind: str, subject: str, body: str) -> None:
+        assert self.db is not None
+        self._call(mail.notify_admins(self.db, self.settings, tenant_id, kind=kind, subject=subject, body=body), timeout=120)
+
     # -- on the loop --
 
     async def _remember(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
@@ -118,7 +122,12 @@ class WorkerRuntime:
     async def _startup(self) -> None:
         self.db = Database(self.settings, self.urls)
         self.pipeline = Pipeline(
-            self.settings, self.db, channels(self.settings, self.db), self.worker_id, remember=self.queue.enqueue_memory
+            self.settings,
+            self.db,
+            channels(self.settings, self.db),
+            self.worker_id,
+            remember=self.queue.enqueue_memory,
+            notify=self.queue.enqueue_notice,
         )
         # Import litellm (seconds) in the background now, not when the first person is waiting.
         self._warmup = asyncio.ensure_future(asyncio.to_thread(load_litellm))

@@ -30,6 +30,8 @@ class Recorded:
 class FakeLLM:
     delay: float = 0.0
     fail_status: int | None = None
+    bad_keys: set[str] = field(default_factory=set)  # bearer tokens answered with 401, as a provider does a revoked key
+    fail_models: dict[str, int] = field(default_factory=dict)  # model -> HTTP status: one model is down, others answer
     requests: list[Recorded] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -45,6 +47,8 @@ class FakeLLM:
     def reset(self) -> None:
         with self._lock:
             self.delay, self.fail_status = 0.0, None
+            self.bad_keys.clear()
+            self.fail_models.clear()
             self.requests.clear()
             self.max_in_flight = 0
 
@@ -101,9 +105,17 @@ class FakeLLM:
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                     delay, fail = fake.delay, fake.fail_status
+                    token = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+                    if token in fake.bad_keys:
+                        fail = 401
+                    fail = fake.fail_models.get(str(body.get("model")), fail)
                 try:
                     if delay:
                         time.sleep(delay)
+                    if fail == 401:
+                        self._send(401, {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                                                   "code": "invalid_api_key"}})  # fmt: skip
+                        return
                     if fail:
                         self._send(fail, {"error": {"message": "the fake provider was told to fail", "type": "server_error", "code": None}})
                         return

@@ -1,0 +1,277 @@
+"""Stripe webhook events: verified, each id processed once (stored in the same transaction that acts on
+it), and turned into subscription state by the events' own timestamps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from konstruct import audit
+from konstruct.billing.state import GOOD, Evidence, Standing, SubState, decide, standing
+from konstruct.config import Settings
+from konstruct.db.engine import Database
+from konstruct.db.models import StripeEvent, Subscription, Tenant
+from konstruct.tenancy.tenants import TenantInfo
+
+log = logging.getLogger("konstruct.billing")
+
+HANDLED = frozenset(
+    {
+        "checkout.session.completed",
+        "customer.subscription.created",
+        "customer.subscription.updated",
+        "customer.subscription.deleted",
+        "invoice.paid",
+        "invoice.payment_failed",
+    }
+)
+
+
+class BadSignature(Exception):
+    pass
+
+
+def verify(settings: Settings, payload: bytes, header: str | None) -> dict[str, Any]:
+    """The event, if the Stripe-Signature header is valid for this body; BadSignature otherwise."""
+    import stripe
+
+    secret = settings.billing.webhook_secret.get_secret_value() if settings.billing.webhook_secret else ""
+    if not secret or not header:
+        raise BadSignature("missing signature" if secret else "no webhook secret configured")
+    try:
+        stripe.WebhookSignature.verify_header(payload.decode("utf-8"), header, secret, settings.billing.tolerance)
+    except (stripe.SignatureVerificationError, UnicodeDecodeError, ValueError) as exc:
+        raise BadSignature(type(exc).__name__) from None
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        raise BadSignature("the body is not JSON") from None
+    if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("data"), dict):
+        raise BadSignature("not a Stripe event")
+    return event
+
+
+def _id(value: Any) -> str | None:
+    """An id, whether Stripe sent the id or the expanded object."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    return value if isinstance(value, str) and value else None
+
+
+def _subscription_of_invoice(invoice: dict[str, Any]) -> str | None:
+    found = _id(invoice.get("subscription"))
+    if found:
+        return found
+    parent = invoice.get("parent") or {}
+    return _id((parent.get("subscription_details") or {}).get("subscription"))
+
+
+def _price_and_period(sub: dict[str, Any]) -> tuple[str | None, int | None]:
+    items = ((sub.get("items") or {}).get("data")) or []
+    first = items[0] if items else {}
+    price = _id(first.get("price")) if first else None
+    period = sub.get("current_period_end") or (first.get("current_period_end") if first else None)
+    return price, int(period) if isinstance(period, int | float) else None
+
+
+def evidence(event: dict[str, Any]) -> tuple[str | None, str | None, Evidence] | None:
+    """(subscription id, customer id, evidence) from one event, or None if it says nothing about a subscription."""
+    kind, obj, at = event.get("type"), event["data"].get("object") or {}, int(event.get("created") or 0)
+    if kind == "checkout.session.completed":
+        if obj.get("mode") != "subscription" or not _id(obj.get("subscription")):
+            return None
+        paid = obj.get("payment_status") in ("paid", "no_payment_required")
+        return _id(obj.get("subscription")), _id(obj.get("customer")), Evidence(at, "active" if paid else "incomplete", authoritative=False)
+    if kind in ("customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted"):
+        price, period = _price_and_period(obj)
+        status = "canceled" if kind.endswith("deleted") else str(obj.get("status") or "incomplete")
+        return (
+            _id(obj),
+            _id(obj.get("customer")),
+            Evidence(at, status, price_id=price, current_period_end=period, cancel_at_period_end=bool(obj.get("cancel_at_period_end"))),
+        )
+    if kind in ("invoice.paid", "invoice.payment_failed"):
+        sub = _subscription_of_invoice(obj)
+        if not sub:
+            return None
+        if kind == "invoice.paid":
+            ev = Evidence(at, "active", authoritative=False, invoice=_id(obj), applies_to=frozenset({"past_due", "unpaid", "incomplete"}))
+        else:
+            ev = Evidence(at, "past_due", authoritative=False, invoice=_id(obj), applies_to=frozenset({"active", "trialing"}))
+        return sub, _id(obj.get("customer")), ev
+    return None
+
+
+def _tenant_hint(event: dict[str, Any]) -> str | None:
+    obj = event["data"].get("object") or {}
+    metadata = obj.get("metadata") or {}
+    return metadata.get("tenant_id") or obj.get("client_reference_id")
+
+
+async def _resolve_tenant(db: Database, customer: str | None, hint: str | None) -> uuid.UUID | None:
+    """The customer we created for a tenant decides; the tenant id in the metadata only if the customer is new to us."""
+    async with db.system() as session:
+        if customer:
+            found = await session.scalar(text("select konstruct_tenant_for_customer(:c)"), {"c": customer})
+            if found is not None:
+                return uuid.UUID(str(found))
+        if hint:
+            try:
+                candidate = uuid.UUID(hint)
+            except ValueError:
+                return None
+            exists = await session.scalar(text("select count(*) from konstruct_tenant_directory() where id = :id"), {"id": candidate})
+            return candidate if exists else None
+    return None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # processed | duplicate | ignored
+    detail: str
+
+
+def _row_state(row: Subscription) -> SubState:
+    def ts(value: datetime | None) -> int | None:
+        return int(value.timestamp()) if value else None
+
+    return SubState(
+        row.status, row.state_at, row.state_rank, row.price_id, ts(row.current_period_end), row.cancel_at_period_end,
+        ts(row.past_due_since), row.last_invoice,
+    )  # fmt: skip
+
+
+def _dt(value: int | None) -> datetime | None:
+    return datetime.fromtimestamp(value, UTC) if value else None
+
+
+async def _remember(session: AsyncSession, event: dict[str, Any], outcome: str) -> bool:
+    """Store the event id; False if it was stored before (then nothing is done again)."""
+    stored = await session.scalar(
+        pg_insert(StripeEvent)
+        .values(
+            id=event["id"],
+            type=str(event.get("type")),
+            created=int(event.get("created") or 0),
+            processed_at=datetime.now(UTC),
+            outcome=outcome,
+        )
+        .on_conflict_do_nothing()
+        .returning(StripeEvent.id)
+    )
+    return stored is not None
+
+
+async def handle(db: Database, settings: Settings, event: dict[str, Any]) -> Outcome:
+    kind = str(event.get("type"))
+    found = evidence(event) if kind in HANDLED else None
+    if found is None:
+        async with db.system() as session:
+            new = await _remember(session, event, "ignored")
+        return Outcome("ignored" if new else "duplicate", f"{kind}: nothing to do")
+    sub_id, customer, ev = found
+    tenant_id = await _resolve_tenant(db, customer, _tenant_hint(event))
+    if tenant_id is None or sub_id is None:
+        async with db.system() as session:
+            new = await _remember(session, event, "ignored: unknown customer")
+        log.warning("stripe event %s (%s): no tenant for customer %s", event["id"], kind, customer)
+        return Outcome("ignored" if new else "duplicate", "no tenant for this customer")
+    async with db.tenant(tenant_id=tenant_id) as session:
+        if not await _remember(session, event, "processed"):
+            return Outcome("duplicate", "seen before")
+        if customer:
+            await session.execute(
+                update(Tenant).where(Tenant.id == tenant_id, Tenant.stripe_customer_id.is_(None)).values(stripe_customer_id=customer)
+            )
+        await session.execute(
+            pg_insert(Subscription)
+            .values(id=sub_id, tenant_id=tenant_id, customer_id=customer or "", status="incomplete", state_at=0, state_rank=0)
+            .on_conflict_do_nothing()
+        )
+        row = await session.scalar(select(Subscription).where(Subscription.id == sub_id).with_for_update())
+        if row is None:  # the id belongs to another tenant's subscription: never touch it
+            raise ValueError(f"subscription {sub_id} is not this tenant's")
+        before = _row_state(row) if row.state_at else None
+        after = decide(before, ev)
+        plan = settings.billing.plan_for_price(after.price_id)
+        await session.execute(
+            update(Subscription)
+            .where(Subscription.id == sub_id)
+            .values(
+                status=after.status, state_at=after.state_at, state_rank=after.state_rank, price_id=after.price_id,
+                plan=plan.name if plan else row.plan, current_period_end=_dt(after.current_period_end),
+                cancel_at_period_end=after.cancel_at_period_end, past_due_since=_dt(after.past_due_since),
+                last_invoice=after.last_invoice, updated_at=datetime.now(UTC),
+            )
+        )  # fmt: skip
+        changed = before is None or before.status != after.status
+        await audit.record(
+            session, tenant_id=tenant_id, actor="stripe", action=f"billing.{kind}", target=sub_id,
+            detail={"event": event["id"], "status": after.status, "was": before.status if before else None, "changed": changed},
+        )  # fmt: skip
+    return Outcome("processed", f"{sub_id}: {after.status}")
+
+
+async def subscriptions(session: AsyncSession) -> list[Subscription]:
+    return list((await session.scalars(select(Subscription).order_by(Subscription.state_at.desc()))).all())
+
+
+async def tenant_standing(session: AsyncSession, settings: Settings, tenant_id: uuid.UUID) -> Standing:
+    exempt = bool(await session.scalar(select(Tenant.billing_exempt).where(Tenant.id == tenant_id)))
+    rows = await subscriptions(session)
+    return standing([_row_state(r) for r in rows], exempt=exempt, grace_days=settings.billing.grace_days)
+
+
+@dataclass(frozen=True)
+class BillingStatus:
+    tenant: str
+    customer: str | None
+    exempt: bool
+    standing: Standing
+    subscriptions: list[dict[str, Any]]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant,
+            "customer": self.customer,
+            "exempt": self.exempt,
+            "agents_running": self.standing.ok,
+            "reason": self.standing.reason,
+            "subscriptions": self.subscriptions,
+        }
+
+
+async def status(db: Database, settings: Settings, tenant: TenantInfo) -> BillingStatus:
+    async with db.tenant(tenant_id=tenant.id) as session:
+        row = (await session.execute(select(Tenant.stripe_customer_id, Tenant.billing_exempt).where(Tenant.id == tenant.id))).one()
+        rows = await subscriptions(session)
+        result = standing([_row_state(r) for r in rows], exempt=row.billing_exempt, grace_days=settings.billing.grace_days)
+    subs = [
+        {
+            "id": r.id,
+            "status": r.status,
+            "plan": r.plan,
+            "price_id": r.price_id,
+            "current_period_end": r.current_period_end.isoformat() if r.current_period_end else None,
+            "cancel_at_period_end": r.cancel_at_period_end,
+            "past_due_since": r.past_due_since.isoformat() if r.past_due_since else None,
+            "good": r.status in GOOD,
+        }
+        for r in rows
+    ]
+    return BillingStatus(tenant.slug, row.stripe_customer_id, row.billing_exempt, result, subs)
+
+
+async def set_exempt(db: Database, tenant: TenantInfo, exempt: bool, *, actor: str) -> None:
+    async with db.tenant(tenant_id=tenant.id) as session:
+        await session.execute(update(Tenant).where(Tenant.id == tenant.id).values(billing_exempt=exempt))
+        await audit.record(session, tenant_id=tenant.id, actor=actor, action="billing.exempt" if exempt else "billing.unexempt",
+                           target=tenant.slug)  # fmt: skip

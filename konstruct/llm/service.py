@@ -1,0 +1,340 @@
+"""Every LLM call of the product: the tenant's own key (or the platform's), a litellm Router per tenant
+with retries and fallbacks, the budget checked before and accounted after, one usage row per call.
+
+Failures come back as LLMError with a message free of keys; they are recorded and audited here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import insert
+
+from konstruct import audit
+from konstruct.config import Settings
+from konstruct.db.engine import Database
+from konstruct.db.models import LLMUsage
+from konstruct.llm import budget
+from konstruct.llm.client import Completion, LLMError, ToolCall, load_litellm
+from konstruct.llm.keys import TenantKey, tenant_keys
+
+log = logging.getLogger("konstruct.llm")
+
+
+class BudgetExhausted(LLMError):
+    """The tenant's monthly budget is used up and its action is 'block'."""
+
+
+@dataclass(frozen=True)
+class CallContext:
+    tenant_id: uuid.UUID
+    agent_id: uuid.UUID | None = None
+    conversation_id: uuid.UUID | None = None
+    purpose: str = "reply"
+    actor: str = "agent"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the tenant's admins should hear about (sent as an email by the worker)."""
+
+    tenant_id: uuid.UUID
+    kind: str  # budget.alert | budget.exhausted
+    subject: str
+    body: str
+
+
+@dataclass(frozen=True)
+class Deployment:
+    model: str
+    provider: str
+    api_key: str | None
+    api_base: str | None
+    source: str  # tenant | platform
+
+
+def provider_of(model: str) -> str:
+    try:
+        return str(load_litellm().get_llm_provider(model)[1])
+    except Exception:
+        return model.split("/", 1)[0] if "/" in model else "openai"
+
+
+def deployments(settings: Settings, keys: dict[str, TenantKey], models: list[str]) -> list[Deployment]:
+    """For each model: the tenant's key for its provider if it brought one, else the platform key."""
+    out = []
+    for model in models:
+        provider = provider_of(model)
+        own = keys.get(provider)
+        if own is not None:
+            out.append(Deployment(model, provider, own.key, own.api_base or settings.llm.api_base, "tenant"))
+            continue
+        platform = settings.llm.provider_keys.get(provider) or settings.llm.api_key
+        key = platform.get_secret_value() if platform is not None else None  # None: litellm reads e.g. OPENAI_API_KEY
+        out.append(Deployment(model, provider, key or None, settings.llm.api_base, "platform"))
+    return out
+
+
+def _scrub(message: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret and len(secret) >= 6:
+            message = message.replace(secret, "****")
+    return " ".join(message.split())[:300]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().split("\n")[0]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class LLMService:
+    def __init__(self, settings: Settings, db: Database, notify: Callable[[Notice], None] | None = None) -> None:
+        self.settings, self.db, self.notify = settings, db, notify
+        self._routers: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+    # -- the router --
+
+    def router(self, tenant_id: uuid.UUID, plan: list[Deployment]) -> Any:
+        """One litellm Router per tenant and key set (cached; a new key makes a new router)."""
+        fingerprint = tuple((d.model, d.source, hashlib.sha256((d.api_key or "").encode()).hexdigest()[:12], d.api_base) for d in plan)
+        cache_key = (tenant_id, fingerprint)
+        router = self._routers.get(cache_key)
+        if router is not None:
+            self._routers.move_to_end(cache_key)
+            return router
+        litellm = load_litellm()
+        llm = self.settings.llm
+        model_list = [
+            {
+                "model_name": d.model,
+                "litellm_params": {
+                    "model": d.model,
+                    "api_key": d.api_key,
+                    "api_base": d.api_base,
+                    "timeout": llm.timeout,
+                    "max_retries": 0,  # retries are the router's
+                },
+            }
+            for d in plan
+        ]
+        names = [d.model for d in plan]
+        router = litellm.Router(
+            model_list=model_list,
+            fallbacks=[{names[0]: names[1:]}] if len(names) > 1 else [],
+            num_retries=llm.retries,
+            retry_after=0,
+            timeout=llm.timeout,
+            disable_cooldowns=llm.cooldown == 0,
+            cooldown_time=llm.cooldown or None,
+        )
+        self._routers[cache_key] = router
+        while len(self._routers) > 1000:
+            self._routers.popitem(last=False)
+        return router
+
+    # -- estimates and costs --
+
+    def estimate(self, models: list[str], messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Decimal:
+        """An upper bound of one call's cost: the prompt counted (plus a margin), the longest answer allowed."""
+        litellm = load_litellm()
+        worst = Decimal(0)
+        for model in models:
+            try:
+                prompt = litellm.token_counter(model=model, messages=messages, tools=tools)
+            except Exception:
+                prompt = sum(len(str(m.get("content") or "")) for m in messages) // 2 + 200
+            prompt = int(prompt * 1.1) + 50
+            try:
+                cost_in, cost_out = litellm.cost_per_token(
+                    model=model, prompt_tokens=prompt, completion_tokens=self.settings.llm.max_tokens
+                )
+            except Exception:
+                continue  # a model litellm has no price for costs nothing we can know
+            worst = max(worst, Decimal(str(cost_in)) + Decimal(str(cost_out)))
+        return worst
+
+    @staticmethod
+    def cost(response: Any) -> Decimal:
+        hidden = getattr(response, "_hidden_params", None) or {}
+        value = hidden.get("response_cost")
+        if value is None:
+            try:
+                value = load_litellm().completion_cost(completion_response=response)
+            except Exception:
+                value = 0
+        return Decimal(str(value or 0)).quantize(Decimal("0.00000001"))
+
+    # -- the call --
+
+    async def complete(
+        self,
+        ctx: CallContext,
+        *,
+        model: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        fallbacks: list[str] | None = None,
+    ) -> Completion:
+        if not _loaded():
+            await asyncio.to_thread(load_litellm)  # never block the event loop on the import
+        models = [model, *[m for m in (fallbacks if fallbacks is not None else self.settings.llm.fallbacks) if m != model]]
+        async with self.db.tenant(tenant_id=ctx.tenant_id) as session:
+            keys = await tenant_keys(session, self.settings)
+            limit = await budget.current_limit(session, self.settings)
+        reservation: uuid.UUID | None = None
+        if limit is not None:
+            models, reservation = await self._admit(ctx, limit, models, messages, tools)
+        plan = deployments(self.settings, keys, models)
+        secrets = [d.api_key for d in plan if d.api_key]
+        started = time.perf_counter()
+        try:
+            router = self.router(ctx.tenant_id, plan)
+            response = await router.acompletion(
+                model=models[0], messages=messages, max_tokens=self.settings.llm.max_tokens, **({"tools": tools} if tools else {})
+            )
+            result = self._completion(response, models[0], started)
+        except Exception as exc:
+            reason = _scrub(_first_line(exc), secrets)
+            await self._record(ctx, models[0], plan[0].source, None, Decimal(0), started, reservation, limit, error=reason)
+            raise LLMError(reason) from None
+        await self._record(ctx, result.model, plan[0].source, result, self.cost(response), started, reservation, limit)
+        return result
+
+    async def _admit(
+        self, ctx: CallContext, limit: budget.Limit, models: list[str], messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> tuple[list[str], uuid.UUID | None]:
+        """Hold an estimate against the budget; wait while calls in flight may still leave room.
+        Returns the models to use (downgraded at the limit) and the reservation."""
+        estimate = await asyncio.to_thread(self.estimate, models, messages, tools)
+        llm = self.settings.llm
+        hold = llm.timeout * (llm.retries + 1) * len(models) + 60
+        deadline = time.monotonic() + llm.timeout
+        pause = 0.05
+        while True:
+            async with self.db.tenant(tenant_id=ctx.tenant_id) as session:
+                admission = await budget.admit(session, ctx.tenant_id, limit, estimate, hold)
+                if admission.first_time:
+                    await audit.record(
+                        session, tenant_id=ctx.tenant_id, actor="konstruct", action="budget.exhausted", target=limit.action,
+                        detail={"monthly_usd": float(limit.monthly_usd), "action": limit.action},
+                    )  # fmt: skip
+            if admission.allowed:
+                return models, admission.reservation
+            if admission.first_time:
+                await self._notify_exhausted(ctx.tenant_id, limit)
+            if admission.over_limit or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(pause)  # calls in flight hold the rest of the budget: see what they really cost
+            pause = min(pause * 2, 1.0)
+        if limit.action == "downgrade":
+            cheaper = limit.downgrade_model or self.settings.budget.downgrade_model
+            if cheaper:
+                return [cheaper], None
+        raise BudgetExhausted(f"the monthly budget of ${limit.monthly_usd} is used up")
+
+    def _completion(self, response: Any, model: str, started: float) -> Completion:
+        choice = response.choices[0]
+        text = (choice.message.content or "").strip()
+        calls = tuple(
+            ToolCall(str(c.id), str(c.function.name), str(c.function.arguments or "{}"))
+            for c in (getattr(choice.message, "tool_calls", None) or [])
+        )
+        if not text and not calls:
+            raise LLMError(f"the model {model} returned an empty answer (finish_reason={choice.finish_reason})")
+        usage = getattr(response, "usage", None)
+        hidden = getattr(response, "_hidden_params", None) or {}
+        return Completion(
+            text=text,
+            model=str(hidden.get("litellm_model_name") or model),
+            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+            latency_ms=int((time.perf_counter() - started) * 1000),
+            tool_calls=calls,
+        )
+
+    async def _record(
+        self,
+        ctx: CallContext,
+        model: str,
+        source: str,
+        result: Completion | None,
+        cost: Decimal,
+        started: float,
+        reservation: uuid.UUID | None,
+        limit: budget.Limit | None,
+        error: str | None = None,
+    ) -> None:
+        """The usage row, the month's spending, alerts crossed, and (for a failure) an audit event."""
+        latency = int((time.perf_counter() - started) * 1000)
+        try:
+            async with self.db.tenant(tenant_id=ctx.tenant_id) as session:
+                await session.execute(
+                    insert(LLMUsage).values(
+                        tenant_id=ctx.tenant_id, agent_id=ctx.agent_id, conversation_id=ctx.conversation_id, purpose=ctx.purpose,
+                        model=model, prompt_tokens=result.prompt_tokens if result else 0,
+                        completion_tokens=result.completion_tokens if result else 0, cost_usd=cost, latency_ms=latency,
+                        key_source=source, error=error,
+                    )
+                )  # fmt: skip
+                crossed = await budget.account(session, ctx.tenant_id, cost, reservation, limit)
+                for percent in crossed:
+                    await audit.record(
+                        session, tenant_id=ctx.tenant_id, actor="konstruct", action="budget.alert", target=f"{percent}%",
+                        detail={"percent": percent, "monthly_usd": float(limit.monthly_usd) if limit else None},
+                    )  # fmt: skip
+                if error is not None:
+                    await audit.record(
+                        session, tenant_id=ctx.tenant_id, actor=ctx.actor, action="llm.failed", target=model,
+                        detail={"error": error, "key": source, "purpose": ctx.purpose,
+                                "conversation_id": str(ctx.conversation_id) if ctx.conversation_id else None},
+                    )  # fmt: skip
+        except Exception as exc:  # the answer is worth more than its bookkeeping; say so loudly
+            log.error("tenant %s: could not record an LLM call: %s", ctx.tenant_id, _first_line(exc))
+            return
+        if limit is not None:
+            for percent in crossed:
+                await self._send(
+                    Notice(
+                        ctx.tenant_id, "budget.alert", f"LLM budget: {percent}% used this month",
+                        f"Your organisation has used {percent}% of its monthly LLM budget of ${limit.monthly_usd}.\n"
+                        + ("When it is used up, the agents stop answering until next month or until the budget is raised.\n"
+                           if limit.action == "block" else "When it is used up, the agents switch to a cheaper model.\n"),
+                    )
+                )  # fmt: skip
+
+    async def _notify_exhausted(self, tenant_id: uuid.UUID, limit: budget.Limit) -> None:
+        what = (
+            "The agents now tell people they are unavailable"
+            if limit.action == "block"
+            else "The agents now answer with the cheaper model " + (limit.downgrade_model or self.settings.budget.downgrade_model or "")
+        )
+        await self._send(
+            Notice(
+                tenant_id, "budget.exhausted", "LLM budget used up",
+                f"Your organisation's monthly LLM budget of ${limit.monthly_usd} is used up. {what} until next month, "
+                "or until the budget is raised (`konstruct budget set`).\n",
+            )
+        )  # fmt: skip
+
+    async def _send(self, notice: Notice) -> None:
+        if self.notify is None:
+            return
+        try:
+            await asyncio.to_thread(self.notify, notice)  # queueing is blocking I/O
+        except Exception as exc:
+            log.error("tenant %s: could not queue the %s notice: %s", notice.tenant_id, notice.kind, type(exc).__name__)
+
+
+def _loaded() -> bool:
+    from konstruct.llm import client
+
+    return client._litellm is not None
