@@ -1,0 +1,213 @@
+"""Budgets: checked before each call with an estimate, accounted after it, safe under concurrency; alerts
+emailed once per threshold per month; block and downgrade at the limit. Real worker, fake LLM, fake SMTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from konstruct import audit
+from konstruct.agent.agents import AgentInfo, create_agent
+from konstruct.channels.base import InboundMessage
+from konstruct.config import load_settings
+from konstruct.db.engine import Database
+from konstruct.db.models import InboundMessage as InboxRow
+from konstruct.db.models import LLMUsage, Message
+from konstruct.db.urls import resolve_urls
+from konstruct.inbox import accept
+from konstruct.llm import budget
+from konstruct.tenancy.tenants import TenantInfo, create_tenant, update_settings
+from konstruct.worker.queue import Queue, make_queue
+from tests.conftest import write_config
+from tests.fakes.llm import FakeLLM
+from tests.fakes.smtp import FakeSMTP
+from tests.helpers import Proc, konstruct
+
+PRICED = "openai/gpt-4"  # litellm prices it at $30 / $60 per million tokens: a few cents per call here
+CHEAP = "openai/gpt-4o-mini"
+
+
+@pytest.fixture
+def smtp() -> Iterator[FakeSMTP]:
+    server = FakeSMTP().start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class Site:
+    config: Path
+    db: Database
+    llm: FakeLLM
+    smtp: FakeSMTP
+    tenant: TenantInfo
+    agent: AgentInfo
+    queue: Queue
+    worker: Proc
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return konstruct(*args, config=self.config)
+
+    async def send(self, n: int, prefix: str) -> list[uuid.UUID]:
+        """n messages from n people, stored and queued as a gateway does, all at once."""
+        ids = []
+        for i in range(n):
+            message = InboundMessage(
+                tenant_id=self.tenant.id, agent_id=self.agent.id, channel="terminal", external_id=f"{prefix}-{i}",
+                conversation_key=f"cli:{prefix}-{i}", sender=f"person-{i}", text=f"question number {i}",
+            )  # fmt: skip
+            stored = await accept(self.db, self.queue, message)
+            assert stored is not None
+            ids.append(stored.id)
+        return ids
+
+    async def wait_done(self, ids: list[uuid.UUID], timeout: float = 90) -> list[InboxRow]:
+        deadline = time.monotonic() + timeout
+        while True:
+            async with self.db.tenant(tenant_id=self.tenant.id) as session:
+                rows = list(await session.scalars(select(InboxRow).where(InboxRow.id.in_(ids))))
+            if all(r.status in ("replied", "failed", "ignored") for r in rows) and len(rows) == len(ids):
+                return rows
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not finished: {[r.status for r in rows]}\n{self.worker.log()[-3000:]}")
+            await asyncio.sleep(0.1)
+
+    async def replies(self, ids: list[uuid.UUID]) -> list[Message]:
+        async with self.db.tenant(tenant_id=self.tenant.id) as session:
+            return list(await session.scalars(select(Message).where(Message.inbound_id.in_(ids), Message.direction == "out")))
+
+    async def usage(self) -> list[LLMUsage]:
+        async with self.db.tenant(tenant_id=self.tenant.id) as session:
+            return list(await session.scalars(select(LLMUsage)))
+
+
+@pytest.fixture
+async def site(tmp_path: Path, database_url: str, fake_llm: FakeLLM, db: Database, smtp: FakeSMTP) -> Iterator[Site]:
+    config = write_config(
+        tmp_path / "site", database_url, fake_llm.url, llm={"model": PRICED, "max_tokens": 64},
+        smtp={"host": smtp.host, "port": smtp.port, "security": "none", "sender": "alerts@konstruct.test"},
+    )  # fmt: skip
+    tenant = await create_tenant(db, name="Acme", slug="acme", actor="test")
+    await update_settings(db, tenant, escalation_target=None, allowed_hosts=None, contact_email="admin@acme.test", actor="test")
+    agent = await create_agent(db, tenant, name="Ava", role="Support", persona="Brief.", model=None, actor="test")
+    settings = load_settings(config)
+    queue = make_queue(settings, resolve_urls(settings))
+    worker = Proc("worker", ["worker"], config=config, log_dir=tmp_path)
+    worker.wait_for_log(" ready: ")
+    yield Site(config, db, fake_llm, smtp, tenant, agent, queue, worker)
+    worker.stop()
+    queue.close()
+
+
+async def test_admission_never_lets_concurrent_calls_overshoot_by_more_than_one(db: Database) -> None:
+    """The accounting alone, hammered: 60 concurrent callers against a limit worth about 10 calls."""
+    tenant = await create_tenant(db, name="Hammer", slug="hammer", actor="test")
+    limit = budget.Limit(monthly_usd=Decimal("1.00"), alerts=[50, 80], action="block", downgrade_model=None)
+    cost, estimate = Decimal("0.10"), Decimal("0.12")  # every estimate is an upper bound of the real cost
+    admitted: list[int] = []
+    alerts: list[int] = []
+
+    async def caller(n: int) -> None:
+        async with db.tenant(tenant_id=tenant.id) as session:
+            admission = await budget.admit(session, tenant.id, limit, estimate, 60)
+        if not admission.allowed:
+            return
+        admitted.append(n)
+        await asyncio.sleep(0.01 * (n % 5))  # the "LLM call"
+        async with db.tenant(tenant_id=tenant.id) as session:
+            alerts.extend(await budget.account(session, tenant.id, cost, admission.reservation, limit))
+
+    for _ in range(3):  # three waves: later waves find the budget already spent
+        await asyncio.gather(*(caller(n) for n in range(20)))
+    info = await budget.get_budget(db, tenant, db.settings)
+    assert info.spent_usd == cost * len(admitted)
+    assert info.spent_usd >= limit.monthly_usd  # the budget was really reached
+    assert info.spent_usd - limit.monthly_usd <= cost  # ... and overshot by at most one call
+    assert info.reserved_usd == 0
+    assert sorted(alerts) == [50, 80, 100]  # each threshold handed out to exactly one caller
+
+
+async def test_concurrent_messages_against_a_nearly_spent_budget(site: Site) -> None:
+    site.llm.delay = 0.2
+    set_ = site.cli("budget", "set", "--tenant", "acme", "--usd", "0.05", "--alert", "50", "--alert", "80", "--json")
+    assert set_.returncode == 0, set_.stderr
+    ids = await site.send(30, "burst")
+    rows = await site.wait_done(ids)
+    usage = await site.usage()
+    info = await budget.get_budget(site.db, site.tenant, load_settings(site.config))
+    biggest = max(u.cost_usd for u in usage)
+    assert info.spent_usd == sum(u.cost_usd for u in usage)
+    assert info.spent_usd >= Decimal("0.05"), "the burst should use the budget up"
+    assert info.spent_usd - Decimal("0.05") <= biggest, f"overshot by more than one call: {info.spent_usd}"
+    assert len(site.llm.requests) == len(usage)  # every call the provider saw is accounted
+    assert info.reserved_usd == 0
+
+    settings = load_settings(site.config)
+    replies = await site.replies(ids)
+    answered = [r for r in replies if r.text.startswith("[gpt-4]")]
+    blocked = [r for r in replies if r.text == settings.budget.unavailable]
+    assert len(answered) == len(usage) and len(answered) + len(blocked) == 30 and blocked
+    assert all(r.status == "replied" for r in rows)
+    assert {r.error for r in rows if r.error} == {f"budget: the monthly budget of ${Decimal('0.0500')} is used up"}
+
+    mails = site.smtp.wait_for(4)
+    time.sleep(1)  # nothing more may come
+    subjects = sorted(m.subject for m in site.smtp.messages)
+    assert subjects == [
+        "[Konstruct] LLM budget used up",
+        "[Konstruct] LLM budget: 100% used this month",
+        "[Konstruct] LLM budget: 50% used this month",
+        "[Konstruct] LLM budget: 80% used this month",
+    ]
+    assert all(m.recipients == ["admin@acme.test"] for m in mails)
+    events = await audit.events(site.db, site.tenant.id)
+    assert sorted(e.target for e in events if e.action == "budget.alert") == ["100%", "50%", "80%"]
+    assert [e.action for e in events].count("budget.exhausted") == 1
+    assert [e.action for e in events].count("notification.sent") == 4
+
+    # Later messages this month: still blocked, and nobody is emailed again.
+    more = await site.send(3, "later")
+    await site.wait_done(more)
+    assert all(r.text == settings.budget.unavailable for r in await site.replies(more))
+    time.sleep(1)
+    assert len(site.smtp.messages) == 4
+    shown = json.loads(site.cli("budget", "show", "--tenant", "acme", "--json").stdout)
+    assert shown["alerts_sent"] == [50, 80, 100] and shown["used_percent"] >= 100
+
+
+async def test_downgrade_switches_to_the_cheaper_model_at_the_limit(site: Site) -> None:
+    result = site.cli("budget", "set", "--tenant", "acme", "--usd", "0.001", "--action", "downgrade", "--downgrade-model", CHEAP)
+    assert result.returncode == 0, result.stderr
+    first = await site.send(1, "first")
+    await site.wait_done(first)
+    assert site.llm.requests[-1].body["model"] == "gpt-4"  # under the limit: the agent's model
+    second = await site.send(2, "second")
+    await site.wait_done(second)
+    assert [r.body["model"] for r in site.llm.requests[-2:]] == ["gpt-4o-mini", "gpt-4o-mini"]
+    assert all(r.text.startswith("[gpt-4o-mini]") for r in await site.replies(second))
+    mails = site.smtp.wait_for(1)
+    assert any("used up" in m.subject and CHEAP in m.body for m in mails)
+
+
+async def test_budget_commands_refuse_bad_input(site: Site) -> None:
+    for args, words in (
+        (["--usd", "-5"], "--usd"),
+        (["--usd", "5", "--alert", "150"], "percentages"),
+        (["--usd", "5", "--action", "explode"], "--action"),
+        (["--usd", "5", "--action", "downgrade"], "--downgrade-model"),
+    ):
+        result = site.cli("budget", "set", "--tenant", "acme", *args)
+        assert result.returncode != 0 and words in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    shown = json.loads(site.cli("budget", "show", "--tenant", "acme", "--json").stdout)
+    assert shown["monthly_usd"] is None  # nothing was written
+    assert site.cli("budget", "clear", "--tenant", "acme", "--yes").returncode != 0
