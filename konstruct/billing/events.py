@@ -145,7 +145,7 @@ def _row_state(row: Subscription) -> SubState:
 
     return SubState(
         row.status, row.state_at, row.state_rank, row.price_id, ts(row.current_period_end), row.cancel_at_period_end,
-        ts(row.past_due_since), row.last_invoice,
+        ts(row.past_due_since), row.last_invoice, row.details_at, row.details_rank, row.invoice_at,
     )  # fmt: skip
 
 
@@ -209,7 +209,8 @@ async def handle(db: Database, settings: Settings, event: dict[str, Any]) -> Out
                 status=after.status, state_at=after.state_at, state_rank=after.state_rank, price_id=after.price_id,
                 plan=plan.name if plan else row.plan, current_period_end=_dt(after.current_period_end),
                 cancel_at_period_end=after.cancel_at_period_end, past_due_since=_dt(after.past_due_since),
-                last_invoice=after.last_invoice, updated_at=datetime.now(UTC),
+                last_invoice=after.last_invoice, details_at=after.details_at, details_rank=after.details_rank,
+                invoice_at=after.invoice_at, updated_at=datetime.now(UTC),
             )
         )  # fmt: skip
         changed = before is None or before.status != after.status

@@ -22,6 +22,11 @@ class SubState:
     cancel_at_period_end: bool = False
     past_due_since: int | None = None
     last_invoice: str | None = None
+    # Details and invoices keep their own clocks: an invoice event of the same second as a subscription
+    # update must not make the update's details (its new period) look old.
+    details_at: int = 0
+    details_rank: int = 0
+    invoice_at: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,19 +58,25 @@ def decide(current: SubState | None, ev: Evidence) -> SubState:
             cancel_at_period_end=bool(ev.cancel_at_period_end),
             past_due_since=ev.at if status == "past_due" else None,
             last_invoice=ev.invoice,
+            details_at=ev.at if ev.authoritative else 0,
+            details_rank=rank if ev.authoritative else 0,
+            invoice_at=ev.at if ev.invoice else 0,
         )
     new = current
-    newer = (ev.at, RANK.get(ev.status or "", 0)) > (current.state_at, current.state_rank)
-    # Details (price, period) come from subscription objects; the newest one wins, a first one always.
-    if ev.authoritative and (newer or current.price_id is None):
+    rank = RANK.get(ev.status or "", 0)
+    newer = (ev.at, rank) > (current.state_at, current.state_rank)
+    # Details (price, period) come from subscription objects; the newest of those wins.
+    if ev.authoritative and (ev.at, rank) >= (current.details_at, current.details_rank):
         new = replace(
             new,
             price_id=ev.price_id or new.price_id,
             current_period_end=ev.current_period_end or new.current_period_end,
             cancel_at_period_end=new.cancel_at_period_end if ev.cancel_at_period_end is None else ev.cancel_at_period_end,
+            details_at=ev.at,
+            details_rank=rank,
         )
-    if ev.invoice and ev.at >= current.state_at:
-        new = replace(new, last_invoice=ev.invoice)
+    if ev.invoice and (ev.at, ev.invoice) >= (current.invoice_at, current.last_invoice or ""):
+        new = replace(new, last_invoice=ev.invoice, invoice_at=ev.at)
     if ev.status is None or current.status in TERMINAL or not newer:
         return new
     if ev.applies_to is not None and current.status not in ev.applies_to:

@@ -77,6 +77,7 @@ async def customer_for(db: Database, settings: Settings, tenant: TenantInfo, *, 
 
 
 async def checkout(db: Database, settings: Settings, tenant: TenantInfo, plan_name: str, *, actor: str) -> CheckoutLink:
+    api = client(settings)  # billing off is the first thing to say
     plan = settings.billing.plan(plan_name)
     if plan is None:
         names = ", ".join(p.name for p in settings.billing.plans) or "none configured"
@@ -93,7 +94,7 @@ async def checkout(db: Database, settings: Settings, tenant: TenantInfo, plan_na
         "success_url": f"{base}/?billing=success",
         "cancel_url": f"{base}/?billing=cancelled",
     }
-    session = await _call(settings, "start a checkout", client(settings).v1.checkout.sessions.create, params)
+    session = await _call(settings, "start a checkout", api.v1.checkout.sessions.create, params)
     async with db.tenant(tenant_id=tenant.id) as db_session:
         await audit.record(
             db_session, tenant_id=tenant.id, actor=actor, action="billing.checkout_started", target=plan.name,

@@ -302,6 +302,9 @@ class Subscription(Base):
     state_at: Mapped[int] = mapped_column(BigInteger, server_default="0")
     state_rank: Mapped[int] = mapped_column(Integer, server_default="0")
     last_invoice: Mapped[str | None] = mapped_column(Text)
+    details_at: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    details_rank: Mapped[int] = mapped_column(Integer, server_default="0")
+    invoice_at: Mapped[int] = mapped_column(BigInteger, server_default="0")
     updated_at: Mapped[datetime] = _created()
 
 

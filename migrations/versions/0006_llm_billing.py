@@ -95,6 +95,9 @@ CREATE TABLE subscriptions (
     state_at bigint NOT NULL DEFAULT 0,
     state_rank integer NOT NULL DEFAULT 0,
     last_invoice text,
+    details_at bigint NOT NULL DEFAULT 0,   -- details (price, period) and invoices keep their own evidence clocks
+    details_rank integer NOT NULL DEFAULT 0,
+    invoice_at bigint NOT NULL DEFAULT 0,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX subscriptions_tenant ON subscriptions (tenant_id);

@@ -1,0 +1,146 @@
+"""What the LLM service costs on top of the model call: the tenant's keys, the budget admission (with its
+reservation) before the call, and the usage row, the month's spending and alerts after it.
+
+A fresh `konstruct init` + `konstruct db upgrade` in a temporary folder (embedded PostgreSQL) and the fake
+OpenAI-compatible LLM (no delay), so what is measured is our overhead, not a model's. Four variants, each
+`--calls` calls sequentially and then `--calls` calls with `--concurrency` in flight:
+
+  raw      litellm Router.acompletion alone (the floor)
+  service  LLMService.complete: keys + usage metering, no budget
+  budget   the same with a monthly budget (admission + reservation + accounting)
+  own-key  with a budget and the tenant's own key
+
+    python bench/llm_overhead.py [--calls 400] [--concurrency 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.harness import cli, pct  # noqa: E402
+from tests.fakes.llm import FakeLLM  # noqa: E402
+from tests.helpers import cli_env  # noqa: E402
+
+MODEL = "openai/gpt-4o-mini"
+MESSAGES = [
+    {"role": "system", "content": "You are Ava, a support agent of Acme. Be brief. You are an AI."},
+    {"role": "user", "content": "Hello, where is my order number 4711? It was due on Monday."},
+]
+
+
+async def measure(name: str, call: Callable[[], Awaitable[Any]], calls: int, concurrency: int) -> None:
+    for _ in range(20):  # warm: connections, the router, the tokenizer
+        await call()
+    sequential = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        await call()
+        sequential.append((time.perf_counter() - started) * 1000)
+    latencies: list[float] = []
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with slots:
+            started = time.perf_counter()
+            await call()
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(calls)))
+    elapsed = time.perf_counter() - started
+    print(
+        f"{name:8}  sequential p50 {pct(sequential, 0.50):6.2f} ms  p95 {pct(sequential, 0.95):6.2f} ms  |  "
+        f"{concurrency} in flight: p50 {pct(latencies, 0.50):7.2f} ms  p99 {pct(latencies, 0.99):7.2f} ms  {calls / elapsed:7.1f} calls/s",
+        flush=True,
+    )
+
+
+async def run(site: Path, args: argparse.Namespace, fake: FakeLLM) -> None:
+    from konstruct.agent.agents import create_agent
+    from konstruct.config import load_settings
+    from konstruct.db.engine import Database
+    from konstruct.llm import budget
+    from konstruct.llm.client import load_litellm
+    from konstruct.llm.keys import add_key
+    from konstruct.llm.service import CallContext, LLMService, deployments
+    from konstruct.tenancy.tenants import create_tenant
+
+    settings = load_settings(site / "konstruct.toml")
+    db = Database(settings)
+    litellm = load_litellm()
+    plain = await create_tenant(db, name="Plain", slug="plain", actor="bench")
+    limited = await create_tenant(db, name="Limited", slug="limited", actor="bench")
+    own = await create_tenant(db, name="Own key", slug="own", actor="bench")
+    agents = {}
+    for tenant in (plain, limited, own):
+        agents[tenant.slug] = await create_agent(db, tenant, name="Ava", role="Support", persona="Brief.", model=None, actor="bench")
+    for tenant in (limited, own):
+        await budget.set_budget(
+            db, tenant, usd=1_000_000, alerts=[80], action="block", downgrade_model=None, settings=settings, actor="bench"
+        )
+    await add_key(db, settings, own, provider="openai", key="sk-own-tenant-key-1234", api_base=None, actor="bench")
+    service = LLMService(settings, db)
+    router = service.router(plain.id, deployments(settings, {}, [MODEL]))
+
+    async def raw() -> Any:
+        return await router.acompletion(model=MODEL, messages=MESSAGES, max_tokens=settings.llm.max_tokens)
+
+    def through(slug: str, tenant_id: Any) -> Callable[[], Awaitable[Any]]:
+        ctx = CallContext(tenant_id, agents[slug].id, None, "bench")
+        return lambda: service.complete(ctx, model=MODEL, messages=MESSAGES)
+
+    print(
+        f"machine: {os.cpu_count()} cores; fake LLM, no delay\n"
+    )
+    await measure("raw", raw, args.calls, args.concurrency)
+    await measure("service", through("plain", plain.id), args.calls, args.concurrency)
+    await measure("budget", through("limited", limited.id), args.calls, args.concurrency)
+    await measure("own-key", through("own", own.id), args.calls, args.concurrency)
+    info = await budget.get_budget(db, limited, settings)
+    print(f"\nbudgeted tenant: spent ${info.spent_usd:.6f}, reserved ${info.reserved_usd} after the run (must be 0)")
+    print(f"fake LLM saw {len(fake.requests)} requests")
+    await db.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=400, help="calls per variant and mode")
+    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight in the concurrent mode")
+    args = parser.parse_args()
+    fake = FakeLLM().start()
+    from konstruct.db import embedded
+
+    env = cli_env()
+    with tempfile.TemporaryDirectory(prefix="konstruct-bench-") as tmp:
+        site = Path(tmp)
+        cli(site, env, "init")
+        cli(site, env, "db", "upgrade")
+        os.environ.update(
+            KONSTRUCT_LLM__API_BASE=fake.url, KONSTRUCT_LLM__API_KEY="sk-platform-bench-0001", KONSTRUCT_LLM__MODEL=MODEL,
+            KONSTRUCT_LLM__RETRIES="0", LITELLM_LOCAL_MODEL_COST_MAP="True",
+        )  # fmt: skip
+        from konstruct.config import load_settings
+
+        pgdata = embedded.pgdata_dir(load_settings(site / "konstruct.toml").data_dir).resolve()
+        try:
+            asyncio.run(run(site, args, fake))
+        finally:
+            server = embedded._servers.pop(pgdata, None)
+            if server is not None:
+                server.cleanup()
+            fake.stop()
+
+
+if __name__ == "__main__":
+    main()
