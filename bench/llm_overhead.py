@@ -78,7 +78,7 @@ async def run(site: Path, args: argparse.Namespace, fake: FakeLLM) -> None:
 
     settings = load_settings(site / "konstruct.toml")
     db = Database(settings)
-    litellm = load_litellm()
+    load_litellm()
     plain = await create_tenant(db, name="Plain", slug="plain", actor="bench")
     limited = await create_tenant(db, name="Limited", slug="limited", actor="bench")
     own = await create_tenant(db, name="Own key", slug="own", actor="bench")
@@ -100,9 +100,7 @@ async def run(site: Path, args: argparse.Namespace, fake: FakeLLM) -> None:
         ctx = CallContext(tenant_id, agents[slug].id, None, "bench")
         return lambda: service.complete(ctx, model=MODEL, messages=MESSAGES)
 
-    print(
-        f"machine: {os.cpu_count()} cores; fake LLM, no delay\n"
-    )
+    print(f"machine: {os.cpu_count()} cores; fake LLM, no delay\n")
     await measure("raw", raw, args.calls, args.concurrency)
     await measure("service", through("plain", plain.id), args.calls, args.concurrency)
     await measure("budget", through("limited", limited.id), args.calls, args.concurrency)

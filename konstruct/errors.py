@@ -54,3 +54,10 @@ class WorkerUnavailableError(KonstructError):
     """No worker answered in time."""
 
     http_status = 503
+
+
+class PermissionDenied(KonstructError):
+    """The acting user's role does not allow the operation (or the tenant is not theirs)."""
+
+    exit_code = 3
+    http_status = 403

@@ -28,7 +28,9 @@ from konstruct.errors import TenantNotSetError
 from konstruct.inbox import store
 from konstruct.llm.budget import account, set_budget
 from konstruct.llm.keys import add_key
+from konstruct.tenancy import invitations
 from konstruct.tenancy.tenants import TenantInfo, create_tenant
+from konstruct.tenancy.users import add_member, create_user
 
 
 async def seed(db: Database, slug: str) -> TenantInfo:
@@ -64,6 +66,10 @@ async def seed(db: Database, slug: str) -> TenantInfo:
     await set_budget(db, tenant, usd=10, alerts=[80], action="block", downgrade_model=None, settings=db.settings, actor="test")
     async with db.tenant(tenant_id=tenant.id) as session:
         await account(session, tenant.id, Decimal("0.01"), None, None)
+    user_id = await create_user(db, email=f"someone@{slug}.test", name=slug, password=None, platform_admin=False, actor="test")
+    async with db.tenant(tenant_id=tenant.id) as session:
+        await add_member(session, tenant.id, user_id, "customer_admin", actor="test")
+    await invitations.create(db, tenant, email=f"invited@{slug}.test", role="customer_operator", actor="test")
     return tenant
 
 

@@ -7,8 +7,9 @@ import sys
 import typer
 
 from konstruct import __version__
-from konstruct.cli import agents, audit, brain, channels, chat, money, serve, setup, tenants
-from konstruct.cli.common import err, state
+from konstruct.cli import agents, audit, brain, channels, chat, money, people, serve, setup, tenants
+from konstruct.cli.common import act_as, database, err, platform, run, settings, state
+from konstruct.config import Settings
 from konstruct.errors import KonstructError
 
 app = typer.Typer(
@@ -34,10 +35,29 @@ def root(
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More log output."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    as_user: str | None = typer.Option(
+        None,
+        "--as",
+        envvar="KONSTRUCT_AS",
+        metavar="EMAIL",
+        help="Act as this user, with exactly their permissions (default: the local operator).",
+    ),
 ) -> None:
     st = state(ctx)
     st.config = config
     st.verbose = verbose
+    act_as(as_user)
+    if as_user and ctx.invoked_subcommand in INSTALLATION_COMMANDS:
+        # Running the installation itself is the owner's business: only a platform admin, even with --as.
+        run(_require_platform(settings(ctx)))
+
+
+INSTALLATION_COMMANDS = frozenset({"init", "up", "gateway", "worker", "config", "db", "doctor", "secrets"})
+
+
+async def _require_platform(cfg: Settings) -> None:
+    async with database(cfg) as db:
+        await platform(db, "installation")
 
 
 setup.register(app)
@@ -55,6 +75,8 @@ app.add_typer(money.secrets_app, name="secrets")
 app.add_typer(money.budget_app, name="budget")
 app.add_typer(money.billing_app, name="billing")
 app.command("usage")(money.usage)
+app.add_typer(people.user_app, name="user")
+app.add_typer(people.invite_app, name="invite")
 tenants.app.command("configure")(brain.configure)
 
 

@@ -20,9 +20,9 @@ from konstruct.cli.common import (
     print_table,
     run,
     settings,
+    tenant_for,
 )
 from konstruct.errors import ValidationError
-from konstruct.tenancy.tenants import get_tenant
 
 app = typer.Typer(help="Create, list, change and delete a tenant's agents.", no_args_is_help=True)
 
@@ -59,7 +59,7 @@ def create(
 
     async def go() -> service.AgentInfo:
         async with database(settings(ctx)) as db:
-            info = await get_tenant(db, tenant)
+            info = await tenant_for(db, tenant, "agent.write")
             return await service.create_agent(db, info, name=name, role=role, persona=text, model=model, actor=actor())
 
     agent = run(go())
@@ -75,7 +75,7 @@ def list_(ctx: typer.Context, tenant: str = TenantOption, as_json: bool = JsonOp
 
     async def go() -> list[service.AgentInfo]:
         async with database(settings(ctx)) as db:
-            return await service.list_agents(db, await get_tenant(db, tenant))
+            return await service.list_agents(db, await tenant_for(db, tenant, "agent.read"))
 
     agents = run(go())
     if as_json:
@@ -96,7 +96,7 @@ def show(
 
     async def go() -> service.AgentInfo:
         async with database(settings(ctx)) as db:
-            return await service.get_agent(db, await get_tenant(db, tenant), name)
+            return await service.get_agent(db, await tenant_for(db, tenant, "agent.read"), name)
 
     agent = run(go())
     if as_json:
@@ -148,7 +148,7 @@ def update(
 
     async def go() -> service.AgentInfo:
         async with database(settings(ctx)) as db:
-            return await service.update_agent(db, await get_tenant(db, tenant), name, changes=changes, actor=actor())
+            return await service.update_agent(db, await tenant_for(db, tenant, "agent.write"), name, changes=changes, actor=actor())
 
     agent = run(go())
     if as_json:
@@ -169,7 +169,7 @@ def delete(
 
     async def go() -> service.AgentInfo:
         async with database(settings(ctx)) as db:
-            return await service.delete_agent(db, await get_tenant(db, tenant), name, actor=actor())
+            return await service.delete_agent(db, await tenant_for(db, tenant, "agent.write"), name, actor=actor())
 
     run(go())
     out.print(f"[green]deleted[/green] agent {name}")

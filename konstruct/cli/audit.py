@@ -9,9 +9,9 @@ import sys
 import typer
 
 from konstruct import audit as service
-from konstruct.cli.common import JsonOption, database, out, print_json, print_table, run, settings
+from konstruct.cli.common import JsonOption, database, out, print_json, print_table, run, settings, tenant_for, tenants_for
 from konstruct.errors import KonstructError
-from konstruct.tenancy.tenants import TenantInfo, directory, get_tenant
+from konstruct.tenancy.tenants import TenantInfo
 
 app = typer.Typer(help="The append-only, hash-chained audit log.", no_args_is_help=True)
 
@@ -30,7 +30,7 @@ def verify(
 
     async def go() -> list[tuple[TenantInfo, service.ChainReport]]:
         async with database(settings(ctx)) as db:
-            tenants = [await get_tenant(db, tenant)] if tenant else await directory(db)
+            tenants = [await tenant_for(db, tenant, "audit.read")] if tenant else await tenants_for(db, "audit.read")
             return [(t, await service.verify(db, t.id)) for t in tenants]
 
     reports = run(go())
@@ -58,7 +58,7 @@ def tail(
 
     async def go() -> list[service.AuditEvent]:
         async with database(settings(ctx)) as db:
-            return await service.events(db, (await get_tenant(db, tenant)).id, limit=lines)
+            return await service.events(db, (await tenant_for(db, tenant, "audit.read")).id, limit=lines)
 
     rows = run(go())
     if as_json:
@@ -81,7 +81,7 @@ def export(
 
     async def go() -> list[service.AuditEvent]:
         async with database(settings(ctx)) as db:
-            return await service.events(db, (await get_tenant(db, tenant)).id)
+            return await service.events(db, (await tenant_for(db, tenant, "audit.read")).id)
 
     rows = run(go())
     if as_json:

@@ -9,9 +9,21 @@ import typer
 from konstruct.agent import escalation as escalations
 from konstruct.agent import memory as memories
 from konstruct.agent.agents import get_agent
-from konstruct.cli.common import JsonOption, YesOption, actor, confirm_deletion, database, out, print_json, print_table, run, settings
+from konstruct.cli.common import (
+    JsonOption,
+    YesOption,
+    actor,
+    confirm_deletion,
+    database,
+    out,
+    print_json,
+    print_table,
+    run,
+    settings,
+    tenant_for,
+)
 from konstruct.errors import ValidationError
-from konstruct.tenancy.tenants import get_tenant, update_settings
+from konstruct.tenancy.tenants import update_settings
 
 TenantOption = typer.Option(..., "--tenant", "-t", help="The tenant's slug.")
 memory_app = typer.Typer(help="What agents remember about people; the right to be forgotten.", no_args_is_help=True)
@@ -30,7 +42,7 @@ def memory_list(
 
     async def go() -> list[memories.MemoryInfo]:
         async with database(settings(ctx)) as db:
-            return await memories.list_memories(db, await get_tenant(db, tenant), person)
+            return await memories.list_memories(db, await tenant_for(db, tenant, "memory.read"), person)
 
     rows = run(go())
     if as_json:
@@ -54,7 +66,7 @@ def memory_forget(
 
     async def go() -> tuple[int, int]:
         async with database(settings(ctx)) as db:
-            return await memories.forget(db, await get_tenant(db, tenant), person, actor=actor())
+            return await memories.forget(db, await tenant_for(db, tenant, "memory.forget"), person, actor=actor())
 
     removed, conversations = run(go())
     if as_json:
@@ -74,7 +86,7 @@ def conversation_list(
 
     async def go() -> list[escalations.EscalationInfo]:
         async with database(settings(ctx)) as db:
-            return await escalations.list_conversations(db, await get_tenant(db, tenant), escalated_only=escalated)
+            return await escalations.list_conversations(db, await tenant_for(db, tenant, "conversation.read"), escalated_only=escalated)
 
     rows = run(go())
     if as_json:
@@ -107,7 +119,7 @@ def conversation_release(
 
     async def go() -> bool:
         async with database(settings(ctx)) as db:
-            info = await get_tenant(db, tenant)
+            info = await tenant_for(db, tenant, "conversation.handle")
             conversation_id = await escalations.find_conversation(db, info, ref)
             return await escalations.release(db, tenant_id=info.id, conversation_id=conversation_id, actor=actor())
 
@@ -129,7 +141,7 @@ def escalation_test(
 
     async def go() -> list[str]:
         async with database(settings(ctx)) as db:
-            found = await get_agent(db, await get_tenant(db, tenant), agent)
+            found = await get_agent(db, await tenant_for(db, tenant, "escalation.test"), agent)
             return list(found.settings.get("escalation_rules") or [])
 
     rules = run(go())
@@ -167,7 +179,7 @@ def configure(
 
     async def go() -> dict[str, object]:
         async with database(settings(ctx)) as db:
-            return await update_settings(db, await get_tenant(db, slug), escalation_target=target, allowed_hosts=hosts, actor=actor(),
+            return await update_settings(db, await tenant_for(db, slug, "tenant.configure"), escalation_target=target, allowed_hosts=hosts, actor=actor(),
                                          contact_email=contact_email)  # fmt: skip
 
     values = run(go())

@@ -25,10 +25,11 @@ from konstruct.cli.common import (
     print_table,
     run,
     settings,
+    tenant_for,
+    tenants_for,
 )
 from konstruct.config import Settings, read_secret_from_environment
 from konstruct.errors import ValidationError
-from konstruct.tenancy.tenants import directory, get_tenant
 
 app = typer.Typer(help="Connect channels (Slack, WhatsApp) to tenants and route them to agents.", no_args_is_help=True)
 TenantOption = typer.Option(..., "--tenant", "-t", help="The tenant's slug.")
@@ -89,7 +90,7 @@ def connect(
 
     async def go() -> tuple[str | None, ConnectionInfo | None, bool]:
         async with database(cfg) as db:
-            info = await get_tenant(db, tenant)
+            info = await tenant_for(db, tenant, "channel.write")
             if not single:
                 if agent:
                     raise ValidationError(
@@ -142,7 +143,7 @@ def _connect_whatsapp(
 
     async def go() -> tuple[ConnectionInfo, bool]:
         async with database(cfg) as db:
-            info = await get_tenant(db, tenant)
+            info = await tenant_for(db, tenant, "channel.write")
             token = _secret(access_token_env, "WhatsApp access token", "access token")
             app_secret = _secret(app_secret_env, "Meta app secret", "app secret")
             verify_token = _secret(verify_token_env, "Webhook verify token (you choose it)", "verify token")
@@ -199,7 +200,7 @@ def list_(
 
     async def go() -> list[tuple[str, ConnectionInfo]]:
         async with database(settings(ctx)) as db:
-            tenants = [await get_tenant(db, tenant)] if tenant else await directory(db)
+            tenants = [await tenant_for(db, tenant, "channel.read")] if tenant else await tenants_for(db, "channel.read")
             return [(t.slug, c) for t in tenants for c in await service.list_connections(db, t)]
 
     rows = run(go())
@@ -226,7 +227,7 @@ def show(
 
     async def go() -> tuple[ConnectionInfo, list[tuple[str, str]]]:
         async with database(settings(ctx)) as db:
-            info = await get_tenant(db, tenant)
+            info = await tenant_for(db, tenant, "channel.read")
             connection = await service.get_connection(db, info, ref)
             return connection, await service.list_routes(db, info, connection)
 
@@ -253,7 +254,7 @@ def disconnect(
 
     async def go() -> ConnectionInfo:
         async with database(settings(ctx)) as db:
-            info = await get_tenant(db, tenant)
+            info = await tenant_for(db, tenant, "channel.write")
             connection = await service.get_connection(db, info, ref)
             await service.set_status(db, info.id, connection.id, "disconnected", actor=actor(), reason="disconnected by operator")
             return connection
@@ -277,7 +278,7 @@ def route(
 
     async def go() -> str:
         async with database(settings(ctx)) as db:
-            info = await get_tenant(db, tenant)
+            info = await tenant_for(db, tenant, "channel.write")
             slack = [c for c in await service.list_connections(db, info) if c.kind == "slack"]
             if workspace:
                 slack = [c for c in slack if c.external_id == workspace]

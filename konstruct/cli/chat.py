@@ -10,10 +10,9 @@ import typer
 
 from konstruct.agent.agents import get_agent
 from konstruct.channels.terminal import ChatResult, chat
-from konstruct.cli.common import database, err, out, print_json, run, settings
+from konstruct.cli.common import database, err, out, print_json, run, settings, tenant_for
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import KonstructError
-from konstruct.tenancy.tenants import get_tenant
 
 
 def register(app: typer.Typer) -> None:
@@ -45,7 +44,7 @@ def chat_command(
         queue = make_queue(cfg, urls)
         try:
             async with database(cfg) as db:
-                tenant_info = await get_tenant(db, tenant)
+                tenant_info = await tenant_for(db, tenant, "agent.test")
                 agent_info = await get_agent(db, tenant_info, agent)
 
                 async def send(text: str, mid: str | None) -> ChatResult:

@@ -18,6 +18,9 @@ from rich.table import Table
 from konstruct.config import Settings, load_settings
 from konstruct.db.engine import Database
 from konstruct.errors import ValidationError
+from konstruct.tenancy import access
+from konstruct.tenancy.access import Principal
+from konstruct.tenancy.tenants import TenantInfo
 
 T = TypeVar("T")
 
@@ -56,12 +59,44 @@ def confirm_deletion(yes: bool, what: str, consequence: str) -> None:
     typer.confirm(f"Delete {what} and {consequence}?", abort=True)
 
 
+_acting_as: str | None = None  # --as EMAIL / KONSTRUCT_AS, set by the root command
+
+
+def act_as(email: str | None) -> None:
+    global _acting_as
+    _acting_as = email.strip().lower() if email and email.strip() else None
+
+
 def actor() -> str:
-    """Who the local operator is, for the audit log."""
+    """Who is acting, for the audit log: the user acted as, or the local operator."""
+    if _acting_as:
+        return f"user:{_acting_as}"
     try:
         return f"operator:{getpass.getuser()}"
     except Exception:
         return "operator:unknown"
+
+
+async def who(db: Database) -> Principal:
+    """The acting principal: the local operator (a platform admin), or exactly the user of --as."""
+    return await access.principal_for(db, _acting_as) if _acting_as else access.local_operator()
+
+
+async def tenant_for(db: Database, slug: str, operation: str) -> TenantInfo:
+    """The tenant named by slug, after checking the acting user may do this operation on it."""
+    return await access.tenant(db, await who(db), slug, operation)
+
+
+async def tenants_for(db: Database, operation: str) -> list[TenantInfo]:
+    """The tenants the acting user may do this operation on."""
+    return await access.tenants(db, await who(db), operation)
+
+
+async def platform(db: Database, operation: str) -> Principal:
+    """The acting principal, if it is a platform admin (for installation-wide operations)."""
+    principal = await who(db)
+    principal.require(operation)
+    return principal
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -21,18 +21,21 @@ from konstruct.cli.common import (
     confirm_deletion,
     database,
     out,
+    platform,
     print_fields,
     print_json,
     print_table,
     run,
     settings,
+    tenant_for,
+    tenants_for,
 )
 from konstruct.config import read_secret_from_environment, secret_key_in_environment
 from konstruct.errors import ConfigError, ValidationError
 from konstruct.llm import budget as budgets
 from konstruct.llm import keys as llm_keys
 from konstruct.llm import usage as usage_service
-from konstruct.tenancy.tenants import directory, get_tenant
+from konstruct.tenancy.tenants import directory
 
 TenantOption = typer.Option(..., "--tenant", "-t", help="The tenant's slug.")
 key_app = typer.Typer(help="Tenants' own LLM provider keys (bring your own key).", no_args_is_help=True)
@@ -67,7 +70,9 @@ def key_add(
 
     async def go() -> tuple[llm_keys.KeyInfo, bool]:
         async with database(cfg) as db:
-            return await llm_keys.add_key(db, cfg, await get_tenant(db, tenant), provider=name, key=key, api_base=api_base, actor=actor())
+            return await llm_keys.add_key(
+                db, cfg, await tenant_for(db, tenant, "key.write"), provider=name, key=key, api_base=api_base, actor=actor()
+            )
 
     info, replaced = run(go())
     if as_json:
@@ -82,7 +87,7 @@ def key_list(ctx: typer.Context, tenant: str = TenantOption, as_json: bool = Jso
 
     async def go() -> list[llm_keys.KeyInfo]:
         async with database(settings(ctx)) as db:
-            return await llm_keys.list_keys(db, await get_tenant(db, tenant))
+            return await llm_keys.list_keys(db, await tenant_for(db, tenant, "key.read"))
 
     rows = run(go())
     if as_json:
@@ -110,7 +115,9 @@ def key_remove(
 
     async def go() -> llm_keys.KeyInfo:
         async with database(settings(ctx)) as db:
-            return await llm_keys.remove_key(db, await get_tenant(db, tenant), provider=provider.strip().lower(), actor=actor())
+            return await llm_keys.remove_key(
+                db, await tenant_for(db, tenant, "key.write"), provider=provider.strip().lower(), actor=actor()
+            )
 
     info = run(go())
     if as_json:
@@ -125,6 +132,7 @@ def key_remove(
 async def _reencrypt(ctx: typer.Context) -> int:
     cfg = settings(ctx)
     async with database(cfg) as db:
+        await platform(db, "secrets.rotate")
         tenants = await directory(db)
         return await llm_keys.rotate_secrets(db, cfg, [t.id for t in tenants])
 
@@ -205,7 +213,7 @@ def usage(
 
     async def go() -> usage_service.UsageReport:
         async with database(settings(ctx)) as db:
-            tenants = [await get_tenant(db, tenant)] if tenant else await directory(db)
+            tenants = [await tenant_for(db, tenant, "usage.read")] if tenant else await tenants_for(db, "usage.read")
             return await usage_service.report(db, tenants, since=start, by=by)
 
     report = run(go())
@@ -268,7 +276,7 @@ def budget_set(
     async def go() -> budgets.BudgetInfo:
         async with database(cfg) as db:
             return await budgets.set_budget(
-                db, await get_tenant(db, tenant), usd=usd, alerts=alert or [80], action=action,
+                db, await tenant_for(db, tenant, "budget.write"), usd=usd, alerts=alert or [80], action=action,
                 downgrade_model=downgrade_model, settings=cfg, actor=actor(),
             )  # fmt: skip
 
@@ -286,7 +294,7 @@ def budget_show(ctx: typer.Context, tenant: str = TenantOption, as_json: bool = 
 
     async def go() -> budgets.BudgetInfo:
         async with database(cfg) as db:
-            return await budgets.get_budget(db, await get_tenant(db, tenant), cfg)
+            return await budgets.get_budget(db, await tenant_for(db, tenant, "budget.read"), cfg)
 
     info = run(go())
     if as_json:
@@ -302,7 +310,7 @@ def budget_clear(ctx: typer.Context, tenant: str = TenantOption, yes: bool = Yes
 
     async def go() -> None:
         async with database(settings(ctx)) as db:
-            await budgets.clear_budget(db, await get_tenant(db, tenant), actor=actor())
+            await budgets.clear_budget(db, await tenant_for(db, tenant, "budget.write"), actor=actor())
 
     run(go())
     if as_json:
@@ -326,7 +334,7 @@ def billing_checkout(
 
     async def go() -> stripe_api.CheckoutLink:
         async with database(cfg) as db:
-            return await stripe_api.checkout(db, cfg, await get_tenant(db, tenant), plan, actor=actor())
+            return await stripe_api.checkout(db, cfg, await tenant_for(db, tenant, "billing.write"), plan, actor=actor())
 
     with Progress(SpinnerColumn(), TextColumn("asking Stripe for a checkout link…"), transient=True, console=out, disable=as_json):
         link = run(go())
@@ -343,7 +351,7 @@ def billing_portal(ctx: typer.Context, tenant: str = TenantOption, as_json: bool
 
     async def go() -> str:
         async with database(cfg) as db:
-            return await stripe_api.portal(db, cfg, await get_tenant(db, tenant), actor=actor())
+            return await stripe_api.portal(db, cfg, await tenant_for(db, tenant, "billing.write"), actor=actor())
 
     url = run(go())
     if as_json:
@@ -363,7 +371,7 @@ def billing_status(
 
     async def go() -> list[billing_events.BillingStatus]:
         async with database(cfg) as db:
-            tenants = [await get_tenant(db, tenant)] if tenant else await directory(db)
+            tenants = [await tenant_for(db, tenant, "billing.read")] if tenant else await tenants_for(db, "billing.read")
             return [await billing_events.status(db, cfg, t) for t in tenants]
 
     rows = run(go())
@@ -393,7 +401,7 @@ def billing_exempt(
 
     async def go() -> None:
         async with database(settings(ctx)) as db:
-            await billing_events.set_exempt(db, await get_tenant(db, tenant), not off, actor=actor())
+            await billing_events.set_exempt(db, await tenant_for(db, tenant, "billing.exempt"), not off, actor=actor())
 
     run(go())
     if as_json:

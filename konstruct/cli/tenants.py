@@ -11,11 +11,14 @@ from konstruct.cli.common import (
     confirm_deletion,
     database,
     out,
+    platform,
     print_fields,
     print_json,
     print_table,
     run,
     settings,
+    tenant_for,
+    tenants_for,
 )
 from konstruct.tenancy import tenants as service
 
@@ -33,6 +36,7 @@ def create(
 
     async def go() -> service.TenantInfo:
         async with database(settings(ctx)) as db:
+            await platform(db, "tenant.create")
             return await service.create_tenant(db, name=name, slug=slug, actor=actor())
 
     tenant = run(go())
@@ -48,7 +52,7 @@ def list_(ctx: typer.Context, as_json: bool = JsonOption) -> None:
 
     async def go() -> list[service.TenantInfo]:
         async with database(settings(ctx)) as db:
-            return await service.directory(db)
+            return await tenants_for(db, "tenant.read")
 
     tenants = run(go())
     if as_json:
@@ -67,7 +71,7 @@ def show(ctx: typer.Context, slug: str = typer.Argument(..., help="The tenant's 
 
     async def go() -> tuple[service.TenantInfo, dict[str, int]]:
         async with database(settings(ctx)) as db:
-            tenant = await service.get_tenant(db, slug)
+            tenant = await tenant_for(db, slug, "tenant.read")
             return tenant, await service.tenant_stats(db, tenant)
 
     tenant, stats = run(go())
@@ -82,6 +86,7 @@ def show(ctx: typer.Context, slug: str = typer.Argument(..., help="The tenant's 
 def _set_status(ctx: typer.Context, slug: str, status: str, as_json: bool) -> None:
     async def go() -> service.TenantInfo:
         async with database(settings(ctx)) as db:
+            await tenant_for(db, slug, "tenant.suspend")
             return await service.set_status(db, slug, status, actor=actor())
 
     tenant = run(go())
@@ -114,6 +119,7 @@ def delete(
 
     async def go() -> service.TenantInfo:
         async with database(settings(ctx)) as db:
+            await tenant_for(db, slug, "tenant.delete")
             return await service.delete_tenant(db, slug, actor=actor())
 
     tenant = run(go())

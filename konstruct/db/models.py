@@ -321,4 +321,47 @@ class StripeEvent(Base):
     outcome: Mapped[str | None] = mapped_column(Text)
 
 
+class User(Base):
+    """A person who signs in (status page) or is acted as (`--as`). Passwords only as scrypt hashes."""
+
+    __tablename__ = "users"
+
+    id: Mapped[uuid.UUID] = _id()
+    email: Mapped[str] = mapped_column(Text, unique=True)
+    name: Mapped[str] = mapped_column(Text, server_default="")
+    password_hash: Mapped[str | None] = mapped_column(Text)
+    platform_admin: Mapped[bool] = mapped_column(Boolean, server_default=sql_text("false"))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _created()
+
+
+class Membership(Base):
+    __tablename__ = "memberships"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    role: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created()
+
+
+class Invitation(Base):
+    """A single-use invitation: only the SHA-256 of its token is kept."""
+
+    __tablename__ = "invitations"
+
+    id: Mapped[uuid.UUID] = _id()
+    tenant_id: Mapped[uuid.UUID] = _tenant_id()
+    email: Mapped[str] = mapped_column(Text)
+    role: Mapped[str] = mapped_column(Text)
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    expires_at: Mapped[datetime] = mapped_column(TIMESTAMP(timezone=True))
+    created_by: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created()
+    sent_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    accepted_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    accepted_by: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), ForeignKey("users.id", ondelete="SET NULL"))
+    revoked_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+
+
 TENANT_TABLES = frozenset(table.name for table in Base.metadata.sorted_tables if "tenant_id" in table.c or table.name == "tenants")

@@ -51,7 +51,12 @@ class Queue:
         def notify_admins(tenant_id: str, kind: str, subject: str, body: str) -> None:
             _current_worker().notify_admins(uuid.UUID(tenant_id), kind, subject, body)
 
+        @huey.task(name="send_invitation", retries=5, retry_delay=30)
+        def send_invitation(tenant_id: str, invitation_id: str, sealed_token: str) -> None:
+            _current_worker().send_invitation(uuid.UUID(tenant_id), uuid.UUID(invitation_id), sealed_token)
+
         self._notify_admins: Any = notify_admins
+        self._send_invitation: Any = send_invitation
         self._process_message: Any = process_message  # a huey TaskWrapper
         self._remember_message: Any = remember_message
 
@@ -62,6 +67,13 @@ class Queue:
     def enqueue_notice(self, notice: Notice) -> None:
         """Email the tenant's admins about something (a budget alert) from a worker, with retries."""
         self._notify_admins(str(notice.tenant_id), notice.kind, notice.subject, notice.body)
+
+    def enqueue_invitation(self, tenant_id: uuid.UUID, invitation_id: uuid.UUID, sealed_token: str) -> None:
+        """Email an invitation from a worker. The token travels encrypted with the master key (the queue is storage too)."""
+        try:
+            self._send_invitation(str(tenant_id), str(invitation_id), sealed_token)
+        except Exception as exc:
+            raise QueueError(f"cannot queue the invitation email: {type(exc).__name__}: {exc}") from None
 
     def enqueue(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
         """Ring the doorbell for one stored inbound message."""

@@ -32,6 +32,8 @@ from konstruct.db.engine import Database
 from konstruct.db.models import Conversation, InboundMessage, WorkerHeartbeat
 from konstruct.db.urls import DatabaseURLs
 from konstruct.llm.client import load_litellm
+from konstruct.secrets import decrypt
+from konstruct.tenancy import invitations
 from konstruct.worker.queue import Queue
 
 log = logging.getLogger("konstruct.worker")
@@ -101,6 +103,13 @@ class WorkerRuntime:
     def notify_admins(self, tenant_id: uuid.UUID, kind: str, subject: str, body: str) -> None:
         assert self.db is not None
         self._call(mail.notify_admins(self.db, self.settings, tenant_id, kind=kind, subject=subject, body=body), timeout=120)
+
+    def send_invitation(self, tenant_id: uuid.UUID, invitation_id: uuid.UUID, sealed_token: str) -> None:
+        assert self.db is not None
+        token = decrypt(self.settings, sealed_token.encode())
+        sent = self._call(invitations.send(self.db, self.settings, tenant_id, invitation_id, token), timeout=120)
+        if not sent:
+            log.info("invitation %s is no longer pending: not sent", invitation_id)
 
     # -- on the loop --
 
