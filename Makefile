@@ -26,3 +26,4 @@ bench: install  ## the benchmarks under bench/ (print their figures; not tests)
 	$(PYTHON) bench/slack_events.py --worker after
 	$(PYTHON) bench/whatsapp_webhooks.py --worker after
 	$(PYTHON) bench/memory_recall.py
+	$(PYTHON) bench/llm_overhead.py

@@ -101,10 +101,14 @@ async def run(site: Path, args: argparse.Namespace, fake: FakeLLM) -> None:
         return lambda: service.complete(ctx, model=MODEL, messages=MESSAGES)
 
     print(f"machine: {os.cpu_count()} cores; fake LLM, no delay\n")
-    await measure("raw", raw, args.calls, args.concurrency)
-    await measure("service", through("plain", plain.id), args.calls, args.concurrency)
-    await measure("budget", through("limited", limited.id), args.calls, args.concurrency)
-    await measure("own-key", through("own", own.id), args.calls, args.concurrency)
+    variants = {
+        "raw": raw,
+        "service": through("plain", plain.id),
+        "budget": through("limited", limited.id),
+        "own-key": through("own", own.id),
+    }
+    for name in args.variants.split(","):
+        await measure(name, variants[name], args.calls, args.concurrency)
     info = await budget.get_budget(db, limited, settings)
     print(f"\nbudgeted tenant: spent ${info.spent_usd:.6f}, reserved ${info.reserved_usd} after the run (must be 0)")
     print(f"fake LLM saw {len(fake.requests)} requests")
@@ -115,6 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=400, help="calls per variant and mode")
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight in the concurrent mode")
+    parser.add_argument("--variants", default="raw,service,budget,own-key", help="which variants, in this order")
     args = parser.parse_args()
     fake = FakeLLM().start()
     from konstruct.db import embedded

@@ -183,6 +183,16 @@ class BillingSettings(_Section):
         return next((plan for plan in self.plans if plan.price_id == price_id), None)
 
 
+class WebSettings(_Section):
+    session_hours: float = Field(12.0, gt=0, le=24 * 30, description="Hours a status page sign-in lasts.")
+    login_attempts: int = Field(5, ge=1, le=100, description="Failed sign-ins allowed per email (and per address) within login_window.")
+    login_window: float = Field(15.0, gt=0, le=1440, description="Minutes over which failed sign-ins are counted.")
+    impersonation_minutes: float = Field(30.0, gt=0, le=480, description="Minutes a platform admin's view as a tenant lasts.")
+    metrics_token: SecretStr | None = Field(
+        None, description='Bearer token for GET /metrics (Prometheus); empty: /metrics is off. Use a {"$env" = ...} reference.'
+    )
+
+
 class WorkerSettings(_Section):
     concurrency: int = Field(64, ge=1, le=1000, description="Messages one worker process handles at once.")
     heartbeat_interval: float = Field(5.0, gt=0, le=300, description="Seconds between worker heartbeats.")
@@ -208,6 +218,10 @@ class Settings(BaseSettings):
     budget: BudgetSettings = BudgetSettings()
     smtp: SMTPSettings = SMTPSettings()
     billing: BillingSettings = BillingSettings()
+    web: WebSettings = WebSettings()
+    tenants: list[dict[str, Any]] = Field(
+        default_factory=list, description="Declared tenants ([[tenants]]), applied with `konstruct apply` (see examples/tenants.toml)."
+    )
     worker: WorkerSettings = WorkerSettings()
     secret_key: SecretStr | None = Field(
         None,
@@ -405,6 +419,7 @@ def render_config(values: dict[str, dict[str, Any]] | None = None) -> str:
             else:
                 default = sub.default.get_secret_value() if isinstance(sub.default, SecretStr) else sub.default
                 lines.append(f"# {key} = {_toml_value(default)}")
+    lines += ["", f"# {Settings.model_fields['tenants'].description}", "# [[tenants]]", '# slug = "acme"', '# name = "Acme Inc"']
     return "\n".join(lines) + "\n"
 
 

@@ -67,6 +67,7 @@ PLATFORM_ONLY: dict[str, list[str]] = {
     "secrets.rotate": ["secrets", "reencrypt"],
     "installation.config": ["config", "show"],
     "installation.db": ["db", "current"],
+    "apply": ["plan"],  # the declared [[tenants]] of konstruct.toml (none here)
 }
 
 

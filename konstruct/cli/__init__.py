@@ -7,7 +7,7 @@ import sys
 import typer
 
 from konstruct import __version__
-from konstruct.cli import agents, audit, brain, channels, chat, money, people, serve, setup, tenants
+from konstruct.cli import agents, audit, brain, channels, chat, declare, money, onboard, people, serve, setup, tenants
 from konstruct.cli.common import act_as, database, err, platform, run, settings, state
 from konstruct.config import Settings
 from konstruct.errors import KonstructError
@@ -63,6 +63,8 @@ async def _require_platform(cfg: Settings) -> None:
 setup.register(app)
 serve.register(app)
 chat.register(app)
+declare.register(app)
+app.command("onboard")(onboard.onboard)
 app.add_typer(tenants.app, name="tenant")
 app.add_typer(agents.app, name="agent")
 app.add_typer(channels.app, name="channel")

@@ -187,7 +187,7 @@ def user_admin(
 # -- invitations --
 
 
-def _queue_email(cfg: Settings, info: invitations.InvitationInfo, tenant_id: object, token: str) -> bool:
+def queue_invitation_email(cfg: Settings, info: invitations.InvitationInfo, tenant_id: object, token: str) -> bool:
     """Queue the email (the worker sends it). False when no SMTP server is configured."""
     if not cfg.smtp.host:
         return False
@@ -236,7 +236,7 @@ def invite_create(
             return info, token, found.id
 
     info, token, tenant_id = run(go())
-    _print_invitation(cfg, info, token, _queue_email(cfg, info, tenant_id, token), show_link, as_json)
+    _print_invitation(cfg, info, token, queue_invitation_email(cfg, info, tenant_id, token), show_link, as_json)
 
 
 @invite_app.command("list")
@@ -299,7 +299,7 @@ def invite_resend(
             return info, token, found.id
 
     info, token, tenant_id = run(go())
-    _print_invitation(cfg, info, token, _queue_email(cfg, info, tenant_id, token), show_link, as_json)
+    _print_invitation(cfg, info, token, queue_invitation_email(cfg, info, tenant_id, token), show_link, as_json)
 
 
 @invite_app.command("accept")

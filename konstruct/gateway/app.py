@@ -1,4 +1,4 @@
-"""The gateway: a Starlette app with health and readiness, and the Slack, WhatsApp and Stripe webhooks."""
+"""The gateway: a Starlette app with health and readiness, the Slack, WhatsApp and Stripe webhooks, the status page and /metrics."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from konstruct.config import CONFIG_ENV, Settings, load_settings
 from konstruct.db.engine import Database
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import KonstructError
+from konstruct.web import metrics, pages
 from konstruct.worker.queue import make_queue
 
 log = logging.getLogger("konstruct.gateway")
@@ -96,6 +97,8 @@ async def konstruct_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, KonstructError)
     request_id = uuid.uuid4().hex[:12]
     log.warning("request %s %s %s: %s", request_id, request.method, request.url.path, exc)
+    if "text/html" in request.headers.get("accept", ""):  # a person at the status page: a page, not JSON
+        return await pages.error_page(request, exc)
     return JSONResponse({"error": str(exc), "request_id": request_id}, status_code=exc.http_status)
 
 
@@ -137,6 +140,8 @@ def create_app(settings: Settings) -> Starlette:
             Route("/whatsapp/webhook", whatsapp_verify, methods=["GET"]),
             Route("/whatsapp/webhook", whatsapp_receive, methods=["POST"]),
             Route("/stripe/webhook", stripe_webhook, methods=["POST"]),
+            Route("/metrics", metrics.metrics),
+            *pages.ROUTES,
         ],
         exception_handlers={KonstructError: konstruct_error},
         lifespan=lifespan,

@@ -112,6 +112,7 @@ async def update_settings(
     allowed_hosts: list[str] | None,
     actor: str,
     contact_email: str | None = None,
+    name: str | None = None,
 ) -> dict[str, object]:
     """Where escalations are announced, and which hosts web_fetch may reach. Returns the new values."""
     values: dict[str, object] = {}
@@ -124,9 +125,24 @@ async def update_settings(
         if contact_email and not EMAIL_RE.match(contact_email):
             raise ValidationError(f"--contact-email {contact_email!r} is not an email address")
         values["contact_email"] = contact_email or None
+    if name is not None and name.strip() and name.strip() != tenant.name:
+        if len(name.strip()) > 200:
+            raise ValidationError("a tenant name must be 1 to 200 characters")
+        values["name"] = name.strip()
     if not values:
         raise ValidationError("nothing to change: pass --escalation-target, --allowed-hosts and/or --contact-email")
     async with db.tenant(tenant_id=tenant.id) as session:
         await session.execute(update(Tenant).where(Tenant.id == tenant.id).values(**values, updated_at=func.now()))
         await audit.record(session, tenant_id=tenant.id, actor=actor, action="tenant.updated", target=tenant.slug, detail=values)
     return values
+
+
+async def tenant_settings(db: Database, tenant: TenantInfo) -> dict[str, Any]:
+    """The tenant's own settings: contact email, escalation target, web_fetch hosts."""
+    async with db.tenant(tenant_id=tenant.id) as session:
+        row = (
+            await session.execute(
+                select(Tenant.contact_email, Tenant.escalation_target, Tenant.allowed_hosts).where(Tenant.id == tenant.id)
+            )
+        ).one()
+    return {"contact_email": row.contact_email, "escalation_target": row.escalation_target, "allowed_hosts": list(row.allowed_hosts or [])}

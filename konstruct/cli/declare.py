@@ -1,0 +1,91 @@
+"""konstruct plan | apply: tenants, agents, routes, budgets and invitations declared in a TOML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from konstruct.cli.common import actor, database, out, platform, print_json, print_table, run, settings
+from konstruct.cli.people import queue_invitation_email
+from konstruct.tenancy import declare, invitations
+
+FileOption = typer.Option(None, "--file", "-f", help="The tenants file (default: [[tenants]] in konstruct.toml).", exists=False)
+PruneOption = typer.Option(
+    False, "--prune", help="Also delete what exists but is not declared (tenants, agents, routes, budgets, invitations)."
+)
+
+SYMBOL = {"create": "[green]+[/green]", "change": "[yellow]~[/yellow]", "delete": "[red]-[/red]"}
+
+
+def _show(changes: list[declare.Change]) -> None:
+    if not changes:
+        out.print("nothing to do: everything is as declared")
+        return
+    rows = []
+    for c in changes:
+        detail = ", ".join(f"{k}: {_short(v[0])} → {_short(v[1])}" for k, v in c.fields.items())
+        rows.append((SYMBOL[c.action], c.kind, f"{c.tenant}" + (f"/{c.name}" if c.kind != "tenant" else ""), detail))
+    print_table(None, ["", "what", "name", "changes"], rows)
+    counts = {action: sum(1 for c in changes if c.action == action) for action in ("create", "change", "delete")}
+    out.print(", ".join(f"{n} to {action}" for action, n in counts.items()))
+
+
+def _short(value: object) -> str:
+    text = "—" if value is None else str(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("plan")
+    def plan_command(
+        ctx: typer.Context,
+        file: Path | None = FileOption,
+        prune: bool = PruneOption,
+        as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
+    ) -> None:
+        """Show what `konstruct apply` would create, change and delete. Nothing is written."""
+        cfg = settings(ctx)
+        declaration = declare.load(file, cfg)
+
+        async def go() -> list[declare.Change]:
+            async with database(cfg) as db:
+                await platform(db, "apply")
+                return await declare.plan(db, cfg, declaration, prune=prune)
+
+        changes = run(go())
+        if as_json:
+            print_json([c.as_json() for c in changes])
+        else:
+            _show(changes)
+
+    @app.command("apply")
+    def apply_command(
+        ctx: typer.Context,
+        file: Path | None = FileOption,
+        prune: bool = PruneOption,
+        as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
+    ) -> None:
+        """Make tenants, agents, routes, budgets and invitations as declared (idempotent; audited)."""
+        cfg = settings(ctx)
+        declaration = declare.load(file, cfg)
+
+        async def go() -> tuple[list[declare.Change], list[declare.Made]]:
+            async with database(cfg) as db:
+                await platform(db, "apply")
+                changes = await declare.plan(db, cfg, declaration, prune=prune)
+                return changes, await declare.apply(db, cfg, changes, actor=actor())
+
+        changes, made = run(go())
+        emailed = [queue_invitation_email(cfg, info, tenant_id, token) for tenant_id, info, token in made]
+        if as_json:
+            print_json({"changes": [c.as_json() for c in changes], "invitations": [
+                {"email": info.email, "emailed": sent, **({} if sent else {"link": invitations.invite_url(cfg, token)})}
+                for (_, info, token), sent in zip(made, emailed, strict=True)]})  # fmt: skip
+            return
+        _show(changes)
+        for (_, info, token), sent in zip(made, emailed, strict=True):
+            if not sent:
+                out.print(f"no SMTP server configured: give {info.email} this link: {invitations.invite_url(cfg, token)}")
+        if changes:
+            out.print("[green]applied[/green]")
