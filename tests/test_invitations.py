@@ -100,6 +100,17 @@ async def test_an_invitation_is_emailed_accepted_once_and_audited(site: Site) ->
     other = site.cli("user", "list", "--tenant", "globex", who="ann@example.com")
     assert other.returncode == 3 and "no role in tenant globex" in other.stderr
 
+    # An invitation for someone who has an account already only adds the role: no name or password asked.
+    site.cli("invite", "create", "--tenant", "globex", "--email", "ann@example.com", "--role", "customer_operator")
+    second = token_from(site.smtp.wait_for(2)[1].body)
+    joined = site.cli("invite", "accept", second, "--json")
+    assert joined.returncode == 0, joined.stderr
+    assert json.loads(joined.stdout)["role"] == "customer_operator"
+    [(same_hash,)] = site.owner("select password_hash from users where email = 'ann@example.com'")
+    assert same_hash == password_hash  # the password stays
+    assert site.cli("agent", "list", "--tenant", "globex", who="ann@example.com").returncode == 0  # an operator may read agents
+    assert site.cli("key", "list", "--tenant", "globex", who="ann@example.com").returncode == 3  # but not keys
+
     actions = [(e.action, e.target) for e in await audit.events(site.db, site.acme.id)]
     assert ("invite.created", "ann@example.com") in actions
     assert ("invite.sent", "ann@example.com") in actions

@@ -8,6 +8,8 @@ import typer
 
 from konstruct.cli.common import actor, database, out, platform, print_json, print_table, run, settings
 from konstruct.cli.people import queue_invitation_email
+from konstruct.config import Settings
+from konstruct.db.engine import Database
 from konstruct.tenancy import declare, invitations
 
 FileOption = typer.Option(None, "--file", "-f", help="The tenants file (default: [[tenants]] in konstruct.toml).", exists=False)
@@ -36,6 +38,11 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else text[:39] + "…"
 
 
+async def _planned(cfg: Settings, declaration: declare.Declaration, prune: bool, db: Database) -> list[declare.Change]:
+    await platform(db, "apply")
+    return await declare.plan(db, cfg, declaration, prune=prune)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     def plan_command(
@@ -50,8 +57,7 @@ def register(app: typer.Typer) -> None:
 
         async def go() -> list[declare.Change]:
             async with database(cfg) as db:
-                await platform(db, "apply")
-                return await declare.plan(db, cfg, declaration, prune=prune)
+                return await _planned(cfg, declaration, prune, db)
 
         changes = run(go())
         if as_json:
@@ -72,8 +78,7 @@ def register(app: typer.Typer) -> None:
 
         async def go() -> tuple[list[declare.Change], list[declare.Made]]:
             async with database(cfg) as db:
-                await platform(db, "apply")
-                changes = await declare.plan(db, cfg, declaration, prune=prune)
+                changes = await _planned(cfg, declaration, prune, db)
                 return changes, await declare.apply(db, cfg, changes, actor=actor())
 
         changes, made = run(go())

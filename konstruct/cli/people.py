@@ -314,16 +314,18 @@ def invite_accept(
     token = token.rsplit("/invite/", 1)[-1].strip()
     cfg = settings(ctx)
 
-    async def check() -> str:
+    async def check() -> invitations.Pending:
         async with database(cfg) as db:
-            return (await invitations.look_up(db, token)).invitation.email
+            return await invitations.look_up(db, token)
 
-    email = run(check())  # a used or expired link is said before anything is asked
-    if name is None:
-        if not sys.stdin.isatty():
-            raise ValidationError("pass --name (there is no terminal to ask on)")
-        name = str(typer.prompt("Your name"))
-    password = _password(password_env)
+    pending = run(check())  # a used or expired link is said before anything is asked
+    password: str | None = None
+    if not pending.has_password:  # a new account: a name and a password
+        if name is None:
+            if not sys.stdin.isatty():
+                raise ValidationError("pass --name (there is no terminal to ask on)")
+            name = str(typer.prompt("Your name"))
+        password = _password(password_env)
 
     async def go() -> tuple[str, str, str]:
         async with database(cfg) as db:

@@ -156,6 +156,7 @@ class Pending:
     tenant_id: uuid.UUID
     tenant_name: str
     invitation: Invitation
+    has_password: bool  # the email has an account already: accepting only adds the role
 
 
 async def look_up(db: Database, token: str) -> Pending:
@@ -176,7 +177,9 @@ async def look_up(db: Database, token: str) -> Pending:
         raise ConflictError("this invitation was revoked: ask for a new invitation")
     if state == "expired":
         raise ConflictError(f"this invitation expired on {row.expires_at:%Y-%m-%d %H:%M} UTC: ask for it to be resent")
-    return Pending(tenant_id, str(name), row)
+    async with db.system() as session:
+        existing = (await session.execute(text("select password_hash from konstruct_user_by_email(:e)"), {"e": row.email})).first()
+    return Pending(tenant_id, str(name), row, existing is not None and existing.password_hash is not None)
 
 
 async def accept(db: Database, token: str, *, name: str, password: str | None) -> tuple[str, str, str]:
