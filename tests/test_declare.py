@@ -151,3 +151,15 @@ def test_bad_files_and_customers_are_refused(config_path: Path, tmp_path: Path) 
     asyncio.run(make_user())
     refused = CliRunner().invoke(app, ["--config", str(config_path), "--as", "cust@x.test", "apply", "-f", str(good)])
     assert isinstance(refused.exception, PermissionDenied)
+
+
+def test_tenants_declared_in_konstruct_toml(config_path: Path) -> None:
+    config_path.write_text(
+        config_path.read_text() + '\n[[tenants]]\nslug = "inline"\nname = "Inline Ltd"\n'
+        '[[tenants.agents]]\nname = "Ivy"\nrole = "Support"\npersona = "Brief."\n'
+    )
+    config_plan = cli(config_path, "plan", "--json")
+    assert config_plan.exit_code == 0, config_plan.output
+    assert summary(json.loads(config_plan.output)) == [("create", "tenant", "inline/inline"), ("create", "agent", "inline/Ivy")]
+    assert cli(config_path, "apply").exit_code == 0
+    assert json.loads(cli(config_path, "plan", "--json").output) == []

@@ -160,6 +160,17 @@ def test_a_platform_admin_sees_health_and_impersonates_with_a_reason(site: Site)
         assert after.status_code == 200 and "Viewing as a tenant" not in after.text
 
 
+def test_a_customer_cannot_impersonate(site: Site) -> None:
+    with site.client() as client:
+        assert site.sign_in(client, "ann@acme.test").status_code == 303
+        page = client.get("/tenants/acme")
+        refused = client.post("/impersonate", data={"csrf": csrf_of(page.text), "tenant": "globex", "reason": "just looking around"})
+        assert refused.status_code == 403 and "Globex Secret Corp" not in refused.text
+        refused_own = client.post("/impersonate", data={"csrf": csrf_of(page.text), "tenant": "acme", "reason": "just looking around"})
+        assert refused_own.status_code == 403
+    assert not [e for e in site.events("acme") if e.action == "impersonation.started"]
+
+
 def test_metrics_need_the_token(site: Site) -> None:
     with httpx.Client(base_url=site.base, timeout=20) as client:
         assert client.get("/metrics").status_code == 401
