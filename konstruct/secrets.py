@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -68,10 +69,8 @@ def encrypt(settings: Settings, plaintext: str) -> bytes:
 
 
 def decrypt(settings: Settings, token: bytes) -> str:
-    try:
+    with contextlib.suppress(InvalidToken):
         return fernet(settings).decrypt(token).decode()
-    except InvalidToken:
-        pass
     # `konstruct secrets rotate` may have added a key since this process read them: read them again, once.
     _fernets.clear()
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import typer
@@ -24,28 +23,16 @@ from konstruct.cli.common import (
     print_json,
     print_table,
     run,
+    secret_input,
     settings,
     tenant_for,
     tenants_for,
 )
-from konstruct.config import Settings, read_secret_from_environment
+from konstruct.config import Settings
 from konstruct.errors import ValidationError
 
 app = typer.Typer(help="Connect channels (Slack, WhatsApp) to tenants and route them to agents.", no_args_is_help=True)
 TenantOption = typer.Option(..., "--tenant", "-t", help="The tenant's slug.")
-
-
-def _secret(env_name: str | None, prompt: str, what: str) -> str:
-    if env_name:
-        return read_secret_from_environment(env_name, what)
-    if not sys.stdin.isatty():
-        raise ValidationError(
-            f"{what}: pass it as an environment variable (--{what.replace(' ', '-')}-env NAME); there is no terminal to ask on"
-        )
-    value: str = typer.prompt(prompt, hide_input=True).strip()
-    if not value:
-        raise ValidationError(f"{what} is empty")
-    return value
 
 
 @app.command("connect")
@@ -97,8 +84,8 @@ def connect(
                         "--agent applies once the workspace is installed: use `konstruct channel route` or connect again with it"
                     )
                 return install_link(cfg, info.id), None, False
-            token = _secret(bot_token_env, "Slack bot token (xoxb-…)", "bot token")
-            signing_secret = _secret(signing_secret_env, "Slack signing secret", "signing secret")
+            token = secret_input(bot_token_env, "Slack bot token (xoxb-…)", "bot token", "--bot-token-env")
+            signing_secret = secret_input(signing_secret_env, "Slack signing secret", "signing secret", "--signing-secret-env")
             identity = await _auth_test(cfg, token)
             connection, created = await service.connect(
                 db, cfg, info, kind="slack", external_id=identity["team_id"], name=identity.get("team") or identity["team_id"],
@@ -144,9 +131,9 @@ def _connect_whatsapp(
     async def go() -> tuple[ConnectionInfo, bool]:
         async with database(cfg) as db:
             info = await tenant_for(db, tenant, "channel.write")
-            token = _secret(access_token_env, "WhatsApp access token", "access token")
-            app_secret = _secret(app_secret_env, "Meta app secret", "app secret")
-            verify_token = _secret(verify_token_env, "Webhook verify token (you choose it)", "verify token")
+            token = secret_input(access_token_env, "WhatsApp access token", "access token", "--access-token-env")
+            app_secret = secret_input(app_secret_env, "Meta app secret", "app secret", "--app-secret-env")
+            verify_token = secret_input(verify_token_env, "Webhook verify token (you choose it)", "verify token", "--verify-token-env")
             identity = await _phone_number(cfg, number, token)
             name = str(identity.get("verified_name") or identity.get("display_phone_number") or number)
             return await service.connect(

@@ -6,6 +6,7 @@ import asyncio
 import getpass
 import json
 import logging
+import sys
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from konstruct.config import Settings, load_settings
+from konstruct.config import Settings, load_settings, read_secret_from_environment
 from konstruct.db.engine import Database
 from konstruct.errors import ValidationError
 from konstruct.tenancy import access
@@ -65,6 +66,19 @@ _acting_as: str | None = None  # --as EMAIL / KONSTRUCT_AS, set by the root comm
 def act_as(email: str | None) -> None:
     global _acting_as
     _acting_as = email.strip().lower() if email and email.strip() else None
+
+
+def secret_input(env_name: str | None, prompt: str, what: str, flag: str, *, confirm: bool = False) -> str:
+    """A secret from the environment variable the person named, or asked for hidden: never a command-line
+    argument (it would land in shell history). Without a terminal to ask on, the flag is required."""
+    if env_name:
+        return read_secret_from_environment(env_name, what)
+    if not sys.stdin.isatty():
+        raise ValidationError(f"{what}: pass it in an environment variable with {flag} NAME; there is no terminal to ask on")
+    value = str(typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm)).strip()
+    if not value:
+        raise ValidationError(f"{what} is empty")
+    return value
 
 
 def actor() -> str:

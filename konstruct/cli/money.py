@@ -26,11 +26,12 @@ from konstruct.cli.common import (
     print_json,
     print_table,
     run,
+    secret_input,
     settings,
     tenant_for,
     tenants_for,
 )
-from konstruct.config import read_secret_from_environment, secret_key_in_environment
+from konstruct.config import secret_key_in_environment
 from konstruct.errors import ConfigError, ValidationError
 from konstruct.llm import budget as budgets
 from konstruct.llm import keys as llm_keys
@@ -57,12 +58,7 @@ def key_add(
     as_json: bool = JsonOption,
 ) -> None:
     """Store a tenant's own API key for a provider (encrypted; replaces its earlier one)."""
-    if key_env:
-        key = read_secret_from_environment(key_env, "API key")
-    elif not sys.stdin.isatty():
-        raise ValidationError("pass the key in an environment variable with --key-env NAME; there is no terminal to ask on")
-    else:
-        key = typer.prompt(f"{provider} API key", hide_input=True).strip()
+    key = secret_input(key_env, f"{provider} API key", "API key", "--key-env")
     if api_base is not None and not api_base.startswith(("https://", "http://")):
         raise ValidationError("--api-base must be an http(s) URL")
     cfg = settings(ctx)

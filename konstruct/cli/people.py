@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import typer
@@ -19,6 +18,7 @@ from konstruct.cli.common import (
     print_json,
     print_table,
     run,
+    secret_input,
     settings,
     tenant_for,
 )
@@ -32,19 +32,6 @@ from konstruct.tenancy import users as service
 TenantOption = typer.Option(..., "--tenant", "-t", help="The tenant's slug.")
 user_app = typer.Typer(help="Users of a tenant and their roles; platform admins.", no_args_is_help=True)
 invite_app = typer.Typer(help="Invite people to a tenant by email (single-use links that expire).", no_args_is_help=True)
-
-
-def _password(env_name: str | None, *, confirm: bool = True) -> str:
-    """A password from a named environment variable, or asked for hidden (never a command-line argument)."""
-    if env_name:
-        value = os.environ.get(env_name, "")
-        if not value:
-            raise ValidationError(f"environment variable {env_name} is not set or empty")
-        return value
-    if not sys.stdin.isatty():
-        raise ValidationError("pass the password in an environment variable with --password-env NAME; there is no terminal to ask on")
-    value = typer.prompt("Password", hide_input=True, confirmation_prompt=confirm)
-    return str(value)
 
 
 # -- users --
@@ -149,7 +136,7 @@ def user_create(
     as_json: bool = JsonOption,
 ) -> None:
     """Create a user directly (platform admins only; customers join through invitations)."""
-    password = _password(password_env)
+    password = secret_input(password_env, "Password", "password", "--password-env", confirm=True)
 
     async def go() -> None:
         async with database(settings(ctx)) as db:
@@ -325,7 +312,7 @@ def invite_accept(
             if not sys.stdin.isatty():
                 raise ValidationError("pass --name (there is no terminal to ask on)")
             name = str(typer.prompt("Your name"))
-        password = _password(password_env)
+        password = secret_input(password_env, "Password", "password", "--password-env", confirm=True)
 
     async def go() -> tuple[str, str, str]:
         async with database(cfg) as db:

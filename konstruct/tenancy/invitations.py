@@ -3,6 +3,7 @@ Accepting it (CLI or `{public_url}/invite/TOKEN`) sets a name and password and g
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import uuid
@@ -13,7 +14,7 @@ from typing import Any
 from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from konstruct import audit
+from konstruct import audit, mail
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import Invitation, User
@@ -231,10 +232,6 @@ async def accept(db: Database, token: str, *, name: str, password: str | None) -
 
 async def send(db: Database, settings: Settings, tenant_id: uuid.UUID, invitation_id: uuid.UUID, token: str) -> bool:
     """Email the invitation link (the worker's task). False when it is no longer pending (revoked, resent, used)."""
-    import asyncio
-
-    from konstruct import mail
-
     async with db.tenant(tenant_id=tenant_id) as session:
         row = await session.get(Invitation, invitation_id)
         name = await session.scalar(text("select name from tenants"))

@@ -6,7 +6,6 @@ import base64
 import hashlib
 import hmac
 import os
-import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,9 +20,8 @@ from konstruct.db.engine import Database
 from konstruct.db.models import Membership, User
 from konstruct.errors import ConflictError, NotFoundError, ValidationError
 from konstruct.tenancy.access import ROLES
-from konstruct.tenancy.tenants import TenantInfo
+from konstruct.tenancy.tenants import EMAIL_RE, TenantInfo
 
-EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 MIN_PASSWORD = 10
 # scrypt with N=2^15, r=8: 32 MiB of memory and ~0.1 s per guess on a server core.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
