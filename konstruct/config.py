@@ -20,6 +20,7 @@ from konstruct.errors import ConfigError
 
 CONFIG_FILENAME = "konstruct.toml"
 CONFIG_ENV = "KONSTRUCT_CONFIG"
+DATABASE_URL_ENV = "KONSTRUCT_DATABASE__URL"  # `up` hands its children the embedded server's URL through it
 SECRET_KEY_ENV = "KONSTRUCT_SECRET_KEY"
 
 
@@ -39,6 +40,9 @@ class DatabaseSettings(_Section):
         None, description="Password of the konstruct_app role. Empty: generated once and kept in the data directory."
     )
     pool_size: int = Field(10, ge=1, le=200, description="Connections per process for the app role.")
+    connect_timeout: float = Field(
+        5.0, gt=0, le=120, description="Seconds to wait for a new database connection before the database counts as down."
+    )
 
 
 class QueueSettings(_Section):
@@ -201,6 +205,17 @@ class WorkerSettings(_Section):
     received_grace: float = Field(30.0, gt=0, le=3600, description="A stored message not claimed after this long is re-queued.")
 
 
+class UpSettings(_Section):
+    standby: bool = Field(True, description="`up` keeps a warm spare worker (imports done) that takes over at once when the worker dies.")
+    stable_after: float = Field(
+        10.0, gt=0, le=3600, description="A part that ran this many seconds before it died restarts at once; quicker deaths back off."
+    )
+    max_backoff: float = Field(30.0, gt=0, le=3600, description="Longest wait, in seconds, before restarting a part that keeps dying.")
+    check_interval: float = Field(
+        0.5, gt=0, le=60, description="Seconds between `up`'s checks that each part (the embedded database too) is alive."
+    )
+
+
 class Settings(BaseSettings):
     """The effective configuration of one Konstruct installation."""
 
@@ -223,6 +238,7 @@ class Settings(BaseSettings):
         default_factory=list, description="Declared tenants ([[tenants]]), applied with `konstruct apply` (see examples/tenants.toml)."
     )
     worker: WorkerSettings = WorkerSettings()
+    up: UpSettings = UpSettings()
     secret_key: SecretStr | None = Field(
         None,
         description="Master key(s) for secrets at rest, comma-separated, newest first. Empty: the 0600 file secret.key in the data directory.",

@@ -38,6 +38,14 @@ class DatabaseError(KonstructError):
     http_status = 503
 
 
+class DatabaseUnavailable(DatabaseError):
+    """The database cannot be reached right now (down, restarting, in recovery): try again shortly.
+
+    Webhooks answer 503 with it, so Slack and Meta deliver again; workers wait and carry on."""
+
+    http_status = 503
+
+
 class QueueError(KonstructError):
     """The task queue cannot be reached."""
 

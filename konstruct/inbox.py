@@ -29,9 +29,12 @@ Enqueue = Callable[[uuid.UUID, uuid.UUID], None]
 class Doorbell(Protocol):
     """The queue as the inbox needs it (konstruct.worker.queue.Queue)."""
 
-    def enqueue(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None: ...
+    @property
+    def tracked(self) -> bool: ...
 
-    def outbox(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> OutboxTask | None: ...
+    def enqueue(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID, *, suspect: bool = False) -> None: ...
+
+    def outbox(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID, *, suspect: bool = False) -> OutboxTask | None: ...
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,10 @@ SELECT (SELECT id FROM inb) AS inbound_id,
        (SELECT agent_id FROM chosen) AS agent_id,
        (SELECT count(*) FROM queued) AS queued
 """
-_QUEUE_INSERT = "INSERT INTO {table} (queue, data, priority) SELECT :queue, :task, 0 FROM inb WHERE CAST(:status AS text) = 'received' RETURNING pg_notify(:notify, '')"
+_QUEUE_INSERT = (
+    "INSERT INTO {table} (queue, data, priority, inbound_id) SELECT :queue, :task, 0, inb.id FROM inb "
+    "WHERE CAST(:status AS text) = 'received' RETURNING pg_notify(:notify, '')"
+)
 _NO_QUEUE = "SELECT 1 WHERE false"
 _statements: dict[str | None, TextClause] = {}
 
@@ -183,24 +189,56 @@ def dead_local_workers(heartbeats: list[tuple[str, str, int]]) -> list[str]:
     return [wid for wid, hostname, pid in heartbeats if hostname == host and pid != me and not psutil.pid_exists(pid)]
 
 
-async def requeue_stuck(db: Database, enqueue: Enqueue, *, stale_after: float, received_grace: float) -> list[uuid.UUID]:
-    """Put messages of dead or silent workers, and unqueued ones, back on the queue."""
+TRACKED_GRACE = 2.0  # seconds: a tracked row older than this with no queue entry lost its doorbell
+
+
+async def requeue_stuck(db: Database, queue: Doorbell, *, stale_after: float, received_grace: float) -> list[uuid.UUID]:
+    """Put messages of dead or silent workers (on the suspect lane) and messages whose doorbell was lost back on the queue.
+
+    With huey's Postgres storage the new queue entries are written in the same transaction, tagged with their
+    inbox row, so a row that is still queued is never queued twice (a backlog does not grow by itself)."""
+    tracked = queue.tracked
     async with db.system() as session:
         beats = (await session.execute(select(WorkerHeartbeat.worker_id, WorkerHeartbeat.hostname, WorkerHeartbeat.pid))).all()
         dead = dead_local_workers([(b.worker_id, b.hostname, b.pid) for b in beats])
+        grace = min(received_grace, TRACKED_GRACE) if tracked else received_grace
         rows = (
             await session.execute(
-                text("select id, tenant_id from konstruct_requeue_stuck(:dead, :stale, :grace)"),
-                {"dead": dead, "stale": timedelta(seconds=stale_after), "grace": timedelta(seconds=received_grace)},
+                text("select id, tenant_id, suspect from konstruct_requeue_stuck(:dead, :stale, :grace, :tracked)"),
+                {"dead": dead, "stale": timedelta(seconds=stale_after), "grace": timedelta(seconds=grace), "tracked": tracked},
             )
         ).all()
         if dead:
             await session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.worker_id.in_(dead)))
-    for row in rows:
-        await asyncio.to_thread(enqueue, row.tenant_id, row.id)
+        if tracked and rows:
+            await _ring(session, queue, [(row.tenant_id, row.id, row.suspect) for row in rows])
+    if not tracked:
+        for row in rows:
+            await asyncio.to_thread(queue.enqueue, row.tenant_id, row.id, suspect=row.suspect)
     if rows:
-        log.warning("re-queued %d stuck message(s)", len(rows))
+        suspects = sum(1 for row in rows if row.suspect)
+        log.warning("re-queued %d stuck message(s), %d of them to be answered alone", len(rows), suspects)
     return [row.id for row in rows]
+
+
+async def ring_again(db: Database, queue: Doorbell, tenant_id: uuid.UUID, inbound_id: uuid.UUID, *, suspect: bool) -> None:
+    """Ring the doorbell for a stored row once more (tagged with the row, when the queue lives in the database)."""
+    if queue.tracked:
+        async with db.system() as session:
+            await _ring(session, queue, [(tenant_id, inbound_id, suspect)])
+    else:
+        await asyncio.to_thread(queue.enqueue, tenant_id, inbound_id, suspect=suspect)
+
+
+async def _ring(session: Any, queue: Doorbell, rows: list[tuple[uuid.UUID, uuid.UUID, bool]]) -> None:
+    entries = [queue.outbox(tenant_id, inbound_id, suspect=suspect) for tenant_id, inbound_id, suspect in rows]
+    first = entries[0]
+    assert first is not None
+    await session.execute(
+        text(f"INSERT INTO {first.table} (queue, data, priority, inbound_id) VALUES (:queue, :data, 0, :inbound_id)"),
+        [{"queue": e.queue, "data": e.data, "inbound_id": inbound_id} for e, (_, inbound_id, _) in zip(entries, rows, strict=True) if e],
+    )
+    await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": first.notify_channel})
 
 
 async def live_workers(db: Database, *, within: float) -> int:

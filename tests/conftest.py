@@ -79,11 +79,12 @@ def fake_llm(fake_llm_server: FakeLLM) -> FakeLLM:
     return fake_llm_server
 
 
-def write_config(path: Path, database_url: str, llm_url: str, **sections: dict[str, object]) -> Path:
-    """A konstruct.toml for tests: an external database URL (the test database), the fake LLM."""
+def write_config(path: Path, database_url: str | None, llm_url: str, **sections: dict[str, object]) -> Path:
+    """A konstruct.toml for tests: an external database URL (the test database; None: an embedded server of its
+    own under path/.konstruct), the fake LLM."""
     port = free_port()
     values: dict[str, dict[str, object]] = {
-        "database": {"url": database_url, "app_password": APP_PASSWORD},
+        "database": {"url": database_url, "app_password": APP_PASSWORD} if database_url else {},
         "gateway": {"port": port, "public_url": f"http://127.0.0.1:{port}"},
         "llm": {"model": "openai/fake-model", "api_base": llm_url, "api_key": "sk-test-key-0001", "timeout": 10, "retries": 0},
         "worker": {"heartbeat_interval": 0.5, "stale_after": 5, "received_grace": 30},

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import time
 import uuid
@@ -16,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from konstruct.agent.agents import create_agent
 from konstruct.db.engine import Database
@@ -24,7 +22,7 @@ from konstruct.db.models import InboundMessage as InboxRow
 from konstruct.tenancy.tenants import create_tenant, get_tenant
 from tests.conftest import write_config
 from tests.fakes.llm import FakeLLM
-from tests.fakes.slack import FakeSlack
+from tests.fakes.slack import FakeSlack, sign
 from tests.helpers import Proc, cli_env, konstruct, wait_for
 
 TEAM = "T0000000001"
@@ -46,12 +44,6 @@ def fake_slack(fake_slack_server: FakeSlack) -> FakeSlack:
     fake_slack_server.reset()
     fake_slack_server.retry_after = 0
     return fake_slack_server
-
-
-def sign(body: bytes, secret: str, timestamp: int | None = None) -> dict[str, str]:
-    ts = str(timestamp if timestamp is not None else int(time.time()))
-    signature = "v0=" + hmac.new(secret.encode(), f"v0:{ts}:".encode() + body, hashlib.sha256).hexdigest()
-    return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": signature, "Content-Type": "application/json"}
 
 
 @dataclass
@@ -347,3 +339,33 @@ async def test_a_model_without_vision_gets_a_note_instead_of_the_image(slack_sys
     content = slack_system.llm.requests[-1].body["messages"][-1]["content"]
     assert not any(part["type"] == "image_url" for part in content)
     assert any("cannot see images" in part.get("text", "") for part in content)
+
+
+async def test_a_retry_reuses_the_placeholder_an_earlier_attempt_posted_but_never_recorded(
+    slack_system: SlackSystem, tmp_path: Path
+) -> None:
+    """A worker died after posting `_thinking…_` and before writing its ts down: the next attempt finds that
+    placeholder by its message metadata and answers in it, instead of leaving it in the thread for good."""
+    slack_system.worker.stop()
+    ts = new_ts()
+    assert slack_system.post(slack_system.event(mention(ts))).status_code == 200
+    async with slack_system.db.tenant(tenant_id=slack_system.tenant_id) as session:
+        row = (await session.scalars(select(InboxRow))).one()
+        # As the dead attempt left it: claimed once, given back by the sweeper, its placeholder's ts not recorded.
+        await session.execute(update(InboxRow).where(InboxRow.id == row.id).values(attempts=1, reply_ref=None))
+    with slack_system.slack._lock:
+        placeholder = slack_system.slack._chat_post_message(
+            slack_system.slack.tokens[BOT_TOKEN],
+            {"channel": "C0000000001", "text": "_thinking…_", "thread_ts": ts,
+             "metadata": {"event_type": "konstruct_placeholder", "event_payload": {"answers": row.external_id}}},
+        )  # fmt: skip
+    worker = Proc("worker", ["worker"], config=slack_system.config, log_dir=tmp_path)
+    try:
+        worker.wait_for_log(" ready: ")
+        slack_system.wait_updates(1)
+        assert [c.args["ts"] for c in slack_system.updates()] == [placeholder["ts"]]
+        assert slack_system.slack.calls_to("chat.postMessage") == []  # no second placeholder
+        texts = [m["text"] for m in slack_system.slack.messages.values() if m.get("bot_id")]
+        assert texts == ["[fake-model] You said: what is our refund policy?"]
+    finally:
+        worker.stop()

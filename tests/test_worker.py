@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from konstruct.agent.agents import AgentInfo, create_agent
 from konstruct.agent.prompt import AI_DISCLOSURE
@@ -256,15 +256,15 @@ async def test_worker_stops_gracefully_on_sigint(acme: tuple[TenantInfo, AgentIn
 async def test_a_message_that_keeps_crashing_its_worker_is_given_up(
     acme: tuple[TenantInfo, AgentInfo], settings: Settings, queue: Queue, start_worker: object, fake_llm: FakeLLM, db: Database
 ) -> None:
-    """Not an endless loop: after worker.max_attempts claims that never finished, the row is failed."""
-    from sqlalchemy import update
-
+    """Not an endless loop: after worker.max_attempts crashes while it ran alone, the row is failed, the person gets
+    the apology, and the model is not asked again (tests/test_crash_safety.py makes the crashes for real)."""
     tenant, agent = acme
     stored = await store(db, message(tenant, agent, "poison", "boom"))
     async with db.tenant(tenant_id=tenant.id) as session:  # as if five workers had died on it already
-        await session.execute(update(InboxRow).where(InboxRow.id == stored.id).values(attempts=settings.worker.max_attempts))
+        await session.execute(update(InboxRow).where(InboxRow.id == stored.id).values(crashes=settings.worker.max_attempts))
     start_worker()  # type: ignore[operator]
     queue.enqueue(tenant.id, stored.id)
     row = await wait_final(db, tenant, stored.id)
     assert row.status == "failed" and "gave up after 5 attempts" in (row.error or "")
     assert fake_llm.requests == []
+    assert [r.text for r in await replies_for(db, tenant, stored.id)] == [settings.agent.apology]

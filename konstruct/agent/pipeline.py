@@ -82,17 +82,19 @@ class Pipeline:
     def __post_init__(self) -> None:
         self.llm = LLMService(self.settings, self.db, self.notify)
 
-    async def process(self, *, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> str | None:
-        """Answer one inbox row. Returns its final state, or None when it was not ours to take."""
+    async def process(self, *, tenant_id: uuid.UUID, inbound_id: uuid.UUID, solo: bool = False) -> str | None:
+        """Answer one inbox row. Returns its final state, or None when it was not ours to take.
+        solo: the worker runs nothing else meanwhile (the suspect lane); a suspect row is only taken that way."""
         async with self.db.tenant(tenant_id=tenant_id) as session:
             inbound = await session.scalar(
                 update(InboundMessage)
-                .where(InboundMessage.id == inbound_id, InboundMessage.status == "received")
+                .where(InboundMessage.id == inbound_id, InboundMessage.status == "received", *([] if solo else [~InboundMessage.suspect]))
                 .values(
                     status="processing",
                     attempts=InboundMessage.attempts + 1,
                     worker_id=self.worker_id,
                     claimed_at=func.now(),
+                    solo=solo,
                 )
                 .returning(InboundMessage)
             )
@@ -151,15 +153,25 @@ class Pipeline:
         if tenant_status != "active":
             await self._finish(tenant_id, inbound_id, None, status="ignored", error=f"tenant is {tenant_status}")
             return "ignored"
-        if inbound.attempts > self.settings.worker.max_attempts:
-            # Every earlier attempt died mid-way (a crash, a bug): stop the loop, keep the row to look at.
-            reason = f"gave up after {inbound.attempts - 1} attempts that did not finish"
-            await self._finish(tenant_id, inbound_id, None, status="failed", error=reason)
-            return "failed"
         channel = self.channels.get(inbound.channel)
         if channel is None:
             await self._finish(tenant_id, inbound_id, None, status="failed", error=f"no {inbound.channel!r} channel on this worker")
             return "failed"
+        target = Target(tenant_id, conversation_id, conversation_key, inbound.external_id, dict(inbound.payload), inbound.reply_ref,
+                        retry=inbound.attempts > 1)  # fmt: skip
+        if inbound.crashes >= self.settings.worker.max_attempts and previous is None:
+            # It took a worker down each time it ran alone (or raised): stop the loop, keep the row to look at,
+            # and tell the person (in place of any placeholder) rather than leave them waiting.
+            reason = f"gave up after {inbound.crashes} attempts that did not finish"
+            log.error("message %s: %s", inbound_id, reason)
+            if target.reply_ref is None and target.retry:  # an earlier attempt's placeholder becomes the apology
+                target = await self._prepare(channel, target, inbound_id)
+            apology_id = await self._store_reply(
+                tenant_id, conversation_id, inbound_id, agent, self.settings.agent.apology, "gave-up", None
+            )
+            if apology_id is None:
+                return None
+            return await self._deliver(channel, target, inbound_id, apology_id, self.settings.agent.apology, "failed", reason)
 
         if context.state == "escalated" and previous is None:
             # A human has the conversation: the agent never talks over them. `/release` hands it back.
@@ -172,7 +184,6 @@ class Pipeline:
                 await self._finish(tenant_id, inbound_id, None, status="ignored", error="escalated: a human is handling this conversation")
             return "ignored"
 
-        target = Target(tenant_id, conversation_id, conversation_key, inbound.external_id, dict(inbound.payload), inbound.reply_ref)
         if billing is not None and not billing.ok and previous is None:
             # No active subscription: the agents are paused, and people are told so (no model is asked).
             notice_id = await self._store_reply(

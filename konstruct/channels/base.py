@@ -43,6 +43,7 @@ class Target:
     inbound_external_id: str
     payload: dict[str, Any]
     reply_ref: str | None = None  # what prepare() returned on this or an earlier attempt
+    retry: bool = False  # an earlier attempt may have shown progress (e.g. posted a placeholder) without recording it
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ class Channel(Protocol):
     name: str
 
     async def prepare(self, target: Target) -> str | None:
-        """Show the person the agent is working (e.g. a placeholder); return a reference send() can use."""
+        """Show the person the agent is working (e.g. a placeholder); return a reference send() can use.
+        On a retry, reuse what an earlier attempt showed rather than showing it twice."""
         ...
 
     async def attachments(self, target: Target) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from rich.table import Table
 from konstruct.config import Settings, load_settings, read_secret_from_environment
 from konstruct.db.engine import Database
 from konstruct.errors import ValidationError
+from konstruct.logs import install_outage_filter
 from konstruct.tenancy import access
 from konstruct.tenancy.access import Principal
 from konstruct.tenancy.tenants import TenantInfo
@@ -154,3 +155,4 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("huey", "huey.consumer", "huey.consumer.Scheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    install_outage_filter()

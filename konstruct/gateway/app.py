@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,15 +28,51 @@ from konstruct.channels.whatsapp.webhook import WhatsAppWebhook
 from konstruct.config import CONFIG_ENV, Settings, load_settings
 from konstruct.db.engine import Database
 from konstruct.db.urls import resolve_urls
-from konstruct.errors import KonstructError
+from konstruct.errors import DatabaseUnavailable, KonstructError
+from konstruct.logs import Throttled
 from konstruct.web import metrics, pages
 from konstruct.worker.queue import make_queue
 
 log = logging.getLogger("konstruct.gateway")
+outage_log = Throttled(log)
+HEALTH_INTERVAL = 1.0  # seconds between the gateway's own database checks
+
+
+class DatabaseHealth:
+    """Whether the database answered lately: a ping every second, and every request that found it down."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.down_since: float | None = None
+        self.error = ""
+
+    def failed(self, error: str) -> None:
+        if self.down_since is None:
+            self.down_since = time.time()
+            log.warning("the database is unavailable (%s): webhooks answer 503 until it is back", error)
+        self.error = error
+
+    def ok(self) -> None:
+        if self.down_since is not None:
+            log.info("the database is back after %.1fs", time.time() - self.down_since)
+        self.down_since = None
+
+    async def watch(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.db.ping(), timeout=max(HEALTH_INTERVAL * 3, 1))
+                self.ok()
+            except Exception as exc:
+                self.failed(type(exc.__cause__ or exc).__name__ if not isinstance(exc, KonstructError) else str(exc))
+            await asyncio.sleep(HEALTH_INTERVAL)
 
 
 async def healthz(request: Request) -> Response:
-    """The process is up."""
+    """The process is up and the database answers (503 while it does not, so a balancer or `up` can tell)."""
+    health: DatabaseHealth = request.app.state.health
+    if health.down_since is not None:
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(health.down_since))
+        return JSONResponse({"status": "unhealthy", "database": f"unavailable since {since}: {health.error}"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -95,6 +132,11 @@ async def stripe_webhook(request: Request) -> Response:
 
 async def konstruct_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, KonstructError)
+    if isinstance(exc, DatabaseUnavailable):
+        # Quick and quiet: Slack, Meta and Stripe deliver again; one log line per interval says why.
+        request.app.state.health.failed(str(exc))
+        outage_log.warning("database-down", f"{request.method} {request.url.path}: 503, the database is unavailable")
+        return JSONResponse({"error": "temporarily unavailable, try again shortly"}, status_code=503, headers={"Retry-After": "1"})
     request_id = uuid.uuid4().hex[:12]
     log.warning("request %s %s %s: %s", request_id, request.method, request.url.path, exc)
     if "text/html" in request.headers.get("accept", ""):  # a person at the status page: a page, not JSON
@@ -113,6 +155,7 @@ def create_app(settings: Settings) -> Starlette:
         app.state.queue = make_queue(settings, urls)
         app.state.slack = SlackEvents(settings, app.state.db, app.state.queue)
         app.state.whatsapp = WhatsAppWebhook(settings, app.state.db, app.state.queue)
+        app.state.health = DatabaseHealth(app.state.db)
         try:  # connections and bolt apps ready before the first webhook, not built while it waits
             await app.state.db.warm(settings.database.pool_size)
             await inbox.warm(app.state.db, app.state.queue, settings.database.pool_size)
@@ -123,10 +166,12 @@ def create_app(settings: Settings) -> Starlette:
         # garbage collection does not pause request handling to walk the imported modules.
         gc.collect()
         gc.freeze()
+        watcher = asyncio.ensure_future(app.state.health.watch())
         log.info("gateway ready on %s:%s", settings.gateway.host, settings.gateway.port)
         try:
             yield
         finally:
+            watcher.cancel()
             await app.state.db.dispose()
             app.state.queue.close()
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, text
 
-from konstruct import audit
+from konstruct import audit, supervision
 from konstruct.billing import events as billing
 from konstruct.config import Settings
 from konstruct.db.engine import Database
@@ -26,9 +27,12 @@ class Health:
     queue: str
     workers: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    supervisor: list[str] = field(default_factory=list)  # what `up` says about its parts (restarts, crash loops, the database)
+    supervisor_ok: bool = True
+    inbox: supervision.InboxHealth | None = None
 
 
-async def health(db: Database, queue: Any) -> Health:
+async def health(db: Database, queue: Any, data_dir: Path) -> Health:
     try:
         await asyncio.wait_for(db.ping(), timeout=5)
         database = "ok"
@@ -40,8 +44,11 @@ async def health(db: Database, queue: Any) -> Health:
     except Exception as exc:
         depth, queue_state = None, f"unreachable: {type(exc).__name__}"
     result = Health(database, depth, queue_state)
+    status, result.supervisor = supervision.summarise(supervision.read_state(data_dir))
+    result.supervisor_ok = status == "ok"
     if database != "ok":
         return result
+    result.inbox = await supervision.inbox_health(db)
     async with db.system() as session:
         workers = await session.execute(
             text(

@@ -127,7 +127,7 @@ async def home(request: Request) -> Response:
     visible = await access.tenants(db, principal, "status.view")
     if not principal.platform_admin and len(visible) == 1:
         return RedirectResponse(f"/tenants/{visible[0].slug}", status_code=303)
-    health = await overview.health(db, request.app.state.queue) if principal.platform_admin else None
+    health = await overview.health(db, request.app.state.queue, request.app.state.settings.data_dir) if principal.platform_admin else None
     return _page(request, web_session, principal, "home.html", tenants=visible, health=health)
 
 

@@ -2,18 +2,70 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
+import signal
+import threading
 
 from konstruct.config import Settings
 from konstruct.db.urls import resolve_urls
+from konstruct.llm.client import load_litellm
+from konstruct.supervision import FORKED_PREFIX
 from konstruct.worker.queue import make_queue, set_worker
 from konstruct.worker.runtime import WorkerRuntime
 
 log = logging.getLogger("konstruct.worker")
 
 
-def run_worker(settings: Settings, *, threads: int = 4, periodic: bool = True) -> None:
-    """Run until SIGINT (graceful) or SIGTERM. Blocks."""
+def serve_as_spare(settings: Settings) -> bool:
+    """Do the slow start-up work (imports, litellm) once, then fork a ready worker each time SIGUSR1 asks for one.
+
+    `up` keeps one such spare, so a worker that dies is replaced in milliseconds instead of after seconds of
+    imports. The spare holds no thread, connection or loop when it forks (only imported modules), so the child
+    starts clean. Returns True in a forked child (which goes on to run the worker), False in the spare when it is
+    told to stop (SIGINT/SIGTERM). The spare reaps its children and says how each ended."""
+    wanted = {signal.SIGUSR1, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
+    signal.pthread_sigmask(signal.SIG_BLOCK, wanted)  # held until sigwait, so none is lost meanwhile
+    load_litellm()
+    if threading.active_count() > 1:  # forking a process with threads could copy a held lock into the child
+        log.error("standby: %d threads after warm-up; cannot fork workers safely", threading.active_count())
+        return False
+    gc.collect()
+    gc.freeze()  # the imported modules stay shared with every forked worker (copy-on-write)
+    log.info("standby: warm, waiting to start workers")
+    while True:
+        taken = signal.sigwait(wanted)
+        if taken == signal.SIGCHLD:
+            _reap()
+            continue
+        if taken != signal.SIGUSR1:
+            log.info("standby stopped")
+            return False
+        pid = os.fork()
+        if pid == 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
+            for handler in logging.getLogger().handlers:
+                handler.setFormatter(logging.Formatter(FORKED_PREFIX + "%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+            return True
+        log.info("standby: started worker pid %d", pid)
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        log.info("standby: worker pid %d ended with code %d", pid, os.waitstatus_to_exitcode(status))
+
+
+def run_worker(settings: Settings, *, threads: int = 4, periodic: bool = True, standby: bool = False) -> None:
+    """Run until SIGINT (graceful) or SIGTERM. Blocks. standby: be the spare that forks ready workers (see serve_as_spare)."""
+    if standby and not serve_as_spare(settings):
+        return
     urls = resolve_urls(settings)
     queue = make_queue(settings, urls)
     runtime = WorkerRuntime(settings, urls, queue)

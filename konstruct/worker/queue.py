@@ -39,6 +39,11 @@ class Queue:
         def process_message(tenant_id: str, inbound_id: str) -> None:
             _current_worker().admit(uuid.UUID(tenant_id), uuid.UUID(inbound_id))
 
+        @huey.task(name="process_suspect")
+        def process_suspect(tenant_id: str, inbound_id: str) -> None:
+            # In flight when a worker died: answered alone, so that only the message that kills a worker pays for it.
+            _current_worker().admit(uuid.UUID(tenant_id), uuid.UUID(inbound_id), suspect=True)
+
         @huey.periodic_task(crontab(minute="*"), name="sweep_stuck_messages")
         def sweep_stuck_messages() -> None:
             _current_worker().sweep()
@@ -58,6 +63,7 @@ class Queue:
         self._notify_admins: Any = notify_admins
         self._send_invitation: Any = send_invitation
         self._process_message: Any = process_message  # a huey TaskWrapper
+        self._process_suspect: Any = process_suspect
         self._remember_message: Any = remember_message
 
     def enqueue_memory(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
@@ -75,19 +81,25 @@ class Queue:
         except Exception as exc:
             raise QueueError(f"cannot queue the invitation email: {type(exc).__name__}: {exc}") from None
 
-    def enqueue(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
-        """Ring the doorbell for one stored inbound message."""
+    def enqueue(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID, *, suspect: bool = False) -> None:
+        """Ring the doorbell for one stored inbound message (on the suspect lane: answered alone)."""
+        task = self._process_suspect if suspect else self._process_message
         try:
-            self._process_message(str(tenant_id), str(inbound_id))
+            task(str(tenant_id), str(inbound_id))
         except Exception as exc:
             raise QueueError(f"cannot queue a message: {type(exc).__name__}: {exc}") from None
 
-    def outbox(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> OutboxTask | None:
+    @property
+    def tracked(self) -> bool:
+        """Whether queue entries are rows in Konstruct's database (huey's Postgres storage), so the inbox can see them."""
+        return isinstance(self.huey.storage, PostgresStorage)
+
+    def outbox(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID, *, suspect: bool = False) -> OutboxTask | None:
         """The queue entry as a row for the inbox's own transaction, when the queue is huey's Postgres storage."""
         storage = self.huey.storage
         if not isinstance(storage, PostgresStorage):
             return None
-        task = self._process_message.s(str(tenant_id), str(inbound_id))
+        task = (self._process_suspect if suspect else self._process_message).s(str(tenant_id), str(inbound_id))
         return OutboxTask(table=storage.table_task, queue=storage.name, data=self.huey.serialize_task(task), notify_channel=storage.channel)
 
     def pending(self) -> int:

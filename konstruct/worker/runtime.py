@@ -2,7 +2,9 @@
 
 huey's threads only admit work (waiting for a free slot, which is the back-pressure); the LLM
 calls run concurrently on the loop. A killed worker loses nothing: its claimed rows go back to
-the queue through the sweeper.
+the queue through the sweeper, on the suspect lane, where each is answered alone so that only a
+message that kills a worker by itself is charged for it. A message that fails here without finishing
+(the database went away, an error) is given back and rung again once the database answers.
 """
 
 from __future__ import annotations
@@ -17,27 +19,32 @@ import time
 import uuid
 from collections.abc import Coroutine
 from concurrent.futures import Future
+from functools import partial
 from typing import Any, TypeVar
 
 import uvloop
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from konstruct import audit, inbox, mail
 from konstruct.agent import memory
+from konstruct.agent.embedding import embedder
 from konstruct.agent.pipeline import Pipeline
 from konstruct.channels.registry import channels
 from konstruct.config import Settings
-from konstruct.db.engine import Database
+from konstruct.db.engine import Database, unavailable
 from konstruct.db.models import Conversation, InboundMessage, WorkerHeartbeat
 from konstruct.db.urls import DatabaseURLs
 from konstruct.llm.client import load_litellm
+from konstruct.logs import Throttled
 from konstruct.secrets import decrypt
 from konstruct.tenancy import invitations
 from konstruct.worker.queue import Queue
 
 log = logging.getLogger("konstruct.worker")
+outage_log = Throttled(log)
 T = TypeVar("T")
+RETRY_INTERVAL = 0.5  # seconds between attempts to give back messages that failed here
 
 
 class WorkerRuntime:
@@ -48,11 +55,17 @@ class WorkerRuntime:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="konstruct-loop", daemon=True)
-        self._slots = threading.BoundedSemaphore(settings.worker.concurrency)
-        self._lock = threading.Lock()
+        # Admission: at most `concurrency` in flight; a suspect message runs alone (nothing else in flight, nothing
+        # admitted beside it) and waiting suspects go first, so the suspect lane is never starved.
+        self._gate = threading.Condition()
         self.in_flight = 0
         self.done = 0
+        self._solo = False
+        self._suspects_waiting = 0
+        self._retry: dict[uuid.UUID, tuple[uuid.UUID, bool]] = {}  # inbound id -> (tenant id, charge it)
+        self._db_down = False
         self._heartbeat: Future[None] | None = None
+        self._retrier: Future[None] | None = None
         self.db: Database | None = None
         self.pipeline: Pipeline | None = None
         self.stopping: Any = None  # the consumer's stop flag (a threading.Event), once it runs
@@ -61,8 +74,9 @@ class WorkerRuntime:
 
     def start(self) -> None:
         self._thread.start()
-        self._call(self._startup())
+        self._call(self._startup(), timeout=None)
         self._heartbeat = asyncio.run_coroutine_threadsafe(self._heartbeat_loop(), self.loop)
+        self._retrier = asyncio.run_coroutine_threadsafe(self._retry_loop(), self.loop)
         self.sweep()
 
     def stop(self, timeout: float) -> None:
@@ -72,8 +86,9 @@ class WorkerRuntime:
             time.sleep(0.05)
         if self.in_flight:
             log.warning("stopping with %d message(s) in flight; the sweeper will re-queue them", self.in_flight)
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        for task in (self._heartbeat, self._retrier):
+            if task is not None:
+                task.cancel()
         if self._thread.is_alive():
             self._call(self._shutdown(), timeout=10)
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -81,20 +96,42 @@ class WorkerRuntime:
 
     # -- called from huey's threads --
 
-    def admit(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
-        """Start answering a message, waiting for a free slot when `worker.concurrency` are in flight."""
-        while not self._slots.acquire(timeout=0.25):
-            if self.stopping is not None and self.stopping.is_set():
-                # Shutting down with every slot busy: leave it stored as received; the sweeper re-queues it.
-                log.info("message %s left for after the restart", inbound_id)
-                return
-        with self._lock:
+    def admit(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID, *, suspect: bool = False) -> None:
+        """Start answering a message, waiting for a free slot when `worker.concurrency` are in flight.
+        A suspect message waits until nothing else is in flight, and nothing is admitted beside it."""
+        with self._gate:
+            if suspect:
+                self._suspects_waiting += 1
+                try:
+                    while self.in_flight or self._solo:
+                        if self._stopping():
+                            log.info("message %s left for after the restart", inbound_id)
+                            return
+                        self._gate.wait(0.25)
+                finally:
+                    self._suspects_waiting -= 1
+                self._solo = True
+            else:
+                while self._solo or self._suspects_waiting or self.in_flight >= self.settings.worker.concurrency:
+                    if self._stopping():
+                        # Shutting down with every slot busy: leave it stored as received; the sweeper re-queues it.
+                        log.info("message %s left for after the restart", inbound_id)
+                        return
+                    self._gate.wait(0.25)
             self.in_flight += 1
-        future = asyncio.run_coroutine_threadsafe(self._process(tenant_id, inbound_id), self.loop)
-        future.add_done_callback(self._finished)
+        future = asyncio.run_coroutine_threadsafe(self._process(tenant_id, inbound_id, solo=suspect), self.loop)
+        future.add_done_callback(partial(self._finished, solo=suspect))
+
+    def _stopping(self) -> bool:
+        return self.stopping is not None and self.stopping.is_set()
 
     def sweep(self) -> None:
-        self._call(self._sweep())
+        try:
+            self._call(self._sweep())
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
+            outage_log.warning("sweep", "could not sweep for stuck messages: the database is unavailable")
 
     def remember(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
         """Embed and store one message as a memory (the embedding runs in a thread, off the loop)."""
@@ -138,9 +175,19 @@ class WorkerRuntime:
             remember=self.queue.enqueue_memory,
             notify=self.queue.enqueue_notice,
         )
-        # Import litellm (seconds) in the background now, not when the first person is waiting.
+        # Import litellm (seconds) in the background now, not when the first person is waiting (a standby has it already).
         self._warmup = asyncio.ensure_future(asyncio.to_thread(load_litellm))
-        await self._beat()
+        if self.settings.memory.enabled:
+            self._model = asyncio.ensure_future(asyncio.to_thread(_load_embedding_model))
+        while True:  # a worker started while the database is down waits for it rather than crash-looping
+            try:
+                await self._beat()
+                return
+            except Exception as exc:
+                if not unavailable(exc):
+                    raise
+                outage_log.warning("startup", "waiting for the database before taking work")
+                await asyncio.sleep(RETRY_INTERVAL)
 
     async def _shutdown(self) -> None:
         if self.db is None:
@@ -153,21 +200,53 @@ class WorkerRuntime:
                 await close()
         await self.db.dispose()
 
-    async def _process(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
+    async def _process(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID, *, solo: bool = False) -> None:
         assert self.pipeline is not None
         try:
-            status = await self.pipeline.process(tenant_id=tenant_id, inbound_id=inbound_id)
+            status = await self.pipeline.process(tenant_id=tenant_id, inbound_id=inbound_id, solo=solo)
             if status:
                 log.info("message %s %s", inbound_id, status)
-        except Exception:
-            # Left in 'processing': the sweeper hands it to a live worker once this one stops beating.
-            log.exception("message %s: unexpected error", inbound_id)
+        except Exception as exc:
+            down = unavailable(exc)
+            if down:
+                outage_log.warning("process", f"message {inbound_id}: the database is unavailable; it is retried when it is back")
+            else:
+                log.exception("message %s: unexpected error; it is retried (counted towards worker.max_attempts)", inbound_id)
+            # Given back and rung again by the retry loop: not when the database went away, but an error is the message's own.
+            self._retry[inbound_id] = (tenant_id, not down)
 
-    def _finished(self, _future: Future[None]) -> None:
-        with self._lock:
+    def _finished(self, _future: Future[None], *, solo: bool) -> None:
+        with self._gate:
             self.in_flight -= 1
             self.done += 1
-        self._slots.release()
+            if solo:
+                self._solo = False
+            self._gate.notify_all()
+
+    async def _retry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_INTERVAL)
+            for inbound_id, (tenant_id, charge) in list(self._retry.items()):
+                try:
+                    await self._give_back(tenant_id, inbound_id, charge=charge)
+                except Exception as exc:
+                    if not unavailable(exc):
+                        log.error("message %s: could not give it back (%s); the sweeper will", inbound_id, type(exc).__name__)
+                        self._retry.pop(inbound_id, None)
+                    break  # the database is still away: try again later
+                self._retry.pop(inbound_id, None)
+
+    async def _give_back(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID, *, charge: bool) -> None:
+        """Put a message that failed here back to 'received' and ring for it again (a no-op claim if it finished)."""
+        assert self.db is not None
+        async with self.db.system() as session:
+            row = (
+                await session.execute(
+                    text("select suspect from konstruct_release_claim(:id, :worker, :charge)"),
+                    {"id": inbound_id, "worker": self.worker_id, "charge": charge},
+                )
+            ).first()
+        await inbox.ring_again(self.db, self.queue, tenant_id, inbound_id, suspect=bool(row and row.suspect))
 
     async def _beat(self) -> None:
         assert self.db is not None
@@ -184,13 +263,22 @@ class WorkerRuntime:
             try:
                 await self._beat()
             except Exception as exc:
-                log.error("heartbeat failed: %s", type(exc).__name__)
+                self._db_down = True
+                outage_log.warning("heartbeat", f"heartbeat failed: {type(exc).__name__}")
+                continue
+            if self._db_down:  # back after an outage: find what it left behind at once, not at the next minute
+                self._db_down = False
+                log.info("the database is back")
+                try:
+                    await self._sweep()
+                except Exception as exc:
+                    log.warning("sweep after the outage failed: %s", type(exc).__name__)
 
     async def _sweep(self) -> None:
         assert self.db is not None
         await inbox.requeue_stuck(
             self.db,
-            self.queue.enqueue,
+            self.queue,
             stale_after=self.settings.worker.stale_after,
             received_grace=self.settings.worker.received_grace,
         )
@@ -203,3 +291,7 @@ class WorkerRuntime:
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = 60) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+def _load_embedding_model() -> None:
+    embedder().load()

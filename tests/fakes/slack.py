@@ -5,8 +5,9 @@ OAuth installs from codes a test registers, serves private files only to a regis
 (anyone else gets the 302 to a sign-in page that real Slack gives), and can be told to rate limit
 a method with HTTP 429 and `Retry-After`.
 
-Only the methods konstruct uses are implemented: `auth.test`, `oauth.v2.access`, `chat.postMessage`,
-`chat.update` and `conversations.replies`. Anything else answers `{"ok": false, "error": "unknown_method"}`.
+Only the methods konstruct uses are implemented: `auth.test`, `oauth.v2.access`, `chat.postMessage`
+(with message `metadata`), `chat.update`, `conversations.replies` and `conversations.history` (metadata
+only with `include_all_metadata`, as Slack does). Anything else answers `{"ok": false, "error": "unknown_method"}`.
 Like real Slack, every answer except a rate limit is HTTP 200 with `"ok"` telling success from failure.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
+import hmac
 import json
 import mimetypes
 import re
@@ -41,6 +44,13 @@ class Answer:
     status: int
     payload: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+
+
+def sign(body: bytes, secret: str, timestamp: int | None = None) -> dict[str, str]:
+    """The headers Slack sends with a request to an app: `v0=` HMAC-SHA256 of `v0:{ts}:{body}` with the signing secret."""
+    ts = str(timestamp if timestamp is not None else int(time.time()))
+    signature = "v0=" + hmac.new(secret.encode(), f"v0:{ts}:".encode() + body, hashlib.sha256).hexdigest()
+    return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": signature, "Content-Type": "application/json"}
 
 
 def _ts_key(ts: str) -> tuple[int, int]:
@@ -193,6 +203,7 @@ class FakeSlack:
             "chat.postMessage": self._chat_post_message,
             "chat.update": self._chat_update,
             "conversations.replies": self._conversations_replies,
+            "conversations.history": self._conversations_history,
         }
         handler = handlers.get(method)
         if handler is None:
@@ -260,8 +271,22 @@ class FakeSlack:
             message["thread_ts"] = str(args["thread_ts"])
         if blocks:
             message["blocks"] = blocks
+        metadata = args.get("metadata")
+        if isinstance(metadata, str):  # form-encoded calls send it as JSON text
+            metadata = json.loads(metadata)
+        if metadata:
+            if not isinstance(metadata, dict) or not metadata.get("event_type") or not isinstance(metadata.get("event_payload"), dict):
+                return {"ok": False, "error": "invalid_metadata_format"}
+            message["metadata"] = metadata
         self.messages[(str(channel), ts)] = message
-        return {"ok": True, "channel": channel, "ts": ts, "message": dict(message)}
+        return {"ok": True, "channel": channel, "ts": ts, "message": self._shown(message, True)}
+
+    @staticmethod
+    def _shown(message: dict[str, Any], with_metadata: Any) -> dict[str, Any]:
+        shown = dict(message)
+        if str(with_metadata).lower() not in ("true", "1"):
+            shown.pop("metadata", None)
+        return shown
 
     def _chat_update(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
         channel, ts = str(args.get("channel") or ""), str(args.get("ts") or "")
@@ -286,12 +311,27 @@ class FakeSlack:
         if not ts:
             return {"ok": False, "error": "invalid_arguments"}
         thread = [
-            dict(message)
+            self._shown(message, args.get("include_all_metadata"))
             for (in_channel, message_ts), message in self.messages.items()
             if in_channel == channel and (message_ts == ts or message.get("thread_ts") == ts)
         ]
         thread.sort(key=lambda message: _ts_key(message["ts"]))
         return {"ok": True, "messages": thread, "has_more": False}
+
+    def _conversations_history(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        """Top-level messages of a channel, newest first, from `oldest` on (thread replies are not in history)."""
+        channel = str(args.get("channel") or "")
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        oldest = _ts_key(str(args.get("oldest") or "0"))
+        found = [
+            self._shown(message, args.get("include_all_metadata"))
+            for (in_channel, message_ts), message in self.messages.items()
+            if in_channel == channel and _ts_key(message_ts) >= oldest and message.get("thread_ts") in (None, message_ts)
+        ]
+        found.sort(key=lambda message: _ts_key(message["ts"]), reverse=True)
+        limit = int(args.get("limit") or 100)
+        return {"ok": True, "messages": found[:limit], "has_more": len(found) > limit}
 
     # Private files. Called with the lock held.
 

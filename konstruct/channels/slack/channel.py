@@ -23,6 +23,7 @@ from konstruct.config import Settings
 from konstruct.db.engine import Database
 
 POST_INTERVAL = 1.0  # seconds between posts to one channel
+PLACEHOLDER_EVENT = "konstruct_placeholder"  # message metadata that ties a placeholder to the message it answers
 
 
 class SlackChannel:
@@ -35,10 +36,36 @@ class SlackChannel:
         self._pace: dict[tuple[str, str], tuple[asyncio.Lock, list[float]]] = {}
 
     async def prepare(self, target: Target) -> str | None:
-        """Post the placeholder in the thread; its ts is where the answer will go."""
+        """Post the placeholder in the thread; its ts is where the answer will go. It carries the message it
+        answers as metadata, so a retry whose earlier attempt died before recording the ts finds it instead."""
         client = await self._client(target)
-        response = await self._post(client, target, self.settings.slack.placeholder)
+        if target.retry:
+            found = await self._find_placeholder(client, target)
+            if found is not None:
+                return found
+        metadata = {"event_type": PLACEHOLDER_EVENT, "event_payload": {"answers": target.inbound_external_id}}
+        response = await self._post(client, target, self.settings.slack.placeholder, metadata=metadata)
         return str(response["ts"])
+
+    async def _find_placeholder(self, client: AsyncWebClient, target: Target) -> str | None:
+        channel, thread = target.payload["channel"], target.payload.get("thread_ts")
+        try:
+            if thread:
+                response = await client.conversations_replies(channel=channel, ts=thread, include_all_metadata=True, limit=200)
+            else:
+                response = await client.conversations_history(
+                    channel=channel, oldest=target.payload.get("ts"), include_all_metadata=True, limit=200
+                )
+        except SlackApiError as exc:
+            raise ChannelError(f"Slack refused to list the thread: {exc.response.get('error')}") from None
+        for message in response.get("messages") or []:
+            metadata = message.get("metadata") or {}
+            if (
+                metadata.get("event_type") == PLACEHOLDER_EVENT
+                and (metadata.get("event_payload") or {}).get("answers") == target.inbound_external_id
+            ):
+                return str(message["ts"])
+        return None
 
     async def attachments(self, target: Target) -> list[dict[str, Any]]:
         """Images (downloaded with the bot token) as image parts; other files named by name and type."""
@@ -81,7 +108,7 @@ class SlackChannel:
             raise ChannelError(f"Slack refused the reply: {exc.response.get('error')}") from None
         return first_ts
 
-    async def _post(self, client: AsyncWebClient, target: Target, text: str) -> Any:
+    async def _post(self, client: AsyncWebClient, target: Target, text: str, metadata: dict[str, Any] | None = None) -> Any:
         channel = target.payload["channel"]
         lock, last = self._pace.setdefault((target.payload.get("team_id", ""), channel), (asyncio.Lock(), [0.0]))
         async with lock:
@@ -89,7 +116,9 @@ class SlackChannel:
             if wait > 0:
                 await asyncio.sleep(wait)
             try:
-                response = await client.chat_postMessage(channel=channel, text=text, thread_ts=target.payload.get("thread_ts"), mrkdwn=True)
+                response = await client.chat_postMessage(
+                    channel=channel, text=text, thread_ts=target.payload.get("thread_ts"), mrkdwn=True, metadata=metadata
+                )
             except SlackApiError as exc:
                 raise ChannelError(f"Slack refused a message: {exc.response.get('error')}") from None
             last[0] = time.monotonic()

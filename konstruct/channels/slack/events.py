@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -29,6 +30,7 @@ from konstruct.channels.slack.client import web_client
 from konstruct.channels.webhook_body import read_body
 from konstruct.config import Settings
 from konstruct.db.engine import Database
+from konstruct.errors import DatabaseUnavailable
 
 log = logging.getLogger("konstruct.slack")
 
@@ -36,6 +38,7 @@ log = logging.getLogger("konstruct.slack")
 PEOPLE_SUBTYPES = {None, "file_share", "thread_broadcast"}
 CONNECTION = "konstruct_connection"
 CREDENTIALS = "konstruct_credentials"
+UNAVAILABLE = "konstruct_unavailable"  # set by a listener that could not store: the request answers 503
 
 
 def team_id_of(body: bytes, content_type: str | None) -> str | None:
@@ -99,6 +102,9 @@ class SlackEvents:
         bolt_request.context[CONNECTION] = resolved
         bolt_request.context[CREDENTIALS] = credentials
         response = await self._app(secret).async_dispatch(bolt_request)
+        unavailable = bolt_request.context.get(UNAVAILABLE)
+        if unavailable is not None:
+            raise unavailable  # nothing was acknowledged: Slack delivers the event again
         return Response(content=response.body, status_code=response.status, headers=response.first_headers_without_set_cookie())
 
     async def _signing_secret(
@@ -135,17 +141,17 @@ class SlackEvents:
             return self._authorize(context, team_id, enterprise_id)
 
         async def on_mention(event: dict[str, Any], body: dict[str, Any], context: dict[str, Any]) -> None:
-            await self._store(event, body, context, mention=True)
+            await self._unless_down(context, self._store(event, body, context, mention=True))
 
         async def on_message(event: dict[str, Any], body: dict[str, Any], context: dict[str, Any]) -> None:
-            await self._store(event, body, context, mention=False)
+            await self._unless_down(context, self._store(event, body, context, mention=False))
 
         async def on_uninstalled(context: dict[str, Any]) -> None:
-            await self._disconnect(context, "app_uninstalled")
+            await self._unless_down(context, self._disconnect(context, "app_uninstalled"))
 
         async def on_tokens_revoked(event: dict[str, Any], context: dict[str, Any]) -> None:
             if event.get("tokens", {}).get("bot"):
-                await self._disconnect(context, "tokens_revoked")
+                await self._unless_down(context, self._disconnect(context, "tokens_revoked"))
 
         async def on_other(event: dict[str, Any]) -> None:
             log.debug("ignoring Slack event %s", event.get("type"))
@@ -165,6 +171,14 @@ class SlackEvents:
         app.event(re.compile(".*"))(on_other)  # acknowledged, so Slack does not retry it
         self._apps[key] = app
         return app
+
+    @staticmethod
+    async def _unless_down(context: dict[str, Any], work: Coroutine[Any, Any, None]) -> None:
+        """Run a listener's work; if the database is down, keep the error for handle() (a 503), not bolt's 500 and traceback."""
+        try:
+            await work
+        except DatabaseUnavailable as exc:
+            context[UNAVAILABLE] = exc
 
     def _authorize(self, context: dict[str, Any], team_id: str | None, enterprise_id: str | None) -> AuthorizeResult:
         resolved: Resolved | None = context.get(CONNECTION)

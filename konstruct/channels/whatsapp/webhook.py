@@ -26,6 +26,7 @@ from konstruct.channels.whatsapp import normalize
 from konstruct.channels.whatsapp.graph import signature_ok
 from konstruct.config import Settings
 from konstruct.db.engine import Database
+from konstruct.errors import DatabaseUnavailable
 
 log = logging.getLogger("konstruct.whatsapp")
 
@@ -114,6 +115,8 @@ class WhatsAppWebhook:
         for resolved, value in accepted:
             try:
                 await self._statuses(resolved, normalize.statuses(value))
+            except DatabaseUnavailable:
+                raise  # a 503: Meta delivers again, the stored messages dedupe, and the statuses land then
             except Exception as exc:
                 log.error("could not record WhatsApp statuses for %s: %s", resolved.id, type(exc).__name__)
         return JSONResponse({"ok": True})

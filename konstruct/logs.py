@@ -1,0 +1,69 @@
+"""Logging that stays readable through an outage: one line per interval, not a traceback per request."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from konstruct.db.engine import unavailable
+
+OUTAGE_INTERVAL = 10.0  # seconds between two lines about the same outage from one logger
+
+
+class OutageFilter(logging.Filter):
+    """Collapses records caused by an unreachable database into one line per logger and interval.
+
+    The first record of an interval passes without its traceback, naming the error and how many
+    like it were held back since the last one; the rest are dropped."""
+
+    def __init__(self, interval: float = OUTAGE_INTERVAL) -> None:
+        super().__init__()
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not unavailable(exc):
+            return True
+        now = time.monotonic()
+        with self._lock:
+            last, held = self._last.get(record.name, (float("-inf"), 0))
+            if now - last < self.interval:
+                self._last[record.name] = (last, held + 1)
+                return False
+            self._last[record.name] = (now, 0)
+        more = f" ({held} more like it in the last {self.interval:g}s)" if held else ""
+        record.msg = f"{record.getMessage()}: the database is unavailable ({type(exc).__name__}){more}"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+class Throttled:
+    """A logger's warning at most once per interval for one key, counting what it held back."""
+
+    def __init__(self, logger: logging.Logger, interval: float = OUTAGE_INTERVAL) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def warning(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, held = self._last.get(key, (float("-inf"), 0))
+            if now - last < self.interval:
+                self._last[key] = (last, held + 1)
+                return
+            self._last[key] = (now, 0)
+        self.logger.warning("%s%s", message, f" ({held} more like it in the last {self.interval:g}s)" if held else "")
+
+
+def install_outage_filter() -> None:
+    """Put the filter on every handler of the root logger (call after logging is configured)."""
+    outage = OutageFilter()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(outage)

@@ -1,0 +1,92 @@
+"""What `konstruct up` tells about its parts, and how the inbox is doing: read by `doctor` and the status page.
+
+`up` keeps its state in `up.json` in the data directory (written in one step, 0600); a reader believes it only
+while the `up` that wrote it still runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psutil
+from sqlalchemy import text
+
+from konstruct.db.engine import Database
+
+STATE_FILE = "up.json"
+FORKED_PREFIX = "@worker "  # how a worker forked by `up`'s spare marks its log lines on the spare's output
+RECENT = 600.0  # seconds of deaths that count as recent
+
+
+def write_state(path: Path, data: dict[str, Any]) -> None:
+    """Replace the state file in one step (0600), so a reader never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle)
+    os.replace(tmp, path)
+
+
+def read_state(data_dir: Path) -> dict[str, Any] | None:
+    """What a running `up` last wrote about its parts, or None when no `up` runs on this data directory."""
+    try:
+        data = json.loads((data_dir / STATE_FILE).read_text())
+        alive = psutil.pid_exists(int(data["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return data if alive else None
+
+
+def summarise(state: dict[str, Any] | None) -> tuple[str, list[str]]:
+    """("ok" or "warn", one line per part) for a person: which parts run, how often they restarted lately,
+    which keep dying, and the embedded database's restarts."""
+    if state is None:
+        return "ok", ["no `konstruct up` runs on this data directory (parts may run on their own)"]
+    status, lines = "ok", []
+    minutes = int(state.get("recent_seconds", RECENT) // 60)
+    for name, part in (state.get("parts") or {}).items():
+        line = f"{name} {part.get('state')}"
+        if part.get("restarts"):
+            line += f", {part['restarts']} restarts in the last {minutes} min"
+        last = part.get("last_exit")
+        if last:
+            line += f" (last exit code {last.get('code')} after {last.get('after_seconds')}s)"
+        if part.get("crash_looping"):
+            line += " — crash-looping, restarting with a growing pause"
+            status = "warn"
+        elif part.get("state") != "running":
+            status = "warn"
+        lines.append(line)
+    database = state.get("database")
+    if database:
+        if database.get("down_since"):
+            lines.append(f"database down since {time.strftime('%H:%M:%S', time.localtime(database['down_since']))}, being restarted")
+            status = "warn"
+        elif database.get("restarts"):
+            at = time.strftime("%H:%M:%S", time.localtime(database["last_restart_at"]))
+            lines.append(f"database restarted {database['restarts']} time(s), last at {at}")
+        else:
+            lines.append("database running")
+    return status, lines
+
+
+@dataclass(frozen=True)
+class InboxHealth:
+    received: int
+    processing: int
+    suspect: int  # in flight when a worker died, waiting to be answered alone
+    given_up: int  # failed after worker.max_attempts in the period
+    last_given_up: Any
+
+
+async def inbox_health(db: Database, *, since: timedelta = timedelta(hours=24)) -> InboxHealth:
+    """Counts across tenants (a SECURITY DEFINER read-out: no message text)."""
+    async with db.system() as session:
+        row = (await session.execute(text("select * from konstruct_inbox_health(:since)"), {"since": since})).one()
+    return InboxHealth(int(row.received), int(row.processing), int(row.suspect), int(row.given_up), row.last_given_up)
