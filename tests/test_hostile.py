@@ -3,6 +3,7 @@ a seeded fuzz run of thousands of generated requests against a real gateway proc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -333,3 +334,140 @@ async def test_fuzz_thousands_of_hostile_requests(site: Site, gateway: Proc) -> 
     log = gateway.log()
     for marker in ("Traceback", "Exception in ASGI application", "ERROR"):
         assert marker not in log, log[-3000:]
+
+
+# -- reaching where it should not --
+
+
+async def test_invitation_cannot_claim_a_passwordless_account(site: Site) -> None:
+    from konstruct.tenancy import invitations
+    from konstruct.tenancy.users import verify_password
+
+    await create_user(site.db, email="ops@acme.test", name="Ops", password=None, platform_admin=False, actor="test")
+    _, token = await invitations.create(site.db, site.tenant, email="ops@acme.test", role="customer_admin", actor="test")
+    assert (await invitations.look_up(site.db, token)).has_password  # an existing account: nothing to set
+    await invitations.accept(site.db, token, name="Mallory", password="mallory's new password")
+    async with site.db.system() as session:
+        row = (await session.execute(text("select name, password_hash from konstruct_user_by_email('ops@acme.test')"))).one()
+    assert row.password_hash is None and row.name == "Ops"
+    assert not verify_password("mallory's new password", row.password_hash)
+
+
+async def test_tenant_llm_key_refuses_private_api_base(site: Site) -> None:
+    from konstruct.errors import ValidationError
+    from konstruct.llm.keys import add_key
+
+    for base in ("http://127.0.0.1:8080/v1", "http://169.254.169.254/latest", "http://[::1]:5432", "http://10.0.0.5"):
+        with pytest.raises(ValidationError, match="private or reserved"):
+            await add_key(site.db, site.settings, site.tenant, provider="openai", key="sk-tenant-key-123456", api_base=base, actor="t")
+    allowing = site.settings.model_copy(update={"agent": site.settings.agent.model_copy(update={"tenant_api_base_private": True})})
+    await add_key(site.db, allowing, site.tenant, provider="openai", key="sk-tenant-key-123456", api_base="http://127.0.0.1:1", actor="t")
+
+
+def test_slack_bot_token_only_goes_to_slack_file_hosts(site: Site) -> None:
+    from konstruct.channels.slack.channel import file_host_allowed
+
+    assert file_host_allowed(site.settings, "https://files.slack.com/files-pri/T1-F1/a.png")
+    for url in ("https://evil.example/a.png", "http://files.slack.com/a.png", "https://files.slack.com.evil.example/a",
+                "http://169.254.169.254/latest/meta-data", "https://files.slack.com:8443/a"):  # fmt: skip
+        assert not file_host_allowed(site.settings, url), url
+
+
+async def test_connection_conflict_does_not_confirm_another_tenant(site: Site) -> None:
+    from konstruct.errors import ConflictError
+
+    other = await create_tenant(site.db, name="Globex", slug="globex", actor="test")
+    with pytest.raises(ConflictError) as caught:
+        await connections.connect(
+            site.db, site.settings, other, kind="slack", external_id=TEAM, name="x", mode="single",
+            credentials={"bot_token": "xoxb-x", "signing_secret": "s"}, details={}, default_agent=None, actor="test",
+        )  # fmt: skip
+    assert "another tenant" not in str(caught.value) and "exists" not in str(caught.value)
+
+
+# -- sign-in --
+
+
+async def _csrf(client: httpx.AsyncClient) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', (await client.get("/login")).text)
+    assert found
+    return found[1]
+
+
+async def _sign_in(client: httpx.AsyncClient, email: str, password: str, forwarded: str | None = None) -> httpx.Response:
+    csrf = await _csrf(client)
+    headers = {"content-type": "application/x-www-form-urlencoded", "cookie": f"konstruct_login_csrf={csrf}"}
+    if forwarded:
+        headers["x-forwarded-for"] = forwarded
+    body = f"csrf={csrf}&email={email.replace('@', '%40')}&password={password.replace(' ', '+')}"
+    return await client.post("/login", content=body.encode(), headers=headers)
+
+
+async def test_wrong_passwords_from_elsewhere_do_not_lock_the_owner_out(client: httpx.AsyncClient, site: Site) -> None:
+    for _ in range(8):
+        await _sign_in(client, EMAIL, "wrong password", forwarded="203.0.113.9")  # not trusted: all count for 127.0.0.1
+    throttled = await _sign_in(client, EMAIL, PASSWORD)
+    assert throttled.status_code == 429  # this address, this email: waits
+    async with site.db.system() as session:
+        await session.execute(text("update login_failures set failed_at = failed_at - interval '10 minutes'"))  # time passes
+    app = create_app(site.settings.model_copy(update={"web": site.settings.web.model_copy(update={"trusted_proxies": ["127.0.0.0/8"]})}))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, client=("127.0.0.1", 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as proxied:
+            for _ in range(8):  # an attacker behind the trusted proxy
+                await _sign_in(proxied, EMAIL, "wrong password", forwarded="198.51.100.7")
+            assert (await _sign_in(proxied, EMAIL, PASSWORD, forwarded="198.51.100.7")).status_code == 429
+            # The owner, from another address, signs in at once: nobody can lock an account for everyone.
+            assert (await _sign_in(proxied, EMAIL, PASSWORD, forwarded="192.0.2.44")).status_code == 303
+
+
+async def test_concurrent_guesses_are_counted_atomically(site: Site) -> None:
+    from konstruct.web import sessions
+
+    settings = site.settings.model_copy(update={"web": site.settings.web.model_copy(update={"address_attempts": 5})})
+
+    async def guess() -> str:
+        try:
+            await sessions.sign_in(site.db, settings, f"user{time.monotonic_ns()}@x.test", "wrong", "192.0.2.1")
+        except sessions.TooManyAttempts:
+            return "throttled"
+        except Exception as exc:
+            return type(exc).__name__
+        return "in"
+
+    results = await asyncio.gather(*(guess() for _ in range(20)))
+    assert results.count("ValidationError") == 5 and results.count("throttled") == 15, results
+
+
+async def test_unknown_email_costs_as_much_as_a_known_one(site: Site) -> None:
+    from konstruct.web import sessions
+
+    async def timed(email: str, address: str) -> float:
+        started = time.perf_counter()
+        with contextlib.suppress(Exception):
+            await sessions.sign_in(site.db, site.settings, email, "wrong password", address)
+        return time.perf_counter() - started
+
+    await timed("warm@up.test", "192.0.2.9")  # the dummy hash is made once
+    known = min([await timed(EMAIL, f"192.0.2.{i}") for i in range(3)])
+    unknown = min([await timed(f"nobody{i}@acme.test", f"192.0.2.{10 + i}") for i in range(3)])
+    assert unknown > known * 0.5, (known, unknown)  # both pay for scrypt
+
+
+async def test_scrypt_does_not_block_the_event_loop(site: Site) -> None:
+    from konstruct.web import sessions
+
+    lags: list[float] = []
+
+    async def ticker() -> None:
+        for _ in range(40):
+            started = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lags.append(time.perf_counter() - started - 0.005)
+
+    async def attempt(i: int) -> None:
+        with contextlib.suppress(Exception):
+            await sessions.sign_in(site.db, site.settings, EMAIL, "wrong password", f"192.0.2.{100 + i}")
+
+    await asyncio.gather(ticker(), *(attempt(i) for i in range(4)))
+    assert max(lags) < 0.08, max(lags)  # scrypt runs ~0.1 s per attempt: on the loop, 4 of them stalled it far longer
