@@ -471,3 +471,20 @@ async def test_scrypt_does_not_block_the_event_loop(site: Site) -> None:
 
     await asyncio.gather(ticker(), *(attempt(i) for i in range(4)))
     assert max(lags) < 0.08, max(lags)  # scrypt runs ~0.1 s per attempt: on the loop, 4 of them stalled it far longer
+
+
+# -- files and the embedded database --
+
+
+def test_app_role_password_is_checked_and_files_are_private(site: Site, pg_server: Any, tmp_path: Path) -> None:
+    import psycopg
+
+    from konstruct.channels.whatsapp.channel import MediaStore
+
+    url = pg_server.set(drivername="postgresql", username="konstruct_app", password="not-the-password", database="postgres")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(url.render_as_string(hide_password=False)).close()
+    data_dir = Path(str(pg_server.query["host"])).parent
+    assert data_dir.stat().st_mode & 0o077 in (0, 0o011)  # 0700 (0711 as root, so pgserver's user can reach its folder)
+    saved = MediaStore(tmp_path / "media").save(b"a customer's image")
+    assert saved.stat().st_mode & 0o777 == 0o600
