@@ -488,3 +488,27 @@ def test_app_role_password_is_checked_and_files_are_private(site: Site, pg_serve
     assert data_dir.stat().st_mode & 0o077 in (0, 0o011)  # 0700 (0711 as root, so pgserver's user can reach its folder)
     saved = MediaStore(tmp_path / "media").save(b"a customer's image")
     assert saved.stat().st_mode & 0o777 == 0o600
+
+
+async def test_app_role_cannot_insert_sealed_or_backdated_audit_events(site: Site) -> None:
+    from sqlalchemy.exc import DBAPIError
+
+    from konstruct import audit
+
+    async with site.db.tenant(tenant_id=site.tenant.id) as session:
+        await audit.record(session, tenant_id=site.tenant.id, actor="test", action="test.plain", target=None)
+    for columns, values in (("created_at", "'2001-01-01'"), ("seq, hash", "1, '\\x00'")):
+        with pytest.raises(DBAPIError, match="permission denied"):
+            async with site.db.tenant(tenant_id=site.tenant.id) as session:
+                await session.execute(
+                    text(f"insert into audit_events (tenant_id, actor, action, {columns}) values (:t, 'x', 'forged', {values})"),
+                    {"t": site.tenant.id},
+                )
+    async with site.db.system() as session:
+        assert await session.scalar(text("select konstruct_audit_seal_all()")) is not None
+    async with site.db.tenant(tenant_id=site.tenant.id) as session:
+        forged = await session.scalar(text("select count(*) from audit_events where action = 'forged'"))
+        plain_at = await session.scalar(
+            text("select created_at > now() - interval '1 minute' from audit_events where action = 'test.plain'")
+        )
+    assert forged == 0 and plain_at
