@@ -512,3 +512,34 @@ async def test_app_role_cannot_insert_sealed_or_backdated_audit_events(site: Sit
             text("select created_at > now() - interval '1 minute' from audit_events where action = 'test.plain'")
         )
     assert forged == 0 and plain_at
+
+
+async def test_deleting_the_newest_audit_events_is_detected(site: Site) -> None:
+    import psycopg
+
+    from konstruct import audit
+
+    async with site.db.tenant(tenant_id=site.tenant.id) as session:
+        for i in range(3):
+            await audit.record(session, tenant_id=site.tenant.id, actor="test", action=f"test.{i}")
+    report = await audit.verify(site.db, site.tenant.id)
+    assert report.intact, report.problems
+    head = audit.read_checkpoints(site.db)[str(site.tenant.id)]
+    assert head["seq"] == report.events
+    assert (site.settings.data_dir / audit.CHECKPOINTS).stat().st_mode & 0o777 == 0o600
+    with psycopg.connect(site.dsn, autocommit=True) as conn:  # someone with the database's keys
+        conn.execute("ALTER TABLE audit_events DISABLE TRIGGER USER")
+        conn.execute("DELETE FROM audit_events WHERE seq >= %s", (report.events - 1,))
+        conn.execute("ALTER TABLE audit_events ENABLE TRIGGER USER")
+    broken = await audit.verify(site.db, site.tenant.id)
+    assert not broken.intact and "newest events were deleted" in broken.problems[0], broken.problems
+
+
+async def test_audit_checkpoint_is_printable(site: Site) -> None:
+    from tests.helpers import konstruct
+
+    assert konstruct("audit", "verify", config=site.config).returncode == 0
+    printed = konstruct("audit", "checkpoint", "--json", config=site.config)
+    assert printed.returncode == 0, printed.stderr
+    heads = json.loads(printed.stdout)
+    assert [h["tenant"] for h in heads] == ["acme"] and heads[0]["seq"] >= 1 and len(heads[0]["hash"]) == 64
