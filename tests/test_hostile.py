@@ -543,3 +543,19 @@ async def test_audit_checkpoint_is_printable(site: Site) -> None:
     assert printed.returncode == 0, printed.stderr
     heads = json.loads(printed.stdout)
     assert [h["tenant"] for h in heads] == ["acme"] and heads[0]["seq"] >= 1 and len(heads[0]["hash"]) == 64
+
+
+async def test_app_role_cannot_make_itself_platform_admin(site: Site) -> None:
+    from sqlalchemy.exc import DBAPIError
+
+    from konstruct.tenancy.users import as_user, directory, set_platform_admin
+
+    async with site.db.system() as session:
+        user_id = await session.scalar(text("select id from konstruct_user_by_email(:e)"), {"e": EMAIL})
+    for statement in ("update users set platform_admin = true where id = :u", "update users set password_hash = 'x' where id = :u"):
+        with pytest.raises(DBAPIError, match="permission denied"):
+            async with site.db.system() as session:
+                await as_user(session, user_id)
+                await session.execute(text(statement), {"u": user_id})
+    await set_platform_admin(site.db, EMAIL, True)  # the operator's command, through the owner role
+    assert [u["platform_admin"] for u in await directory(site.db) if u["email"] == EMAIL] == [True]
