@@ -1,4 +1,4 @@
-"""20,000 hostile requests against a real gateway (the generator of tests/fakes/hostile.py): requests by route
+"""20,000 unsigned and forged hostile requests (then half as many validly signed ones) against a real gateway (the generator of tests/fakes/hostile.py): requests by route
 and status, 5xx count (target 0), rows written by unauthenticated input (target 0), gateway RSS before and
 after, and the p99 of /healthz during the run.
 
@@ -53,7 +53,7 @@ async def setup(config: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--total", type=int, default=20_000)
+    parser.add_argument("--total", type=int, default=20_000, help="unsigned requests (1,000 sign-ins, the rest webhooks)")
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     llm = FakeLLM().start()
