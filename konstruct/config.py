@@ -6,6 +6,7 @@ Only this module reads the environment. Secret values in the file may be referen
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -58,6 +59,16 @@ class GatewaySettings(_Section):
     port: int = Field(8080, ge=1, le=65535, description="Port the gateway listens on.")
     public_url: str = Field("http://127.0.0.1:8080", description="URL at which Slack, Meta and people reach the gateway.")
     workers: int = Field(1, ge=1, le=64, description="Gateway processes sharing the port (each one event loop).")
+    max_header_bytes: int = Field(
+        65536, ge=4096, le=1_048_576, description="Largest request line plus headers accepted (bigger: 431, connection closed)."
+    )
+    read_timeout: float = Field(
+        15.0, gt=0, le=600, description="Seconds a client has to send a request's headers, and at most between two pieces of a body (408)."
+    )
+    keep_alive: int = Field(5, ge=1, le=600, description="Seconds an idle keep-alive connection stays open.")
+    max_connections: int = Field(
+        2048, ge=16, le=1_000_000, description="Connections and requests one gateway process holds at once (beyond: 503 at once)."
+    )
 
 
 class LLMSettings(_Section):
@@ -117,6 +128,9 @@ class AgentSettings(_Section):
     tool_steps: int = Field(5, ge=1, le=50, description="Model turns with tool calls allowed for one answer.")
     tool_seconds: float = Field(60.0, gt=0, le=600, description="Time allowed for all tool calls of one answer.")
     web_fetch_private: bool = Field(False, description="Let web_fetch reach private, loopback and link-local addresses (tests, labs).")
+    tenant_api_base_private: bool = Field(
+        False, description="Let a tenant's own LLM key name an api_base on a private, loopback or link-local address (tests, labs)."
+    )
     handoff: str = Field(
         "I'm handing this conversation to a human colleague, who will take over from here.",
         description="Said to the person when the conversation is escalated to a human.",
@@ -189,8 +203,28 @@ class BillingSettings(_Section):
 
 class WebSettings(_Section):
     session_hours: float = Field(12.0, gt=0, le=24 * 30, description="Hours a status page sign-in lasts.")
-    login_attempts: int = Field(5, ge=1, le=100, description="Failed sign-ins allowed per email (and per address) within login_window.")
+    login_attempts: int = Field(
+        5, ge=1, le=100, description="Failed sign-ins for one email from one address before each further try waits (1 s, 2 s, 4 s…)."
+    )
+    address_attempts: int = Field(
+        50, ge=1, le=100_000, description="Failed sign-ins from one address (any emails) within login_window before it is refused."
+    )
     login_window: float = Field(15.0, gt=0, le=1440, description="Minutes over which failed sign-ins are counted.")
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description='Addresses or networks of reverse proxies whose X-Forwarded-For is believed (e.g. ["127.0.0.1"]); empty: none.',
+    )
+
+    @pydantic.field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return value
+
     impersonation_minutes: float = Field(30.0, gt=0, le=480, description="Minutes a platform admin's view as a tenant lasts.")
     metrics_token: SecretStr | None = Field(
         None, description='Bearer token for GET /metrics (Prometheus); empty: /metrics is off. Use a {"$env" = ...} reference.'

@@ -38,7 +38,7 @@ from konstruct.worker.queue import Queue, make_queue
 from tests.chaos import Chaos
 from tests.conftest import write_config
 from tests.fakes.llm import FakeLLM
-from tests.fakes.slack import FakeSlack
+from tests.fakes.slack import FakeSlack, sign
 from tests.helpers import Proc, cli_env, konstruct, wait_for
 
 
@@ -209,12 +209,13 @@ def test_gateway_answers_503_quickly_while_the_database_is_down_and_recovers(tmp
         timings = []
         for _ in range(40):
             started = time.monotonic()
-            response = httpx.post(f"{base}/slack/events", content=b'{"team_id": "T1", "type": "event_callback"}',
-                                  headers={"Content-Type": "application/json"}, timeout=10)  # fmt: skip
+            # Well-formed (signed with some secret): the gateway must look the team up, so it meets the outage.
+            slack_body = b'{"team_id": "T0000000001", "type": "event_callback"}'
+            response = httpx.post(f"{base}/slack/events", content=slack_body, headers=sign(slack_body, "some-secret"), timeout=10)
             timings.append(time.monotonic() - started)
             assert response.status_code == 503, response.text
             assert response.headers["retry-after"] == "1"
-            assert httpx.post(f"{base}/whatsapp/webhook", content=body, headers={"X-Hub-Signature-256": "sha256=00"}).status_code == 503
+            assert httpx.post(f"{base}/whatsapp/webhook", content=body, headers={"X-Hub-Signature-256": "sha256=" + "0" * 64}).status_code == 503
         assert max(timings) < 1.0, timings
         wait_for(lambda: httpx.get(f"{base}/healthz").status_code == 503, 5, "/healthz to say unhealthy")
         assert "unavailable" in httpx.get(f"{base}/healthz").json()["database"]

@@ -178,26 +178,26 @@ async def test_text_is_answered_read_and_duplicates_get_one_reply(system: WhatsA
 
 async def test_image_reaches_the_model_and_media_is_stored_checked(system: WhatsAppSystem) -> None:
     png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
-    digest = system.graph.add_media("media-img-1", png, "image/png")
-    system.deliver(wa.image(PERSON, "media-img-1", mime_type="image/png", sha256=digest, caption="Is this damaged?"))
+    digest = system.graph.add_media("1000001", png, "image/png")
+    system.deliver(wa.image(PERSON, "1000001", mime_type="image/png", sha256=digest, caption="Is this damaged?"))
     system.wait_replies(1)
     content = system.llm.requests[-1].body["messages"][-1]["content"]
     assert content[0] == {"type": "text", "text": "Is this damaged?"}
     assert content[1]["type"] == "image_url" and content[1]["image_url"]["url"].startswith("data:image/png;base64,")
     assert (system.data_dir / "media" / digest[:2] / digest).read_bytes() == png
-    assert system.graph.media_fetches == [("media-img-1", TOKEN)]
+    assert system.graph.media_fetches == [("1000001", TOKEN)]
 
     pdf = b"%PDF-1.4 invoice"
-    digest = system.graph.add_media("media-doc-1", pdf, "application/pdf")
-    system.deliver(wa.document("15550000002", "media-doc-1", filename="invoice.pdf", sha256=digest))
+    digest = system.graph.add_media("1000002", pdf, "application/pdf")
+    system.deliver(wa.document("15550000002", "1000002", filename="invoice.pdf", sha256=digest))
     system.wait_replies(1, to="15550000002")
     note = system.llm.requests[-1].body["messages"][-1]["content"][-1]["text"]
     assert "invoice.pdf" in note and "application/pdf" in note and "document" in note
 
-    system.graph.add_media("media-bad-1", b"tampered bytes", "image/jpeg")
-    system.graph.corrupt_media.add("media-bad-1")
+    system.graph.add_media("1000003", b"tampered bytes", "image/jpeg")
+    system.graph.corrupt_media.add("1000003")
     claimed = wa.sha256_base64(b"tampered bytes")  # Meta has sent base64 digests too; both forms are checked
-    system.deliver(wa.image("15550000003", "media-bad-1", sha256=claimed))
+    system.deliver(wa.image("15550000003", "1000003", sha256=claimed))
     system.wait_replies(1, to="15550000003")
     note = system.llm.requests[-1].body["messages"][-1]["content"][-1]["text"]
     assert "could not be read" in note
@@ -207,14 +207,14 @@ async def test_image_reaches_the_model_and_media_is_stored_checked(system: Whats
 
 async def test_every_message_type_is_normalised_and_one_payload_carries_many(system: WhatsAppSystem) -> None:
     people = [f"1555000{n:04d}" for n in range(12)]
-    audio = system.graph.add_media("media-audio", b"OggS voice", "audio/ogg")
-    video = system.graph.add_media("media-video", b"\x00\x00\x00\x18ftypmp4", "video/mp4")
-    sticker = system.graph.add_media("media-sticker", b"RIFF....WEBPVP8 ", "image/webp")
+    audio = system.graph.add_media("1000004", b"OggS voice", "audio/ogg")
+    video = system.graph.add_media("1000005", b"\x00\x00\x00\x18ftypmp4", "video/mp4")
+    sticker = system.graph.add_media("1000006", b"RIFF....WEBPVP8 ", "image/webp")
     messages = [
         wa.text(people[0], "plain words"),
-        wa.audio(people[1], "media-audio", sha256=audio),
-        wa.video(people[2], "media-video", sha256=video, caption="unboxing"),
-        wa.sticker(people[3], "media-sticker", sha256=sticker),
+        wa.audio(people[1], "1000004", sha256=audio),
+        wa.video(people[2], "1000005", sha256=video, caption="unboxing"),
+        wa.sticker(people[3], "1000006", sha256=sticker),
         wa.location(people[4], 52.52, 13.405, name="Shop", address="Main St 1"),
         wa.contacts_message(
             people[5], [{"name": {"formatted_name": "Jo Doe", "first_name": "Jo"}, "phones": [{"phone": "+1 555 0100", "type": "CELL"}]}]

@@ -52,31 +52,31 @@ def test_text() -> None:
     ("message", "text", "media"),
     [
         (
-            wa.image(ALICE, "m1", sha256=SHA, caption="the broken part"),
+            wa.image(ALICE, "300001", sha256=SHA, caption="the broken part"),
             "the broken part",
-            Media("m1", "image", "image/jpeg", SHA, "the broken part", None),
+            Media("300001", "image", "image/jpeg", SHA, "the broken part", None),
         ),
-        (wa.image(ALICE, "m2", sha256=SHA, mime_type="image/png"), "[image]", Media("m2", "image", "image/png", SHA, None, None)),
-        (wa.audio(ALICE, "m3", sha256=SHA), "[voice message]", Media("m3", "audio", "audio/ogg; codecs=opus", SHA, None, None)),
+        (wa.image(ALICE, "300002", sha256=SHA, mime_type="image/png"), "[image]", Media("300002", "image", "image/png", SHA, None, None)),
+        (wa.audio(ALICE, "300003", sha256=SHA), "[voice message]", Media("300003", "audio", "audio/ogg; codecs=opus", SHA, None, None)),
         (
-            wa.audio(ALICE, "m4", sha256=SHA, voice=False, mime_type="audio/mpeg"),
+            wa.audio(ALICE, "300004", sha256=SHA, voice=False, mime_type="audio/mpeg"),
             "[audio]",
-            Media("m4", "audio", "audio/mpeg", SHA, None, None),
+            Media("300004", "audio", "audio/mpeg", SHA, None, None),
         ),
-        (wa.video(ALICE, "m5", sha256=SHA), "[video]", Media("m5", "video", "video/mp4", SHA, None, None)),
-        (wa.video(ALICE, "m6", sha256=SHA, caption="look"), "look", Media("m6", "video", "video/mp4", SHA, "look", None)),
+        (wa.video(ALICE, "300005", sha256=SHA), "[video]", Media("300005", "video", "video/mp4", SHA, None, None)),
+        (wa.video(ALICE, "300006", sha256=SHA, caption="look"), "look", Media("300006", "video", "video/mp4", SHA, "look", None)),
         (
-            wa.document(ALICE, "m7", filename="invoice.pdf", sha256=SHA),
+            wa.document(ALICE, "300007", filename="invoice.pdf", sha256=SHA),
             "[document: invoice.pdf]",
-            Media("m7", "document", "application/pdf", SHA, None, "invoice.pdf"),
+            Media("300007", "document", "application/pdf", SHA, None, "invoice.pdf"),
         ),
         (
-            wa.document(ALICE, "m8", filename="q3.xlsx", sha256=SHA, caption="numbers", mime_type="application/vnd.ms-excel"),
+            wa.document(ALICE, "300008", filename="q3.xlsx", sha256=SHA, caption="numbers", mime_type="application/vnd.ms-excel"),
             "numbers",
-            Media("m8", "document", "application/vnd.ms-excel", SHA, "numbers", "q3.xlsx"),
+            Media("300008", "document", "application/vnd.ms-excel", SHA, "numbers", "q3.xlsx"),
         ),
-        (wa.sticker(ALICE, "m9", sha256=SHA), "[sticker]", Media("m9", "sticker", "image/webp", SHA, None, None)),
-        (wa.sticker(ALICE, "m10", sha256=SHA, animated=True), "[sticker]", Media("m10", "sticker", "image/webp", SHA, None, None)),
+        (wa.sticker(ALICE, "300009", sha256=SHA), "[sticker]", Media("300009", "sticker", "image/webp", SHA, None, None)),
+        (wa.sticker(ALICE, "3000010", sha256=SHA, animated=True), "[sticker]", Media("3000010", "sticker", "image/webp", SHA, None, None)),
     ],
 )
 def test_media(message: dict[str, Any], text: str, media: Media) -> None:
@@ -85,20 +85,20 @@ def test_media(message: dict[str, Any], text: str, media: Media) -> None:
 
 
 def test_media_oddities() -> None:
-    nameless = wa.document(ALICE, "m1", filename="x", sha256=SHA)
+    nameless = wa.document(ALICE, "300001", filename="x", sha256=SHA)
     del nameless["document"]["filename"], nameless["document"]["mime_type"], nameless["document"]["sha256"]
     got = one(nameless)
     assert got.text == "[document]"
-    assert got.media == Media("m1", "document", "application/octet-stream", None, None, None)
+    assert got.media == Media("300001", "document", "application/octet-stream", None, None, None)
     base64_sha = wa.sha256_base64(b"bytes")
-    assert one(wa.image(ALICE, "m2", sha256=base64_sha)).media == Media("m2", "image", "image/jpeg", base64_sha, None, None)
-    blank_caption = one(wa.image(ALICE, "m3", sha256=SHA, caption="  "))
+    assert one(wa.image(ALICE, "300002", sha256=base64_sha)).media == Media("300002", "image", "image/jpeg", base64_sha, None, None)
+    blank_caption = one(wa.image(ALICE, "300003", sha256=SHA, caption="  "))
     assert blank_caption.text == "[image]"
     assert blank_caption.media is not None and blank_caption.media.caption is None
-    without_id = wa.image(ALICE, "m4", sha256=SHA)
+    without_id = wa.image(ALICE, "300004", sha256=SHA)
     del without_id["image"]["id"]
     assert one(without_id).kind == "unsupported"
-    assert one({**wa.video(ALICE, "m5", sha256=SHA), "video": "m5"}).kind == "unsupported"
+    assert one({**wa.video(ALICE, "300005", sha256=SHA), "video": "300005"}).kind == "unsupported"
 
 
 @pytest.mark.parametrize(
@@ -171,7 +171,7 @@ def test_unsupported_and_system() -> None:
 def test_replies_carry_the_quoted_message() -> None:
     ours = wa.new_wamid(ALICE)
     assert one(wa.in_reply_to(wa.text(ALICE, "that one"), ours)).reply_to == ours
-    assert one(wa.in_reply_to(wa.image(ALICE, "m1", sha256=SHA), ours)).reply_to == ours
+    assert one(wa.in_reply_to(wa.image(ALICE, "300001", sha256=SHA), ours)).reply_to == ours
 
 
 def test_a_payload_with_many_messages_and_statuses() -> None:
@@ -181,7 +181,7 @@ def test_a_payload_with_many_messages_and_statuses() -> None:
         wa.text(BOB, "hello", timestamp=101),
         {"id": "wamid.nofrom", "type": "text", "text": {"body": "lost"}},
         wa.reaction(ALICE, ours[0], "❤️", timestamp=102),
-        wa.image(BOB, "m1", sha256=SHA, timestamp="103"),
+        wa.image(BOB, "300001", sha256=SHA, timestamp="103"),
     ]
     updates = [
         wa.status(ours[0], "sent", BOB, timestamp=200),
@@ -347,11 +347,11 @@ def test_mutated_payloads_never_raise() -> None:
     ours = wa.new_wamid(BOB)
     inbound = [
         wa.text(ALICE, "hi"),
-        wa.in_reply_to(wa.image(ALICE, "m1", sha256=SHA, caption="c"), ours),
-        wa.audio(ALICE, "m2", sha256=SHA),
-        wa.video(ALICE, "m3", sha256=SHA),
-        wa.document(ALICE, "m4", filename="a.pdf", sha256=SHA),
-        wa.sticker(ALICE, "m5", sha256=SHA),
+        wa.in_reply_to(wa.image(ALICE, "300001", sha256=SHA, caption="c"), ours),
+        wa.audio(ALICE, "300002", sha256=SHA),
+        wa.video(ALICE, "300003", sha256=SHA),
+        wa.document(ALICE, "300004", filename="a.pdf", sha256=SHA),
+        wa.sticker(ALICE, "300005", sha256=SHA),
         wa.location(ALICE, 1.0, 2.0, name="n", address="a"),
         wa.contacts_message(ALICE, [wa.contact_card("Jane Doe", "+1 555 0100")]),
         wa.button_reply(ALICE, "a", "b"),
@@ -395,30 +395,30 @@ def graph() -> Iterator[FakeGraph]:
 def test_fake_graph_over_http(graph: FakeGraph) -> None:
     graph.reset()
     graph.add_number(NUMBER, "token-1")
-    digest = graph.add_media("media-1", b"\x89PNG fake", "image/png")
+    digest = graph.add_media("2000001", b"\x89PNG fake", "image/png")
     assert digest == hashlib.sha256(b"\x89PNG fake").hexdigest()
-    graph.add_media("media-2", b"%PDF", "application/pdf")
-    graph.corrupt_media.add("media-2")
+    graph.add_media("2000002", b"%PDF", "application/pdf")
+    graph.corrupt_media.add("2000002")
     auth = {"Authorization": "Bearer token-1"}
     with httpx.Client(base_url=graph.url, timeout=5) as http:
-        info = http.get("/v23.0/media-1", headers=auth).json()
+        info = http.get("/v23.0/2000001", headers=auth).json()
         assert info == {
             "messaging_product": "whatsapp",
             "url": info["url"],
             "mime_type": "image/png",
             "sha256": digest,
             "file_size": 9,
-            "id": "media-1",
+            "id": "2000001",
         }
         assert http.get(info["url"]).status_code == 401
         download = http.get(info["url"], headers=auth)
         assert (download.status_code, download.content, download.headers["content-type"]) == (200, b"\x89PNG fake", "image/png")
-        no_token = http.get("/v21.0/media-1")
+        no_token = http.get("/v21.0/2000001")
         assert (no_token.status_code, no_token.json()["error"]["code"]) == (401, 190)
-        unknown = http.get("/v21.0/media-9", headers=auth)
+        unknown = http.get("/v21.0/2000009", headers=auth)
         assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, 100)
-        corrupt = http.get(http.get("/v21.0/media-2", headers=auth).json()["url"], headers=auth)
-        assert hashlib.sha256(corrupt.content).hexdigest() != graph.media["media-2"].sha256
+        corrupt = http.get(http.get("/v21.0/2000002", headers=auth).json()["url"], headers=auth)
+        assert hashlib.sha256(corrupt.content).hexdigest() != graph.media["2000002"].sha256
 
         send = {"messaging_product": "whatsapp", "recipient_type": "individual", "to": ALICE, "type": "text"}
         sent = http.post(f"/v23.0/{NUMBER}/messages", headers=auth, json={**send, "text": {"body": "Hello!", "preview_url": False}})
@@ -450,7 +450,7 @@ def test_fake_graph_over_http(graph: FakeGraph) -> None:
     assert [body["text"]["body"] for body in graph.messages_to(ALICE)] == ["Hello!", "Third"]
     assert graph.messages_to(f"+{ALICE}") == graph.messages_to(ALICE)
     assert graph.read_receipts() == [inbound]
-    assert graph.media_fetches == [("media-1", "token-1"), ("media-1", None), ("media-9", "token-1"), ("media-2", "token-1")]
+    assert graph.media_fetches == [("2000001", "token-1"), ("2000001", None), ("2000009", "token-1"), ("2000002", "token-1")]
     posts = [call for call in graph.calls if call.method == "POST"]
     assert [(call.failed, call.error_code) for call in posts] == [
         (False, None),
@@ -466,7 +466,7 @@ def test_fake_graph_over_http(graph: FakeGraph) -> None:
 def test_fake_graph_failure_queue(graph: FakeGraph) -> None:
     graph.reset()
     graph.add_number(NUMBER, "token-1")
-    graph.add_media("shared", b"data", "image/jpeg", token="media-only")
+    graph.add_media("2000100", b"data", "image/jpeg", token="media-only")
     graph.fail_next(130429, times=2, status=429)
     graph.fail_next(131026, kinds=("template",))
     auth = {"Authorization": "Bearer token-1"}
@@ -478,7 +478,7 @@ def test_fake_graph_failure_queue(graph: FakeGraph) -> None:
         "template": {"name": "hello", "language": {"code": "en_US"}},
     }
     with httpx.Client(base_url=graph.url, timeout=5) as http:
-        assert http.get("/v23.0/shared", headers={"Authorization": "Bearer media-only"}).status_code == 200
+        assert http.get("/v23.0/2000100", headers={"Authorization": "Bearer media-only"}).status_code == 200
         codes = [
             http.post(f"/v23.0/{NUMBER}/messages", headers=auth, json=body).status_code
             for body in (text_body, text_body, template, text_body)

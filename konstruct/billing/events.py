@@ -3,8 +3,9 @@ it), and turned into subscription state by the events' own timestamps."""
 
 from __future__ import annotations
 
-import json
 import logging
+import math
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from konstruct import audit
 from konstruct.billing.state import GOOD, Evidence, Standing, SubState, decide, standing
+from konstruct.channels.webhook_body import parse_json
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import StripeEvent, Subscription, Tenant
@@ -23,6 +25,7 @@ from konstruct.tenancy.tenants import TenantInfo
 
 log = logging.getLogger("konstruct.billing")
 
+SUBSCRIPTION_STATUSES = frozenset({"incomplete", "incomplete_expired", "trialing", "active", "past_due", "canceled", "unpaid", "paused"})
 HANDLED = frozenset(
     {
         "checkout.session.completed",
@@ -39,6 +42,29 @@ class BadSignature(Exception):
     """A webhook whose Stripe-Signature does not verify (answered 400, nothing stored)."""
 
 
+class NotAnEvent(Exception):
+    """A correctly signed body that is not a usable Stripe event (answered 400, nothing stored)."""
+
+
+# Stripe's ids are short words (evt_…, sub_…, cus_…); anything else is not Stripe's.
+_STRIPE_ID = re.compile(r"[A-Za-z0-9_]{1,255}")
+_TYPE = re.compile(r"[a-z0-9_.]{1,200}")
+_MAX_TS = 2**40  # seconds: far beyond any real timestamp, still a valid datetime and bigint
+
+
+def _int(value: Any) -> int | None:
+    """A timestamp-like integer (Stripe sends seconds), or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return int(value) if 0 <= value < _MAX_TS else None
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def verify(settings: Settings, payload: bytes, header: str | None) -> dict[str, Any]:
     """The event, if the Stripe-Signature header is valid for this body; BadSignature otherwise."""
     import stripe
@@ -46,16 +72,23 @@ def verify(settings: Settings, payload: bytes, header: str | None) -> dict[str, 
     secret = settings.billing.webhook_secret.get_secret_value() if settings.billing.webhook_secret else ""
     if not secret or not header:
         raise BadSignature("missing signature" if secret else "no webhook secret configured")
+    if not header.isascii() or len(header) > 2000:
+        raise BadSignature("malformed signature header")
     try:
         stripe.WebhookSignature.verify_header(payload.decode("utf-8"), header, secret, settings.billing.tolerance)
-    except (stripe.SignatureVerificationError, UnicodeDecodeError, ValueError) as exc:
+    except (stripe.SignatureVerificationError, UnicodeDecodeError, ValueError, TypeError) as exc:
         raise BadSignature(type(exc).__name__) from None
-    try:
-        event = json.loads(payload)
-    except ValueError:
-        raise BadSignature("the body is not JSON") from None
-    if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("data"), dict):
-        raise BadSignature("not a Stripe event")
+    event = parse_json(payload)
+    if not isinstance(event, dict):
+        raise NotAnEvent("the body is not a JSON object")
+    if _id(event.get("id")) is None or not isinstance(event.get("data"), dict) or not isinstance(event.get("type"), str):
+        raise NotAnEvent("not a Stripe event (id, type and data needed)")
+    if not _TYPE.fullmatch(event["type"]):
+        raise NotAnEvent("not a Stripe event type")
+    if not isinstance(event["data"].get("object"), dict):
+        raise NotAnEvent("the event has no data.object")
+    if event.get("created") is not None and _int(event["created"]) is None:
+        raise NotAnEvent("created is not a timestamp")
     return event
 
 
@@ -63,28 +96,28 @@ def _id(value: Any) -> str | None:
     """An id, whether Stripe sent the id or the expanded object."""
     if isinstance(value, dict):
         value = value.get("id")
-    return value if isinstance(value, str) and value else None
+    return value if isinstance(value, str) and _STRIPE_ID.fullmatch(value) else None
 
 
 def _subscription_of_invoice(invoice: dict[str, Any]) -> str | None:
     found = _id(invoice.get("subscription"))
     if found:
         return found
-    parent = invoice.get("parent") or {}
-    return _id((parent.get("subscription_details") or {}).get("subscription"))
+    parent = _obj(invoice.get("parent"))
+    return _id(_obj(parent.get("subscription_details")).get("subscription"))
 
 
 def _price_and_period(sub: dict[str, Any]) -> tuple[str | None, int | None]:
-    items = ((sub.get("items") or {}).get("data")) or []
-    first = items[0] if items else {}
+    items = _obj(sub.get("items")).get("data")
+    first = _obj(items[0]) if isinstance(items, list) and items else {}
     price = _id(first.get("price")) if first else None
-    period = sub.get("current_period_end") or (first.get("current_period_end") if first else None)
-    return price, int(period) if isinstance(period, int | float) else None
+    period = sub.get("current_period_end") or first.get("current_period_end")
+    return price, _int(period)
 
 
 def evidence(event: dict[str, Any]) -> tuple[str | None, str | None, Evidence] | None:
     """(subscription id, customer id, evidence) from one event, or None if it says nothing about a subscription."""
-    kind, obj, at = event.get("type"), event["data"].get("object") or {}, int(event.get("created") or 0)
+    kind, obj, at = event.get("type"), _obj(event["data"].get("object")), _int(event.get("created")) or 0
     if kind == "checkout.session.completed":
         if obj.get("mode") != "subscription" or not _id(obj.get("subscription")):
             return None
@@ -92,7 +125,9 @@ def evidence(event: dict[str, Any]) -> tuple[str | None, str | None, Evidence] |
         return _id(obj.get("subscription")), _id(obj.get("customer")), Evidence(at, "active" if paid else "incomplete", authoritative=False)
     if kind in ("customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted"):
         price, period = _price_and_period(obj)
-        status = "canceled" if kind.endswith("deleted") else str(obj.get("status") or "incomplete")
+        status = "canceled" if kind.endswith("deleted") else obj.get("status") or "incomplete"
+        if status not in SUBSCRIPTION_STATUSES:
+            return None
         return (
             _id(obj),
             _id(obj.get("customer")),
@@ -111,9 +146,9 @@ def evidence(event: dict[str, Any]) -> tuple[str | None, str | None, Evidence] |
 
 
 def _tenant_hint(event: dict[str, Any]) -> str | None:
-    obj = event["data"].get("object") or {}
-    metadata = obj.get("metadata") or {}
-    return metadata.get("tenant_id") or obj.get("client_reference_id")
+    obj = _obj(event["data"].get("object"))
+    hint = _obj(obj.get("metadata")).get("tenant_id") or obj.get("client_reference_id")
+    return hint if isinstance(hint, str) else None
 
 
 async def _resolve_tenant(db: Database, customer: str | None, hint: str | None) -> uuid.UUID | None:
@@ -150,7 +185,7 @@ def _row_state(row: Subscription) -> SubState:
 
 
 def _dt(value: int | None) -> datetime | None:
-    return datetime.fromtimestamp(value, UTC) if value else None
+    return datetime.fromtimestamp(value, UTC) if value and 0 < value < _MAX_TS else None
 
 
 async def _remember(session: AsyncSession, event: dict[str, Any], outcome: str) -> bool:
@@ -159,8 +194,8 @@ async def _remember(session: AsyncSession, event: dict[str, Any], outcome: str) 
         pg_insert(StripeEvent)
         .values(
             id=event["id"],
-            type=str(event.get("type")),
-            created=int(event.get("created") or 0),
+            type=str(event.get("type"))[:200],
+            created=_int(event.get("created")) or 0,
             processed_at=datetime.now(UTC),
             outcome=outcome,
         )
@@ -197,8 +232,14 @@ async def handle(db: Database, settings: Settings, event: dict[str, Any]) -> Out
             .on_conflict_do_nothing()
         )
         row = await session.scalar(select(Subscription).where(Subscription.id == sub_id).with_for_update())
-        if row is None:  # the id belongs to another tenant's subscription: never touch it
-            raise ValueError(f"subscription {sub_id} is not this tenant's")
+        if row is None:
+            # The id belongs to another tenant's subscription: never touch it, and say so once (an error
+            # here would only make Stripe retry the same event for days).
+            await session.execute(
+                update(StripeEvent).where(StripeEvent.id == event["id"]).values(outcome="ignored: subscription of another tenant")
+            )
+            log.warning("stripe event %s: subscription %s is tied to another tenant; ignored", event["id"], sub_id)
+            return Outcome("ignored", "the subscription belongs to another tenant")
         before = _row_state(row) if row.state_at else None
         after = decide(before, ev)
         plan = settings.billing.plan_for_price(after.price_id)

@@ -173,7 +173,8 @@ async def connect(
     """Create the connection, or update it when the same workspace is connected again. Returns (info, created)."""
     existing = await resolve(db, kind, external_id)
     if existing is not None and existing.tenant_id != tenant.id:
-        raise ConflictError(f"this {kind} {external_id} is connected to another tenant: disconnect it there first")
+        # Said without confirming that it exists elsewhere: a customer must not learn about other tenants.
+        raise ConflictError(f"this {kind} {external_id} cannot be connected here: if it is yours, ask the platform operator")
     sealed = seal(settings, credentials)
     async with db.tenant(tenant_id=tenant.id) as session:
         agent_id = await _agent_id(session, tenant, default_agent) if default_agent else None

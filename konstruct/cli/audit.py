@@ -47,6 +47,23 @@ def verify(
         raise ChainBroken(f"the audit chain of {', '.join(broken)} does not verify")
 
 
+@app.command("checkpoint")
+def checkpoint(ctx: typer.Context, as_json: bool = JsonOption) -> None:
+    """Print each tenant's checkpointed chain head (sequence number and hash), to keep somewhere else."""
+
+    async def go() -> list[tuple[str, int, str]]:
+        async with database(settings(ctx)) as db:
+            heads = service.read_checkpoints(db)
+            tenants = await tenants_for(db, "audit.read")
+        return [(t.slug, int(heads[str(t.id)]["seq"]), str(heads[str(t.id)]["hash"])) for t in tenants if str(t.id) in heads]
+
+    rows = run(go())
+    if as_json:
+        print_json([{"tenant": slug, "seq": seq, "hash": digest} for slug, seq, digest in rows])
+    else:
+        print_table(None, ["tenant", "seq", "hash"], rows)
+
+
 @app.command("tail")
 def tail(
     ctx: typer.Context,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -45,7 +46,41 @@ def start_embedded(data_dir: Path) -> str:
         except Exception as exc:  # the library raises bare subprocess/runtime errors
             raise DatabaseError(f"the embedded PostgreSQL in {pgdata} did not start ({exc}); see {pgdata / 'log'}") from None
     _servers[pgdata] = server
-    return str(server.get_uri())
+    uri = str(server.get_uri())
+    keep_private(data_dir, pgdata)
+    require_passwords(pgdata, uri)
+    return uri
+
+
+def keep_private(data_dir: Path, pgdata: Path) -> None:
+    """Keys, media and the server's socket: this user's only (0700). As root, pgserver runs PostgreSQL as
+    its own user (keeping root's group), which must still reach its directory: then 0711, traverse only:
+    nobody else can list it, and every file in it is 0600 (keys, media) or in the server's own 0700 folder."""
+    if os.geteuid() == 0 and pgdata.stat().st_uid != 0:
+        os.chmod(data_dir, 0o711)
+    else:
+        os.chmod(data_dir, 0o700)
+
+
+HBA = """# Written by Konstruct. The superuser only over the unix socket, which lives in the 0700 data directory;
+# every other role (the app role included) must give its password.
+local all postgres trust
+local all all scram-sha-256
+host all all 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+"""
+
+
+def require_passwords(pgdata: Path, uri: str) -> None:
+    """Replace pgserver's `trust` for every local connection with scram-sha-256 (the app role's password is checked)."""
+    hba = pgdata / "pg_hba.conf"
+    if hba.read_text() == HBA:
+        return
+    hba.write_text(HBA)
+    import psycopg
+
+    with psycopg.connect(uri, autocommit=True) as conn:
+        conn.execute("select pg_reload_conf()")
 
 
 def _forget_dead_handles(pgdata: Path) -> None:

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -29,6 +30,8 @@ from konstruct.config import CONFIG_ENV, Settings, load_settings
 from konstruct.db.engine import Database
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import DatabaseUnavailable, KonstructError
+from konstruct.gateway import protocol
+from konstruct.gateway.headers import SecurityHeaders
 from konstruct.logs import Throttled
 from konstruct.web import metrics, pages
 from konstruct.worker.queue import make_queue
@@ -126,6 +129,9 @@ async def stripe_webhook(request: Request) -> Response:
     except billing_events.BadSignature as exc:
         log.warning("stripe webhook refused: %s", exc)
         return JSONResponse({"error": "invalid signature"}, status_code=400)
+    except billing_events.NotAnEvent as exc:
+        log.warning("signed stripe webhook refused: %s", exc)
+        return JSONResponse({"error": str(exc)}, status_code=400)
     outcome = await billing_events.handle(request.app.state.db, settings, event)
     return JSONResponse({"received": True, "outcome": outcome.status})
 
@@ -189,13 +195,16 @@ def create_app(settings: Settings) -> Starlette:
             *pages.ROUTES,
         ],
         exception_handlers={KonstructError: konstruct_error},
+        middleware=[Middleware(SecurityHeaders)],
         lifespan=lifespan,
     )
 
 
 def app_from_config() -> Starlette:
     """The app for one of several gateway processes (uvicorn's factory)."""
-    return create_app(load_settings())
+    settings = load_settings()
+    protocol.configure(settings.gateway)
+    return create_app(settings)
 
 
 def run_gateway(settings: Settings) -> None:
@@ -205,6 +214,7 @@ def run_gateway(settings: Settings) -> None:
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit through Python instead, so atexit
     # handlers (releasing the embedded database) run.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    protocol.configure(settings.gateway)
     app: Any = create_app(settings)
     if settings.gateway.workers > 1:
         # Several processes: uvicorn imports the app in each, from the same config file and environment.
@@ -220,6 +230,13 @@ def run_gateway(settings: Settings) -> None:
         access_log=False,
         lifespan="on",
         loop="uvloop",  # asyncpg and the HTTP parser are several times cheaper on uvloop + httptools
-        http="httptools",
+        # httptools, with the header size limit and read timeout uvicorn lacks (konstruct/gateway/protocol.py).
+        http="konstruct.gateway.protocol:BoundedHttpToolsProtocol",
+        timeout_keep_alive=settings.gateway.keep_alive,
+        limit_concurrency=settings.gateway.max_connections,
+        # X-Forwarded-For is weighed by the status page against [web] trusted_proxies, not by uvicorn
+        # (which would believe any loopback peer).
+        proxy_headers=False,
+        server_header=False,
         timeout_graceful_shutdown=10,
     )

@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography.fernet import InvalidToken
 from sqlalchemy import delete, func, select, update
@@ -77,11 +78,36 @@ def check_key(key: str) -> str:
     return key
 
 
+async def check_api_base(settings: Settings, api_base: str) -> None:
+    """A tenant's endpoint must be a public address (as web_fetch's are), unless the platform allows private
+    ones: a customer admin must not point the worker, with its network position, at internal services."""
+    from konstruct.agent.tools.registry import ToolError
+    from konstruct.agent.tools.web import is_public, normalise_host, resolve
+
+    parts = urlsplit(api_base)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        raise ValidationError("the API base must be an http(s) URL with a host (and no user name or password)")
+    if settings.agent.tenant_api_base_private:
+        return
+    try:
+        addresses = await resolve(normalise_host(parts.hostname), parts.port or (443 if parts.scheme == "https" else 80))
+    except ToolError as exc:
+        raise ValidationError(f"the API base cannot be used: {exc}") from None
+    refused = [address for address in addresses if not is_public(address)]
+    if refused:
+        raise ValidationError(
+            f"the API base {parts.hostname} is a private or reserved address ({refused[0]}): refused "
+            "(a platform admin may allow it with [agent] tenant_api_base_private)"
+        )
+
+
 async def add_key(
     db: Database, settings: Settings, tenant: TenantInfo, *, provider: str, key: str, api_base: str | None, actor: str
 ) -> tuple[KeyInfo, bool]:
     """Store (or replace) the tenant's key for a provider. Returns the key's info and whether one was replaced."""
     key = check_key(key)
+    if api_base is not None:
+        await check_api_base(settings, api_base)
     secret = encrypt(settings, key)
     hint = mask_secret(key) or "****"
     async with db.tenant(tenant_id=tenant.id) as session:

@@ -179,12 +179,12 @@ async def look_up(db: Database, token: str) -> Pending:
     if state == "expired":
         raise ConflictError(f"this invitation expired on {row.expires_at:%Y-%m-%d %H:%M} UTC: ask for it to be resent")
     async with db.system() as session:
-        existing = (await session.execute(text("select password_hash from konstruct_user_by_email(:e)"), {"e": row.email})).first()
-    return Pending(tenant_id, str(name), row, existing is not None and existing.password_hash is not None)
+        existing = (await session.execute(text("select id from konstruct_user_by_email(:e)"), {"e": row.email})).first()
+    return Pending(tenant_id, str(name), row, existing is not None)
 
 
 async def accept(db: Database, token: str, *, name: str, password: str | None) -> tuple[str, str, str]:
-    """Accept an invitation: create the user (or add the role to an existing one). Returns (email, role, tenant name).
+    """Accept an invitation: create the user (or only add the role to an existing one). Returns (email, role, tenant name).
     The invitation is used exactly once, even when accepted twice at the same moment."""
     pending = await look_up(db, token)
     invitation = pending.invitation
@@ -192,7 +192,7 @@ async def accept(db: Database, token: str, *, name: str, password: str | None) -
         existing = (
             await session.execute(text("select id, password_hash from konstruct_user_by_email(:e)"), {"e": invitation.email})
         ).first()
-    if existing is None or existing.password_hash is None:
+    if existing is None:
         if not name.strip():
             raise ValidationError("a name is needed to accept the invitation")
         password = check_password(password or "")
@@ -219,10 +219,8 @@ async def accept(db: Database, token: str, *, name: str, password: str | None) -
                     id=user_id, email=invitation.email, name=name.strip()[:200], password_hash=hash_password(password or "")
                 )
             )
-        elif existing.password_hash is None:
-            await session.execute(
-                update(User).where(User.id == user_id).values(name=name.strip()[:200], password_hash=hash_password(password or ""))
-            )
+        # An existing account only gains the role: whoever holds the link must never set its password (nor
+        # its name), also when it has none yet (an invitation would otherwise claim a passwordless account).
         await add_member(session, pending.tenant_id, user_id, invitation.role, actor=f"user:{invitation.email}")
         await session.execute(update(Invitation).where(Invitation.id == invitation.id).values(accepted_by=user_id))
         await audit.record(session, tenant_id=pending.tenant_id, actor=f"user:{invitation.email}", action="invite.accepted",

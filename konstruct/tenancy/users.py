@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -106,11 +106,27 @@ async def create_user(db: Database, *, email: str, name: str, password: str | No
         await as_user(session, user_id)
         await session.execute(
             pg_insert(User).values(
-                id=user_id, email=email, name=name.strip()[:200], platform_admin=platform_admin,
+                id=user_id, email=email, name=name.strip()[:200],
                 password_hash=hash_password(check_password(password)) if password else None,
             )
         )  # fmt: skip
+    if platform_admin:
+        await _set_platform_admin_as_owner(db, user_id, True)
     return user_id
+
+
+async def _set_platform_admin_as_owner(db: Database, user_id: uuid.UUID, value: bool) -> None:
+    """The app role may not change platform_admin (column grants, migration 0010): only the owner role,
+    whose credentials the local operator's CLI holds and the gateway never uses for this."""
+    import asyncio
+
+    import psycopg
+
+    def run() -> None:
+        with psycopg.connect(db.urls.owner.set(drivername="postgresql").render_as_string(hide_password=False)) as conn:
+            conn.execute("update users set platform_admin = %s, updated_at = now() where id = %s", (value, user_id))
+
+    await asyncio.to_thread(run)
 
 
 async def set_platform_admin(db: Database, email: str, value: bool) -> None:
@@ -119,8 +135,7 @@ async def set_platform_admin(db: Database, email: str, value: bool) -> None:
         row = (await session.execute(text("select id from konstruct_user_by_email(:e)"), {"e": email})).first()
         if row is None:
             raise NotFoundError(f"no user {email}: create one with `konstruct user create`")
-        await as_user(session, row.id)
-        await session.execute(update(User).where(User.id == row.id).values(platform_admin=value, updated_at=func.now()))
+    await _set_platform_admin_as_owner(db, row.id, value)
 
 
 async def directory(db: Database) -> list[dict[str, Any]]:

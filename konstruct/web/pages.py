@@ -40,7 +40,14 @@ async def _form(request: Request) -> dict[str, str]:
         raise ValidationError("the form is too large")
     if "application/x-www-form-urlencoded" not in request.headers.get("content-type", ""):
         raise ValidationError("the form must be sent as application/x-www-form-urlencoded")
-    return {key: values[0] for key, values in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
+    try:
+        form = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=50)
+    except (UnicodeDecodeError, ValueError):
+        raise ValidationError("the form is not valid UTF-8 form data") from None
+    fields = {key: values[0] for key, values in form.items()}
+    if any("\x00" in key or "\x00" in value for key, value in fields.items()):
+        raise ValidationError("the form contains a NUL character")
+    return fields
 
 
 def _render(request: Request, name: str, context: dict[str, Any], status: int = 200) -> Response:
@@ -88,7 +95,9 @@ async def login(request: Request) -> Response:
     form = await _form(request)
     if not sessions.same(form.get("csrf", ""), request.cookies.get(LOGIN_CSRF_COOKIE, "")):
         return await login_form(request, "The form expired: please try again.", 403)
-    address = request.client.host if request.client else "unknown"
+    address = sessions.client_address(
+        request.client.host if request.client else None, request.headers.get("x-forwarded-for"), settings.web.trusted_proxies
+    )
     try:
         token, _web_session = await sessions.sign_in(
             request.app.state.db, settings, form.get("email", ""), form.get("password", ""), address

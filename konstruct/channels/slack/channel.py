@@ -10,6 +10,7 @@ import asyncio
 import base64
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from slack_sdk.errors import SlackApiError
@@ -21,6 +22,19 @@ from konstruct.channels.slack.client import web_client
 from konstruct.channels.slack.format import split_message, to_mrkdwn
 from konstruct.config import Settings
 from konstruct.db.engine import Database
+
+SLACK_FILE_HOSTS = ("files.slack.com",)
+
+
+def file_host_allowed(settings: Settings, url: str) -> bool:
+    """May the bot token be sent to this url_private? Only to Slack's file host over HTTPS, or to the
+    configured Slack API's own origin (a test fake): an event, forgeable by whoever holds a
+    single-workspace signing secret, must not choose where the token goes."""
+    parts, api = urlsplit(url), urlsplit(settings.slack.api_url)
+    if parts.scheme == "https" and parts.hostname in SLACK_FILE_HOSTS and parts.port in (None, 443):
+        return True
+    return (parts.scheme, parts.hostname, parts.port) == (api.scheme, api.hostname, api.port) and parts.hostname is not None
+
 
 POST_INTERVAL = 1.0  # seconds between posts to one channel
 PLACEHOLDER_EVENT = "konstruct_placeholder"  # message metadata that ties a placeholder to the message it answers
@@ -78,8 +92,14 @@ class SlackChannel:
             for file in files:
                 name, mimetype = file.get("name", "file"), file.get("mimetype", "application/octet-stream")
                 size = int(file.get("size") or 0)
-                if mimetype.startswith("image/") and file.get("url_private") and size <= self.settings.slack.max_image_bytes:
-                    data = await self._download(http, file["url_private"], token)
+                url = file.get("url_private")
+                if (
+                    mimetype.startswith("image/")
+                    and isinstance(url, str)
+                    and file_host_allowed(self.settings, url)
+                    and size <= self.settings.slack.max_image_bytes
+                ):
+                    data = await self._download(http, url, token)
                     if data is not None:
                         parts.append(
                             {"type": "image_url", "image_url": {"url": f"data:{mimetype};base64,{base64.b64encode(data).decode()}"}}

@@ -8,6 +8,7 @@ give one reply.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import re
@@ -19,7 +20,6 @@ from urllib.parse import parse_qs
 from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.authorization import AuthorizeResult
 from slack_bolt.request.async_request import AsyncBoltRequest
-from slack_sdk.signature import SignatureVerifier
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -27,7 +27,7 @@ from konstruct import inbox
 from konstruct.channels.base import InboundMessage, Routing
 from konstruct.channels.connections import ResolveCache, Resolved, set_status, single_mode_candidates, unseal
 from konstruct.channels.slack.client import web_client
-from konstruct.channels.webhook_body import read_body
+from konstruct.channels.webhook_body import clean_message, parse_json, read_body
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.errors import DatabaseUnavailable
@@ -41,20 +41,105 @@ CREDENTIALS = "konstruct_credentials"
 UNAVAILABLE = "konstruct_unavailable"  # set by a listener that could not store: the request answers 503
 
 
-def team_id_of(body: bytes, content_type: str | None) -> str | None:
+# Slack's ids are short upper-case words (T…, C…, U…, Ev…); ts values are "seconds.micros". Anything else
+# is not Slack's, and must not reach a btree index (an id of kilobytes overflows it).
+SLACK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SLACK_TS = re.compile(r"\d{1,12}\.\d{1,12}")
+_TIMESTAMP = re.compile(r"\d{1,12}")
+_SIGNATURE = re.compile(r"v0=[0-9a-f]{64}")
+
+
+def parse_request(body: bytes, content_type: str | None) -> dict[str, Any] | None:
+    """The event (JSON) or interaction (form `payload=`) as a dict; None when it is neither."""
+    if content_type and content_type.startswith("application/x-www-form-urlencoded"):
+        try:
+            form = parse_qs(body.decode("utf-8"), max_num_fields=50)
+        except (UnicodeDecodeError, ValueError):
+            return None
+        data = parse_json(form.get("payload", [""])[0])
+    else:
+        data = parse_json(body)
+    return data if isinstance(data, dict) else None
+
+
+def team_id_of(data: dict[str, Any] | None) -> str | None:
     """The workspace an event comes from (None for url_verification). Read before verification: only for routing."""
-    try:
-        if content_type and content_type.startswith("application/x-www-form-urlencoded"):
-            payload = json.loads(parse_qs(body.decode()).get("payload", ["{}"])[0])
-            team = payload.get("team") or {}
-            return team.get("id") if isinstance(team, dict) else None
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    if data is None:
         return None
-    if not isinstance(data, dict):
-        return None
-    team_id = data.get("team_id")
-    return team_id if isinstance(team_id, str) else None
+    team, team_id = data.get("team"), data.get("team_id")
+    if not isinstance(team_id, str) and isinstance(team, dict):
+        team_id = team.get("id")
+    return team_id if isinstance(team_id, str) and SLACK_ID.fullmatch(team_id) else None
+
+
+def headers_well_formed(headers: dict[str, str]) -> bool:
+    """Signature headers shaped as Slack sends them (so verifying them cannot raise)."""
+    return bool(
+        _TIMESTAMP.fullmatch(headers.get("x-slack-request-timestamp", "")) and _SIGNATURE.fullmatch(headers.get("x-slack-signature", ""))
+    )
+
+
+def signature_valid(secret: str, body: bytes, headers: dict[str, str], now: float | None = None) -> bool:
+    """Slack's v0 signature over the raw bytes (slack_sdk's verifier decodes the body first, and raises on bad UTF-8)."""
+    timestamp = headers.get("x-slack-request-timestamp", "")
+    if not _TIMESTAMP.fullmatch(timestamp) or abs((now or time.time()) - int(timestamp)) > 300:
+        return False
+    expected = "v0=" + hmac.new(secret.encode(), b"v0:" + timestamp.encode() + b":" + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), headers.get("x-slack-signature", "").encode())
+
+
+_EVENT_FIELDS = ("type", "subtype", "user", "text", "ts", "thread_ts", "channel", "channel_type", "bot_id", "event_ts")
+
+
+def sanitized(data: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
+    """(the request as bolt may see it, or None; why not). Only the fields we use, each of the type we expect:
+    bolt reads bodies assuming Slack's shapes, and a signed body of any other shape must not reach it."""
+    if data is None:
+        return None, "not a JSON object"
+    kind = data.get("type")
+    if kind == "url_verification":
+        challenge = data.get("challenge")
+        return ({"type": kind, "challenge": challenge}, "") if isinstance(challenge, str) else (None, "no challenge")
+    if kind != "event_callback":
+        return None, "not an event this app listens to"
+    event, team_id, event_id = data.get("event"), data.get("team_id"), data.get("event_id")
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str) or not SLACK_ID.fullmatch(event["type"]):
+        return None, "no event"
+    if not isinstance(team_id, str) or not SLACK_ID.fullmatch(team_id):
+        return None, "no team_id"
+    if event_id is not None and not (isinstance(event_id, str) and SLACK_ID.fullmatch(event_id)):
+        return None, "bad event_id"
+    strict = event["type"] in ("message", "app_mention")  # what we store: every field must be right
+    clean_event: dict[str, Any] = {}
+    for key in _EVENT_FIELDS:
+        value = event.get(key)
+        if value is None:
+            continue
+        shape = SLACK_TS if key in ("ts", "thread_ts", "event_ts") else SLACK_ID
+        ok = isinstance(value, str) and (key == "text" or shape.fullmatch(value) is not None)
+        if ok:
+            clean_event[key] = value
+        elif strict:
+            return None, f"bad event.{key}"
+    if isinstance(event.get("files"), list):
+        clean_event["files"] = [
+            {
+                k: f[k]
+                for k in ("id", "name", "mimetype", "size", "url_private")
+                if isinstance(f.get(k), str | int) and not isinstance(f[k], bool)
+            }
+            for f in event["files"][:20]
+            if isinstance(f, dict)
+        ]
+    tokens = event.get("tokens")
+    if isinstance(tokens, dict):
+        clean_event["tokens"] = {
+            k: [t for t in v if isinstance(t, str)] for k, v in tokens.items() if k in ("bot", "oauth") and isinstance(v, list)
+        }
+    body: dict[str, Any] = {"type": kind, "team_id": team_id, "event": clean_event}
+    if event_id is not None:
+        body["event_id"] = event_id
+    return body, ""
 
 
 def conversation_key(team_id: str, event: dict[str, Any]) -> tuple[str, str | None]:
@@ -89,15 +174,25 @@ class SlackEvents:
         body = await read_body(request)
         if body is None:
             return JSONResponse({"error": "payload too large"}, status_code=413)
-        team_id = team_id_of(body, request.headers.get("content-type"))
+        headers = dict(request.headers)
+        if not headers_well_formed(headers):
+            return JSONResponse({"error": "invalid request signature"}, status_code=401)
+        data = parse_request(body, headers.get("content-type"))
+        team_id = team_id_of(data)
         entry = await self.connections.get("slack", team_id) if team_id else None
         resolved, credentials = entry if entry else (None, {})
-        secret = await self._signing_secret(resolved, credentials, team_id, body, dict(request.headers))
-        if secret is None:
+        secret = await self._signing_secret(resolved, credentials, team_id, body, headers)
+        if secret is None or not signature_valid(secret, body, headers):
             # No secret can authenticate this request: store nothing, tell nothing.
             return JSONResponse({"error": "invalid request signature"}, status_code=401)
+        usable, reason = sanitized(data)
+        if usable is None:
+            # Authentic but unusable: a 200, so Slack does not retry (or disable the subscription), and nothing stored.
+            log.warning("ignoring a signed Slack request: %s", reason)
+            return JSONResponse({"ok": False, "ignored": reason})
+        # Verified above over the raw bytes; bolt gets the checked fields only (and so does not verify again).
         bolt_request = AsyncBoltRequest(
-            body=body.decode("utf-8", "replace"), query=dict(request.query_params), headers=dict(request.headers)
+            body=json.dumps(usable), query=dict(request.query_params), headers={"content-type": "application/json"}
         )
         bolt_request.context[CONNECTION] = resolved
         bolt_request.context[CREDENTIALS] = credentials
@@ -118,7 +213,7 @@ class SlackEvents:
         # url_verification carries no team: try the app's secret, then each single-workspace app's.
         candidates = ([app_secret] if app_secret else []) + await self._single_secrets()
         for candidate in candidates:
-            if candidate and SignatureVerifier(candidate).is_valid_request(body, headers):
+            if candidate and signature_valid(candidate, body, headers):
                 return candidate
         return app_secret
 
@@ -150,7 +245,7 @@ class SlackEvents:
             await self._unless_down(context, self._disconnect(context, "app_uninstalled"))
 
         async def on_tokens_revoked(event: dict[str, Any], context: dict[str, Any]) -> None:
-            if event.get("tokens", {}).get("bot"):
+            if isinstance(event.get("tokens"), dict) and event["tokens"].get("bot"):
                 await self._unless_down(context, self._disconnect(context, "tokens_revoked"))
 
         async def on_other(event: dict[str, Any]) -> None:
@@ -161,6 +256,7 @@ class SlackEvents:
             authorize=authorize,
             client=web_client(self.settings),
             process_before_response=True,  # ack only after the message is stored
+            request_verification_enabled=False,  # SlackEvents.handle verifies every request before bolt sees it
             ignoring_self_events_enabled=True,
             logger=logging.getLogger("konstruct.slack.bolt"),
         )
@@ -214,33 +310,31 @@ class SlackEvents:
         is_dm = event.get("channel_type") == "im"
         if bot_user_id:
             text = text.replace(f"<@{bot_user_id}>", "").strip()
-        files = [
-            {k: f.get(k) for k in ("id", "name", "mimetype", "size", "url_private") if f.get(k) is not None}
-            for f in event.get("files", [])
-            if isinstance(f, dict)
-        ]
+        files = event.get("files") or []
         stored = await inbox.accept(
             self.db,
             self.queue,
-            InboundMessage(
-                tenant_id=resolved.tenant_id,
-                agent_id=None,
-                # A mention or a DM may start a conversation; other thread messages only continue one.
-                routing=Routing(resolved.id, event["channel"], may_start=mention or is_dm),
-                channel="slack",
-                external_id=f"{event['channel']}:{event['ts']}",
-                conversation_key=key,
-                sender=event["user"],
-                text=text,
-                payload={
-                    "team_id": team_id,
-                    "channel": event["channel"],
-                    "ts": event["ts"],
-                    "thread_ts": thread,
-                    "event_id": body.get("event_id"),
-                    "files": files,
-                    "received": time.time(),
-                },
+            clean_message(
+                InboundMessage(
+                    tenant_id=resolved.tenant_id,
+                    agent_id=None,
+                    # A mention or a DM may start a conversation; other thread messages only continue one.
+                    routing=Routing(resolved.id, event["channel"], may_start=mention or is_dm),
+                    channel="slack",
+                    external_id=f"{event['channel']}:{event['ts']}",
+                    conversation_key=key,
+                    sender=event["user"],
+                    text=text,
+                    payload={
+                        "team_id": team_id,
+                        "channel": event["channel"],
+                        "ts": event["ts"],
+                        "thread_ts": thread,
+                        "event_id": body.get("event_id"),
+                        "files": files,
+                        "received": time.time(),
+                    },
+                )
             ),
         )
         if stored is None and (mention or is_dm):

@@ -51,14 +51,21 @@ def make_state(settings: Settings, tenant_id: uuid.UUID, *, now: float | None = 
 
 def read_state(settings: Settings, state: str, *, now: float | None = None) -> uuid.UUID:
     """The tenant an install link was made for; ValidationError when forged or expired."""
+    invalid = ValidationError("this install link is not valid: ask for a new one (`konstruct channel connect slack`)")
+    if not state.isascii() or len(state) > 1000:
+        raise invalid
     payload, _, signature = state.partition(".")
     expected = _b64(hmac.new(_key(settings), payload.encode(), hashlib.sha256).digest())
     if not payload or not hmac.compare_digest(signature, expected):
-        raise ValidationError("this install link is not valid: ask for a new one (`konstruct channel connect slack`)")
-    data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    if data["e"] < (now or time.time()):
+        raise invalid
+    try:  # signed by us, so well-formed; checked all the same
+        data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        expires, tenant_id = float(data["e"]), uuid.UUID(data["t"])
+    except (ValueError, KeyError, TypeError):
+        raise invalid from None
+    if expires < (now or time.time()):
         raise ValidationError("this install link has expired: ask for a new one (`konstruct channel connect slack`)")
-    return uuid.UUID(data["t"])
+    return tenant_id
 
 
 def install_link(settings: Settings, tenant_id: uuid.UUID) -> str:

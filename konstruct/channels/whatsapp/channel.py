@@ -69,9 +69,12 @@ class MediaStore:
         digest = hashlib.sha256(data).hexdigest()
         path = self.path(digest)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             partial = path.with_name(f".{digest}.{uuid.uuid4().hex}")
-            partial.write_bytes(data)
+            # Customers' files: readable by this user only, whatever the umask.
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
             os.replace(partial, path)  # whole or absent, also when two workers save the same file
         return path
 

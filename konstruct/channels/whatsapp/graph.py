@@ -91,6 +91,8 @@ class Graph:
 
     async def media(self, media_id: str, token: str, max_bytes: int) -> tuple[bytes, str]:
         """GET /{media-id} → a short-lived URL → the bytes (with the same bearer token), size-limited."""
+        if not (media_id.isascii() and media_id.isdigit()):
+            raise GraphError(-1, "not a Meta media id (digits only)")  # never a path of our choosing with the token
         meta = await self.call("GET", media_id, token)
         url = meta.get("url")
         if not isinstance(url, str) or not url:

@@ -17,6 +17,7 @@ MEDIA_KINDS = ("image", "audio", "video", "document", "sticker")
 STATUSES = ("sent", "delivered", "read", "failed")
 UNSUPPORTED = "[a message type Konstruct cannot read]"
 SILENT_KINDS = ("reaction", "system")
+MAX_ID = 256
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,8 @@ def statuses(value: dict[str, Any]) -> list[Status]:
 def _message(raw: Any, names: dict[str, str]) -> Normalized | None:
     message = _dict(raw)
     wamid, wa_id = _ident(message.get("id")), _ident(message.get("from"))
-    if wamid is None or wa_id is None:
-        return None
+    if wamid is None or wa_id is None or len(wamid) > MAX_ID or len(wa_id) > MAX_ID:
+        return None  # not Meta's: ids are a few dozen characters (and kilobytes would overflow the inbox index)
     kind, text, media = _content(message)
     reply_to = _ident(_dict(message.get("context")).get("id"))
     if reply_to is None and kind == "reaction":
@@ -131,9 +132,14 @@ def _content(message: dict[str, Any]) -> tuple[str, str, Media | None]:
     return "unsupported", UNSUPPORTED, None
 
 
+def media_id_ok(media_id: str) -> bool:
+    """Meta's media ids are digits: anything else must never be put into a Graph API path."""
+    return media_id.isascii() and media_id.isdigit() and len(media_id) <= MAX_ID
+
+
 def _media(kind: str, body: dict[str, Any]) -> Media | None:
     media_id = _ident(body.get("id"))
-    if media_id is None:
+    if media_id is None or not media_id_ok(media_id):
         return None
     default_mime = "image/webp" if kind == "sticker" else "application/octet-stream"
     return Media(

@@ -8,8 +8,8 @@ delivery statuses recorded, then Meta gets its 200. The answer is the worker's j
 from __future__ import annotations
 
 import hmac
-import json
 import logging
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from konstruct import inbox
 from konstruct.channels.base import InboundMessage, Routing
 from konstruct.channels.connections import ResolveCache, Resolved, single_mode_candidates, unseal
-from konstruct.channels.webhook_body import read_body
+from konstruct.channels.webhook_body import clean_message, parse_json, read_body
 from konstruct.channels.whatsapp import normalize
 from konstruct.channels.whatsapp.graph import signature_ok
 from konstruct.config import Settings
@@ -53,6 +53,7 @@ WHERE m.external_id = r.external_id AND m.direction = 'out'
   AND konstruct_delivery_rank(m.status) < konstruct_delivery_rank(r.status)
 """)
 SECRETS_TTL = 5.0
+_SIGNATURE = re.compile(r"sha256=[0-9a-fA-F]{64}")
 
 
 class WhatsAppWebhook:
@@ -87,10 +88,9 @@ class WhatsAppWebhook:
         signature = request.headers.get("x-hub-signature-256")
         if not signature:
             return JSONResponse({"error": "missing X-Hub-Signature-256"}, status_code=403)
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            payload = None
+        if not _SIGNATURE.fullmatch(signature):
+            return JSONResponse({"error": "invalid signature"}, status_code=403)
+        payload = parse_json(body, allow_nan=True)  # a NaN coordinate spoils one field, not the delivery
         values = normalize.changes(payload) if isinstance(payload, dict) else []
         accepted: list[tuple[Resolved, dict[str, Any]]] = []
         verified_any = False
@@ -135,39 +135,42 @@ class WhatsAppWebhook:
     async def _store(self, resolved: Resolved, value: dict[str, Any], message: normalize.Normalized) -> None:
         number = normalize.phone_number_id(value) or ""
         media = message.media
+        # Cleaned, so a NUL byte or a lone surrogate is stored as text instead of failing the insert.
         await inbox.accept(
             self.db,
             self.queue,
-            InboundMessage(
-                tenant_id=resolved.tenant_id,
-                agent_id=None,
-                routing=Routing(resolved.id, message.wa_id, may_start=True),
-                channel="whatsapp",
-                external_id=message.wamid,
-                conversation_key=f"{number}:{message.wa_id}",
-                sender=message.wa_id,
-                text=message.text,
-                answer=message.answer,
-                payload={
-                    "phone_number_id": number,
-                    "wa_id": message.wa_id,
-                    "wamid": message.wamid,
-                    "name": message.name,
-                    "kind": message.kind,
-                    "timestamp": message.timestamp,
-                    "reply_to": message.reply_to,
-                    "media": None
-                    if media is None
-                    else {
-                        "id": media.id,
-                        "kind": media.kind,
-                        "mime_type": media.mime_type,
-                        "sha256": media.sha256,
-                        "caption": media.caption,
-                        "filename": media.filename,
+            clean_message(
+                InboundMessage(
+                    tenant_id=resolved.tenant_id,
+                    agent_id=None,
+                    routing=Routing(resolved.id, message.wa_id, may_start=True),
+                    channel="whatsapp",
+                    external_id=message.wamid,
+                    conversation_key=f"{number}:{message.wa_id}",
+                    sender=message.wa_id,
+                    text=message.text,
+                    answer=message.answer,
+                    payload={
+                        "phone_number_id": number,
+                        "wa_id": message.wa_id,
+                        "wamid": message.wamid,
+                        "name": message.name,
+                        "kind": message.kind,
+                        "timestamp": message.timestamp,
+                        "reply_to": message.reply_to,
+                        "media": None
+                        if media is None
+                        else {
+                            "id": media.id,
+                            "kind": media.kind,
+                            "mime_type": media.mime_type,
+                            "sha256": media.sha256,
+                            "caption": media.caption,
+                            "filename": media.filename,
+                        },
+                        "received": time.time(),
                     },
-                    "received": time.time(),
-                },
+                )
             ),
         )
 
