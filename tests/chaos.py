@@ -68,6 +68,7 @@ class Report:
     answered_twice: list[str]
     stray_placeholders: int
     failed_rows: int
+    chats_answered_late: int  # answered once, but after `konstruct chat` had stopped waiting (its timeout)
     worker_kills: int
     database_kills: int
     recoveries: list[float]  # seconds from each database kill until a new message was answered
@@ -79,7 +80,8 @@ class Report:
             f"events sent {self.events_sent} (acked {self.events_acked}), terminal chats {self.chats_sent}",
             f"worker kills {self.worker_kills}, database kills {self.database_kills}",
             f"answered once {self.answered_once}, unanswered {len(self.unanswered)}, answered twice {len(self.answered_twice)}",
-            f"stray placeholders {self.stray_placeholders}, failed messages {self.failed_rows}",
+            f"stray placeholders {self.stray_placeholders}, failed messages {self.failed_rows}, "
+            f"chats answered after their client stopped waiting {self.chats_answered_late}",
             f"longest recovery after a database kill {longest:.1f}s ({', '.join(f'{r:.1f}' for r in self.recoveries) or 'none'})",
             f"up still running with all its parts: {self.up_alive}",
         ]
@@ -131,7 +133,8 @@ class Chaos:
 
     def __exit__(self, *exc: object) -> None:
         if self.up is not None and self.up.process.poll() is None:
-            self.up.kill()
+            with contextlib.suppress(AssertionError):  # did not stop in time: killed, and its parts die with it
+                self.up.stop(signal.SIGINT, timeout=60)
         pid = postmaster_pid(self.settings.data_dir)
         if pid is not None:  # a failed run must not leave a server behind either
             with contextlib.suppress(ProcessLookupError):
@@ -189,8 +192,12 @@ class Chaos:
     # -- violence --
 
     def worker_pid(self) -> int | None:
+        """The running worker's pid, once it has run `up.stable_after` (a quicker kill is a crash loop, which `up`
+        rightly answers with a growing pause)."""
         worker = ((self.state() or {}).get("parts") or {}).get("worker") or {}
-        return worker.get("pid") if worker.get("state") == "running" else None
+        if worker.get("state") != "running" or (worker.get("running_for") or 0) < self.settings.up.stable_after:
+            return None
+        return worker.get("pid")
 
     def kill_worker(self) -> bool:
         pid = self.worker_pid()
@@ -295,12 +302,14 @@ class Chaos:
             else:
                 twice.append(f"event {delivery.event_id}: {len(answers)} answers")
         replies_per_chat = self._terminal_replies()
+        late = 0
         for chat in self.chats:
             count = replies_per_chat.get(chat.message_id, 0)
-            if count == 1 and chat.outcome == "replied":
+            if count == 1:
                 once += 1
-            elif count == 0 or chat.outcome != "replied":
-                unanswered.append(f"chat {chat.message_id} ({chat.outcome!r}, {count} replies)")
+                late += chat.outcome != "replied"  # answered after the person's `konstruct chat` stopped waiting
+            elif count == 0:
+                unanswered.append(f"chat {chat.message_id} ({chat.outcome!r})")
             else:
                 twice.append(f"chat {chat.message_id}: {count} replies")
         return Report(
@@ -312,6 +321,7 @@ class Chaos:
             answered_twice=twice,
             stray_placeholders=strays,
             failed_rows=self._failed_rows(),
+            chats_answered_late=late,
             worker_kills=self.worker_kills,
             database_kills=len(self.database_kills),
             recoveries=self._recoveries(),

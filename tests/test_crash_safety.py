@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import psycopg
 import pytest
 from sqlalchemy import select
@@ -90,7 +91,7 @@ def test_chaos_every_message_answered_exactly_once(chaos: Chaos) -> None:
     assert report.events_acked == report.events_sent, detail  # Slack's retries got through the outage
     assert report.unanswered == [] and report.answered_twice == [], detail
     assert report.answered_once == report.events_sent + report.chats_sent, detail
-    assert report.stray_placeholders == 0 and report.failed_rows == 0, detail
+    assert report.stray_placeholders == 0 and report.failed_rows == 0 and report.chats_answered_late == 0, detail
     assert report.up_alive, detail
     assert max(report.recoveries) < 10, detail
     log = chaos.up.log()  # type: ignore[union-attr]
@@ -215,7 +216,10 @@ def test_gateway_answers_503_quickly_while_the_database_is_down_and_recovers(tmp
             timings.append(time.monotonic() - started)
             assert response.status_code == 503, response.text
             assert response.headers["retry-after"] == "1"
-            assert httpx.post(f"{base}/whatsapp/webhook", content=body, headers={"X-Hub-Signature-256": "sha256=" + "0" * 64}).status_code == 503
+            assert (
+                httpx.post(f"{base}/whatsapp/webhook", content=body, headers={"X-Hub-Signature-256": "sha256=" + "0" * 64}).status_code
+                == 503
+            )
         assert max(timings) < 1.0, timings
         wait_for(lambda: httpx.get(f"{base}/healthz").status_code == 503, 5, "/healthz to say unhealthy")
         assert "unavailable" in httpx.get(f"{base}/healthz").json()["database"]
@@ -306,3 +310,25 @@ def test_up_state_is_read_only_while_up_runs(tmp_path: Path) -> None:
     assert read_state(tmp_path) is None  # a dead `up` left it: not believed
     (tmp_path / "up.json").write_text(json.dumps({"pid": os.getpid(), "parts": {}}))
     assert read_state(tmp_path) == {"pid": os.getpid(), "parts": {}}
+
+
+def test_parts_do_not_outlive_a_killed_up(tmp_path: Path, database_url: str, fake_llm: FakeLLM) -> None:
+    """Even a SIGKILLed `up` leaves nothing running: its parts get SIGTERM from the kernel, and the spare stops
+    the worker it forked before it goes."""
+    config = write_config(tmp_path, database_url, fake_llm.url)
+    settings = load_settings(config)
+    up = Proc("up", ["up"], config=config, log_dir=tmp_path)
+    up.wait_for_log("Konstruct is up", timeout=90)
+    state = wait_for(
+        lambda: (s := read_state(settings.data_dir)) and s["parts"].get("standby", {}).get("state") == "running" and s,
+        60,
+        "a warm spare",
+    )
+    pids = [part["pid"] for part in state["parts"].values()]
+    assert len(pids) == 3 and all(pids)
+    up.kill()
+
+    def gone() -> bool:
+        return not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+
+    wait_for(gone, 30, f"the parts {pids} to stop after `up` was killed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import signal
@@ -111,6 +112,16 @@ def _require_free_port(cfg: Settings) -> None:
             ) from None
 
 
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: a SIGTERM when `up` itself dies, even by SIGKILL, so no part outlives it."""
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 _STARTED = re.compile(r"standby: started worker pid (\d+)")
 _ENDED = re.compile(r"standby: worker pid (\d+) ended with code (-?\d+)")
 
@@ -207,6 +218,7 @@ class Supervisor:
         self.database_down_since: float | None = None
         self._reviving: threading.Thread | None = None
         self._forking: Forked | None = None  # asked of the spare, its pid not yet known
+        self._written = 0.0
         self._dirty = True
 
     def run(self) -> None:
@@ -232,8 +244,9 @@ class Supervisor:
                         self._died(self.standby)
                     if self.standby.process is None and now >= self.standby.next_start:
                         self._spawn(self.standby)
-                if self._dirty:
+                if self._dirty or now - self._written > 1.0:  # at least every second: `running_for` moves on
                     self._write_state()
+                    self._written = now
         finally:
             self._stop_all()
 
@@ -263,6 +276,7 @@ class Supervisor:
             text=True,
             env=self.env,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         part.label = [part.name]
         part.ready = False
@@ -371,6 +385,7 @@ class Supervisor:
             return {
                 "pid": part.process.pid if part.process is not None else None,
                 "state": state,
+                "running_for": round(time.monotonic() - part.started_at, 1) if part.alive() else None,
                 "restarts": len([t for t in part.deaths if now - t < RECENT]),
                 "crash_looping": part.quick_deaths >= 3,
                 "last_exit": part.last_exit,

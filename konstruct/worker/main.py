@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -40,6 +41,7 @@ def serve_as_spare(settings: Settings) -> bool:
             _reap()
             continue
         if taken != signal.SIGUSR1:
+            _stop_children()
             log.info("standby stopped")
             return False
         pid = os.fork()
@@ -48,18 +50,32 @@ def serve_as_spare(settings: Settings) -> bool:
             for handler in logging.getLogger().handlers:
                 handler.setFormatter(logging.Formatter(FORKED_PREFIX + "%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
             return True
+        children.add(pid)
         log.info("standby: started worker pid %d", pid)
 
 
-def _reap() -> None:
-    while True:
+children: set[int] = set()  # workers this spare forked that have not ended
+
+
+def _reap(block: bool = False) -> None:
+    while children:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
         except ChildProcessError:
+            children.clear()
             return
         if pid == 0:
             return
+        children.discard(pid)
         log.info("standby: worker pid %d ended with code %d", pid, os.waitstatus_to_exitcode(status))
+
+
+def _stop_children() -> None:
+    """Told to stop (by `up`, or because `up` died): the workers it forked stop gracefully first."""
+    for pid in list(children):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+    _reap(block=True)
 
 
 def run_worker(settings: Settings, *, threads: int = 4, periodic: bool = True, standby: bool = False) -> None:

@@ -1,7 +1,7 @@
 """Crash safety: a worker's death is charged only to a message that ran alone; the sweeper re-queues
 only what has no queue entry; an installation-wide read-out of the inbox for `doctor` and the status page.
 
-- inbound_messages.suspect: it was in flight on a worker that died; it is retried alone (the suspect lane).
+- inbound_messages.suspect: it was in flight on workers that died twice; it is retried alone (the suspect lane).
 - inbound_messages.crashes: how often it was running alone when its worker died (or raised): only this counts
   towards worker.max_attempts.
 - inbound_messages.solo: the current claim runs alone on its worker.
@@ -36,8 +36,9 @@ FUNCTIONS = """
 DROP FUNCTION konstruct_requeue_stuck(text[], interval, interval);
 
 -- Messages to ring the doorbell for again:
--- * 'processing' on a dead or silent worker: back to 'received' and suspect (retried alone); a crash is charged
---   only when the message was running alone on that worker;
+-- * 'processing' on a dead or silent worker: back to 'received'. The first time, it is simply retried (most deaths
+--   are not a message's doing); a message whose second claim died too becomes suspect and is retried alone. A crash
+--   is charged only when the message was running alone on that worker;
 -- * 'received' for longer than the grace with no queue entry (the doorbell went with a worker that dequeued it
 --   and died): when the queue is huey's Postgres storage (tracked), looked up in huey_task; otherwise at most
 --   once per grace period (requeued_at).
@@ -46,7 +47,7 @@ RETURNS TABLE (id uuid, tenant_id uuid, suspect boolean)
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = public, pg_temp AS $$
     WITH orphaned AS (
         UPDATE inbound_messages m
-        SET status = 'received', worker_id = NULL, claimed_at = NULL, suspect = true,
+        SET status = 'received', worker_id = NULL, claimed_at = NULL, suspect = m.suspect OR m.attempts >= 2,
             crashes = m.crashes + CASE WHEN m.solo THEN 1 ELSE 0 END, solo = false, requeued_at = now()
         WHERE m.status = 'processing'
           AND (m.worker_id = ANY(dead_workers)
