@@ -98,7 +98,7 @@ class Chaos:
             None,  # an embedded PostgreSQL of its own: the driver kills it
             llm.url,
             slack={"api_url": slack.url},
-            worker={"heartbeat_interval": 0.5, "stale_after": 10, "received_grace": 30, "max_attempts": 3},
+            worker={"heartbeat_interval": 0.5, "stale_after": 10, "received_grace": 30},  # max_attempts: the default, 5
             up={"stable_after": 1.0, "max_backoff": 5.0},
         )
         self.settings = load_settings(self.config)
