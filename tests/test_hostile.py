@@ -9,6 +9,7 @@ import json
 import re
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,6 +363,13 @@ async def test_tenant_llm_key_refuses_private_api_base(site: Site) -> None:
             await add_key(site.db, site.settings, site.tenant, provider="openai", key="sk-tenant-key-123456", api_base=base, actor="t")
     allowing = site.settings.model_copy(update={"agent": site.settings.agent.model_copy(update={"tenant_api_base_private": True})})
     await add_key(site.db, allowing, site.tenant, provider="openai", key="sk-tenant-key-123456", api_base="http://127.0.0.1:1", actor="t")
+    # Stored while private addresses were allowed (or before the check existed): refused when it is used, too.
+    from konstruct.llm.client import LLMError
+    from konstruct.llm.service import CallContext, LLMService
+
+    ctx = CallContext(site.tenant.id, uuid.uuid4(), uuid.uuid4(), "reply", "agent:test")
+    with pytest.raises(LLMError, match="private or reserved"):
+        await LLMService(site.settings, site.db).complete(ctx, model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
 
 
 def test_slack_bot_token_only_goes_to_slack_file_hosts(site: Site) -> None:

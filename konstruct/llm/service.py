@@ -23,11 +23,15 @@ from konstruct import audit
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import LLMUsage
+from konstruct.errors import ValidationError
 from konstruct.llm import budget
 from konstruct.llm.client import Completion, LLMError, ToolCall, load_litellm
-from konstruct.llm.keys import TenantKey, tenant_keys
+from konstruct.llm.keys import TenantKey, check_api_base, tenant_keys
 
 log = logging.getLogger("konstruct.llm")
+
+
+ENDPOINT_RECHECK = 30.0  # seconds a tenant API base's public-address check is trusted
 
 
 class BudgetExhausted(LLMError):
@@ -100,6 +104,7 @@ class LLMService:
     def __init__(self, settings: Settings, db: Database, notify: Callable[[Notice], None] | None = None) -> None:
         self.settings, self.db, self.notify = settings, db, notify
         self._routers: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._endpoints: dict[str, tuple[float, str | None]] = {}  # tenant API base -> (checked at, why refused)
 
     # -- the router --
 
@@ -190,6 +195,7 @@ class LLMService:
         async with self.db.tenant(tenant_id=ctx.tenant_id) as session:
             keys = await tenant_keys(session, self.settings)
             limit = await budget.current_limit(session, self.settings)
+        await self._check_endpoints(keys)
         reservation: uuid.UUID | None = None
         if limit is not None:
             models, reservation = await self._admit(ctx, limit, models, messages, tools)
@@ -208,6 +214,24 @@ class LLMService:
             raise LLMError(reason) from None
         await self._record(ctx, result.model, plan[0].source, result, self.cost(response), started, reservation, limit)
         return result
+
+    async def _check_endpoints(self, keys: dict[str, TenantKey]) -> None:
+        """A tenant's own API base must still be a public address when it is used, not only when it was added
+        (a key stored before the check existed, a name that now resolves elsewhere). Re-resolved every 30 s."""
+        now = time.monotonic()
+        for key in keys.values():
+            if key.api_base is None:
+                continue
+            checked = self._endpoints.get(key.api_base)
+            if checked is None or now - checked[0] > ENDPOINT_RECHECK:
+                try:
+                    await check_api_base(self.settings, key.api_base)
+                    checked = (now, None)
+                except ValidationError as exc:
+                    checked = (now, str(exc))
+                self._endpoints[key.api_base] = checked
+            if checked[1] is not None:
+                raise LLMError(f"the tenant's {key.provider} key cannot be used: {checked[1]}")
 
     async def _admit(
         self, ctx: CallContext, limit: budget.Limit, models: list[str], messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
