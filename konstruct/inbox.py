@@ -16,10 +16,10 @@ from typing import Any, Protocol
 import psutil
 from sqlalchemy import TextClause, delete, func, select, text
 
-from konstruct.channels.base import InboundMessage as NewMessage
-from konstruct.channels.base import Routing
 from konstruct.db.engine import Database
 from konstruct.db.models import InboundMessage, WorkerHeartbeat
+from konstruct.messaging import InboundMessage as NewMessage
+from konstruct.messaging import Routing
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ import asyncio
 import smtplib
 import ssl
 import uuid
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import make_msgid
 
@@ -16,6 +17,16 @@ from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import Tenant
 from konstruct.errors import KonstructError
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the tenant's admins should hear about (an email the worker sends)."""
+
+    tenant_id: uuid.UUID
+    kind: str  # budget.alert | budget.exhausted
+    subject: str
+    body: str
 
 
 class MailError(KonstructError):

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from konstruct import audit
 from konstruct.agent.agents import AgentInfo, create_agent
-from konstruct.channels.base import InboundMessage
+from konstruct.messaging import InboundMessage
 from konstruct.config import load_settings
 from konstruct.db.engine import Database
 from konstruct.db.models import InboundMessage as InboxRow

@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import select
 
 from konstruct.agent.agents import AgentInfo, create_agent
-from konstruct.channels.base import InboundMessage
+from konstruct.messaging import InboundMessage
 from konstruct.config import Settings, load_settings
 from konstruct.db.embedded import EmbeddedServer, postmaster_pid
 from konstruct.db.engine import Database, unavailable

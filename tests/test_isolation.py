@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 
 from konstruct.agent.agents import create_agent
 from konstruct.channels import connections
-from konstruct.channels.base import InboundMessage
+from konstruct.messaging import InboundMessage
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import BudgetReservation, DeliveryStatus, LLMUsage, Memory, Subscription

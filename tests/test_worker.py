@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 
 from konstruct.agent.agents import AgentInfo, create_agent
 from konstruct.agent.prompt import AI_DISCLOSURE
-from konstruct.channels.base import InboundMessage
+from konstruct.messaging import InboundMessage
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import AuditEvent, Message

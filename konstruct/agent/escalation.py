@@ -6,21 +6,19 @@ import functools
 import logging
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from slack_sdk.errors import SlackApiError
 from sqlalchemy import Text, cast, select, update
 
 from konstruct import audit
 from konstruct.agent.rules import Explanation, Rule, first_match, parse
-from konstruct.channels.connections import credentials_for
-from konstruct.channels.slack.client import web_client
-from konstruct.config import Settings
 from konstruct.db.engine import Database
-from konstruct.db.models import ChannelConnection, Conversation, Tenant
+from konstruct.db.models import Conversation, Tenant
 from konstruct.errors import NotFoundError, ValidationError
+from konstruct.messaging import Channel, ChannelError
 from konstruct.tenancy.tenants import TenantInfo
 
 log = logging.getLogger("konstruct.escalation")
@@ -61,21 +59,18 @@ def check(rules: list[str], message: str, count: int) -> tuple[str, Explanation]
     return (found[0].text, found[1]) if found else None
 
 
-def conversation_link(channel: str, payload: dict[str, Any], conversation_id: uuid.UUID) -> str:
-    """Where a human finds the conversation."""
-    if channel == "slack" and payload.get("team_id") and payload.get("channel"):
-        thread = payload.get("thread_ts")
-        base = f"https://app.slack.com/client/{payload['team_id']}/{payload['channel']}"
-        return f"{base}/thread/{payload['channel']}-{thread}" if thread else base
-    if channel == "whatsapp" and payload.get("wa_id"):
-        return f"https://wa.me/{payload['wa_id']}"
-    return f"konstruct conversation list --escalated (conversation {conversation_id})"
-
-
 async def escalate(
-    db: Database, settings: Settings, *, tenant_id: uuid.UUID, conversation_id: uuid.UUID, reason: str, actor: str, link: str
+    db: Database,
+    *,
+    tenant_id: uuid.UUID,
+    conversation_id: uuid.UUID,
+    reason: str,
+    actor: str,
+    link: str,
+    channels: Mapping[str, Channel],
 ) -> bool:
-    """Mark the conversation escalated (once: False when it already was) and notify the tenant's target."""
+    """Mark the conversation escalated (once: False when it already was) and notify the tenant's target
+    through its channel (`slack:C…` goes to the Slack channel)."""
     async with db.tenant(tenant_id=tenant_id) as session:
         changed = await session.scalar(
             update(Conversation)
@@ -91,28 +86,16 @@ async def escalate(
             detail={"reason": reason[:500], "notify": target},
         )  # fmt: skip
     if target:
-        await _notify(db, settings, tenant_id, target, f":rotating_light: A conversation needs a human: {reason}\n{link}")
+        kind, _, where = target.partition(":")
+        channel = channels.get(kind)
+        if channel is None or not where:
+            log.warning("tenant %s: escalation target %r names no channel this worker has", tenant_id, target)
+            return True
+        try:
+            await channel.notify(tenant_id, where, f":rotating_light: A conversation needs a human: {reason}\n{link}")
+        except ChannelError as exc:
+            log.warning("tenant %s: could not notify %s: %s", tenant_id, target, exc)
     return True
-
-
-async def _notify(db: Database, settings: Settings, tenant_id: uuid.UUID, target: str, text: str) -> None:
-    """Post to the escalation target (slack:C… channel or slack:U… user) through the tenant's Slack workspace."""
-    kind, _, where = target.partition(":")
-    if kind != "slack" or not where:
-        log.warning("tenant %s: escalation target %r is not slack:CHANNEL or slack:USER", tenant_id, target)
-        return
-    async with db.tenant(tenant_id=tenant_id) as session:
-        team = await session.scalar(
-            select(ChannelConnection.external_id).where(ChannelConnection.kind == "slack", ChannelConnection.status == "connected").limit(1)
-        )
-    if team is None:
-        log.warning("tenant %s: no connected Slack workspace to notify %s", tenant_id, target)
-        return
-    _, credentials = await credentials_for(db, settings, tenant_id, "slack", team)
-    try:
-        await web_client(settings, credentials["bot_token"]).chat_postMessage(channel=where, text=text)
-    except SlackApiError as exc:
-        log.warning("tenant %s: could not notify %s: %s", tenant_id, target, exc.response.get("error"))
 
 
 async def release(db: Database, *, tenant_id: uuid.UUID, conversation_id: uuid.UUID, actor: str) -> bool:

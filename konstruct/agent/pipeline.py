@@ -1,5 +1,14 @@
 """The agent pipeline: one inbound message in, one reply out, exactly once.
 
+A turn goes through small named steps over one `Turn`:
+
+    claim → load → gates → (prepare) → compose → answer → store → deliver → finish
+
+Each gate (see GATES) looks at the loaded turn and either lets it go on (None) or decides its
+`Outcome`: finish without a reply (a suspended tenant, an escalated conversation) or send a fixed one
+(billing paused, a rule handing over to a human, a message given up on). Everything channel-specific
+(showing progress, media, delivery, links, notices, delivery statuses) is behind `Channel`.
+
 States of an inbox row: received → processing → replied | failed | ignored. No database connection
 is held while the model thinks, so one worker can keep many conversations in flight.
 """
@@ -12,38 +21,29 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from konstruct import audit
 from konstruct.agent import escalation, memory
 from konstruct.agent.agents import AgentInfo
 from konstruct.agent.prompt import build_messages
 from konstruct.agent.tools.registry import ToolContext, ToolResult, default_registry
-from konstruct.billing.events import tenant_standing
+from konstruct.billing.standing import tenant_standing
 from konstruct.billing.state import Standing
-from konstruct.channels.base import Channel, Reply, Target
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import Agent, Conversation, InboundMessage, Message, Tenant
 from konstruct.llm.client import Completion, LLMError, supports_vision
-from konstruct.llm.service import BudgetExhausted, CallContext, LLMService, Notice
+from konstruct.llm.service import BudgetExhausted, CallContext, LLMService
+from konstruct.mail import Notice
+from konstruct.messaging import Channel, Reply, Target
 
 log = logging.getLogger(__name__)
-
-_LOCK_DELIVERY = text("SELECT pg_advisory_xact_lock(hashtext('delivery:' || CAST(:external_id AS text)))")
-_SENT = text("""
-UPDATE messages m SET external_id = CAST(:external_id AS text), status = coalesce(d.status, 'sent'),
-                      status_at = coalesce(d.status_at, now()), error = d.error
-FROM (SELECT 1) AS one LEFT JOIN LATERAL (
-    SELECT status, status_at, error FROM delivery_statuses WHERE external_id = CAST(:external_id AS text)
-    ORDER BY konstruct_delivery_rank(status) DESC LIMIT 1
-) AS d ON true
-WHERE m.id = :id
-""")
-
 
 MAX_UNSUMMARISED = 500
 SUMMARY_INSTRUCTION = (
@@ -70,6 +70,136 @@ NO_VISION = "(The person sent an image, but this model cannot see images: say so
 
 
 @dataclass
+class Turn:
+    """One inbox row on its way to an answer: everything the steps after `load` read, loaded in one transaction."""
+
+    inbound: InboundMessage  # the claimed row
+    agent: AgentInfo
+    tenant_name: str
+    tenant_status: str
+    allowed_hosts: tuple[str, ...]
+    state: str  # the conversation's: open | escalated
+    summary: str | None
+    summary_until: datetime | None
+    history: Sequence[Any]  # (direction, text, created_at) rows, newest first
+    previous: Message | None  # a reply an earlier attempt stored and did not finish delivering
+    billing: Standing | None  # None when billing is off
+    rules: list[str]  # the agent's escalation rules
+    turns: int  # the person's turns in this conversation (only counted when there are rules)
+    channel: Channel | None
+    target: Target
+
+    @property
+    def tenant_id(self) -> uuid.UUID:
+        return self.inbound.tenant_id
+
+    @property
+    def inbound_id(self) -> uuid.UUID:
+        return self.inbound.id
+
+    @property
+    def conversation_id(self) -> uuid.UUID:
+        return self.inbound.conversation_id
+
+    @property
+    def through(self) -> Channel:
+        """The channel the answer goes through (the no_channel gate stops a turn without one)."""
+        if self.channel is None:
+            raise LookupError(f"no {self.inbound.channel!r} channel on this worker")
+        return self.channel
+
+    @property
+    def link(self) -> str:
+        """Where a human finds this conversation."""
+        return self.through.link(self.target) or f"konstruct conversation list --escalated (conversation {self.conversation_id})"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a gate decided: the row's final state, and a fixed reply to send instead of asking the model (if any)."""
+
+    status: str  # replied | failed | ignored
+    error: str | None = None
+    reply: str | None = None
+    model: str = ""  # what the stored fixed reply records as its model: billing, escalation, gave-up
+    prepare: bool = False  # show progress first, so an earlier attempt's placeholder becomes this reply
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    model: str
+    latency_ms: int | None
+    status: str = "replied"
+    error: str | None = None
+
+
+Gate = Callable[["Pipeline", Turn], Awaitable[Outcome | None]]
+
+
+async def tenant_inactive(pipeline: Pipeline, turn: Turn) -> Outcome | None:
+    """A suspended (or deleted) tenant's agents do not answer."""
+    return Outcome("ignored", f"tenant is {turn.tenant_status}") if turn.tenant_status != "active" else None
+
+
+async def no_channel(pipeline: Pipeline, turn: Turn) -> Outcome | None:
+    return Outcome("failed", f"no {turn.inbound.channel!r} channel on this worker") if turn.channel is None else None
+
+
+async def gave_up(pipeline: Pipeline, turn: Turn) -> Outcome | None:
+    """It took a worker down each time it ran alone (or raised): stop the loop, keep the row to look at,
+    and tell the person (in place of any placeholder) rather than leave them waiting."""
+    if turn.inbound.crashes < pipeline.settings.worker.max_attempts or turn.previous is not None:
+        return None
+    reason = f"gave up after {turn.inbound.crashes} attempts that did not finish"
+    log.error("message %s: %s", turn.inbound_id, reason)
+    prepare = turn.target.reply_ref is None and turn.target.retry  # an earlier attempt's placeholder becomes the apology
+    return Outcome("failed", reason, reply=pipeline.settings.agent.apology, model="gave-up", prepare=prepare)
+
+
+async def escalated(pipeline: Pipeline, turn: Turn) -> Outcome | None:
+    """A human has the conversation: the agent never talks over them. `/release` hands it back."""
+    if turn.state != "escalated" or turn.previous is not None:
+        return None
+    if turn.inbound.text.strip().lower() != escalation.RELEASE_COMMAND:
+        return Outcome("ignored", "escalated: a human is handling this conversation")
+    actor = f"{turn.inbound.channel}:{turn.inbound.sender}"
+    await escalation.release(pipeline.db, tenant_id=turn.tenant_id, conversation_id=turn.conversation_id, actor=actor)
+    return Outcome("ignored", "released the conversation back to the agent")
+
+
+async def billing_paused(pipeline: Pipeline, turn: Turn) -> Outcome | None:
+    """No active subscription: the agents are paused, and people are told so (no model is asked)."""
+    if turn.billing is None or turn.billing.ok or turn.previous is not None:
+        return None
+    return Outcome("replied", f"paused: {turn.billing.reason}", reply=pipeline.settings.billing.paused, model="billing")
+
+
+async def escalation_rule(pipeline: Pipeline, turn: Turn) -> Outcome | None:
+    """One of the agent's rules hands the conversation to a human: escalate, and say so."""
+    fired = escalation.check(turn.rules, turn.inbound.text, turn.turns) if turn.rules and turn.previous is None else None
+    if fired is None:
+        return None
+    rule, why = fired
+    await pipeline.escalate(turn, f"rule {rule!r} fired: {'; '.join(why.reasons)}")
+    return Outcome("replied", reply=pipeline.settings.agent.handoff, model="escalation")
+
+
+GATES: tuple[Gate, ...] = (tenant_inactive, no_channel, gave_up, escalated, billing_paused, escalation_rule)
+
+
+async def claim(session: AsyncSession, inbound_id: uuid.UUID, worker_id: str, *, solo: bool) -> InboundMessage | None:
+    """Take the row (received → processing), or None when it is not ours: another worker has it, it is
+    finished, or it is a suspect only the suspect lane (solo) may take."""
+    return await session.scalar(
+        update(InboundMessage)
+        .where(InboundMessage.id == inbound_id, InboundMessage.status == "received", *([] if solo else [~InboundMessage.suspect]))
+        .values(status="processing", attempts=InboundMessage.attempts + 1, worker_id=worker_id, claimed_at=func.now(), solo=solo)
+        .returning(InboundMessage)
+    )
+
+
+@dataclass
 class Pipeline:
     settings: Settings
     db: Database
@@ -77,6 +207,7 @@ class Pipeline:
     worker_id: str
     remember: Callable[[uuid.UUID, uuid.UUID], None] | None = None  # queues embedding what the person said
     notify: Callable[[Notice], None] | None = None  # queues an email to a tenant's admins
+    gates: tuple[Gate, ...] = GATES
     llm: LLMService = field(init=False)
 
     def __post_init__(self) -> None:
@@ -86,264 +217,180 @@ class Pipeline:
         """Answer one inbox row. Returns its final state, or None when it was not ours to take.
         solo: the worker runs nothing else meanwhile (the suspect lane); a suspect row is only taken that way."""
         async with self.db.tenant(tenant_id=tenant_id) as session:
-            inbound = await session.scalar(
-                update(InboundMessage)
-                .where(InboundMessage.id == inbound_id, InboundMessage.status == "received", *([] if solo else [~InboundMessage.suspect]))
-                .values(
-                    status="processing",
-                    attempts=InboundMessage.attempts + 1,
-                    worker_id=self.worker_id,
-                    claimed_at=func.now(),
-                    solo=solo,
-                )
-                .returning(InboundMessage)
-            )
+            inbound = await claim(session, inbound_id, self.worker_id, solo=solo)
             if inbound is None:
                 return None  # a duplicate doorbell: another worker has it or it is finished
-            context = (
-                await session.execute(
-                    select(
-                        Tenant.name,
-                        Tenant.status,
-                        Tenant.allowed_hosts,
-                        Conversation.external_id,
-                        Conversation.status.label("state"),
-                        Conversation.channel.label("conversation_channel"),
-                        Conversation.summary,
-                        Conversation.summary_until,
-                        Agent,
-                    )
-                    .join(Conversation, Conversation.tenant_id == Tenant.id)
-                    .join(Agent, Agent.id == Conversation.agent_id)
-                    .where(Conversation.id == inbound.conversation_id)
-                )
-            ).one()
-            agent = AgentInfo.from_row(context.Agent)
-            previous = await session.scalar(select(Message).where(Message.inbound_id == inbound_id, Message.direction == "out"))
-            summary, summary_until = context.summary, context.summary_until
-            since = [Message.created_at > summary_until] if summary_until is not None else []
-            history = (
-                await session.execute(
-                    select(Message.direction, Message.text, Message.created_at)
-                    .where(
-                        Message.conversation_id == inbound.conversation_id,
-                        Message.created_at <= inbound.received_at,
-                        Message.status != "failed",
-                        *since,
-                    )
-                    .order_by(Message.created_at.desc(), Message.direction.desc())
-                    .limit(MAX_UNSUMMARISED)
-                )
-            ).all()
-            tenant_name, tenant_status = context.name, context.status
-            billing: Standing | None = None
-            if self.settings.billing.enabled:
-                billing = await tenant_standing(session, self.settings, tenant_id)
-            conversation_id, conversation_key = inbound.conversation_id, context.external_id
-            rules = list(agent.settings.get("escalation_rules") or [])
-            turns = 0
-            if rules:  # `count` in a rule: the person's turns in this conversation
-                turns = int(
-                    await session.scalar(
-                        select(func.count()).select_from(InboundMessage).where(InboundMessage.conversation_id == inbound.conversation_id)
-                    )
-                    or 0
-                )
-
-        if tenant_status != "active":
-            await self._finish(tenant_id, inbound_id, None, status="ignored", error=f"tenant is {tenant_status}")
-            return "ignored"
-        channel = self.channels.get(inbound.channel)
-        if channel is None:
-            await self._finish(tenant_id, inbound_id, None, status="failed", error=f"no {inbound.channel!r} channel on this worker")
-            return "failed"
-        target = Target(tenant_id, conversation_id, conversation_key, inbound.external_id, dict(inbound.payload), inbound.reply_ref,
-                        retry=inbound.attempts > 1)  # fmt: skip
-        if inbound.crashes >= self.settings.worker.max_attempts and previous is None:
-            # It took a worker down each time it ran alone (or raised): stop the loop, keep the row to look at,
-            # and tell the person (in place of any placeholder) rather than leave them waiting.
-            reason = f"gave up after {inbound.crashes} attempts that did not finish"
-            log.error("message %s: %s", inbound_id, reason)
-            if target.reply_ref is None and target.retry:  # an earlier attempt's placeholder becomes the apology
-                target = await self._prepare(channel, target, inbound_id)
-            apology_id = await self._store_reply(
-                tenant_id, conversation_id, inbound_id, agent, self.settings.agent.apology, "gave-up", None
-            )
-            if apology_id is None:
-                return None
-            return await self._deliver(channel, target, inbound_id, apology_id, self.settings.agent.apology, "failed", reason)
-
-        if context.state == "escalated" and previous is None:
-            # A human has the conversation: the agent never talks over them. `/release` hands it back.
-            if inbound.text.strip().lower() == escalation.RELEASE_COMMAND:
-                await escalation.release(
-                    self.db, tenant_id=tenant_id, conversation_id=conversation_id, actor=f"{inbound.channel}:{inbound.sender}"
-                )
-                await self._finish(tenant_id, inbound_id, None, status="ignored", error="released the conversation back to the agent")
-            else:
-                await self._finish(tenant_id, inbound_id, None, status="ignored", error="escalated: a human is handling this conversation")
-            return "ignored"
-
-        if billing is not None and not billing.ok and previous is None:
-            # No active subscription: the agents are paused, and people are told so (no model is asked).
-            notice_id = await self._store_reply(
-                tenant_id, conversation_id, inbound_id, agent, self.settings.billing.paused, "billing", None
-            )
-            if notice_id is None:
-                return None
-            return await self._deliver(
-                channel, target, inbound_id, notice_id, self.settings.billing.paused, "replied", f"paused: {billing.reason}"
-            )
-        fired = escalation.check(rules, inbound.text, turns) if rules and previous is None else None
-        if fired is not None:
-            rule, why = fired
-            link = escalation.conversation_link(inbound.channel, target.payload, conversation_id)
-            reason = f"rule {rule!r} fired: {'; '.join(why.reasons)}"
-            await escalation.escalate(self.db, self.settings, tenant_id=tenant_id, conversation_id=conversation_id, reason=reason,
-                                      actor=f"agent:{agent.name}", link=link)  # fmt: skip
-            handoff_id = await self._store_reply(
-                tenant_id, conversation_id, inbound_id, agent, self.settings.agent.handoff, "escalation", None
-            )
-            if handoff_id is None:
-                return None
-            return await self._deliver(channel, target, inbound_id, handoff_id, self.settings.agent.handoff, "replied", None)
-
-        if target.reply_ref is None:
-            target = await self._prepare(channel, target, inbound_id)
-
-        status = "replied"
-        error: str | None = None
-        reply_id: uuid.UUID | None
-        if previous is not None:
+            turn = await self.load(session, inbound)
+        for gate in self.gates:
+            decided = await gate(self, turn)
+            if decided is not None:
+                return await self.conclude(turn, decided)
+        if turn.target.reply_ref is None:
+            await self.prepare(turn)
+        if turn.previous is not None:
             # An earlier attempt stored the reply and died before finishing: deliver that one, don't ask again.
-            reply_id, reply_text = previous.id, previous.text
+            answer = Answer(turn.previous.text, turn.previous.model or "", turn.previous.latency_ms)
+            reply_id = turn.previous.id
         else:
-            try:
-                parts = await channel.attachments(target)
-            except Exception as exc:  # the answer matters more than the picture: say it could not be read
-                log.warning("message %s: attachments unavailable: %s", inbound_id, type(exc).__name__)
-                parts = [{"type": "text", "text": "(The person attached files that could not be downloaded.)"}]
-            model = agent.model or self.settings.llm.model
-            if any(p.get("type") == "image_url" for p in parts) and not await asyncio.to_thread(supports_vision, model):
-                parts = [p if p.get("type") != "image_url" else {"type": "text", "text": NO_VISION} for p in parts]
-            memories: list[str] = []
-            if self.settings.memory.enabled:
-                try:
-                    memories = await memory.recall(self.db, tenant_id=tenant_id, agent_id=agent.id, person=inbound.sender,
-                                                   query=inbound.text, k=self.settings.memory.recall)  # fmt: skip
-                except Exception as exc:  # an answer without memories beats no answer
-                    log.warning("message %s: recall failed: %s", inbound_id, type(exc).__name__)
-            window, older = split_history(history, self.settings.agent.history_messages, self.settings.agent.history_tokens)
-            if older:
-                summary = await self._summarise(tenant_id, conversation_id, agent, model, summary, older) or summary
-            messages = build_messages(agent, tenant_name, [(row.direction, row.text) for row in window], parts, memories, summary)
-            tools = ToolRun(self, agent, ToolContext(
-                tenant_id, agent.id, conversation_id, inbound.sender, tuple(context.allowed_hosts or ()),
-                allow_private=self.settings.agent.web_fetch_private,
-            ), target, inbound.channel)  # fmt: skip
-            try:
-                result = await tools.answer(model, messages)
-                reply_text, latency, used_model = result.text, result.latency_ms, result.model
-            except BudgetExhausted as exc:
-                # The operator has been told (once a month); the person hears the agent is unavailable.
-                error = f"budget: {exc}"
-                reply_text, latency, used_model = self.settings.budget.unavailable, None, "budget"
-            except LLMError as exc:
-                log.warning("message %s: the model failed: %s", inbound_id, exc)
-                status, error = "failed", str(exc)
-                reply_text, latency, used_model = self.settings.agent.apology, None, model
-            reply_id = await self._store_reply(tenant_id, conversation_id, inbound_id, agent, reply_text, used_model, latency)
-            if reply_id is None:
+            model, messages = await self.compose(turn)
+            answer = await self.answer(turn, model, messages)
+            stored = await self.store(turn, answer.text, answer.model, answer.latency_ms)
+            if stored is None:
                 return None  # someone else stored the reply first (unique per inbound message)
-
-        outcome = await self._deliver(channel, target, inbound_id, reply_id, reply_text, status, error)
-        if (
-            self.remember is not None
-            and self.settings.memory.enabled
-            and memory.worth_remembering(inbound.text, self.settings.memory.min_words)
-        ):
-            try:  # fire and forget: the answer does not wait for the embedding
-                await asyncio.to_thread(self.remember, tenant_id, inbound_id)
-            except Exception as exc:
-                log.warning("message %s: could not queue remembering it: %s", inbound_id, type(exc).__name__)
-        return outcome
-
-    async def _deliver(
-        self, channel: Channel, target: Target, inbound_id: uuid.UUID, reply_id: uuid.UUID, reply_text: str, status: str, error: str | None
-    ) -> str:
-        tenant_id = target.tenant_id
-        try:
-            external_id = await channel.send(Reply(target, reply_text))
-        except Exception as exc:
-            log.error("message %s: delivery through %s failed: %s", inbound_id, channel.name, type(exc).__name__)
-            await self._finish(
-                tenant_id,
-                inbound_id,
-                reply_id,
-                status="failed",
-                error=f"delivery failed: {type(exc).__name__}: {exc}"[:500],
-                delivered=False,
-            )
-            return "failed"
-        await self._finish(tenant_id, inbound_id, reply_id, status=status, error=error, external_id=external_id)
+            reply_id = stored
+        status = await self.deliver(turn, reply_id, answer.text, answer.status, answer.error)
+        await self.remember_later(turn)
         return status
 
-    async def _summarise(
-        self, tenant_id: uuid.UUID, conversation_id: uuid.UUID, agent: AgentInfo, model: str, summary: str | None, older: list[Any]
-    ) -> str | None:
+    async def load(self, session: AsyncSession, inbound: InboundMessage) -> Turn:
+        """Everything the later steps read, in the claim's transaction."""
+        context = (
+            await session.execute(
+                select(
+                    Tenant.name,
+                    Tenant.status,
+                    Tenant.allowed_hosts,
+                    Conversation.external_id,
+                    Conversation.status.label("state"),
+                    Conversation.summary,
+                    Conversation.summary_until,
+                    Agent,
+                )
+                .join(Conversation, Conversation.tenant_id == Tenant.id)
+                .join(Agent, Agent.id == Conversation.agent_id)
+                .where(Conversation.id == inbound.conversation_id)
+            )
+        ).one()
+        agent = AgentInfo.from_row(context.Agent)
+        previous = await session.scalar(select(Message).where(Message.inbound_id == inbound.id, Message.direction == "out"))
+        since = [Message.created_at > context.summary_until] if context.summary_until is not None else []
+        history = (
+            await session.execute(
+                select(Message.direction, Message.text, Message.created_at)
+                .where(
+                    Message.conversation_id == inbound.conversation_id,
+                    Message.created_at <= inbound.received_at,
+                    Message.status != "failed",
+                    *since,
+                )
+                .order_by(Message.created_at.desc(), Message.direction.desc())
+                .limit(MAX_UNSUMMARISED)
+            )
+        ).all()
+        billing = await tenant_standing(session, self.settings, inbound.tenant_id) if self.settings.billing.enabled else None
+        rules = list(agent.settings.get("escalation_rules") or [])
+        turns = 0
+        if rules:  # `count` in a rule: the person's turns in this conversation
+            counted = select(func.count()).select_from(InboundMessage).where(InboundMessage.conversation_id == inbound.conversation_id)
+            turns = int(await session.scalar(counted) or 0)
+        target = Target(inbound.tenant_id, inbound.conversation_id, context.external_id, inbound.external_id, dict(inbound.payload),
+                        inbound.reply_ref, retry=inbound.attempts > 1)  # fmt: skip
+        return Turn(
+            inbound, agent, context.name, context.status, tuple(context.allowed_hosts or ()), context.state, context.summary,
+            context.summary_until, history, previous, billing, rules, turns, self.channels.get(inbound.channel), target,
+        )  # fmt: skip
+
+    async def conclude(self, turn: Turn, outcome: Outcome) -> str | None:
+        """Carry out a gate's decision."""
+        if outcome.reply is None:
+            await self.finish(turn, None, status=outcome.status, error=outcome.error)
+            return outcome.status
+        if outcome.prepare:
+            await self.prepare(turn)
+        reply_id = await self.store(turn, outcome.reply, outcome.model, None)
+        if reply_id is None:
+            return None
+        return await self.deliver(turn, reply_id, outcome.reply, outcome.status, outcome.error)
+
+    async def prepare(self, turn: Turn) -> None:
+        """Let the channel show the agent is working; keep its reference so a retry reuses it."""
+        try:
+            ref = await turn.through.prepare(turn.target)
+        except Exception as exc:  # a missing placeholder must not cost the answer
+            log.warning("message %s: %s could not show progress: %s", turn.inbound_id, turn.through.name, exc)
+            return
+        if ref is None:
+            return
+        async with self.db.tenant(tenant_id=turn.tenant_id) as session:
+            await session.execute(update(InboundMessage).where(InboundMessage.id == turn.inbound_id).values(reply_ref=ref))
+        turn.target = replace(turn.target, reply_ref=ref)
+
+    async def compose(self, turn: Turn) -> tuple[str, list[dict[str, Any]]]:
+        """The model to ask and the messages to send it: persona, memories, summary, recent history, the message."""
+        inbound, agent = turn.inbound, turn.agent
+        try:
+            parts = await turn.through.attachments(turn.target)
+        except Exception as exc:  # the answer matters more than the picture: say it could not be read
+            log.warning("message %s: attachments unavailable: %s", turn.inbound_id, type(exc).__name__)
+            parts = [{"type": "text", "text": "(The person attached files that could not be downloaded.)"}]
+        model = agent.model or self.settings.llm.model
+        if any(p.get("type") == "image_url" for p in parts) and not await asyncio.to_thread(supports_vision, model):
+            parts = [p if p.get("type") != "image_url" else {"type": "text", "text": NO_VISION} for p in parts]
+        memories: list[str] = []
+        if self.settings.memory.enabled:
+            try:
+                memories = await memory.recall(self.db, tenant_id=turn.tenant_id, agent_id=agent.id, person=inbound.sender,
+                                               query=inbound.text, k=self.settings.memory.recall)  # fmt: skip
+            except Exception as exc:  # an answer without memories beats no answer
+                log.warning("message %s: recall failed: %s", turn.inbound_id, type(exc).__name__)
+        window, older = split_history(turn.history, self.settings.agent.history_messages, self.settings.agent.history_tokens)
+        summary = turn.summary
+        if older:
+            summary = await self.summarise(turn, model, older) or summary
+        history = [(row.direction, row.text) for row in window]
+        return model, build_messages(agent, turn.tenant_name, history, parts, memories, summary)
+
+    async def answer(self, turn: Turn, model: str, messages: list[dict[str, Any]]) -> Answer:
+        """Ask the model (with the agent's tools); a spent budget or a failing model still gives the person an answer."""
+        try:
+            result = await ToolRun(self, turn).answer(model, messages)
+        except BudgetExhausted as exc:
+            # The operator has been told (once a month); the person hears the agent is unavailable.
+            return Answer(self.settings.budget.unavailable, "budget", None, error=f"budget: {exc}")
+        except LLMError as exc:
+            log.warning("message %s: the model failed: %s", turn.inbound_id, exc)
+            return Answer(self.settings.agent.apology, model, None, status="failed", error=str(exc))
+        return Answer(result.text, result.model, result.latency_ms)
+
+    async def summarise(self, turn: Turn, model: str, older: list[Any]) -> str | None:
         """Fold the turns that no longer fit the prompt into the conversation's summary (by the model), and keep it."""
+        agent = turn.agent
         turns = "\n".join(f"{'Person' if row.direction == 'in' else agent.name}: {row.text}" for row in older)
+        summary = turn.summary
         prompt = [
             {"role": "system", "content": SUMMARY_INSTRUCTION},
             {"role": "user", "content": (f"Summary so far:\n{summary}\n\n" if summary else "") + f"Next turns:\n{turns}"},
         ]
         try:
-            ctx = CallContext(tenant_id, agent.id, conversation_id, "summary", f"agent:{agent.name}")
+            ctx = CallContext(turn.tenant_id, agent.id, turn.conversation_id, "summary", f"agent:{agent.name}")
             result = await self.llm.complete(ctx, model=model, messages=prompt, fallbacks=(agent.settings.get("fallbacks") or None))
         except LLMError as exc:
-            log.warning("conversation %s: could not summarise older turns: %s", conversation_id, exc)
+            log.warning("conversation %s: could not summarise older turns: %s", turn.conversation_id, exc)
             return None
-        async with self.db.tenant(tenant_id=tenant_id) as session:
+        async with self.db.tenant(tenant_id=turn.tenant_id) as session:
             await session.execute(
                 update(Conversation)
-                .where(Conversation.id == conversation_id)
+                .where(Conversation.id == turn.conversation_id)
                 .values(summary=result.text[:8000], summary_until=older[-1].created_at)
             )
         return result.text[:8000]
 
-    async def _prepare(self, channel: Channel, target: Target, inbound_id: uuid.UUID) -> Target:
-        """Let the channel show the agent is working; keep its reference so a retry reuses it."""
-        try:
-            ref = await channel.prepare(target)
-        except Exception as exc:  # a missing placeholder must not cost the answer
-            log.warning("message %s: %s could not show progress: %s", inbound_id, channel.name, exc)
-            return target
-        if ref is None:
-            return target
-        async with self.db.tenant(tenant_id=target.tenant_id) as session:
-            await session.execute(update(InboundMessage).where(InboundMessage.id == inbound_id).values(reply_ref=ref))
-        return replace(target, reply_ref=ref)
+    async def escalate(self, turn: Turn, reason: str) -> bool:
+        return await escalation.escalate(self.db, tenant_id=turn.tenant_id, conversation_id=turn.conversation_id, reason=reason,
+                                         actor=f"agent:{turn.agent.name}", link=turn.link, channels=self.channels)  # fmt: skip
 
-    async def _store_reply(
-        self,
-        tenant_id: uuid.UUID,
-        conversation_id: uuid.UUID,
-        inbound_id: uuid.UUID,
-        agent: AgentInfo,
-        reply_text: str,
-        model: str,
-        latency_ms: int | None,
-    ) -> uuid.UUID | None:
-        async with self.db.tenant(tenant_id=tenant_id) as session:
+    async def store(self, turn: Turn, text: str, model: str, latency_ms: int | None) -> uuid.UUID | None:
+        """Keep the reply before sending it (unique per inbound message: None when another attempt stored one)."""
+        async with self.db.tenant(tenant_id=turn.tenant_id) as session:
             return await session.scalar(
                 pg_insert(Message)
                 .values(
-                    tenant_id=tenant_id,
-                    conversation_id=conversation_id,
-                    inbound_id=inbound_id,
+                    tenant_id=turn.tenant_id,
+                    conversation_id=turn.conversation_id,
+                    inbound_id=turn.inbound_id,
                     direction="out",
-                    author=agent.name,
-                    text=reply_text,
+                    author=turn.agent.name,
+                    text=text,
                     status="sending",
                     model=model,
                     latency_ms=latency_ms,
@@ -352,10 +399,20 @@ class Pipeline:
                 .returning(Message.id)
             )
 
-    async def _finish(
+    async def deliver(self, turn: Turn, reply_id: uuid.UUID, text: str, status: str, error: str | None) -> str:
+        try:
+            external_id = await turn.through.send(Reply(turn.target, text))
+        except Exception as exc:
+            log.error("message %s: delivery through %s failed: %s", turn.inbound_id, turn.through.name, type(exc).__name__)
+            error = f"delivery failed: {type(exc).__name__}: {exc}"[:500]
+            await self.finish(turn, reply_id, status="failed", error=error, delivered=False)
+            return "failed"
+        await self.finish(turn, reply_id, status=status, error=error, external_id=external_id)
+        return status
+
+    async def finish(
         self,
-        tenant_id: uuid.UUID,
-        inbound_id: uuid.UUID,
+        turn: Turn,
         reply_id: uuid.UUID | None,
         *,
         status: str,
@@ -363,46 +420,54 @@ class Pipeline:
         external_id: str | None = None,
         delivered: bool = True,
     ) -> None:
-        async with self.db.tenant(tenant_id=tenant_id) as session:
-            if reply_id is not None and delivered and external_id:
-                # The channel may already have reported this message delivered or read (a status webhook can
-                # beat this transaction): start from what it reported, under the same lock the webhook takes.
-                await session.execute(_LOCK_DELIVERY, {"external_id": external_id})
-                await session.execute(_SENT, {"id": reply_id, "external_id": external_id})
+        """Close the row (and the reply's delivery record) in one transaction, with its audit entry."""
+        async with self.db.tenant(tenant_id=turn.tenant_id) as session:
+            if reply_id is not None and delivered:
+                # The channel may already have reported this message delivered or read: it keeps what it reported.
+                await turn.through.record_sent(session, reply_id, external_id)
             elif reply_id is not None:
-                await session.execute(
-                    update(Message)
-                    .where(Message.id == reply_id)
-                    .values(status="sent" if delivered else "failed", external_id=external_id, error=None if delivered else error)
-                )
-            conversation_id = await session.scalar(
+                await session.execute(update(Message).where(Message.id == reply_id).values(status="failed", error=error))
+            await session.execute(
                 update(InboundMessage)
-                .where(InboundMessage.id == inbound_id)
+                .where(InboundMessage.id == turn.inbound_id)
                 .values(status=status, error=error, finished_at=func.now())
-                .returning(InboundMessage.conversation_id)
             )
-            await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(last_message_at=func.now()))
+            await session.execute(update(Conversation).where(Conversation.id == turn.conversation_id).values(last_message_at=func.now()))
             action = {"replied": "message.replied", "failed": "message.failed", "ignored": "message.ignored"}[status]
             await audit.record(
                 session,
-                tenant_id=tenant_id,
+                tenant_id=turn.tenant_id,
                 actor=f"worker:{self.worker_id}",
                 action=action,
-                target=str(inbound_id),
+                target=str(turn.inbound_id),
                 detail={"error": error} if error else {"reply_id": str(reply_id)},
             )
+
+    async def remember_later(self, turn: Turn) -> None:
+        """Queue embedding what the person said, when it is worth remembering (fire and forget)."""
+        if self.remember is None or not self.settings.memory.enabled:
+            return
+        if not memory.worth_remembering(turn.inbound.text, self.settings.memory.min_words):
+            return
+        try:
+            await asyncio.to_thread(self.remember, turn.tenant_id, turn.inbound_id)
+        except Exception as exc:
+            log.warning("message %s: could not queue remembering it: %s", turn.inbound_id, type(exc).__name__)
 
 
 class ToolRun:
     """The bounded tool-call loop for one answer: the model may call the agent's tools for up to
     `agent.tool_steps` turns and `agent.tool_seconds` in all; each call is audited (arguments redacted)."""
 
-    def __init__(self, pipeline: Pipeline, agent: AgentInfo, ctx: ToolContext, target: Target, channel: str) -> None:
-        self.pipeline, self.agent, self.target, self.channel = pipeline, agent, target, channel
-        self.names = list(agent.settings.get("tools") or [])
+    def __init__(self, pipeline: Pipeline, turn: Turn) -> None:
+        self.pipeline, self.turn, self.agent = pipeline, turn, turn.agent
+        self.names = list(self.agent.settings.get("tools") or [])
         self.registry = default_registry() if self.names else None
         services: dict[str, Callable[..., Awaitable[Any]]] = {"memory_search": self._memory_search, "escalate": self._escalate}
-        self.ctx = replace(ctx, services=services)
+        self.ctx = ToolContext(
+            turn.tenant_id, self.agent.id, turn.conversation_id, turn.inbound.sender, turn.allowed_hosts,
+            allow_private=pipeline.settings.agent.web_fetch_private, services=services,
+        )  # fmt: skip
 
     async def answer(self, model: str, messages: list[dict[str, Any]]) -> Completion:
         settings = self.pipeline.settings
@@ -445,7 +510,4 @@ class ToolRun:
                                    query=query, k=limit)  # fmt: skip
 
     async def _escalate(self, reason: str) -> bool:
-        link = escalation.conversation_link(self.channel, self.target.payload, self.ctx.conversation_id)
-        return await escalation.escalate(self.pipeline.db, self.pipeline.settings, tenant_id=self.ctx.tenant_id,
-                                         conversation_id=self.ctx.conversation_id, reason=f"the agent asked: {reason}",
-                                         actor=f"agent:{self.agent.name}", link=link)  # fmt: skip
+        return await self.pipeline.escalate(self.turn, f"the agent asked: {reason}")

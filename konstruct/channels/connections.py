@@ -17,11 +17,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from konstruct import audit
-from konstruct.channels.base import ChannelError
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import Agent, ChannelConnection, ChannelRoute
 from konstruct.errors import ConflictError, NotFoundError
+from konstruct.messaging import ChannelError
 from konstruct.secrets import decrypt, encrypt
 from konstruct.tenancy.tenants import TenantInfo
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from konstruct.channels.base import Channel
 from konstruct.channels.slack.channel import SlackChannel
 from konstruct.channels.terminal import TerminalChannel
 from konstruct.channels.whatsapp.channel import WhatsAppChannel
 from konstruct.config import Settings
 from konstruct.db.engine import Database
+from konstruct.messaging import Channel
 
 
 def channels(settings: Settings, db: Database) -> dict[str, Channel]:

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from konstruct import inbox
-from konstruct.agent.agents import AgentInfo
-from konstruct.channels.base import InboundMessage, Reply, Target
 from konstruct.db.engine import Database
 from konstruct.db.models import InboundMessage as InboxRow
 from konstruct.db.models import Message
 from konstruct.errors import ConflictError, WorkerUnavailableError
+from konstruct.messaging import ChannelError, InboundMessage, Reply, Target, mark_sent
 from konstruct.tenancy.tenants import TenantInfo
 
 FINAL = ("replied", "failed", "ignored")
@@ -39,6 +39,15 @@ class TerminalChannel:
         # Nothing leaves the machine: delivery is the committed message row (see module docstring).
         return None
 
+    def link(self, target: Target) -> str | None:
+        return None  # the conversation is in the database: `konstruct conversation list`
+
+    async def notify(self, tenant_id: uuid.UUID, where: str, text: str) -> None:
+        raise ChannelError("the terminal has nobody to notify: an escalation target is slack:CHANNEL or slack:USER")
+
+    async def record_sent(self, session: AsyncSession, message_id: uuid.UUID, external_id: str | None) -> None:
+        await mark_sent(session, message_id, external_id)
+
 
 @dataclass(frozen=True)
 class ChatResult:
@@ -54,7 +63,7 @@ async def chat(
     db: Database,
     queue: inbox.Doorbell,
     tenant: TenantInfo,
-    agent: AgentInfo,
+    agent_id: uuid.UUID,
     *,
     text: str,
     person: str,
@@ -76,7 +85,7 @@ async def chat(
         queue,
         InboundMessage(
             tenant_id=tenant.id,
-            agent_id=agent.id,
+            agent_id=agent_id,
             channel="terminal",
             external_id=message_id or uuid.uuid4().hex,
             conversation_key=conversation,

@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
-from konstruct.channels.base import InboundMessage
+from konstruct.messaging import InboundMessage
 
 MAX_BODY = 1_000_000  # Slack and Meta payloads are a few kilobytes
 MAX_DEPTH = 64  # real payloads nest a dozen levels; deeper is an attack on the parser, not a message

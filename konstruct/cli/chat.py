@@ -52,7 +52,7 @@ def chat_command(
                         db,
                         queue,
                         tenant_info,
-                        agent_info,
+                        agent_info.id,
                         text=text,
                         person=person,
                         conversation=key,

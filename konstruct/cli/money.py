@@ -12,7 +12,7 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn
 
 from konstruct import secrets as master
-from konstruct.billing import events as billing_events
+from konstruct.billing import standing as billing_standing
 from konstruct.billing import stripe_api
 from konstruct.cli.common import (
     JsonOption,
@@ -365,10 +365,10 @@ def billing_status(
     """Subscription state per tenant, and whether its agents are running."""
     cfg = settings(ctx)
 
-    async def go() -> list[billing_events.BillingStatus]:
+    async def go() -> list[billing_standing.BillingStatus]:
         async with database(cfg) as db:
             tenants = [await tenant_for(db, tenant, "billing.read")] if tenant else await tenants_for(db, "billing.read")
-            return [await billing_events.status(db, cfg, t) for t in tenants]
+            return [await billing_standing.status(db, cfg, t) for t in tenants]
 
     rows = run(go())
     if as_json:
@@ -397,7 +397,7 @@ def billing_exempt(
 
     async def go() -> None:
         async with database(settings(ctx)) as db:
-            await billing_events.set_exempt(db, await tenant_for(db, tenant, "billing.exempt"), not off, actor=actor())
+            await billing_standing.set_exempt(db, await tenant_for(db, tenant, "billing.exempt"), not off, actor=actor())
 
     run(go())
     if as_json:

@@ -20,6 +20,7 @@ from konstruct.config import Settings, mask_secret
 from konstruct.db.engine import Database
 from konstruct.db.models import ChannelConnection, LLMKey
 from konstruct.errors import ConfigError, NotFoundError, ValidationError
+from konstruct.netguard import AddressError, is_public, normalise_host, resolve
 from konstruct.secrets import decrypt, encrypt, fernet
 from konstruct.tenancy.tenants import TenantInfo
 
@@ -81,9 +82,6 @@ def check_key(key: str) -> str:
 async def check_api_base(settings: Settings, api_base: str) -> None:
     """A tenant's endpoint must be a public address (as web_fetch's are), unless the platform allows private
     ones: a customer admin must not point the worker, with its network position, at internal services."""
-    from konstruct.agent.tools.registry import ToolError
-    from konstruct.agent.tools.web import is_public, normalise_host, resolve
-
     parts = urlsplit(api_base)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
         raise ValidationError("the API base must be an http(s) URL with a host (and no user name or password)")
@@ -91,7 +89,7 @@ async def check_api_base(settings: Settings, api_base: str) -> None:
         return
     try:
         addresses = await resolve(normalise_host(parts.hostname), parts.port or (443 if parts.scheme == "https" else 80))
-    except ToolError as exc:
+    except AddressError as exc:
         raise ValidationError(f"the API base cannot be used: {exc}") from None
     refused = [address for address in addresses if not is_public(address)]
     if refused:

@@ -27,6 +27,7 @@ from konstruct.errors import ValidationError
 from konstruct.llm import budget
 from konstruct.llm.client import Completion, LLMError, ToolCall, load_litellm
 from konstruct.llm.keys import TenantKey, check_api_base, tenant_keys
+from konstruct.mail import Notice
 
 log = logging.getLogger("konstruct.llm")
 
@@ -45,16 +46,6 @@ class CallContext:
     conversation_id: uuid.UUID | None = None
     purpose: str = "reply"
     actor: str = "agent"
-
-
-@dataclass(frozen=True)
-class Notice:
-    """Something the tenant's admins should hear about (sent as an email by the worker)."""
-
-    tenant_id: uuid.UUID
-    kind: str  # budget.alert | budget.exhausted
-    subject: str
-    body: str
 
 
 @dataclass(frozen=True)

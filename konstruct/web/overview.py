@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 
 from konstruct import audit, supervision
-from konstruct.billing import events as billing
+from konstruct.billing import standing as billing
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import Agent, ChannelConnection, Conversation, InboundMessage, Message

@@ -12,7 +12,7 @@ from konstruct.config import Settings
 from konstruct.db.urls import DatabaseURLs
 from konstruct.errors import ConfigError, QueueError
 from konstruct.inbox import OutboxTask
-from konstruct.llm.service import Notice
+from konstruct.mail import Notice
 
 # Set in the worker process by konstruct.worker.main; tasks hand their ids to it.
 _worker: Any = None

@@ -11,25 +11,20 @@ are ignored (``trust_env=False``) since they would make the connection somewhere
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import re
-import socket
-from collections.abc import Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
 import httpx
 
 from konstruct.agent.tools.registry import ToolContext, ToolError
+from konstruct.netguard import AddressError, IPAddress, host_allowed, is_ip, is_public, normalise_host, resolve
 
 MAX_BYTES = 200_000
 TIME_LIMIT = 10.0
 MAX_REDIRECTS = 3
 USER_AGENT = "Konstruct-web_fetch/0.1"
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 
@@ -64,61 +59,6 @@ def _is_text(kind: str) -> bool:
     )
 
 
-def normalise_host(host: str) -> str:
-    """Lower case, no trailing dot, no IPv6 brackets, international names as punycode."""
-    host = host.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
-    if not host.isascii():
-        with contextlib.suppress(UnicodeError):
-            host = ".".join(label if label == "*" else label.encode("idna").decode("ascii") for label in host.split("."))
-    return host
-
-
-def host_allowed(host: str, allowed_hosts: Sequence[str]) -> bool:
-    """Whether ``host`` is on the allow-list: an exact entry, or ``*.example.com`` for any name under example.com (not the apex)."""
-    host = normalise_host(host)
-    for entry in map(normalise_host, allowed_hosts):
-        if entry == host or (entry.startswith("*.") and len(entry) > 2 and host.endswith(entry[1:])):
-            return True
-    return False
-
-
-def is_public(address: IPAddress) -> bool:
-    """Whether an address is a public unicast one (IPv4-mapped, NAT64 and 6to4 IPv6 addresses judged by their IPv4 part)."""
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return is_public(address.ipv4_mapped)
-        if address in _NAT64:
-            return is_public(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-        if address.sixtofour is not None and not is_public(address.sixtofour):
-            return False
-    return address.is_global and not (
-        address.is_private
-        or address.is_loopback
-        or address.is_link_local
-        or address.is_multicast
-        or address.is_reserved
-        or address.is_unspecified
-    )
-
-
-async def resolve(host: str, port: int) -> list[IPAddress]:
-    """The addresses ``host`` resolves to, in the resolver's order, without duplicates."""
-    if _is_ip(host):
-        return [ipaddress.ip_address(host)]
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ToolError(f"could not resolve {host}: {exc}") from None
-    addresses: list[IPAddress] = []
-    for *_, sockaddr in infos:
-        address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
-        if address not in addresses:
-            addresses.append(address)
-    if not addresses:
-        raise ToolError(f"could not resolve {host}")
-    return addresses
-
-
 async def _checked_addresses(url: httpx.URL, ctx: ToolContext) -> list[IPAddress]:
     if url.scheme not in ("http", "https"):
         raise ToolError(f"only http and https URLs can be fetched, not {url.scheme or 'a relative URL'}")
@@ -130,7 +70,10 @@ async def _checked_addresses(url: httpx.URL, ctx: ToolContext) -> list[IPAddress
     if not host_allowed(host, ctx.allowed_hosts):
         raise ToolError(f"{host} is not on this workspace's web allow-list")
     port = url.port or (443 if url.scheme == "https" else 80)
-    addresses = await resolve(host, port)
+    try:
+        addresses = await resolve(host, port)
+    except AddressError as exc:
+        raise ToolError(str(exc)) from None
     if not ctx.allow_private:
         refused = [address for address in addresses if not is_public(address)]
         if refused:
@@ -141,7 +84,7 @@ async def _checked_addresses(url: httpx.URL, ctx: ToolContext) -> list[IPAddress
 async def _send(client: httpx.AsyncClient, url: httpx.URL, addresses: list[IPAddress]) -> httpx.Response:
     """GET ``url`` from the first of ``addresses`` that accepts a connection, with the name kept for Host and TLS."""
     host = url.raw_host.decode("ascii")
-    extensions = {"sni_hostname": host} if url.scheme == "https" and not _is_ip(host) else {}
+    extensions = {"sni_hostname": host} if url.scheme == "https" and not is_ip(host) else {}
     failure: Exception | None = None
     for address in addresses:
         request = client.build_request(
@@ -152,14 +95,6 @@ async def _send(client: httpx.AsyncClient, url: httpx.URL, addresses: list[IPAdd
         except httpx.ConnectError as exc:
             failure = exc
     raise ToolError(f"could not connect to {normalise_host(host)}: {failure}")
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 async def fetch(url: str, ctx: ToolContext) -> Page:

@@ -9,19 +9,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from konstruct.channels.base import ChannelError, Reply, Target
 from konstruct.channels.connections import SecretCache
 from konstruct.channels.slack.client import web_client
 from konstruct.channels.slack.format import split_message, to_mrkdwn
 from konstruct.config import Settings
 from konstruct.db.engine import Database
+from konstruct.db.models import ChannelConnection
+from konstruct.messaging import ChannelError, Reply, Target, mark_sent
 
 SLACK_FILE_HOSTS = ("files.slack.com",)
 
@@ -155,3 +159,30 @@ class SlackChannel:
 
     async def _token(self, target: Target) -> str:
         return await self.tokens.get(target.tenant_id, target.payload.get("team_id", ""))
+
+    def link(self, target: Target) -> str | None:
+        team, channel = target.payload.get("team_id"), target.payload.get("channel")
+        if not team or not channel:
+            return None
+        thread = target.payload.get("thread_ts")
+        base = f"https://app.slack.com/client/{team}/{channel}"
+        return f"{base}/thread/{channel}-{thread}" if thread else base
+
+    async def notify(self, tenant_id: uuid.UUID, where: str, text: str) -> None:
+        """Post to a channel (C…) or person (U…) through the tenant's connected Slack workspace."""
+        async with self.db.tenant(tenant_id=tenant_id) as session:
+            team = await session.scalar(
+                select(ChannelConnection.external_id)
+                .where(ChannelConnection.kind == "slack", ChannelConnection.status == "connected")
+                .order_by(ChannelConnection.created_at)
+                .limit(1)
+            )
+        if team is None:
+            raise ChannelError("the tenant has no connected Slack workspace")
+        try:
+            await web_client(self.settings, await self.tokens.get(tenant_id, team)).chat_postMessage(channel=where, text=text)
+        except SlackApiError as exc:
+            raise ChannelError(f"Slack refused the notice: {exc.response.get('error')}") from None
+
+    async def record_sent(self, session: AsyncSession, message_id: uuid.UUID, external_id: str | None) -> None:
+        await mark_sent(session, message_id, external_id)

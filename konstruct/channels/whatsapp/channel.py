@@ -19,14 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from konstruct.channels.base import ChannelError, Reply, Target
 from konstruct.channels.connections import SecretCache
 from konstruct.channels.slack.format import split_message
+from konstruct.channels.whatsapp import delivery
 from konstruct.channels.whatsapp.graph import OUTSIDE_WINDOW, WHATSAPP_TEXT_LIMIT, Graph, GraphError
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import InboundMessage
+from konstruct.messaging import ChannelError, Reply, Target, mark_sent
 
 log = logging.getLogger("konstruct.whatsapp")
 
@@ -224,3 +226,17 @@ class WhatsAppChannel:
 
     async def _token(self, target: Target) -> str:
         return await self.tokens.get(target.tenant_id, target.payload.get("phone_number_id", ""))
+
+    def link(self, target: Target) -> str | None:
+        person = target.payload.get("wa_id")
+        return f"https://wa.me/{person}" if person else None
+
+    async def notify(self, tenant_id: uuid.UUID, where: str, text: str) -> None:
+        # A business may only start a WhatsApp conversation with an approved template, so there is no free-form notice.
+        raise ChannelError("WhatsApp cannot carry a free-form notice: an escalation target is slack:CHANNEL or slack:USER")
+
+    async def record_sent(self, session: AsyncSession, message_id: uuid.UUID, external_id: str | None) -> None:
+        if external_id:
+            await delivery.record_sent(session, message_id, external_id)
+        else:
+            await mark_sent(session, message_id, external_id)

@@ -14,44 +14,21 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import text
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from konstruct import inbox
-from konstruct.channels.base import InboundMessage, Routing
 from konstruct.channels.connections import ResolveCache, Resolved, single_mode_candidates, unseal
 from konstruct.channels.webhook_body import clean_message, parse_json, read_body
-from konstruct.channels.whatsapp import normalize
+from konstruct.channels.whatsapp import delivery, normalize
 from konstruct.channels.whatsapp.graph import signature_ok
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.errors import DatabaseUnavailable
+from konstruct.messaging import InboundMessage, Routing
 
 log = logging.getLogger("konstruct.whatsapp")
 
-_LOCK = text(
-    "SELECT pg_advisory_xact_lock(h) FROM (SELECT hashtext('delivery:' || x) AS h FROM unnest(CAST(:ids AS text[])) x ORDER BY 1) s"
-)
-# Record each status unless the message already went further (statuses arrive out of order), and move
-# the outgoing message forward the same way.
-_STATUSES = text("""
-WITH input AS (
-    SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:statuses AS text[]), CAST(:ats AS timestamptz[]), CAST(:errors AS text[]))
-        AS t(external_id, status, status_at, error)
-), recorded AS (
-    INSERT INTO delivery_statuses (tenant_id, channel, external_id, status, status_at, error)
-    SELECT CAST(:tenant AS uuid), 'whatsapp', external_id, status, status_at, error FROM input
-    ON CONFLICT (tenant_id, channel, external_id) DO UPDATE
-        SET status = excluded.status, status_at = excluded.status_at, error = excluded.error, updated_at = now()
-        WHERE konstruct_delivery_rank(delivery_statuses.status) < konstruct_delivery_rank(excluded.status)
-    RETURNING external_id, status, status_at, error
-)
-UPDATE messages m SET status = r.status, status_at = r.status_at, error = coalesce(r.error, m.error)
-FROM recorded r
-WHERE m.external_id = r.external_id AND m.direction = 'out'
-  AND konstruct_delivery_rank(m.status) < konstruct_delivery_rank(r.status)
-""")
 SECRETS_TTL = 5.0
 _SIGNATURE = re.compile(r"sha256=[0-9a-fA-F]{64}")
 
@@ -180,21 +157,10 @@ class WhatsAppWebhook:
         furthest: dict[str, normalize.Status] = {}
         for status in statuses:  # one row per wamid per statement: keep the furthest of this delivery
             seen = furthest.get(status.wamid)
-            if seen is None or RANK[status.status] > RANK[seen.status]:
+            if seen is None or delivery.RANK[status.status] > delivery.RANK[seen.status]:
                 furthest[status.wamid] = status
-        ids = sorted(furthest)
+        reports = [
+            (wamid, s.status, datetime.fromtimestamp(s.timestamp, UTC) if s.timestamp else None, s.error) for wamid, s in furthest.items()
+        ]
         async with self.db.tenant(tenant_id=resolved.tenant_id) as session:
-            await session.execute(_LOCK, {"ids": ids})
-            await session.execute(
-                _STATUSES,
-                {
-                    "tenant": str(resolved.tenant_id),
-                    "ids": ids,
-                    "statuses": [furthest[i].status for i in ids],
-                    "ats": [datetime.fromtimestamp(furthest[i].timestamp, UTC) if furthest[i].timestamp else None for i in ids],
-                    "errors": [furthest[i].error for i in ids],
-                },
-            )
-
-
-RANK = {"sent": 1, "delivered": 2, "read": 3, "failed": 4}
+            await delivery.record_statuses(session, resolved.tenant_id, reports)

@@ -1,10 +1,20 @@
-"""What every channel speaks: a normalised inbound message, a reply target, and the Channel protocol."""
+"""What the channels and the agent share: a normalised inbound message, a reply target, and the Channel protocol.
+
+It sits below both: `konstruct.agent` never imports a channel, and a channel never imports the agent.
+Everything channel-specific (delivering, linking to a conversation, notifying a person, keeping a sent
+message's delivery status) is behind `Channel`; the worker hands the pipeline a name → Channel map.
+"""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from konstruct.db.models import Message
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,7 @@ class ChannelError(Exception):
 
 
 class Channel(Protocol):
-    """How the worker talks back. A channel never imports the agent: it is handed what to say."""
+    """How the worker talks back. A channel is handed what to say; it knows nothing of agents."""
 
     name: str
 
@@ -73,3 +83,22 @@ class Channel(Protocol):
     async def send(self, reply: Reply) -> str | None:
         """Deliver the reply; return the channel's id for it, if it has one."""
         ...
+
+    def link(self, target: Target) -> str | None:
+        """Where a human finds this conversation in the channel's own app; None when it has no such place."""
+        ...
+
+    async def notify(self, tenant_id: uuid.UUID, where: str, text: str) -> None:
+        """Post a notice to one of the tenant's people or rooms in this channel (an escalation target's part
+        after the colon). Raise ChannelError when it cannot be delivered."""
+        ...
+
+    async def record_sent(self, session: AsyncSession, message_id: uuid.UUID, external_id: str | None) -> None:
+        """Mark the stored reply sent, under the channel's id for it, in the transaction that finishes the
+        turn; a channel that reports delivery statuses keeps whatever it reported already."""
+        ...
+
+
+async def mark_sent(session: AsyncSession, message_id: uuid.UUID, external_id: str | None) -> None:
+    """record_sent for a channel without delivery statuses."""
+    await session.execute(update(Message).where(Message.id == message_id).values(status="sent", external_id=external_id, error=None))
