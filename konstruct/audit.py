@@ -103,11 +103,15 @@ async def seal(db: Database, tenant_id: uuid.UUID | None = None) -> int:
         else:
             sealed = int(await session.scalar(_SEAL, {"tenant": str(tenant_id)}) or 0)
     if sealed:
-        from konstruct.tenancy.tenants import directory
-
-        ids = [tenant_id] if tenant_id is not None else [t.id for t in await directory(db)]
+        ids = [tenant_id] if tenant_id is not None else await _tenant_ids(db)
         _write_checkpoints(db, await _heads(db, ids))
     return sealed
+
+
+async def _tenant_ids(db: Database) -> list[uuid.UUID]:
+    """Every tenant, through the narrow SECURITY DEFINER directory (audit sits below konstruct.tenancy)."""
+    async with db.system() as session:
+        return list((await session.scalars(text("select id from konstruct_tenant_directory()"))).all())
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,141 @@
+"""The agent pipeline's steps and gates, in-process over a real database (no worker process).
+
+Each gate is handed a loaded Turn with one fact changed and must decide alone; a whole turn runs through
+every step with the terminal channel and the fake LLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import select
+
+from konstruct import inbox
+from konstruct.agent import pipeline as steps
+from konstruct.agent.agents import AgentInfo, create_agent
+from konstruct.agent.pipeline import Outcome, Pipeline, Turn
+from konstruct.billing.state import Standing
+from konstruct.channels.registry import channels
+from konstruct.config import Settings
+from konstruct.db.engine import Database
+from konstruct.db.models import AuditEvent, Conversation, Message
+from konstruct.db.models import InboundMessage as InboxRow
+from konstruct.db.urls import resolve_urls
+from konstruct.messaging import InboundMessage
+from konstruct.tenancy.tenants import TenantInfo, create_tenant
+from konstruct.worker.queue import make_queue
+from tests.fakes.llm import FakeLLM
+
+
+@pytest.fixture
+async def site(db: Database, settings: Settings, fake_llm: FakeLLM) -> AsyncIterator[tuple[Pipeline, TenantInfo, AgentInfo]]:
+    tenant = await create_tenant(db, name="Acme", slug="acme", actor="test")
+    agent = await create_agent(db, tenant, name="Ava", role="Support", persona="Warm and brief.", model=None, actor="test")
+    pipeline = Pipeline(settings, db, channels(settings, db), worker_id="test-worker")
+    yield pipeline, tenant, agent
+
+
+async def message(pipeline: Pipeline, tenant: TenantInfo, agent: AgentInfo, text: str) -> uuid.UUID:
+    queue = make_queue(pipeline.settings, resolve_urls(pipeline.settings))
+    try:
+        stored = await inbox.accept(
+            pipeline.db,
+            queue,
+            InboundMessage(tenant.id, agent.id, "terminal", uuid.uuid4().hex, "session-1", "pat", text),
+        )
+    finally:
+        queue.close()
+    assert stored is not None
+    return stored.id
+
+
+async def loaded(pipeline: Pipeline, tenant: TenantInfo, inbound_id: uuid.UUID) -> Turn:
+    async with pipeline.db.tenant(tenant_id=tenant.id) as session:
+        row = await steps.claim(session, inbound_id, pipeline.worker_id, solo=False)
+        assert row is not None
+        assert await steps.claim(session, inbound_id, "another-worker", solo=False) is None  # claimed once
+        return await pipeline.load(session, row)
+
+
+async def test_every_gate_lets_an_ordinary_turn_through(site: tuple[Pipeline, TenantInfo, AgentInfo]) -> None:
+    pipeline, tenant, agent = site
+    turn = await loaded(pipeline, tenant, await message(pipeline, tenant, agent, "hello there"))
+    assert turn.agent.name == "Ava" and turn.tenant_status == "active" and turn.state == "open" and turn.previous is None
+    assert turn.channel is not None and turn.channel.name == "terminal" and turn.target.conversation_key == "session-1"
+    for gate in steps.GATES:
+        assert await gate(pipeline, turn) is None, gate.__name__
+
+
+async def test_each_gate_decides_alone(site: tuple[Pipeline, TenantInfo, AgentInfo]) -> None:
+    pipeline, tenant, agent = site
+    turn = await loaded(pipeline, tenant, await message(pipeline, tenant, agent, "I want a refund now"))
+    settings = pipeline.settings
+
+    assert await steps.tenant_inactive(pipeline, dataclasses.replace(turn, tenant_status="suspended")) == Outcome(
+        "ignored", "tenant is suspended"
+    )
+    assert await steps.no_channel(pipeline, dataclasses.replace(turn, channel=None)) == Outcome(
+        "failed", "no 'terminal' channel on this worker"
+    )
+    paused = await steps.billing_paused(pipeline, dataclasses.replace(turn, billing=Standing(False, "no subscription", None)))
+    assert paused == Outcome("replied", "paused: no subscription", reply=settings.billing.paused, model="billing")
+    assert await steps.billing_paused(pipeline, dataclasses.replace(turn, billing=Standing(True, "active", "active"))) is None
+
+    assert await steps.escalated(pipeline, dataclasses.replace(turn, state="escalated")) == Outcome(
+        "ignored", "escalated: a human is handling this conversation"
+    )
+
+    crashed = dataclasses.replace(turn, inbound=InboxRow(**{**_columns(turn.inbound), "crashes": settings.worker.max_attempts}))
+    gave_up = await steps.gave_up(pipeline, crashed)
+    assert gave_up is not None and gave_up.status == "failed" and gave_up.reply == settings.agent.apology
+    assert gave_up.error == f"gave up after {settings.worker.max_attempts} attempts that did not finish"
+    assert await steps.gave_up(pipeline, dataclasses.replace(crashed, previous=Message(text="stored"))) is None  # deliver that one
+
+    # A rule that fires escalates the conversation (once) and hands over; a reply stored earlier is delivered instead.
+    rule = dataclasses.replace(turn, rules=["refund AND count >= 1"], turns=1)
+    assert await steps.escalation_rule(pipeline, dataclasses.replace(rule, previous=Message(text="stored"))) is None
+    handoff = await steps.escalation_rule(pipeline, rule)
+    assert handoff == Outcome("replied", reply=settings.agent.handoff, model="escalation")
+    async with pipeline.db.tenant(tenant_id=tenant.id) as session:
+        conversation = await session.get(Conversation, turn.conversation_id)
+        assert conversation is not None and conversation.status == "escalated"
+        assert conversation.escalation_reason is not None and "rule 'refund AND count >= 1' fired" in conversation.escalation_reason
+    # ... and `/release` from the person hands it back.
+    released = dataclasses.replace(turn, state="escalated", inbound=InboxRow(**{**_columns(turn.inbound), "text": "/release"}))
+    assert await steps.escalated(pipeline, released) == Outcome("ignored", "released the conversation back to the agent")
+    async with pipeline.db.tenant(tenant_id=tenant.id) as session:
+        conversation = await session.get(Conversation, turn.conversation_id)
+        assert conversation is not None and conversation.status == "open"
+
+
+async def test_compose_and_answer_in_process(site: tuple[Pipeline, TenantInfo, AgentInfo], fake_llm: FakeLLM) -> None:
+    pipeline, tenant, agent = site
+    turn = await loaded(pipeline, tenant, await message(pipeline, tenant, agent, "what are your hours?"))
+    model, messages = await pipeline.compose(turn)
+    assert model == pipeline.settings.llm.model
+    assert "Warm and brief." in messages[0]["content"] and messages[-1]["role"] == "user"
+    assert "what are your hours?" in str(messages[-1]["content"])
+    answer = await pipeline.answer(turn, model, messages)
+    assert answer.status == "replied" and answer.text == "[fake-model] You said: what are your hours?" and answer.error is None
+    assert len(fake_llm.requests) == 1
+
+
+async def test_a_whole_turn_in_process_is_stored_delivered_finished_and_audited(site: tuple[Pipeline, TenantInfo, AgentInfo]) -> None:
+    pipeline, tenant, agent = site
+    inbound_id = await message(pipeline, tenant, agent, "hello there")
+    assert await pipeline.process(tenant_id=tenant.id, inbound_id=inbound_id) == "replied"
+    assert await pipeline.process(tenant_id=tenant.id, inbound_id=inbound_id) is None  # a second doorbell finds it taken
+    async with pipeline.db.tenant(tenant_id=tenant.id) as session:
+        row = await session.get(InboxRow, inbound_id)
+        assert row is not None and row.status == "replied" and row.worker_id == "test-worker" and row.finished_at is not None
+        replies = list(await session.scalars(select(Message).where(Message.inbound_id == inbound_id, Message.direction == "out")))
+        assert [(r.text, r.status) for r in replies] == [("[fake-model] You said: hello there", "sent")]
+        actions = list(await session.scalars(select(AuditEvent.action).where(AuditEvent.target == str(inbound_id))))
+        assert sorted(actions) == ["message.received", "message.replied"]
+
+
+def _columns(row: InboxRow) -> dict[str, object]:
+    return {a.key: getattr(row, a.key) for a in InboxRow.__mapper__.column_attrs}
