@@ -34,7 +34,14 @@ TEMPLATE = "konstruct_template"
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> URL:
     """The superuser URL of an embedded PostgreSQL + pgvector, started once for the session."""
     data = tmp_path_factory.mktemp("embedded")
-    return make_url(start_embedded(data))
+    url = make_url(start_embedded(data))
+    # Durability against power loss is not what the suite tests (a killed process loses nothing with these off;
+    # only the OS crashing would): without the flushes, cloning a test database takes 0.02 s instead of 0.15 s.
+    with _admin(url) as conn:
+        for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+            conn.execute(f"ALTER SYSTEM SET {setting} = off")
+        conn.execute("SELECT pg_reload_conf()")
+    return url
 
 
 def _admin(pg_server: URL) -> psycopg.Connection:
