@@ -132,10 +132,3 @@ async def find_conversation(db: Database, tenant: TenantInfo, ref: str) -> uuid.
     if found:
         raise ValidationError(f"{ref!r} matches several conversations: give more of the id")
     raise NotFoundError(f"tenant {tenant.slug!r} has no conversation {ref!r}: see `konstruct conversation list --tenant {tenant.slug}`")
-
-
-def validate_target(target: str) -> str:
-    kind, _, where = target.partition(":")
-    if kind != "slack" or not where or where[0] not in "CGUD":
-        raise ValidationError("an escalation target is slack:CHANNEL_ID or slack:USER_ID, e.g. slack:C0123ABCD")
-    return target

@@ -9,6 +9,7 @@ import typer
 from konstruct.agent import escalation as escalations
 from konstruct.agent import memory as memories
 from konstruct.agent.agents import get_agent
+from konstruct.channels.registry import validate_escalation_target
 from konstruct.cli.common import (
     JsonOption,
     YesOption,
@@ -169,7 +170,7 @@ def configure(
     as_json: bool = JsonOption,
 ) -> None:
     """Set a tenant's escalation target, web_fetch allow-list and contact email."""
-    target = escalations.validate_target(escalation_target) if escalation_target else escalation_target
+    target = validate_escalation_target(escalation_target) if escalation_target else escalation_target
     hosts = None
     if allowed_hosts is not None:
         hosts = [h.strip().lower() for h in allowed_hosts.split(",") if h.strip()]

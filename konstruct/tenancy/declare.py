@@ -14,8 +14,8 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from konstruct.agent import agents as agent_service
-from konstruct.agent.escalation import validate_target
 from konstruct.channels import connections
+from konstruct.channels.registry import validate_escalation_target
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.errors import ConfigError, KonstructError, NotFoundError, ValidationError
@@ -112,7 +112,7 @@ def load(path: Path | None, settings: Settings) -> Declaration:
             agent_service.check_tools(agent.tools)
             agent_service.check_rules(agent.escalation_rules)
         if tenant.escalation_target:
-            validate_target(tenant.escalation_target)
+            validate_escalation_target(tenant.escalation_target)
         for invite in tenant.invitations:
             users.check_email(invite.email)
             users.check_role(invite.role)
