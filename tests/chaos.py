@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,7 +237,7 @@ class Chaos:
         chat_times = [duration * (i + 0.5) / chats for i in range(chats)] if chats else []
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=64) as pool:
-            futures = []
+            futures: list[Future[Any]] = []
             sent_events = sent_chats = 0
             while sent_events < events or kills or sent_chats < len(chat_times):
                 now = time.monotonic() - started

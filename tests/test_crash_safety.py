@@ -162,7 +162,7 @@ async def test_a_poison_message_is_given_up_alone_and_the_others_are_answered(
         assert all(row.status == "replied" for row in rows[1:]), [(r.external_id, r.status, r.error) for r in rows]
         async with db.tenant(tenant_id=tenant.id) as session:
             replies = list(await session.execute(select(Message.inbound_id, Message.text).where(Message.direction == "out")))
-        by_inbound: dict[uuid.UUID, list[str]] = {}
+        by_inbound: dict[uuid.UUID | None, list[str]] = {}
         for inbound_id, reply in replies:
             by_inbound.setdefault(inbound_id, []).append(reply)
         assert by_inbound[rows[0].id] == [settings.agent.apology]  # the person is told, once

@@ -114,10 +114,10 @@ def _mutate_once(rng: random.Random, value: Any) -> Any:
             copy[key] = _mutate_once(rng, value[key])
         return copy
     if isinstance(value, list) and value and rng.random() < 0.75:
-        copy = list(value)
-        index = rng.randrange(len(copy))
-        copy[index] = _mutate_once(rng, copy[index]) if rng.random() < 0.6 else odd_value(rng)
-        return copy
+        items = list(value)
+        index = rng.randrange(len(items))
+        items[index] = _mutate_once(rng, items[index]) if rng.random() < 0.6 else odd_value(rng)
+        return items
     return odd_value(rng)
 
 

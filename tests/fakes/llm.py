@@ -42,7 +42,7 @@ class FakeLLM:
     def url(self) -> str:
         assert self._server is not None
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{host!s}:{port}/v1"
 
     def reset(self) -> None:
         with self._lock:
@@ -59,7 +59,7 @@ class FakeLLM:
         messages = body.get("messages", [])
         if not body.get("tools") or (messages and messages[-1].get("role") == "tool"):
             return []
-        last = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+        last: dict[str, Any] = next((m for m in reversed(messages) if m.get("role") == "user"), {})
         content = last.get("content", "")
         if isinstance(content, list):
             content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
@@ -79,7 +79,7 @@ class FakeLLM:
         if messages and messages[-1].get("role") == "tool":
             results = [m.get("content", "") for m in messages if m.get("role") == "tool"]
             return f"[{body.get('model')}] Tool said: " + " | ".join(results)
-        last = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+        last: dict[str, Any] = next((m for m in reversed(messages) if m.get("role") == "user"), {})
         content = last.get("content", "")
         if isinstance(content, list):
             content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
