@@ -354,11 +354,23 @@ class Chaos:
                 out.append(float(rows[0][0]) - killed)
         return out
 
-    def _up_alive(self) -> bool:
-        if self.up is None or self.up.process.poll() is not None:
-            return False
-        parts = (self.state() or {}).get("parts") or {}
-        return all(parts.get(name, {}).get("pid") for name in ("gateway", "worker")) and postmaster_pid(self.settings.data_dir) is not None
+    def _up_alive(self, within: float = 30.0) -> bool:
+        """up still runs, and every part is back: a part killed last may be restarting when the report is made,
+        so this waits for them (up to `within` seconds) rather than sampling one instant."""
+
+        def whole() -> bool:
+            parts = (self.state() or {}).get("parts") or {}
+            running = all(parts.get(name, {}).get("pid") for name in ("gateway", "worker"))
+            return running and postmaster_pid(self.settings.data_dir) is not None
+
+        deadline = time.monotonic() + within
+        while self.up is not None and self.up.process.poll() is None:
+            if whole():
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return False
 
 
 def read_owner_url(data_dir: Path) -> str:
