@@ -17,7 +17,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from konstruct.channels.webhook_body import read_body
+from konstruct.bodies import read_body
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.errors import KonstructError, PermissionDenied, ValidationError

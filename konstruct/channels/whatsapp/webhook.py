@@ -19,9 +19,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from konstruct import inbox
-from konstruct.channels.base import InboundMessage, Routing
+from konstruct.bodies import parse_json, read_body
+from konstruct.channels.base import InboundMessage, Routing, clean_message
 from konstruct.channels.connections import ResolveCache, Resolved, single_mode_candidates, unseal
-from konstruct.channels.webhook_body import clean_message, parse_json, read_body
 from konstruct.channels.whatsapp import normalize
 from konstruct.channels.whatsapp.graph import signature_ok
 from konstruct.config import Settings
