@@ -34,7 +34,6 @@ class _Fence:
     opening: str  # the opening fence line, stripped ("```python")
     closing: str  # the closing fence line, stripped, or the marker that would close it
     body: str  # the lines between the fences, verbatim, without their surrounding newlines
-    closed: bool
 
 
 def _fenced_blocks(text: str) -> list[_Fence]:
@@ -55,12 +54,12 @@ def _fenced_blocks(text: str) -> list[_Fence]:
             stripped = content.strip()
             if stripped and set(stripped) == {marker[0]} and len(stripped) >= len(marker):
                 body = text[body_start : pos - 1] if pos > body_start else ""
-                blocks.append(_Fence(start, pos + len(content), opening, stripped, body.rstrip("\r"), closed=True))
+                blocks.append(_Fence(start, pos + len(content), opening, stripped, body.rstrip("\r")))
                 marker = ""
         pos += len(line) + 1
     if marker:
         body = text[body_start:] if body_start < len(text) else ""
-        blocks.append(_Fence(start, len(text), opening, marker, body, closed=False))
+        blocks.append(_Fence(start, len(text), opening, marker, body))
     return blocks
 
 
