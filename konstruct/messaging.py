@@ -8,12 +8,13 @@ message's delivery status) is behind `Channel`; the worker hands the pipeline a 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from konstruct.bodies import clean, clean_text
 from konstruct.db.models import Message
 
 
@@ -41,6 +42,18 @@ class InboundMessage:
     payload: dict[str, Any] = field(default_factory=dict)  # channel facts the reply needs (ids, files)
     routing: Routing | None = None  # when agent_id is None
     answer: bool = True  # False: kept in the conversation's history (a reaction), not answered
+
+
+def clean_message(message: InboundMessage) -> InboundMessage:
+    """The message with its text, ids and payload made storable (see konstruct.bodies.clean_text)."""
+    return replace(
+        message,
+        external_id=clean_text(message.external_id),
+        conversation_key=clean_text(message.conversation_key),
+        sender=clean_text(message.sender),
+        text=clean_text(message.text),
+        payload=clean(message.payload),
+    )
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,7 @@ async def test_mention_is_answered_in_a_thread_with_a_placeholder_replaced(slack
     assert posts[0].token == BOT_TOKEN
     assert update.args["ts"] == slack_system.slack.messages[("C0000000001", update.args["ts"])]["ts"]
     assert update.args["text"] == "[fake-model] You said: what is our refund policy?"  # the mention itself is stripped
+    assert update.args["blocks"] == [{"type": "markdown", "text": update.args["text"]}]  # Slack renders the Markdown
     system_prompt = slack_system.llm.requests[-1].body["messages"][0]["content"]
     assert "You are an AI" in system_prompt
 
@@ -242,16 +243,18 @@ async def test_image_reaches_the_model_and_other_files_are_named(slack_system: S
 
 async def test_rate_limits_are_honoured_and_long_answers_split(slack_system: SlackSystem) -> None:
     slack_system.slack.rate_limit = {"chat.postMessage": 1, "chat.update": 1}
-    long_question = " ".join(f"word{n}" for n in range(900))  # the fake echoes it: well over 3,900 characters
+    long_question = " ".join(f"word{n}" for n in range(2000))  # the fake echoes it: over 12,000 characters
     slack_system.post(slack_system.event(mention(new_ts(), f"<@U0000000BOT> {long_question}")))
     slack_system.wait_updates(1)
     # The placeholder, then (after the update) the second part of the answer.
     wait_for(lambda: len([c for c in slack_system.slack.calls_to("chat.postMessage") if not c.rate_limited]) >= 2, 20, "the split reply")
     posts = slack_system.slack.calls_to("chat.postMessage")
     assert [c.rate_limited for c in posts][:2] == [True, False]  # the 429, then the same post again
-    texts = [slack_system.updates()[0].args["text"], *[c.args["text"] for c in posts if not c.rate_limited][1:]]
-    assert all(len(t) <= 3900 for t in texts) and len(texts) >= 2
-    assert "".join(texts).replace(" ", "").endswith("word899")
+    answer = [slack_system.updates()[0].args, *[c.args for c in posts if not c.rate_limited][1:]]
+    assert all(a["blocks"] == [{"type": "markdown", "text": a["blocks"][0]["text"]}] for a in answer) and len(answer) >= 2
+    texts = [a["blocks"][0]["text"] for a in answer]
+    assert all(len(t) <= 12_000 for t in texts) and all(len(a["text"]) <= 4_000 for a in answer)  # text: the fallback
+    assert "".join(texts).replace(" ", "").endswith("word1999")
 
 
 async def test_oauth_install_end_to_end(slack_system: SlackSystem) -> None:

@@ -1,156 +1,94 @@
-"""Slack formatting: Markdown → mrkdwn conversion and message splitting (pure functions, no database)."""
+"""Slack replies: Markdown passed through in markdown blocks, and long answers split into messages."""
 
 from __future__ import annotations
 
 import pytest
 
-from konstruct.channels.slack.format import split_message, to_mrkdwn
+from konstruct.channels.slack.format import FALLBACK_LIMIT, MARKDOWN_LIMIT, markdown_messages, split_message
 
-# --- to_mrkdwn: emphasis -------------------------------------------------------------------------
-
-
-def test_double_asterisk_and_double_underscore_become_slack_bold() -> None:
-    assert to_mrkdwn("**bold** and __also bold__") == "*bold* and *also bold*"
+# --- markdown_messages -------------------------------------------------------------------------------
 
 
-def test_single_asterisk_and_single_underscore_become_slack_italic() -> None:
-    assert to_mrkdwn("*italic* and _italic_") == "_italic_ and _italic_"
+def blocks_text(text: str, limit: int = MARKDOWN_LIMIT) -> list[str]:
+    messages = markdown_messages(text, limit)
+    for message in messages:
+        assert [block["type"] for block in message["blocks"]] == ["markdown"]  # one block: the limit is per message
+    return [message["blocks"][0]["text"] for message in messages]
 
 
-def test_emitted_bold_is_not_read_again_as_italic() -> None:
-    assert to_mrkdwn("**a** b **c**") == "*a* b *c*"
+def test_short_answer_is_one_markdown_block_with_the_same_text_as_fallback() -> None:
+    assert markdown_messages("**Note:** use *this*") == [
+        {"text": "**Note:** use *this*", "blocks": [{"type": "markdown", "text": "**Note:** use *this*"}]}
+    ]
 
 
-def test_strikethrough() -> None:
-    assert to_mrkdwn("~~gone~~ stays") == "~gone~ stays"
+def test_empty_answer_gives_no_message() -> None:
+    assert markdown_messages("") == []
+    assert markdown_messages(" \n\n ") == []
 
 
-def test_nested_bold_and_italic_in_one_line() -> None:
-    assert to_mrkdwn("**bold _italic_ text** and *italic **bold** text*") == "*bold _italic_ text* and _italic *bold* text_"
-    assert to_mrkdwn("**Note:** use *this* and ***both***") == "*Note:* use _this_ and *_both_*"
+def test_escaped_asterisks_stay_escaped() -> None:
+    # The old mrkdwn conversion turned this into `*not italic*`, which Slack shows in bold.
+    text = r"\*not italic\* and \_not\_ and 2\*3"
+    assert blocks_text(text) == [text]
 
 
-def test_underscores_and_asterisks_inside_words_are_not_emphasis() -> None:
-    assert to_mrkdwn("snake_case_name and 2*3*4") == "snake_case_name and 2*3*4"
-    assert to_mrkdwn("_use snake_case here_") == "_use snake_case here_"
+def test_markdown_reaches_slack_unchanged() -> None:
+    text = (
+        "# Plan\n\nWe **must**, _really_, ~~not~~:\n\n- read [the docs](https://example.com/a_(b)) & <https://d.io>\n"
+        "- ask <@U0123ABCD> in <#C0123ABCD>, compare a < b\n\n1. done\n\n> quoted\n\n`**x** <y>`"
+    )
+    assert blocks_text(text) == [text]
 
 
-def test_unmatched_markers_stay_literal() -> None:
-    assert to_mrkdwn("** not bold ** and a * star") == "** not bold ** and a * star"
+def test_surrounding_whitespace_is_trimmed() -> None:
+    assert blocks_text("  \n hello\n\n") == ["hello"]
 
 
-def test_backslash_escaped_markers_stay_literal() -> None:
-    assert to_mrkdwn(r"\*not italic\* and \_not\_") == "*not italic* and _not_"
+def test_long_answer_becomes_several_messages_under_the_limit() -> None:
+    paragraph = "A sentence of about forty characters ok. " * 50  # ~2,000 characters
+    text = "\n\n".join(f"{n}. {paragraph.strip()}" for n in range(30))  # ~60,000 characters
+    texts = blocks_text(text)
+    assert len(texts) >= 5
+    assert all(len(t) <= MARKDOWN_LIMIT for t in texts)
+    assert all(t.split(". ", 1)[0].isdigit() for t in texts)  # cut between paragraphs
+    assert "\n\n".join(texts) == text
 
 
-# --- to_mrkdwn: links ----------------------------------------------------------------------------
+def test_fallback_text_is_cut_for_notifications() -> None:
+    text = "word " * 3000  # 15,000 characters: two messages
+    messages = markdown_messages(text)
+    assert len(messages) == 2
+    for message in messages:
+        assert len(message["text"]) <= FALLBACK_LIMIT
+        assert message["blocks"][0]["text"].startswith(message["text"].removesuffix("…"))
+    assert messages[0]["text"].endswith("word…")
 
 
-def test_markdown_link_becomes_slack_link() -> None:
-    assert to_mrkdwn("Read [the docs](https://example.com/docs) now") == "Read <https://example.com/docs|the docs> now"
+def test_code_fence_stays_intact_across_messages() -> None:
+    lines = [f"print({i})  # line {i}" for i in range(1500)]  # ~30,000 characters of code
+    text = "Here is the script:\n\n```python\n" + "\n".join(lines) + "\n```\n\nRun it with `python x.py`."
+    texts = blocks_text(text)
+    assert len(texts) >= 3 and all(len(t) <= MARKDOWN_LIMIT for t in texts)
+    assert texts[0].startswith("Here is the script:\n\n```python\n")
+    for t in texts:
+        assert t.count("```") % 2 == 0, "a message with an unclosed fence"
+    for t in texts[1:]:
+        assert t.startswith("```python\n")
+    assert texts[-1].endswith("```\n\nRun it with `python x.py`.")
+    assert [line for t in texts for line in t.split("\n") if line.startswith("print(")] == lines
 
 
-def test_link_url_and_text_are_not_escaped_but_surrounding_text_is() -> None:
-    assert to_mrkdwn("[A & B](https://x.io/?a=1&b=2) & more") == "<https://x.io/?a=1&b=2|A & B> &amp; more"
+def test_link_and_mention_are_not_cut() -> None:
+    text = "see [the docs page](https://example.com/a) now"
+    chunks = split_message(text, 40)  # the space inside the link would otherwise be the last one that fits
+    assert chunks == ["see", "[the docs page](https://example.com/a)", "now"]
+    assert split_message("ask <@U0123ABCD> or <https://x.io/a b>", 25) == ["ask <@U0123ABCD> or", "<https://x.io/a b>"]
 
 
-def test_link_with_parentheses_in_url_and_title() -> None:
-    assert to_mrkdwn('[Foo](https://en.wikipedia.org/wiki/Foo_(bar) "Foo page")') == "<https://en.wikipedia.org/wiki/Foo_(bar)|Foo>"
-
-
-def test_link_inside_bold_and_image() -> None:
-    assert to_mrkdwn("**[link](https://x.com)**") == "*<https://x.com|link>*"
-    assert to_mrkdwn("![diagram](https://x.com/d.png)") == "<https://x.com/d.png|diagram>"
-
-
-def test_relative_link_keeps_only_its_text() -> None:
-    assert to_mrkdwn("see [below](#setup) & [there](/docs)") == "see below &amp; there"
-
-
-def test_autolink_becomes_slack_link() -> None:
-    assert to_mrkdwn("<https://example.com>") == "<https://example.com>"
-
-
-def test_bare_urls_stay_and_their_underscores_are_not_italic() -> None:
-    text = "See https://example.com/a_b_c_d, or (https://x.com/q?a=1&b=2)."
-    assert to_mrkdwn(text) == text
-
-
-# --- to_mrkdwn: line structure -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("markdown", "expected"),
-    [
-        ("# Title", "*Title*"),
-        ("## Second level", "*Second level*"),
-        ("###### Deepest ##", "*Deepest*"),
-        ("### Already **bold** part", "*Already bold part*"),
-        ("## A & B", "*A &amp; B*"),
-        ("#hashtag stays", "#hashtag stays"),
-    ],
-)
-def test_headings_become_bold_lines(markdown: str, expected: str) -> None:
-    assert to_mrkdwn(markdown) == expected
-
-
-def test_bullets_become_dots_and_keep_indentation() -> None:
-    markdown = "- one\n* two\n+ three\n  - nested **b**\n    * deeper"
-    assert to_mrkdwn(markdown) == "• one\n• two\n• three\n  • nested *b*\n    • deeper"
-
-
-def test_bullet_star_is_not_confused_with_italic() -> None:
-    assert to_mrkdwn("* *item*") == "• _item_"
-    assert to_mrkdwn("*item* text") == "_item_ text"
-
-
-def test_numbered_lists_stay() -> None:
-    assert to_mrkdwn("1. first\n2. **second**\n10. tenth") == "1. first\n2. *second*\n10. tenth"
-
-
-def test_blockquote_marker_is_kept_unescaped() -> None:
-    assert to_mrkdwn("> quoted **b** > c") == "> quoted *b* &gt; c"
-    assert to_mrkdwn("> - item\n> # Head") == "> • item\n> *Head*"
-
-
-def test_horizontal_rule_is_not_a_bullet() -> None:
-    assert to_mrkdwn("---\n* * *") == "---\n* * *"
-
-
-def test_multiline_document() -> None:
-    markdown = "# Plan\n\nWe **must**:\n\n- read [docs](https://d.io)\n- compare a < b\n\n1. done\n"
-    assert to_mrkdwn(markdown) == "*Plan*\n\nWe *must*:\n\n• read <https://d.io|docs>\n• compare a &lt; b\n\n1. done\n"
-
-
-# --- to_mrkdwn: escaping and code ----------------------------------------------------------------
-
-
-def test_special_characters_are_escaped() -> None:
-    assert to_mrkdwn("a < b & c > d") == "a &lt; b &amp; c &gt; d"
-
-
-def test_slack_control_sequences_from_the_model_are_escaped() -> None:
-    assert to_mrkdwn("<!channel> hi") == "&lt;!channel&gt; hi"
-
-
-def test_inline_code_is_untouched() -> None:
-    assert to_mrkdwn("run `**x** <y> & _z_` then **go**") == "run `**x** <y> & _z_` then *go*"
-    assert to_mrkdwn("``a ` b`` <") == "``a ` b`` &lt;"
-
-
-def test_fenced_block_is_untouched_and_loses_its_language_tag() -> None:
-    code = "if a < b and c > d:\n    print('**hi** & _x_ [l](https://x)')\n# not a heading\n- not a bullet"
-    markdown = f"Before **b**\n```python\n{code}\n```\nAfter _i_"
-    assert to_mrkdwn(markdown) == f"Before *b*\n```\n{code}\n```\nAfter _i_"
-
-
-def test_tilde_fence_and_unclosed_fence() -> None:
-    assert to_mrkdwn("~~~\n**x**\n~~~") == "```\n**x**\n```"
-    assert to_mrkdwn("```sh\necho <a> **b**") == "```\necho <a> **b**\n```"
-
-
-def test_windows_line_endings() -> None:
-    assert to_mrkdwn("# T\r\n- **a**\r\n") == "*T*\n• *a*\n"
+def test_escape_is_not_cut_from_what_it_escapes() -> None:
+    text = "x" * 9 + r"\*y"  # a hard cut at 10 would leave the backslash alone at the end
+    assert split_message(text, 10) == ["x" * 9, r"\*y"]
 
 
 # --- split_message -------------------------------------------------------------------------------
@@ -169,7 +107,7 @@ def test_empty_and_short_text() -> None:
     assert split_message(" \n\n ") == []
     assert split_message("hello") == ["hello"]
     assert split_message("  hello  \n") == ["hello"]
-    exact = "x" * 3900
+    exact = "x" * MARKDOWN_LIMIT
     assert split_message(exact) == [exact]
 
 
@@ -209,18 +147,11 @@ def test_splits_at_sentence_ends_then_spaces() -> None:
 
 
 def test_hard_cut_without_any_spaces() -> None:
-    text = "".join(chr(ord("a") + i % 26) for i in range(10_000))
+    text = "".join(chr(ord("a") + i % 26) for i in range(30_000))
     chunks = split_message(text)
-    assert [len(c) for c in chunks] == [3900, 3900, 2200]
+    assert [len(c) for c in chunks] == [12_000, 12_000, 6_000]
     assert "".join(chunks) == text
-    assert_fits(chunks, 3900)
-
-
-def test_does_not_cut_inside_a_slack_link() -> None:
-    text = "see <https://example.com/a|the docs page> now"
-    chunks = split_message(text, 40)  # the space inside the link would otherwise be the last one that fits
-    assert chunks == ["see", "<https://example.com/a|the docs page>", "now"]
-    assert_fits(chunks, 40)
+    assert_fits(chunks, MARKDOWN_LIMIT)
 
 
 def test_code_block_that_fits_is_never_split() -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from konstruct import audit
 from konstruct.billing.standing import row_state
 from konstruct.billing.state import Evidence, decide
-from konstruct.channels.webhook_body import parse_json
+from konstruct.bodies import parse_json
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import StripeEvent, Subscription, Tenant

@@ -22,9 +22,9 @@ from starlette.routing import Route
 
 from konstruct import inbox
 from konstruct.billing import events as billing_events
+from konstruct.bodies import read_body
 from konstruct.channels.slack import oauth
 from konstruct.channels.slack.events import SlackEvents
-from konstruct.channels.webhook_body import read_body
 from konstruct.channels.whatsapp.webhook import WhatsAppWebhook
 from konstruct.config import CONFIG_ENV, Settings, load_settings
 from konstruct.db.engine import Database

@@ -77,9 +77,6 @@ class Principal:
     email: str | None = None
     roles: dict[uuid.UUID, str] = field(default_factory=dict)  # tenant id -> role
 
-    def role_in(self, tenant_id: uuid.UUID) -> str | None:
-        return "platform_admin" if self.platform_admin else self.roles.get(tenant_id)
-
     def can(self, operation: str, tenant_id: uuid.UUID | None = None) -> bool:
         if operation not in OPERATIONS:
             raise ValueError(f"unknown operation {operation!r}")  # a bug: every operation is declared above

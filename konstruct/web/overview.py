@@ -126,7 +126,8 @@ async def tenant_view(db: Database, settings: Settings, tenant: TenantInfo) -> T
 
 
 def bar_chart(days: list[tuple[str, float]], width: int = 600, height: int = 140) -> str:
-    """An SVG bar chart of cost per day, with the daily share of the monthly limit as a line. No JavaScript."""
+    """An SVG bar chart of cost per day (each bar's title gives its amount), labelled with the first and last
+    day and the highest cost. No JavaScript. The share of the monthly limit is the page's meter, not drawn here."""
     if not days:
         return ""
     top = max([cost for _, cost in days] + [0.000001])

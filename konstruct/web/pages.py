@@ -4,7 +4,9 @@ role (konstruct/tenancy/access.py) and read inside tenant transactions (row-leve
 
 from __future__ import annotations
 
+import functools
 import secrets
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -15,7 +17,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from konstruct.channels.webhook_body import read_body
+from konstruct.bodies import read_body
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.errors import KonstructError, PermissionDenied, ValidationError
@@ -65,6 +67,22 @@ async def _current(request: Request) -> tuple[WebSession, Principal] | None:
     if web_session is None:
         return None
     return web_session, await sessions.principal(db, web_session)
+
+
+SignedInPage = Callable[[Request, WebSession, Principal], Awaitable[Response]]
+
+
+def signed_in(page: SignedInPage) -> Callable[[Request], Awaitable[Response]]:
+    """A route for signed-in users only, handed their session and principal; anyone else goes to /login."""
+
+    @functools.wraps(page)
+    async def endpoint(request: Request) -> Response:
+        current = await _current(request)
+        if current is None:
+            return RedirectResponse("/login", status_code=303)
+        return await page(request, *current)
+
+    return endpoint
 
 
 def _page(request: Request, web_session: WebSession, principal: Principal, name: str, **context: Any) -> Response:
@@ -127,11 +145,8 @@ async def logout(request: Request) -> Response:
 # -- pages --
 
 
-async def home(request: Request) -> Response:
-    current = await _current(request)
-    if current is None:
-        return RedirectResponse("/login", status_code=303)
-    web_session, principal = current
+@signed_in
+async def home(request: Request, web_session: WebSession, principal: Principal) -> Response:
     db: Database = request.app.state.db
     visible = await access.tenants(db, principal, "status.view")
     if not principal.platform_admin and len(visible) == 1:
@@ -140,11 +155,8 @@ async def home(request: Request) -> Response:
     return _page(request, web_session, principal, "home.html", tenants=visible, health=health)
 
 
-async def tenant_page(request: Request) -> Response:
-    current = await _current(request)
-    if current is None:
-        return RedirectResponse("/login", status_code=303)
-    web_session, principal = current
+@signed_in
+async def tenant_page(request: Request, web_session: WebSession, principal: Principal) -> Response:
     db: Database = request.app.state.db
     tenant = await access.tenant(db, principal, request.path_params["slug"], "status.view")
     view = await overview.tenant_view(db, request.app.state.settings, tenant)
@@ -153,11 +165,8 @@ async def tenant_page(request: Request) -> Response:
     return _page(request, web_session, principal, "tenant.html", view=view, chart=chart, billing_on=billing_on)
 
 
-async def impersonate(request: Request) -> Response:
-    current = await _current(request)
-    if current is None:
-        return RedirectResponse("/login", status_code=303)
-    web_session, principal = current
+@signed_in
+async def impersonate(request: Request, web_session: WebSession, principal: Principal) -> Response:
     form = await _form(request)
     _check_csrf(web_session, form)
     db: Database = request.app.state.db
@@ -166,12 +175,10 @@ async def impersonate(request: Request) -> Response:
     return RedirectResponse(f"/tenants/{tenant.slug}", status_code=303)
 
 
-async def stop_impersonating(request: Request) -> Response:
-    current = await _current(request)
-    if current is None:
-        return RedirectResponse("/login", status_code=303)
-    _check_csrf(current[0], await _form(request))
-    await sessions.stop_impersonating(request.app.state.db, current[0])
+@signed_in
+async def stop_impersonating(request: Request, web_session: WebSession, principal: Principal) -> Response:
+    _check_csrf(web_session, await _form(request))
+    await sessions.stop_impersonating(request.app.state.db, web_session)
     return RedirectResponse("/", status_code=303)
 
 

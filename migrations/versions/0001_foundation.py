@@ -6,6 +6,7 @@ Create Date: 2026-11-26
 """
 
 from alembic import op
+from konstruct.migrations.rls import enable_rls
 
 revision = "0001"
 down_revision = None
@@ -13,7 +14,6 @@ branch_labels = None
 depends_on = None
 
 APP_ROLE = "konstruct_app"
-CURRENT_TENANT = "NULLIF(current_setting('app.current_tenant', true), '')::uuid"
 
 TABLES = """
 CREATE TABLE tenants (
@@ -193,14 +193,7 @@ def upgrade() -> None:
     op.execute(f"ALTER ROLE {APP_ROLE} NOSUPERUSER NOBYPASSRLS")
     op.execute(TABLES)
     for table, column in TENANT_TABLES.items():
-        op.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
-        op.execute(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY")
-        op.execute(
-            f"CREATE POLICY tenant_isolation ON {table} USING ({column} = {CURRENT_TENANT}) WITH CHECK ({column} = {CURRENT_TENANT})"
-        )
-        # The owner role (migrations, the SECURITY DEFINER look-ups) may see every row, as it could by
-        # dropping the policy anyway; the app role is not a member of it.
-        op.execute(f"CREATE POLICY owner_access ON {table} TO CURRENT_USER USING (true) WITH CHECK (true)")
+        enable_rls(op, table, column)
     op.execute(FUNCTIONS)
 
     op.execute(f"GRANT USAGE ON SCHEMA public TO {APP_ROLE}")

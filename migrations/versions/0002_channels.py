@@ -6,6 +6,7 @@ Create Date: 2026-11-26
 """
 
 from alembic import op
+from konstruct.migrations.rls import enable_rls
 
 revision = "0002"
 down_revision = "0001"
@@ -13,7 +14,6 @@ branch_labels = None
 depends_on = None
 
 APP_ROLE = "konstruct_app"
-CURRENT_TENANT = "NULLIF(current_setting('app.current_tenant', true), '')::uuid"
 
 DDL = """
 CREATE TABLE channel_connections (
@@ -71,12 +71,7 @@ $$;
 def upgrade() -> None:
     op.execute(DDL)
     for table in ("channel_connections", "channel_routes"):
-        op.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
-        op.execute(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY")
-        op.execute(
-            f"CREATE POLICY tenant_isolation ON {table} USING (tenant_id = {CURRENT_TENANT}) WITH CHECK (tenant_id = {CURRENT_TENANT})"
-        )
-        op.execute(f"CREATE POLICY owner_access ON {table} TO CURRENT_USER USING (true) WITH CHECK (true)")
+        enable_rls(op, table)
         op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {APP_ROLE}")
     op.execute(FUNCTIONS)
     for function in ("konstruct_resolve_connection(text, text)", "konstruct_single_connections(text)"):

@@ -6,6 +6,7 @@ Create Date: 2026-11-26
 """
 
 from alembic import op
+from konstruct.migrations.rls import enable_rls
 
 revision = "0003"
 down_revision = "0002"
@@ -13,7 +14,6 @@ branch_labels = None
 depends_on = None
 
 APP_ROLE = "konstruct_app"
-CURRENT_TENANT = "NULLIF(current_setting('app.current_tenant', true), '')::uuid"
 
 DDL = """
 -- A message moves forward only: sending → sent → delivered → read; failed is final.
@@ -48,12 +48,7 @@ CREATE TABLE delivery_statuses (
 
 def upgrade() -> None:
     op.execute(DDL)
-    op.execute("ALTER TABLE delivery_statuses ENABLE ROW LEVEL SECURITY")
-    op.execute("ALTER TABLE delivery_statuses FORCE ROW LEVEL SECURITY")
-    op.execute(
-        f"CREATE POLICY tenant_isolation ON delivery_statuses USING (tenant_id = {CURRENT_TENANT}) WITH CHECK (tenant_id = {CURRENT_TENANT})"
-    )
-    op.execute("CREATE POLICY owner_access ON delivery_statuses TO CURRENT_USER USING (true) WITH CHECK (true)")
+    enable_rls(op, "delivery_statuses")
     op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON delivery_statuses TO {APP_ROLE}")
     op.execute(f"GRANT EXECUTE ON FUNCTION konstruct_delivery_rank(text) TO {APP_ROLE}")
 

@@ -7,6 +7,7 @@ Create Date: 2026-11-26
 """
 
 from alembic import op
+from konstruct.migrations.rls import enable_rls
 
 revision = "0004"
 down_revision = "0003"
@@ -14,7 +15,6 @@ branch_labels = None
 depends_on = None
 
 APP_ROLE = "konstruct_app"
-CURRENT_TENANT = "NULLIF(current_setting('app.current_tenant', true), '')::uuid"
 
 DDL = """
 CREATE EXTENSION IF NOT EXISTS vector;
@@ -105,10 +105,7 @@ $$;
 
 def upgrade() -> None:
     op.execute(DDL)
-    op.execute("ALTER TABLE memories ENABLE ROW LEVEL SECURITY")
-    op.execute("ALTER TABLE memories FORCE ROW LEVEL SECURITY")
-    op.execute(f"CREATE POLICY tenant_isolation ON memories USING (tenant_id = {CURRENT_TENANT}) WITH CHECK (tenant_id = {CURRENT_TENANT})")
-    op.execute("CREATE POLICY owner_access ON memories TO CURRENT_USER USING (true) WITH CHECK (true)")
+    enable_rls(op, "memories")
     op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON memories TO {APP_ROLE}")
     op.execute(CHAIN)
     # Existing events join the chain in the order they were written (the append-only trigger is paused

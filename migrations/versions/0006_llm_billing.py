@@ -6,6 +6,7 @@ Create Date: 2026-11-26
 """
 
 from alembic import op
+from konstruct.migrations.rls import enable_rls
 
 revision = "0006"
 down_revision = "0005"
@@ -13,7 +14,6 @@ branch_labels = None
 depends_on = None
 
 APP_ROLE = "konstruct_app"
-CURRENT_TENANT = "NULLIF(current_setting('app.current_tenant', true), '')::uuid"
 
 DDL = """
 -- A tenant's own provider key: only its Fernet token and its last four characters are kept.
@@ -131,12 +131,7 @@ TABLES = ("llm_keys", "llm_usage", "budgets", "budget_months", "budget_reservati
 def upgrade() -> None:
     op.execute(DDL)
     for table in TABLES:
-        op.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
-        op.execute(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY")
-        op.execute(
-            f"CREATE POLICY tenant_isolation ON {table} USING (tenant_id = {CURRENT_TENANT}) WITH CHECK (tenant_id = {CURRENT_TENANT})"
-        )
-        op.execute(f"CREATE POLICY owner_access ON {table} TO CURRENT_USER USING (true) WITH CHECK (true)")
+        enable_rls(op, table)
         op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {APP_ROLE}")
     # Usage is a record: the app adds rows, never edits them (forgetting a tenant deletes it whole).
     op.execute(f"REVOKE UPDATE ON llm_usage FROM {APP_ROLE}")

@@ -7,6 +7,7 @@ Create Date: 2026-11-26
 """
 
 from alembic import op
+from konstruct.migrations.rls import CURRENT_TENANT, enable_rls
 
 revision = "0007"
 down_revision = "0006"
@@ -14,7 +15,6 @@ branch_labels = None
 depends_on = None
 
 APP_ROLE = "konstruct_app"
-CURRENT_TENANT = "NULLIF(current_setting('app.current_tenant', true), '')::uuid"
 CURRENT_USER = "NULLIF(current_setting('app.current_user', true), '')::uuid"
 
 DDL = f"""
@@ -105,12 +105,7 @@ FUNCTION_NAMES = (
 def upgrade() -> None:
     op.execute(DDL)
     for table in ("memberships", "invitations"):
-        op.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
-        op.execute(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY")
-        op.execute(
-            f"CREATE POLICY tenant_isolation ON {table} USING (tenant_id = {CURRENT_TENANT}) WITH CHECK (tenant_id = {CURRENT_TENANT})"
-        )
-        op.execute(f"CREATE POLICY owner_access ON {table} TO CURRENT_USER USING (true) WITH CHECK (true)")
+        enable_rls(op, table)
     op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON users, memberships, invitations TO {APP_ROLE}")
     op.execute(FUNCTIONS)
     for function in FUNCTION_NAMES:

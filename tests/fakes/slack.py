@@ -6,7 +6,8 @@ OAuth installs from codes a test registers, serves private files only to a regis
 a method with HTTP 429 and `Retry-After`.
 
 Only the methods konstruct uses are implemented: `auth.test`, `oauth.v2.access`, `chat.postMessage`
-(with message `metadata`), `chat.update`, `conversations.replies` and `conversations.history` (metadata
+(with message `metadata`, and `blocks` checked as Slack does for the `markdown` blocks konstruct sends:
+at most 50 blocks, at most 12,000 characters of markdown text in one message), `chat.update`, `conversations.replies` and `conversations.history` (metadata
 only with `include_all_metadata`, as Slack does). Anything else answers `{"ok": false, "error": "unknown_method"}`.
 Like real Slack, every answer except a rate limit is HTTP 200 with `"ok"` telling success from failure.
 """
@@ -51,6 +52,31 @@ def sign(body: bytes, secret: str, timestamp: int | None = None) -> dict[str, st
     ts = str(timestamp if timestamp is not None else int(time.time()))
     signature = "v0=" + hmac.new(secret.encode(), f"v0:{ts}:".encode() + body, hashlib.sha256).hexdigest()
     return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": signature, "Content-Type": "application/json"}
+
+
+MAX_BLOCKS = 50
+MARKDOWN_LIMIT = 12_000  # characters of markdown-block text per message, all its markdown blocks together
+
+
+def _blocks(raw: Any) -> list[dict[str, Any]] | str | None:
+    """The message's blocks (form-encoded calls send them as JSON text), or Slack's error for them."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            return "invalid_blocks_format"
+    if not isinstance(raw, list) or not all(isinstance(b, dict) and isinstance(b.get("type"), str) for b in raw):
+        return "invalid_blocks_format"
+    if len(raw) > MAX_BLOCKS:
+        return "invalid_blocks"
+    markdown = [b.get("text") for b in raw if b["type"] == "markdown"]
+    if not all(isinstance(t, str) and t for t in markdown):
+        return "invalid_blocks"
+    if sum(len(t) for t in markdown) > MARKDOWN_LIMIT:
+        return "msg_blocks_too_long"
+    return raw
 
 
 def _ts_key(ts: str) -> tuple[int, int]:
@@ -262,7 +288,9 @@ class FakeSlack:
         channel = args.get("channel")
         if not channel:
             return {"ok": False, "error": "channel_not_found"}
-        text, blocks = args.get("text"), args.get("blocks")
+        text, blocks = args.get("text"), _blocks(args.get("blocks"))
+        if isinstance(blocks, str):
+            return {"ok": False, "error": blocks}
         if not text and not blocks and not args.get("attachments"):
             return {"ok": False, "error": "no_text"}
         ts = self._new_ts()
@@ -295,7 +323,9 @@ class FakeSlack:
             return {"ok": False, "error": "message_not_found"}
         if message.get("user") != info["user_id"]:
             return {"ok": False, "error": "cant_update_message"}
-        text, blocks = args.get("text"), args.get("blocks")
+        text, blocks = args.get("text"), _blocks(args.get("blocks"))
+        if isinstance(blocks, str):
+            return {"ok": False, "error": blocks}
         if not text and not blocks:
             return {"ok": False, "error": "no_text"}
         message["text"] = text or ""

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from konstruct.channels.connections import SecretCache
 from konstruct.channels.slack.client import web_client
-from konstruct.channels.slack.format import split_message, to_mrkdwn
+from konstruct.channels.slack.format import markdown_messages
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import ChannelConnection
@@ -118,21 +118,28 @@ class SlackChannel:
         """Replace the placeholder with the first part of the answer; post the rest in the thread."""
         target = reply.target
         client = await self._client(target)
-        chunks = split_message(to_mrkdwn(reply.text)) or [reply.text or "…"]
+        first, *rest = markdown_messages(reply.text) or markdown_messages("…")
         first_ts: str | None = None
         try:
             if target.reply_ref:
-                await client.chat_update(channel=target.payload["channel"], ts=target.reply_ref, text=chunks[0])
+                await client.chat_update(channel=target.payload["channel"], ts=target.reply_ref, **first)
                 first_ts = target.reply_ref
             else:
-                first_ts = str((await self._post(client, target, chunks[0]))["ts"])
-            for chunk in chunks[1:]:
-                await self._post(client, target, chunk)
+                first_ts = str((await self._post(client, target, **first))["ts"])
+            for message in rest:
+                await self._post(client, target, **message)
         except SlackApiError as exc:
             raise ChannelError(f"Slack refused the reply: {exc.response.get('error')}") from None
         return first_ts
 
-    async def _post(self, client: AsyncWebClient, target: Target, text: str, metadata: dict[str, Any] | None = None) -> Any:
+    async def _post(
+        self,
+        client: AsyncWebClient,
+        target: Target,
+        text: str,
+        metadata: dict[str, Any] | None = None,
+        blocks: list[dict[str, str]] | None = None,
+    ) -> Any:
         channel = target.payload["channel"]
         lock, last = self._pace.setdefault((target.payload.get("team_id", ""), channel), (asyncio.Lock(), [0.0]))
         async with lock:
@@ -141,7 +148,7 @@ class SlackChannel:
                 await asyncio.sleep(wait)
             try:
                 response = await client.chat_postMessage(
-                    channel=channel, text=text, thread_ts=target.payload.get("thread_ts"), mrkdwn=True, metadata=metadata
+                    channel=channel, text=text, blocks=blocks, thread_ts=target.payload.get("thread_ts"), mrkdwn=True, metadata=metadata
                 )
             except SlackApiError as exc:
                 raise ChannelError(f"Slack refused a message: {exc.response.get('error')}") from None

@@ -24,13 +24,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from konstruct import inbox
+from konstruct.bodies import parse_json, read_body
 from konstruct.channels.connections import ResolveCache, Resolved, set_status, single_mode_candidates, unseal
 from konstruct.channels.slack.client import web_client
-from konstruct.channels.webhook_body import clean_message, parse_json, read_body
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.errors import DatabaseUnavailable
-from konstruct.messaging import InboundMessage, Routing
+from konstruct.messaging import InboundMessage, Routing, clean_message
 
 log = logging.getLogger("konstruct.slack")
 

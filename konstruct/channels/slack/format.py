@@ -1,12 +1,10 @@
-"""Slack text formatting: Markdown written by an LLM → Slack mrkdwn, and long messages → chunks.
+"""Slack replies: the model's Markdown, as-is, in `markdown` blocks, cut into messages Slack accepts.
 
-Pure functions, no I/O. Slack's mrkdwn is not Markdown: bold is `*x*`, italic `_x_`, strike `~x~`,
-links are `<url|text>`, there are no headings or bullets, and `&`, `<`, `>` must be escaped in text.
-`to_mrkdwn` converts the Markdown a model typically writes; `split_message` cuts a long reply into
-pieces that fit in one Slack message each without breaking code blocks.
-
-Inline code and fenced code blocks are passed through untouched, as the callers asked, so a `<` or
-`&` inside them reaches Slack raw.
+Pure functions, no I/O. Slack's `markdown` block takes standard Markdown and does the translating
+itself, so an escaped `\\*` stays a literal star and links, mentions and code reach Slack as written.
+What is left to us is length: a markdown block holds at most 12,000 characters, and that limit is
+cumulative over all the markdown blocks of one message, so each message carries one block and a long
+answer becomes several messages. `split_message` cuts without breaking code blocks (WhatsApp uses it too).
 """
 
 from __future__ import annotations
@@ -15,10 +13,14 @@ import bisect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypedDict
 
-__all__ = ["split_message", "to_mrkdwn"]
+__all__ = ["FALLBACK_LIMIT", "MARKDOWN_LIMIT", "SlackMessage", "markdown_messages", "split_message"]
 
-# --- fenced code blocks (shared by both functions) ---------------------------------------------
+MARKDOWN_LIMIT = 12_000  # characters of markdown-block text per message (all its markdown blocks together)
+FALLBACK_LIMIT = 4_000  # Slack's advice for a message's top-level text; it only feeds notifications here
+
+# --- fenced code blocks ------------------------------------------------------------------------
 
 _FENCE_OPEN = re.compile(r"^[ \t]*(?:(`{3,})[^`]*|(~{3,}).*)$")
 
@@ -32,7 +34,6 @@ class _Fence:
     opening: str  # the opening fence line, stripped ("```python")
     closing: str  # the closing fence line, stripped, or the marker that would close it
     body: str  # the lines between the fences, verbatim, without their surrounding newlines
-    closed: bool
 
 
 def _fenced_blocks(text: str) -> list[_Fence]:
@@ -53,139 +54,36 @@ def _fenced_blocks(text: str) -> list[_Fence]:
             stripped = content.strip()
             if stripped and set(stripped) == {marker[0]} and len(stripped) >= len(marker):
                 body = text[body_start : pos - 1] if pos > body_start else ""
-                blocks.append(_Fence(start, pos + len(content), opening, stripped, body.rstrip("\r"), closed=True))
+                blocks.append(_Fence(start, pos + len(content), opening, stripped, body.rstrip("\r")))
                 marker = ""
         pos += len(line) + 1
     if marker:
         body = text[body_start:] if body_start < len(text) else ""
-        blocks.append(_Fence(start, len(text), opening, marker, body, closed=False))
+        blocks.append(_Fence(start, len(text), opening, marker, body))
     return blocks
 
 
-# --- to_mrkdwn -------------------------------------------------------------------------------------
-
-# Private-use characters: placeholders for protected text, and markers for the emphasis we emit.
-_STASH_OPEN, _STASH_CLOSE = "\ue000", "\ue001"
-_BOLD, _ITALIC, _STRIKE = "\ue002", "\ue003", "\ue004"
-_SENTINELS = str.maketrans("", "", _STASH_OPEN + _STASH_CLOSE + _BOLD + _ITALIC + _STRIKE)
-_STASHED = re.compile(f"{_STASH_OPEN}(\\d+){_STASH_CLOSE}")
-
-_HEADING = re.compile(r"^[ ]{0,3}#{1,6}[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
-_RULE = re.compile(r"^[ ]{0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$")
-_QUOTE = re.compile(r"^([ ]{0,3}(?:>[ ]?)+)(.*)$")
-_BULLET = re.compile(r"^([ \t]*)[-*+][ \t]+(.*)$")
-
-_CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)")
-_BACKSLASH = re.compile(r"\\([\\`*_{}\[\]()#+\-.!~|<>&])")
-_LINK = re.compile(
-    r"!?\[([^\[\]]*)\]"  # [label], or ![alt] for an image
-    r"\(\s*<?((?:[^\s()<>]|\([^\s()<>]*\))+)>?"  # (url, allowing one level of balanced parentheses
-    r"(?:\s+(?:\"[^\"]*\"|'[^']*'))?\s*\)"  # optionally "title")
-)
-_AUTOLINK = re.compile(r"<((?:https?|ftp|mailto):[^\s<>]+)>")
-_BARE_URL = re.compile(r"(?<![\w/])https?://[^\s<>]+")
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-
-# The inner text of an emphasis may not contain its own delimiter (except inside a word, for the
-# single ones), so each opener scans only to the next delimiter: linear, even on a line of 50,000 `**`.
-_EMPHASIS: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"(?<![\w*])\*\*\*(?![\s*])((?:[^*]|\*(?!\*\*))+?)(?<![\s*])\*\*\*(?![\w*])"), _BOLD + _ITALIC + r"\1" + _ITALIC + _BOLD),
-    (re.compile(r"(?<![\w_])___(?![\s_])((?:[^_]|_(?!__))+?)(?<![\s_])___(?![\w_])"), _BOLD + _ITALIC + r"\1" + _ITALIC + _BOLD),
-    (re.compile(r"(?<!\*)\*\*(?![\s*])((?:[^*]|\*(?!\*))+?)(?<![\s*])\*\*"), _BOLD + r"\1" + _BOLD),
-    (re.compile(r"(?<![\w_])__(?![\s_])((?:[^_]|_(?!_))+?)(?<![\s_])__(?![\w_])"), _BOLD + r"\1" + _BOLD),
-    (re.compile(r"(?<![\w*])\*(?![\s*])((?:[^*]|(?<=\w)\*(?=\w))+?)(?<![\s*])\*(?![\w*])"), _ITALIC + r"\1" + _ITALIC),
-    (re.compile(r"(?<![\w_])_(?![\s_])((?:[^_]|(?<=\w)_(?=\w))+?)(?<![\s_])_(?![\w_])"), _ITALIC + r"\1" + _ITALIC),
-    (re.compile(r"(?<!~)~~(?![\s~])((?:[^~]|~(?!~))+?)(?<![\s~])~~(?!~)"), _STRIKE + r"\1" + _STRIKE),
-]
+# --- messages ----------------------------------------------------------------------------------
 
 
-def to_mrkdwn(markdown: str) -> str:
-    """Convert LLM-style Markdown to Slack mrkdwn.
+class SlackMessage(TypedDict):
+    """The arguments of one chat.postMessage / chat.update call that carry the content."""
 
-    `**b**`/`__b__` → `*b*`, `*i*`/`_i_` → `_i_`, `~~s~~` → `~s~`, `[text](url)` → `<url|text>`,
-    headings → a bold line, `-`/`*`/`+` bullets → `•` (indentation kept); numbered lists, blockquotes
-    and bare URLs stay. `&`, `<`, `>` in ordinary text become `&amp;`, `&lt;`, `&gt;`. Inline code
-    and fenced code blocks are left untouched, except that the fence's language tag is dropped.
-    """
-    text = markdown.replace("\r\n", "\n")
-    out: list[str] = []
-    pos = 0
-    for block in _fenced_blocks(text):
-        out.append(_convert_prose(text[pos : block.start]))
-        out.append(f"```\n{block.body}\n```" if block.body else "```\n```")
-        pos = block.end
-    out.append(_convert_prose(text[pos:]))
-    return "".join(out)
+    text: str  # the fallback: notifications and screen readers use it, the message shows the blocks
+    blocks: list[dict[str, str]]
 
 
-def _convert_prose(text: str) -> str:
-    return "\n".join(_convert_line(line) for line in text.split("\n"))
+def markdown_messages(markdown: str, limit: int = MARKDOWN_LIMIT) -> list[SlackMessage]:
+    """One message per chunk of `markdown` (see split_message): a single markdown block, plus its text
+    as the fallback, cut to FALLBACK_LIMIT. Empty text gives []."""
+    return [{"text": _fallback(chunk), "blocks": [{"type": "markdown", "text": chunk}]} for chunk in split_message(markdown, limit)]
 
 
-def _convert_line(line: str) -> str:
-    if not line.strip() or _RULE.match(line):
-        return line
-    heading = _HEADING.match(line)
-    if heading:
-        title = _inline(heading.group(1), bold=False)
-        return f"*{title}*" if title else ""
-    quote = _QUOTE.match(line)
-    if quote:
-        return quote.group(1) + _convert_line(quote.group(2))
-    bullet = _BULLET.match(line)
-    if bullet:
-        return f"{bullet.group(1)}• {_inline(bullet.group(2))}"
-    return _inline(line)
-
-
-def _inline(text: str, *, bold: bool = True) -> str:
-    """Convert one line's inline Markdown. With bold=False (a heading's text) inner bold is dropped."""
-    stash: list[str] = []
-
-    def keep(value: str) -> str:
-        stash.append(value)
-        return f"{_STASH_OPEN}{len(stash) - 1}{_STASH_CLOSE}"
-
-    def link(match: re.Match[str]) -> str:
-        label, url = match.group(1).strip(), match.group(2)
-        if not _SCHEME.match(url):  # a relative link or an anchor: Slack cannot follow it, keep the words
-            return label
-        label = _emphasis(label).replace("<", "&lt;").replace(">", "&gt;")  # only what would break the link
-        url = url.replace("|", "%7C")
-        return keep(f"<{url}|{label}>" if label and label != url else f"<{url}>")
-
-    def bare_url(match: re.Match[str]) -> str:
-        url = match.group(0)
-        end, unbalanced = len(url), url.count(")") - url.count("(")
-        while end and (url[end - 1] in ".,;:!?'\"*_~" or (url[end - 1] == ")" and unbalanced > 0)):  # trailing punctuation
-            unbalanced -= url[end - 1] == ")"
-            end -= 1
-        return keep(url[:end]) + url[end:]
-
-    text = text.translate(_SENTINELS)
-    text = _CODE_SPAN.sub(lambda m: keep(m.group(0)), text)
-    text = _BACKSLASH.sub(lambda m: keep(_escape(m.group(1))), text)
-    text = _LINK.sub(link, text)
-    text = _AUTOLINK.sub(lambda m: keep(f"<{m.group(1)}>"), text)
-    text = _BARE_URL.sub(bare_url, text)
-    text = _emphasis(_escape(text))
-
-    def restore(match: re.Match[str]) -> str:
-        return _STASHED.sub(restore, stash[int(match.group(1))])
-
-    text = _STASHED.sub(restore, text)
-    return text.replace(_BOLD, "*" if bold else "").replace(_ITALIC, "_").replace(_STRIKE, "~")
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _emphasis(text: str) -> str:
-    """Turn Markdown emphasis into marker characters, so an emitted `*` is never read again as italic."""
-    for pattern, replacement in _EMPHASIS:
-        text = pattern.sub(replacement, text)
-    return text
+def _fallback(chunk: str) -> str:
+    if len(chunk) <= FALLBACK_LIMIT:
+        return chunk
+    cut = chunk.rfind(" ", 0, FALLBACK_LIMIT)
+    return chunk[: cut if cut > 0 else FALLBACK_LIMIT - 1].rstrip() + "…"
 
 
 # --- split_message ---------------------------------------------------------------------------------
@@ -196,11 +94,13 @@ _SEPARATORS: list[tuple[tuple[str, ...], int]] = [
     ((". ", "! ", "? "), 1),  # keep the punctuation with the sentence it ends
     ((" ",), 0),
 ]
-# Short things a cut should not land inside: inline code, Slack <links>, and &amp; entities.
-_ATOMS = re.compile(r"`[^`\n]+`|<[^<>\n]+>|&(?:amp|lt|gt);")
+# Short things a cut should not land inside: inline code, [links](url), <autolinks> and <@mentions>,
+# and backslash escapes (a `\` left at the end of one message would escape nothing, and the `*` that
+# starts the next one would become emphasis).
+_ATOMS = re.compile(r"`[^`\n]+`|!?\[[^\[\]\n]*\]\([^()\s]*(?:\([^()\s]*\)[^()\s]*)*(?:\s+\"[^\"\n]*\")?\)|<[^<>\n]+>|\\\S")
 
 
-def split_message(text: str, limit: int = 3900) -> list[str]:
+def split_message(text: str, limit: int = MARKDOWN_LIMIT) -> list[str]:
     """Split `text` into chunks of at most `limit` characters, each stripped and non-empty.
 
     Cuts at the last paragraph break that fits, else a line break, else a sentence end, else a

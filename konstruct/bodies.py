@@ -1,17 +1,15 @@
-"""Reading a webhook's raw body with a size limit: signatures are checked over the exact bytes, and nobody
-unauthenticated gets to make the gateway buffer an arbitrary amount. Also: JSON parsed without surprises
-(no NaN, no nesting deep enough to exhaust the stack) and text made storable (no NUL, no lone surrogate)."""
+"""Request bodies from outside (webhooks, forms): read with a size limit, since signatures are checked over
+the exact bytes and nobody unauthenticated gets to make the gateway buffer an arbitrary amount; JSON parsed
+without surprises (no NaN, no nesting deep enough to exhaust the stack); text made storable (no NUL, no
+lone surrogate). Below the channels, billing and the web pages, which all use it; it imports none of them."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
-
-from konstruct.messaging import InboundMessage
 
 MAX_BODY = 1_000_000  # Slack and Meta payloads are a few kilobytes
 MAX_DEPTH = 64  # real payloads nest a dozen levels; deeper is an attack on the parser, not a message
@@ -83,15 +81,3 @@ def clean(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [clean(v) for v in value]
     return value
-
-
-def clean_message(message: InboundMessage) -> InboundMessage:
-    """The message with its text, ids and payload cleaned (see clean_text)."""
-    return dataclasses.replace(
-        message,
-        external_id=clean_text(message.external_id),
-        conversation_key=clean_text(message.conversation_key),
-        sender=clean_text(message.sender),
-        text=clean_text(message.text),
-        payload=clean(message.payload),
-    )
