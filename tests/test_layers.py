@@ -4,6 +4,7 @@ two packages import each other, however indirectly (function-level imports inclu
 from __future__ import annotations
 
 import ast
+import tomllib
 from collections import defaultdict
 from pathlib import Path
 
@@ -83,3 +84,14 @@ def test_no_cycle_between_packages() -> None:
         for c in found
     ]
     assert found == [], "package cycles:\n" + "\n".join(detail)
+
+
+def test_every_package_is_shipped() -> None:
+    """pyproject lists the packages (the migrations keep their top-level folder, mapped to konstruct.migrations,
+    which setuptools' finder cannot combine with a mapping): a package missing from the list fails here."""
+    project = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(project["packages"])
+    on_disk = {".".join(p.relative_to(ROOT.parent).parts[:-1]) for p in ROOT.rglob("__init__.py")}
+    migrations = ROOT.parent / project["package-dir"]["konstruct.migrations"]
+    on_disk |= {".".join(("konstruct", "migrations", *p.relative_to(migrations).parts[:-1])) for p in migrations.rglob("__init__.py")}
+    assert on_disk == listed, f"missing from pyproject: {sorted(on_disk - listed)}; listed but gone: {sorted(listed - on_disk)}"
