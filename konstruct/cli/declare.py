@@ -6,11 +6,12 @@ from pathlib import Path
 
 import typer
 
+from konstruct import declare
 from konstruct.cli.common import actor, database, out, platform, print_json, print_table, run, settings
 from konstruct.cli.people import queue_invitation_email
 from konstruct.config import Settings
 from konstruct.db.engine import Database
-from konstruct.tenancy import declare, invitations
+from konstruct.tenancy import invitations
 
 FileOption = typer.Option(None, "--file", "-f", help="The tenants file (default: [[tenants]] in konstruct.toml).", exists=False)
 PruneOption = typer.Option(
