@@ -45,9 +45,9 @@ def test_init_uses_the_master_key_from_the_environment(tmp_path: Path) -> None:
 def test_config_show_masks_secrets_and_takes_env_overrides(config_path: Path) -> None:
     env = cli_env(KONSTRUCT_LLM__TIMEOUT="42")
     data = json.loads(ok(konstruct("config", "show", "--json", config=config_path, env=env)))
-    assert data["llm"]["api_key"] == "****0001"
+    assert data["llm"]["api_key"] == "…0001"
     assert data["llm"]["timeout"] == 42
-    assert data["database"]["app_password"] == "****word"
+    assert data["database"]["app_password"] == "…word"
     text = ok(konstruct("config", "show", config=config_path))
     assert "sk-test-key-0001" not in text and "[llm]" in text
 

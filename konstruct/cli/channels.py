@@ -8,7 +8,7 @@ import typer
 from slack_sdk.errors import SlackApiError
 
 from konstruct.channels import connections as service
-from konstruct.channels.connections import ConnectionInfo, hint
+from konstruct.channels.connections import ConnectionInfo
 from konstruct.channels.slack.client import web_client
 from konstruct.channels.slack.oauth import install_link
 from konstruct.channels.whatsapp.graph import Graph, GraphError
@@ -28,7 +28,7 @@ from konstruct.cli.common import (
     tenant_for,
     tenants_for,
 )
-from konstruct.config import Settings
+from konstruct.config import Settings, hint
 from konstruct.errors import ValidationError
 
 app = typer.Typer(help="Connect channels (Slack, WhatsApp) to tenants and route them to agents.", no_args_is_help=True)
