@@ -95,6 +95,7 @@ def tail(
 def export(
     ctx: typer.Context,
     tenant: str = TenantOption,
+    # Not the shared JsonOption: the export is CSV or JSON Lines, never a table.
     as_json: bool = typer.Option(False, "--json", help="JSON Lines (one event per line, with hashes) instead of CSV."),
 ) -> None:
     """Every event of a tenant, in chain order, to standard output (CSV, or JSON Lines with --json)."""

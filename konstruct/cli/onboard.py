@@ -57,6 +57,7 @@ def _ask(value: str | None, prompt: str, flag: str, default: str | None = None) 
 
 def onboard(
     ctx: typer.Context,
+    # Not the shared tenant options: here --tenant is one of two answers (an existing tenant, or --new-tenant).
     tenant: str | None = typer.Option(None, "--tenant", "-t", help="Use this existing tenant (its slug)."),
     new_tenant: str | None = typer.Option(None, "--new-tenant", help="Create a tenant with this name."),
     slug: str | None = typer.Option(None, "--slug", help="Slug for --new-tenant (default: made from the name)."),
