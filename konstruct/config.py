@@ -314,18 +314,18 @@ class Settings(BaseSettings):
                 continue
             section = getattr(self, name)
             if not isinstance(section, BaseModel):
-                out[name] = mask_secret(section.get_secret_value()) if isinstance(section, SecretStr) else section
+                out[name] = _masked(section.get_secret_value()) if isinstance(section, SecretStr) else section
                 continue
             values: dict[str, Any] = {}
             for key in type(section).model_fields:
                 value = getattr(section, key)
                 if isinstance(value, dict):
-                    value = {k: mask_secret(v.get_secret_value()) if isinstance(v, SecretStr) else v for k, v in value.items()}
+                    value = {k: _masked(v.get_secret_value()) if isinstance(v, SecretStr) else v for k, v in value.items()}
                 elif isinstance(value, list):
                     value = [item.model_dump() if isinstance(item, BaseModel) else item for item in value]
                 elif isinstance(value, SecretStr):
                     raw = value.get_secret_value()
-                    value = mask_url(raw) if key == "url" else mask_secret(raw)
+                    value = mask_url(raw) if key == "url" else _masked(raw)
                 elif isinstance(value, str) and key == "url":
                     value = mask_url(value)
                 elif isinstance(value, Path):
@@ -336,11 +336,14 @@ class Settings(BaseSettings):
         return out
 
 
-def mask_secret(value: str | None) -> str | None:
-    """Show only a key hint: the last four characters."""
-    if not value:
-        return value
-    return "****" + value[-4:] if len(value) > 8 else "****"
+def hint(secret: str) -> str:
+    """The only part of a secret ever shown, everywhere (config show, keys, channels): "…" and its last four
+    characters, or "…" alone when it is too short to show any."""
+    return "…" + secret[-4:] if len(secret) > 8 else "…"
+
+
+def _masked(value: str | None) -> str | None:
+    return hint(value) if value else value
 
 
 def mask_url(url: str | None) -> str | None:

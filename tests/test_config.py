@@ -53,7 +53,7 @@ def test_secret_references(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert settings.llm.api_key is not None and settings.llm.api_key.get_secret_value() == "sk-live-abcdefgh1234"
     assert settings.database.app_password is not None and settings.database.app_password.get_secret_value() == "s3cret-app-pass"
     shown = settings.masked()
-    assert shown["llm"]["api_key"] == "****1234"
+    assert shown["llm"]["api_key"] == "…1234"
     assert "s3cret" not in str(shown) and "abcdefgh" not in str(shown)
 
 

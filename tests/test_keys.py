@@ -79,13 +79,13 @@ def owner_bytes(db: Database, table: str, column: str) -> list[bytes]:
 async def test_a_tenant_key_is_used_for_that_tenant_only_and_never_stored_in_clear(site: Site) -> None:
     added = site.cli("key", "add", "--tenant", "acme", "--provider", "openai", "--key-env", "ACME_KEY", "--json", ACME_KEY=ACME_KEY)
     assert added.returncode == 0, added.stderr
-    assert json.loads(added.stdout)["hint"] == "****9c21" and ACME_KEY not in added.stdout
+    assert json.loads(added.stdout)["hint"] == "…9c21" and ACME_KEY not in added.stdout
 
     stored = owner_bytes(site.db, "llm_keys", "secret")
     assert len(stored) == 1 and ACME_KEY.encode() not in stored[0] and b"9c21" not in stored[0]
 
     listed = site.cli("key", "list", "--tenant", "acme")
-    assert "openai" in listed.stdout and "****9c21" in listed.stdout and ACME_KEY not in listed.stdout
+    assert "openai" in listed.stdout and "…9c21" in listed.stdout and ACME_KEY not in listed.stdout
     assert "operator:" in listed.stdout  # added by
 
     assert site.chat("hello from acme")["status"] == "replied"

@@ -11,7 +11,7 @@ from konstruct.config import load_settings
 from konstruct.db.engine import Database
 from konstruct.tenancy.tenants import get_tenant
 from tests.fakes.llm import FakeLLM
-from tests.helpers import Proc, konstruct
+from tests.helpers import Proc, cli_env, konstruct
 
 
 async def test_an_interrupted_wizard_resumes_and_goes_live(config_path: Path, tmp_path: Path, fake_llm: FakeLLM, db: Database) -> None:
@@ -46,3 +46,14 @@ async def test_missing_answers_without_a_terminal_are_clear_errors(config_path: 
     assert result.returncode != 0 and "--tenant or --new-tenant" in result.stderr and "Traceback" not in result.stderr
     bad = konstruct("onboard", "--new-tenant", "X", "--channel", "carrier-pigeon", config=config_path)
     assert bad.returncode != 0 and "--channel must be one of" in bad.stderr
+
+
+async def test_the_wizard_acts_as_the_user_of_as(config_path: Path) -> None:
+    # Its steps once re-entered the CLI through argv, which dropped --as: a customer could create a tenant through it.
+    env = cli_env(NEW_PASSWORD="a-long-enough-password-1")
+    created = konstruct("user", "create", "ops@example.com", "--name", "Ops", "--password-env", "NEW_PASSWORD", config=config_path, env=env)
+    assert created.returncode == 0, created.stderr
+    refused = konstruct("--as", "ops@example.com", "onboard", "--new-tenant", "Hooli", "--channel", "skip", config=config_path)
+    assert refused.returncode == 3 and "may not do tenant.create" in refused.stderr and "Traceback" not in refused.stderr
+    tenants = json.loads(konstruct("tenant", "list", "--json", config=config_path).stdout)
+    assert "hooli" not in [t["slug"] for t in tenants]

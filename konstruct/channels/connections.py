@@ -77,11 +77,6 @@ class Resolved:
     details: dict[str, Any]
 
 
-def hint(secret: str) -> str:
-    """The only part of a secret ever shown: its last four characters."""
-    return "…" + secret[-4:] if len(secret) > 8 else "…"
-
-
 def seal(settings: Settings, credentials: dict[str, str]) -> bytes:
     return encrypt(settings, json.dumps(credentials, sort_keys=True))
 

@@ -7,9 +7,28 @@ import sys
 import typer
 
 from konstruct import __version__
-from konstruct.cli import agents, audit, brain, channels, chat, declare, money, onboard, people, serve, setup, tenants
-from konstruct.cli.common import act_as, database, err, platform, run, settings, state
-from konstruct.config import Settings
+from konstruct.cli import (
+    agents,
+    audit,
+    billing,
+    budgets,
+    channels,
+    chat,
+    conversations,
+    declare,
+    escalations,
+    invitations,
+    keys,
+    memory,
+    onboard,
+    secrets,
+    serve,
+    setup,
+    tenants,
+    usage,
+    users,
+)
+from konstruct.cli.common import act_as, err, platform, state, with_database
 from konstruct.errors import KonstructError
 
 app = typer.Typer(
@@ -49,37 +68,31 @@ def root(
     act_as(as_user)
     if as_user and ctx.invoked_subcommand in INSTALLATION_COMMANDS:
         # Running the installation itself is the owner's business: only a platform admin, even with --as.
-        run(_require_platform(settings(ctx)))
+        with_database(ctx, lambda db: platform(db, "installation"))
 
 
 INSTALLATION_COMMANDS = frozenset({"init", "up", "gateway", "worker", "config", "db", "doctor", "secrets"})
-
-
-async def _require_platform(cfg: Settings) -> None:
-    async with database(cfg) as db:
-        await platform(db, "installation")
 
 
 setup.register(app)
 serve.register(app)
 chat.register(app)
 declare.register(app)
+usage.register(app)
 app.command("onboard")(onboard.onboard)
 app.add_typer(tenants.app, name="tenant")
 app.add_typer(agents.app, name="agent")
 app.add_typer(channels.app, name="channel")
 app.add_typer(audit.app, name="audit")
-app.add_typer(brain.memory_app, name="memory")
-app.add_typer(brain.conversation_app, name="conversation")
-app.add_typer(brain.escalation_app, name="escalation")
-app.add_typer(money.key_app, name="key")
-app.add_typer(money.secrets_app, name="secrets")
-app.add_typer(money.budget_app, name="budget")
-app.add_typer(money.billing_app, name="billing")
-app.command("usage")(money.usage)
-app.add_typer(people.user_app, name="user")
-app.add_typer(people.invite_app, name="invite")
-tenants.app.command("configure")(brain.configure)
+app.add_typer(memory.app, name="memory")
+app.add_typer(conversations.app, name="conversation")
+app.add_typer(escalations.app, name="escalation")
+app.add_typer(keys.app, name="key")
+app.add_typer(secrets.app, name="secrets")
+app.add_typer(budgets.app, name="budget")
+app.add_typer(billing.app, name="billing")
+app.add_typer(users.app, name="user")
+app.add_typer(invitations.app, name="invite")
 
 
 def main() -> None:

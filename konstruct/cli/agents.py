@@ -10,26 +10,23 @@ import typer
 from konstruct.agent import agents as service
 from konstruct.cli.common import (
     JsonOption,
+    TenantOption,
     YesOption,
     actor,
     confirm_deletion,
-    database,
     out,
     print_fields,
     print_json,
     print_table,
-    run,
-    settings,
-    tenant_for,
+    with_tenant,
 )
 from konstruct.errors import ValidationError
 
 app = typer.Typer(help="Create, list, change and delete a tenant's agents.", no_args_is_help=True)
 
-TenantOption = typer.Option(..., "--tenant", "-t", help="The tenant's slug.")
 
-
-def _persona(text: str | None, file: Path | None, *, required: bool) -> str | None:
+def persona_text(text: str | None, file: Path | None, *, required: bool) -> str | None:
+    """The persona given as text or as a file (not both); an error naming both flags when it is required and missing."""
     if text is not None and file is not None:
         raise ValidationError("give the persona as --persona TEXT or --persona-file FILE, not both")
     if file is not None:
@@ -54,30 +51,28 @@ def create(
     as_json: bool = JsonOption,
 ) -> None:
     """Create an agent for a tenant."""
-    text = _persona(persona, persona_file, required=True)
+    text = persona_text(persona, persona_file, required=True)
     assert text is not None
-
-    async def go() -> service.AgentInfo:
-        async with database(settings(ctx)) as db:
-            info = await tenant_for(db, tenant, "agent.write")
-            return await service.create_agent(db, info, name=name, role=role, persona=text, model=model, actor=actor())
-
-    agent = run(go())
+    agent = with_tenant(
+        ctx,
+        tenant,
+        "agent.write",
+        lambda db, t: service.create_agent(db, t, name=name, role=role, persona=text, model=model, actor=actor()),
+    )
     if as_json:
         print_json(agent.as_json())
     else:
-        out.print(f"[green]created[/green] agent {agent.name} ({agent.role}) for {tenant}")
+        report_created(agent, tenant)
+
+
+def report_created(agent: service.AgentInfo, tenant: str) -> None:
+    out.print(f"[green]created[/green] agent {agent.name} ({agent.role}) for {tenant}")
 
 
 @app.command("list")
 def list_(ctx: typer.Context, tenant: str = TenantOption, as_json: bool = JsonOption) -> None:
     """List a tenant's agents."""
-
-    async def go() -> list[service.AgentInfo]:
-        async with database(settings(ctx)) as db:
-            return await service.list_agents(db, await tenant_for(db, tenant, "agent.read"))
-
-    agents = run(go())
+    agents = with_tenant(ctx, tenant, "agent.read", service.list_agents)
     if as_json:
         print_json([a.as_json() for a in agents])
     elif not agents:
@@ -93,12 +88,7 @@ def show(
     ctx: typer.Context, name: str = typer.Argument(..., help="The agent's name."), tenant: str = TenantOption, as_json: bool = JsonOption
 ) -> None:
     """Show one agent in full."""
-
-    async def go() -> service.AgentInfo:
-        async with database(settings(ctx)) as db:
-            return await service.get_agent(db, await tenant_for(db, tenant, "agent.read"), name)
-
-    agent = run(go())
+    agent = with_tenant(ctx, tenant, "agent.read", lambda db, t: service.get_agent(db, t, name))
     if as_json:
         print_json(agent.as_json())
     else:
@@ -137,24 +127,28 @@ def update(
     as_json: bool = JsonOption,
 ) -> None:
     """Change an agent's name, role, persona, model, fallback models, tools or escalation rules."""
-    text = _persona(persona, persona_file, required=False)
+    text = persona_text(persona, persona_file, required=False)
     changes: dict[str, Any] = {"name": new_name, "role": role, "persona": text, "model": model}
     if fallbacks is not None:
-        changes["fallbacks"] = [m.strip() for m in fallbacks.split(",") if m.strip()]
+        changes["fallbacks"] = comma_list(fallbacks)
     if tools is not None:
-        changes["tools"] = [t.strip() for t in tools.split(",") if t.strip()]
+        changes["tools"] = comma_list(tools)
     if rules is not None:
         changes["escalation_rules"] = [r for r in rules if r.strip()]
-
-    async def go() -> service.AgentInfo:
-        async with database(settings(ctx)) as db:
-            return await service.update_agent(db, await tenant_for(db, tenant, "agent.write"), name, changes=changes, actor=actor())
-
-    agent = run(go())
+    agent = with_tenant(ctx, tenant, "agent.write", lambda db, t: service.update_agent(db, t, name, changes=changes, actor=actor()))
     if as_json:
         print_json(agent.as_json())
     else:
-        out.print(f"[green]updated[/green] agent {agent.name}")
+        report_updated(agent)
+
+
+def comma_list(text: str) -> list[str]:
+    """'a, b,,c' → ['a', 'b', 'c'] ('' is the empty list)."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def report_updated(agent: service.AgentInfo) -> None:
+    out.print(f"[green]updated[/green] agent {agent.name}")
 
 
 @app.command("delete")
@@ -166,12 +160,7 @@ def delete(
 ) -> None:
     """Delete an agent and its conversations."""
     confirm_deletion(yes, f"agent {name!r} of {tenant}", "its conversations")
-
-    async def go() -> service.AgentInfo:
-        async with database(settings(ctx)) as db:
-            return await service.delete_agent(db, await tenant_for(db, tenant, "agent.write"), name, actor=actor())
-
-    run(go())
+    with_tenant(ctx, tenant, "agent.write", lambda db, t: service.delete_agent(db, t, name, actor=actor()))
     out.print(f"[green]deleted[/green] agent {name}")
 
 

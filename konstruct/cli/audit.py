@@ -9,7 +9,18 @@ import sys
 import typer
 
 from konstruct import audit as service
-from konstruct.cli.common import JsonOption, database, out, print_json, print_table, run, settings, tenant_for, tenants_for
+from konstruct.cli.common import (
+    EveryTenantOption,
+    JsonOption,
+    TenantOption,
+    out,
+    print_json,
+    print_table,
+    tenants_for,
+    with_database,
+    with_tenant,
+)
+from konstruct.db.engine import Database
 from konstruct.errors import KonstructError
 from konstruct.tenancy.tenants import TenantInfo
 
@@ -23,17 +34,15 @@ class ChainBroken(KonstructError):
 @app.command("verify")
 def verify(
     ctx: typer.Context,
-    tenant: str | None = typer.Option(None, "--tenant", "-t", help="Only this tenant (default: every tenant)."),
+    tenant: str | None = EveryTenantOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Check every tenant's chain: an edited, deleted or reordered event is reported (exit code 1)."""
 
-    async def go() -> list[tuple[TenantInfo, service.ChainReport]]:
-        async with database(settings(ctx)) as db:
-            tenants = [await tenant_for(db, tenant, "audit.read")] if tenant else await tenants_for(db, "audit.read")
-            return [(t, await service.verify(db, t.id)) for t in tenants]
+    async def go(db: Database) -> list[tuple[TenantInfo, service.ChainReport]]:
+        return [(t, await service.verify(db, t.id)) for t in await tenants_for(db, "audit.read", tenant)]
 
-    reports = run(go())
+    reports = with_database(ctx, go)
     if as_json:
         print_json([{"tenant": t.slug, "events": r.events, "intact": r.intact, "problems": r.problems} for t, r in reports])
     else:
@@ -51,13 +60,12 @@ def verify(
 def checkpoint(ctx: typer.Context, as_json: bool = JsonOption) -> None:
     """Print each tenant's checkpointed chain head (sequence number and hash), to keep somewhere else."""
 
-    async def go() -> list[tuple[str, int, str]]:
-        async with database(settings(ctx)) as db:
-            heads = service.read_checkpoints(db)
-            tenants = await tenants_for(db, "audit.read")
+    async def go(db: Database) -> list[tuple[str, int, str]]:
+        heads = service.read_checkpoints(db)
+        tenants = await tenants_for(db, "audit.read")
         return [(t.slug, int(heads[str(t.id)]["seq"]), str(heads[str(t.id)]["hash"])) for t in tenants if str(t.id) in heads]
 
-    rows = run(go())
+    rows = with_database(ctx, go)
     if as_json:
         print_json([{"tenant": slug, "seq": seq, "hash": digest} for slug, seq, digest in rows])
     else:
@@ -67,17 +75,12 @@ def checkpoint(ctx: typer.Context, as_json: bool = JsonOption) -> None:
 @app.command("tail")
 def tail(
     ctx: typer.Context,
-    tenant: str = typer.Option(..., "--tenant", "-t", help="The tenant's slug."),
+    tenant: str = TenantOption,
     lines: int = typer.Option(20, "--lines", "-n", min=1, max=10_000, help="How many of the newest events."),
     as_json: bool = JsonOption,
 ) -> None:
     """The newest events of a tenant, oldest first."""
-
-    async def go() -> list[service.AuditEvent]:
-        async with database(settings(ctx)) as db:
-            return await service.events(db, (await tenant_for(db, tenant, "audit.read")).id, limit=lines)
-
-    rows = run(go())
+    rows = with_tenant(ctx, tenant, "audit.read", lambda db, t: service.events(db, t.id, limit=lines))
     if as_json:
         print_json([service.as_json(e) for e in rows])
         return
@@ -91,16 +94,12 @@ def tail(
 @app.command("export")
 def export(
     ctx: typer.Context,
-    tenant: str = typer.Option(..., "--tenant", "-t", help="The tenant's slug."),
+    tenant: str = TenantOption,
+    # Not the shared JsonOption: the export is CSV or JSON Lines, never a table.
     as_json: bool = typer.Option(False, "--json", help="JSON Lines (one event per line, with hashes) instead of CSV."),
 ) -> None:
     """Every event of a tenant, in chain order, to standard output (CSV, or JSON Lines with --json)."""
-
-    async def go() -> list[service.AuditEvent]:
-        async with database(settings(ctx)) as db:
-            return await service.events(db, (await tenant_for(db, tenant, "audit.read")).id)
-
-    rows = run(go())
+    rows = with_tenant(ctx, tenant, "audit.read", lambda db, t: service.events(db, t.id))
     if as_json:
         for event in rows:
             sys.stdout.write(json.dumps(service.as_json(event), ensure_ascii=False, default=str) + "\n")

@@ -8,31 +8,33 @@ import typer
 from slack_sdk.errors import SlackApiError
 
 from konstruct.channels import connections as service
-from konstruct.channels.connections import ConnectionInfo, hint
+from konstruct.channels.connections import ConnectionInfo
 from konstruct.channels.slack.client import web_client
 from konstruct.channels.slack.oauth import install_link
 from konstruct.channels.whatsapp.graph import Graph, GraphError
 from konstruct.cli.common import (
+    EveryTenantOption,
     JsonOption,
+    TenantOption,
     YesOption,
     actor,
     confirm_deletion,
-    database,
     out,
     print_fields,
     print_json,
     print_table,
-    run,
     secret_input,
     settings,
-    tenant_for,
     tenants_for,
+    with_database,
+    with_tenant,
 )
-from konstruct.config import Settings
+from konstruct.config import Settings, hint
+from konstruct.db.engine import Database
 from konstruct.errors import ValidationError
+from konstruct.tenancy.tenants import TenantInfo
 
 app = typer.Typer(help="Connect channels (Slack, WhatsApp) to tenants and route them to agents.", no_args_is_help=True)
-TenantOption = typer.Option(..., "--tenant", "-t", help="The tenant's slug.")
 
 
 @app.command("connect")
@@ -69,86 +71,109 @@ def connect(
         raise ValidationError(f"unknown channel {kind!r}: choose slack or whatsapp")
     cfg = settings(ctx)
     if kind == "whatsapp":
-        _connect_whatsapp(cfg, tenant, phone_number_id, access_token_env, app_secret_env, verify_token_env, agent, as_json)
+        number = whatsapp_number(phone_number_id)
+        connection, created = with_tenant(ctx, tenant, "channel.write", lambda db, t: connect_whatsapp(
+            db, cfg, t, number, access_token_env=access_token_env, app_secret_env=app_secret_env,
+            verify_token_env=verify_token_env, agent=agent))  # fmt: skip
+        report_whatsapp(cfg, tenant, connection, created, as_json)
         return
     if phone_number_id or access_token_env or app_secret_env or verify_token_env:
         raise ValidationError("--phone-number-id and the --…-env options for WhatsApp do not apply to slack")
-    single = single_workspace or bool(bot_token_env or signing_secret_env)
-
-    async def go() -> tuple[str | None, ConnectionInfo | None, bool]:
-        async with database(cfg) as db:
-            info = await tenant_for(db, tenant, "channel.write")
-            if not single:
-                if agent:
-                    raise ValidationError(
-                        "--agent applies once the workspace is installed: use `konstruct channel route` or connect again with it"
-                    )
-                return install_link(cfg, info.id), None, False
-            token = secret_input(bot_token_env, "Slack bot token (xoxb-…)", "bot token", "--bot-token-env")
-            signing_secret = secret_input(signing_secret_env, "Slack signing secret", "signing secret", "--signing-secret-env")
-            identity = await _auth_test(cfg, token)
-            connection, created = await service.connect(
-                db, cfg, info, kind="slack", external_id=identity["team_id"], name=identity.get("team") or identity["team_id"],
-                mode="single", credentials={"bot_token": token, "signing_secret": signing_secret},
-                details={"bot_user_id": identity.get("user_id"), "bot_id": identity.get("bot_id"), "bot_token_hint": hint(token),
-                         "signing_secret_hint": hint(signing_secret)},
-                default_agent=agent, actor=actor(),
-            )  # fmt: skip
-            return None, connection, created
-
-    link, connection, created = run(go())
-    if link is not None:
-        if as_json:
-            print_json({"install_url": link})
-        else:
-            out.print(f"Send this install link to a Slack admin of {tenant} (valid {cfg.slack.install_link_ttl / 3600:g} h):")
-            typer.echo(link)
+    if not (single_workspace or bot_token_env or signing_secret_env):
+        link = with_tenant(ctx, tenant, "channel.write", lambda db, t: slack_install_link(cfg, t, agent))
+        report_install_link(cfg, tenant, link, as_json)
         return
-    assert connection is not None
-    if as_json:
-        print_json(connection.as_json())
-    else:
-        out.print(
-            f"[green]{'connected' if created else 'reconnected'}[/green] Slack workspace {connection.name} ({connection.external_id}) to {tenant}"
-        )
-        out.print(f"Set the app's Event Subscriptions Request URL to {cfg.gateway.public_url.rstrip('/')}/slack/events")
+    connection, created = with_tenant(ctx, tenant, "channel.write", lambda db, t: connect_slack(
+        db, cfg, t, bot_token_env=bot_token_env, signing_secret_env=signing_secret_env, agent=agent))  # fmt: skip
+    report_slack(cfg, tenant, connection, created, as_json)
 
 
-def _connect_whatsapp(
+# The steps of `connect`, one per way of connecting, for the command and the onboarding wizard alike.
+
+
+async def slack_install_link(cfg: Settings, tenant: TenantInfo, agent: str | None) -> str:
+    """The link a Slack admin installs the app with (OAuth); the workspace is connected when they do."""
+    if agent:
+        raise ValidationError("--agent applies once the workspace is installed: use `konstruct channel route` or connect again with it")
+    return install_link(cfg, tenant.id)
+
+
+async def connect_slack(
+    db: Database, cfg: Settings, tenant: TenantInfo, *, bot_token_env: str | None, signing_secret_env: str | None, agent: str | None
+) -> tuple[ConnectionInfo, bool]:
+    """Connect one Slack workspace by its own app's bot token and signing secret (asked, hidden, when no variable is
+    named), once Slack says whose the token is. Returns the connection and whether it is new."""
+    token = secret_input(bot_token_env, "Slack bot token (xoxb-…)", "bot token", "--bot-token-env")
+    signing_secret = secret_input(signing_secret_env, "Slack signing secret", "signing secret", "--signing-secret-env")
+    identity = await _auth_test(cfg, token)
+    return await service.connect(
+        db, cfg, tenant, kind="slack", external_id=identity["team_id"], name=identity.get("team") or identity["team_id"],
+        mode="single", credentials={"bot_token": token, "signing_secret": signing_secret},
+        details={"bot_user_id": identity.get("user_id"), "bot_id": identity.get("bot_id"), "bot_token_hint": hint(token),
+                 "signing_secret_hint": hint(signing_secret)},
+        default_agent=agent, actor=actor(),
+    )  # fmt: skip
+
+
+def whatsapp_number(phone_number_id: str | None) -> str:
+    """The business number's phone-number id, checked to be one."""
+    if not phone_number_id or not phone_number_id.strip().isdigit():
+        raise ValidationError("give --phone-number-id: the numeric id of the business number (WhatsApp Manager → API setup)")
+    return phone_number_id.strip()
+
+
+async def connect_whatsapp(
+    db: Database,
     cfg: Settings,
-    tenant: str,
-    phone_number_id: str | None,
+    tenant: TenantInfo,
+    number: str,
+    *,
     access_token_env: str | None,
     app_secret_env: str | None,
     verify_token_env: str | None,
     agent: str | None,
-    as_json: bool,
-) -> None:
-    if not phone_number_id or not phone_number_id.strip().isdigit():
-        raise ValidationError("give --phone-number-id: the numeric id of the business number (WhatsApp Manager → API setup)")
-    number = phone_number_id.strip()
+) -> tuple[ConnectionInfo, bool]:
+    """Connect a WhatsApp Business number (its secrets asked, hidden, when no variable is named), once the Graph API
+    accepts its access token. Returns the connection and whether it is new."""
+    token = secret_input(access_token_env, "WhatsApp access token", "access token", "--access-token-env")
+    app_secret = secret_input(app_secret_env, "Meta app secret", "app secret", "--app-secret-env")
+    verify_token = secret_input(verify_token_env, "Webhook verify token (you choose it)", "verify token", "--verify-token-env")
+    identity = await _phone_number(cfg, number, token)
+    name = str(identity.get("verified_name") or identity.get("display_phone_number") or number)
+    return await service.connect(
+        db, cfg, tenant, kind="whatsapp", external_id=number, name=name, mode="single",
+        credentials={"access_token": token, "app_secret": app_secret, "verify_token": verify_token},
+        details={"display_phone_number": identity.get("display_phone_number"), "access_token_hint": hint(token),
+                 "app_secret_hint": hint(app_secret), "verify_token_hint": hint(verify_token)},
+        default_agent=agent, actor=actor(),
+    )  # fmt: skip
 
-    async def go() -> tuple[ConnectionInfo, bool]:
-        async with database(cfg) as db:
-            info = await tenant_for(db, tenant, "channel.write")
-            token = secret_input(access_token_env, "WhatsApp access token", "access token", "--access-token-env")
-            app_secret = secret_input(app_secret_env, "Meta app secret", "app secret", "--app-secret-env")
-            verify_token = secret_input(verify_token_env, "Webhook verify token (you choose it)", "verify token", "--verify-token-env")
-            identity = await _phone_number(cfg, number, token)
-            name = str(identity.get("verified_name") or identity.get("display_phone_number") or number)
-            return await service.connect(
-                db, cfg, info, kind="whatsapp", external_id=number, name=name, mode="single",
-                credentials={"access_token": token, "app_secret": app_secret, "verify_token": verify_token},
-                details={"display_phone_number": identity.get("display_phone_number"), "access_token_hint": hint(token),
-                         "app_secret_hint": hint(app_secret), "verify_token_hint": hint(verify_token)},
-                default_agent=agent, actor=actor(),
-            )  # fmt: skip
 
-    connection, created = run(go())
+def report_install_link(cfg: Settings, tenant: str, link: str, as_json: bool) -> None:
+    if as_json:
+        print_json({"install_url": link})
+    else:
+        out.print(f"Send this install link to a Slack admin of {tenant} (valid {cfg.slack.install_link_ttl / 3600:g} h):")
+        typer.echo(link)
+
+
+def report_slack(cfg: Settings, tenant: str, connection: ConnectionInfo, created: bool, as_json: bool) -> None:
     if as_json:
         print_json(connection.as_json())
         return
-    out.print(f"[green]{'connected' if created else 'reconnected'}[/green] WhatsApp number {connection.name} ({number}) to {tenant}")
+    out.print(
+        f"[green]{'connected' if created else 'reconnected'}[/green] Slack workspace {connection.name} ({connection.external_id}) to {tenant}"
+    )
+    out.print(f"Set the app's Event Subscriptions Request URL to {cfg.gateway.public_url.rstrip('/')}/slack/events")
+
+
+def report_whatsapp(cfg: Settings, tenant: str, connection: ConnectionInfo, created: bool, as_json: bool) -> None:
+    if as_json:
+        print_json(connection.as_json())
+        return
+    out.print(
+        f"[green]{'connected' if created else 'reconnected'}[/green] WhatsApp number {connection.name} ({connection.external_id}) to {tenant}"
+    )
     out.print(
         f"In the Meta app's WhatsApp → Configuration, set the callback URL to {cfg.gateway.public_url.rstrip('/')}/whatsapp/webhook "
         "with the same verify token, and subscribe to the messages field"
@@ -180,17 +205,15 @@ async def _auth_test(cfg: Settings, token: str) -> dict[str, str]:
 @app.command("list")
 def list_(
     ctx: typer.Context,
-    tenant: str | None = typer.Option(None, "--tenant", "-t", help="Only this tenant (default: all)."),
+    tenant: str | None = EveryTenantOption,
     as_json: bool = JsonOption,
 ) -> None:
     """List channel connections."""
 
-    async def go() -> list[tuple[str, ConnectionInfo]]:
-        async with database(settings(ctx)) as db:
-            tenants = [await tenant_for(db, tenant, "channel.read")] if tenant else await tenants_for(db, "channel.read")
-            return [(t.slug, c) for t in tenants for c in await service.list_connections(db, t)]
+    async def go(db: Database) -> list[tuple[str, ConnectionInfo]]:
+        return [(t.slug, c) for t in await tenants_for(db, "channel.read", tenant) for c in await service.list_connections(db, t)]
 
-    rows = run(go())
+    rows = with_database(ctx, go)
     if as_json:
         print_json([{"tenant": slug, **c.as_json()} for slug, c in rows])
     elif not rows:
@@ -212,13 +235,11 @@ def show(
 ) -> None:
     """Show one connection and its routes (secrets only as key hints)."""
 
-    async def go() -> tuple[ConnectionInfo, list[tuple[str, str]]]:
-        async with database(settings(ctx)) as db:
-            info = await tenant_for(db, tenant, "channel.read")
-            connection = await service.get_connection(db, info, ref)
-            return connection, await service.list_routes(db, info, connection)
+    async def go(db: Database, info: TenantInfo) -> tuple[ConnectionInfo, list[tuple[str, str]]]:
+        connection = await service.get_connection(db, info, ref)
+        return connection, await service.list_routes(db, info, connection)
 
-    connection, routes = run(go())
+    connection, routes = with_tenant(ctx, tenant, "channel.read", go)
     if as_json:
         print_json({**connection.as_json(), "routes": [{"channel": c, "agent": a} for c, a in routes]})
         return
@@ -239,14 +260,12 @@ def disconnect(
     """Disconnect: the agents stop answering there (reconnect or reinstall to resume)."""
     confirm_deletion(yes, f"the connection {ref}", "the agents' presence there (until reconnected)")
 
-    async def go() -> ConnectionInfo:
-        async with database(settings(ctx)) as db:
-            info = await tenant_for(db, tenant, "channel.write")
-            connection = await service.get_connection(db, info, ref)
-            await service.set_status(db, info.id, connection.id, "disconnected", actor=actor(), reason="disconnected by operator")
-            return connection
+    async def go(db: Database, info: TenantInfo) -> ConnectionInfo:
+        connection = await service.get_connection(db, info, ref)
+        await service.set_status(db, info.id, connection.id, "disconnected", actor=actor(), reason="disconnected by operator")
+        return connection
 
-    connection = run(go())
+    connection = with_tenant(ctx, tenant, "channel.write", go)
     out.print(f"[green]disconnected[/green] {connection.kind} {connection.name}")
 
 
@@ -263,21 +282,19 @@ def route(
     if bool(agent) == remove:
         raise ValidationError("give either --agent NAME or --remove")
 
-    async def go() -> str:
-        async with database(settings(ctx)) as db:
-            info = await tenant_for(db, tenant, "channel.write")
-            slack = [c for c in await service.list_connections(db, info) if c.kind == "slack"]
-            if workspace:
-                slack = [c for c in slack if c.external_id == workspace]
-            if len(slack) != 1:
-                raise ValidationError(
-                    f"tenant {tenant!r} has no Slack workspace connected" if not slack else "several workspaces: pass --workspace TEAM_ID"
-                )
-            if remove:
-                found = await service.remove_route(db, info, slack[0], slack_channel, actor=actor())
-                return "removed the route" if found else "there was no route"
-            assert agent is not None
-            await service.set_route(db, info, slack[0], slack_channel, agent, actor=actor())
-            return f"{agent} now answers in {slack_channel}"
+    async def go(db: Database, info: TenantInfo) -> str:
+        slack = [c for c in await service.list_connections(db, info) if c.kind == "slack"]
+        if workspace:
+            slack = [c for c in slack if c.external_id == workspace]
+        if len(slack) != 1:
+            raise ValidationError(
+                f"tenant {tenant!r} has no Slack workspace connected" if not slack else "several workspaces: pass --workspace TEAM_ID"
+            )
+        if remove:
+            found = await service.remove_route(db, info, slack[0], slack_channel, actor=actor())
+            return "removed the route" if found else "there was no route"
+        assert agent is not None
+        await service.set_route(db, info, slack[0], slack_channel, agent, actor=actor())
+        return f"{agent} now answers in {slack_channel}"
 
-    out.print(run(go()))
+    out.print(with_tenant(ctx, tenant, "channel.write", go))

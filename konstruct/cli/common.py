@@ -1,4 +1,4 @@
-"""What every command shares: the settings, an async runner, output helpers."""
+"""What every command shares: the options, the settings, one way to run against the database, output helpers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import getpass
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,13 +29,18 @@ T = TypeVar("T")
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+# The options many commands share, declared once.
+TenantOption = typer.Option(..., "--tenant", "-t", help="The tenant's slug.")
+EveryTenantOption = typer.Option(None, "--tenant", "-t", help="Only this tenant (default: every tenant).")
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
+YesOption = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
 
 
 @dataclass
 class State:
     config: str | None = None
     verbose: bool = False
+    settings: Settings | None = None
 
 
 def state(ctx: typer.Context) -> State:
@@ -46,10 +51,11 @@ def state(ctx: typer.Context) -> State:
 
 
 def settings(ctx: typer.Context) -> Settings:
-    return load_settings(state(ctx).config)
-
-
-YesOption = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
+    """The settings of this invocation (konstruct.toml and the environment), read once."""
+    st = state(ctx)
+    if st.settings is None:
+        st.settings = load_settings(st.config)
+    return st.settings
 
 
 def confirm_deletion(yes: bool, what: str, consequence: str) -> None:
@@ -102,8 +108,10 @@ async def tenant_for(db: Database, slug: str, operation: str) -> TenantInfo:
     return await access.tenant(db, await who(db), slug, operation)
 
 
-async def tenants_for(db: Database, operation: str) -> list[TenantInfo]:
-    """The tenants the acting user may do this operation on."""
+async def tenants_for(db: Database, operation: str, slug: str | None = None) -> list[TenantInfo]:
+    """The tenant named by slug, or without one every tenant the acting user may do this operation on."""
+    if slug:
+        return [await tenant_for(db, slug, operation)]
     return await access.tenants(db, await who(db), operation)
 
 
@@ -126,6 +134,26 @@ async def database(cfg: Settings) -> AsyncIterator[Database]:
         yield db
     finally:
         await db.dispose()
+
+
+def with_database(ctx: typer.Context, work: Callable[[Database], Awaitable[T]]) -> T:
+    """Run work with this installation's database and return its result. A KonstructError it raises goes
+    up unchanged, and `main` prints it as one red line with its exit code."""
+
+    async def go() -> T:
+        async with database(settings(ctx)) as db:
+            return await work(db)
+
+    return run(go())
+
+
+def with_tenant(ctx: typer.Context, slug: str, operation: str, work: Callable[[Database, TenantInfo], Awaitable[T]]) -> T:
+    """Run work on the tenant named by slug, once the acting user is found allowed this operation on it."""
+
+    async def on_tenant(db: Database) -> T:
+        return await work(db, await tenant_for(db, slug, operation))
+
+    return with_database(ctx, on_tenant)
 
 
 def print_json(data: Any) -> None:

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import typer
 
-from konstruct.cli.common import actor, database, out, platform, print_json, print_table, run, settings
-from konstruct.cli.people import queue_invitation_email
+from konstruct import declare
+from konstruct.cli.common import JsonOption, actor, out, platform, print_json, print_table, settings, with_database
+from konstruct.cli.invitations import queue_invitation_email
 from konstruct.config import Settings
 from konstruct.db.engine import Database
-from konstruct.tenancy import declare, invitations
+from konstruct.tenancy import invitations
 
 FileOption = typer.Option(None, "--file", "-f", help="The tenants file (default: [[tenants]] in konstruct.toml).", exists=False)
 PruneOption = typer.Option(
@@ -44,53 +45,50 @@ async def _planned(cfg: Settings, declaration: declare.Declaration, prune: bool,
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("plan")
-    def plan_command(
-        ctx: typer.Context,
-        file: Path | None = FileOption,
-        prune: bool = PruneOption,
-        as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
-    ) -> None:
-        """Show what `konstruct apply` would create, change and delete. Nothing is written."""
-        cfg = settings(ctx)
-        declaration = declare.load(file, cfg)
+    app.command("plan")(plan_command)
+    app.command("apply")(apply_command)
 
-        async def go() -> list[declare.Change]:
-            async with database(cfg) as db:
-                return await _planned(cfg, declaration, prune, db)
 
-        changes = run(go())
-        if as_json:
-            print_json([c.as_json() for c in changes])
-        else:
-            _show(changes)
-
-    @app.command("apply")
-    def apply_command(
-        ctx: typer.Context,
-        file: Path | None = FileOption,
-        prune: bool = PruneOption,
-        as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table."),
-    ) -> None:
-        """Make tenants, agents, routes, budgets and invitations as declared (idempotent; audited)."""
-        cfg = settings(ctx)
-        declaration = declare.load(file, cfg)
-
-        async def go() -> tuple[list[declare.Change], list[declare.Made]]:
-            async with database(cfg) as db:
-                changes = await _planned(cfg, declaration, prune, db)
-                return changes, await declare.apply(db, cfg, changes, actor=actor())
-
-        changes, made = run(go())
-        emailed = [queue_invitation_email(cfg, info, tenant_id, token) for tenant_id, info, token in made]
-        if as_json:
-            print_json({"changes": [c.as_json() for c in changes], "invitations": [
-                {"email": info.email, "emailed": sent, **({} if sent else {"link": invitations.invite_url(cfg, token)})}
-                for (_, info, token), sent in zip(made, emailed, strict=True)]})  # fmt: skip
-            return
+def plan_command(
+    ctx: typer.Context,
+    file: Path | None = FileOption,
+    prune: bool = PruneOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Show what `konstruct apply` would create, change and delete. Nothing is written."""
+    cfg = settings(ctx)
+    declaration = declare.load(file, cfg)
+    changes = with_database(ctx, lambda db: _planned(cfg, declaration, prune, db))
+    if as_json:
+        print_json([c.as_json() for c in changes])
+    else:
         _show(changes)
-        for (_, info, token), sent in zip(made, emailed, strict=True):
-            if not sent:
-                out.print(f"no SMTP server configured: give {info.email} this link: {invitations.invite_url(cfg, token)}")
-        if changes:
-            out.print("[green]applied[/green]")
+
+
+def apply_command(
+    ctx: typer.Context,
+    file: Path | None = FileOption,
+    prune: bool = PruneOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Make tenants, agents, routes, budgets and invitations as declared (idempotent; audited)."""
+    cfg = settings(ctx)
+    declaration = declare.load(file, cfg)
+
+    async def go(db: Database) -> tuple[list[declare.Change], list[declare.Made]]:
+        changes = await _planned(cfg, declaration, prune, db)
+        return changes, await declare.apply(db, cfg, changes, actor=actor())
+
+    changes, made = with_database(ctx, go)
+    emailed = [queue_invitation_email(cfg, info, tenant_id, token) for tenant_id, info, token in made]
+    if as_json:
+        print_json({"changes": [c.as_json() for c in changes], "invitations": [
+            {"email": info.email, "emailed": sent, **({} if sent else {"link": invitations.invite_url(cfg, token)})}
+            for (_, info, token), sent in zip(made, emailed, strict=True)]})  # fmt: skip
+        return
+    _show(changes)
+    for (_, info, token), sent in zip(made, emailed, strict=True):
+        if not sent:
+            out.print(f"no SMTP server configured: give {info.email} this link: {invitations.invite_url(cfg, token)}")
+    if changes:
+        out.print("[green]applied[/green]")

@@ -2,7 +2,8 @@
 
 Every answer can be given as a flag (for automation); what is missing is asked when there is a terminal.
 Progress is kept in the data directory (onboarding.json), so an interrupted wizard resumes where it stopped.
-The steps call the same commands as the rest of the CLI, so their checks and audit events are the same.
+Each step calls the same services (and the same permission checks) as its command, so its audit events and
+output are the same.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ from typing import Any
 
 import typer
 
-from konstruct.cli.common import actor, database, out, run, settings, tenant_for
+from konstruct import audit
+from konstruct.agent import agents as agent_service
+from konstruct.cli import agents, channels, chat, tenants
+from konstruct.cli.common import actor, out, settings, tenant_for, with_database, with_tenant
 from konstruct.config import Settings
-from konstruct.errors import KonstructError, ValidationError
+from konstruct.db.engine import Database
+from konstruct.errors import KonstructError, NotFoundError, ValidationError
+from konstruct.tenancy.tenants import TenantInfo
 
 STEPS = ("tenant", "channel", "agent", "test", "live")
 CHANNELS = ("slack", "slack-install", "whatsapp", "skip")
@@ -49,23 +55,9 @@ def _ask(value: str | None, prompt: str, flag: str, default: str | None = None) 
     return str(typer.prompt(prompt, default=default))
 
 
-def _invoke(ctx: typer.Context, args: list[str | None]) -> None:
-    """Run another konstruct command in this process (its own checks, prompts, output and audit events).
-    Options given as None are left out."""
-    argv: list[str] = []
-    for n, item in enumerate(args):
-        if item is None or (item.startswith("--") and n + 1 < len(args) and args[n + 1] is None):
-            continue
-        argv.append(item)
-    root = ctx.find_root()
-    config = root.params.get("config")
-    code = root.command.main([*(["--config", config] if config else []), *argv], prog_name="konstruct", standalone_mode=False)
-    if isinstance(code, int) and code:
-        raise KonstructError(f"`konstruct {' '.join(a for a in argv if not a.startswith('-'))[:60]}` did not succeed (exit {code})")
-
-
 def onboard(
     ctx: typer.Context,
+    # Not the shared tenant options: here --tenant is one of two answers (an existing tenant, or --new-tenant).
     tenant: str | None = typer.Option(None, "--tenant", "-t", help="Use this existing tenant (its slug)."),
     new_tenant: str | None = typer.Option(None, "--new-tenant", help="Create a tenant with this name."),
     slug: str | None = typer.Option(None, "--slug", help="Slug for --new-tenant (default: made from the name)."),
@@ -101,101 +93,142 @@ def onboard(
         state["done"].append(step)
         _save(cfg, state)
 
-    # 1. the tenant
     if "tenant" not in state["done"]:
         out.print("[bold]1/5 tenant[/bold]")
-        if tenant is None and new_tenant is None:
-            answer = _ask(None, "An existing tenant's slug, or a name for a new one", "--tenant or --new-tenant")
-            existing = run(_exists(cfg, answer))
-            tenant, new_tenant = (answer, None) if existing else (None, answer)
-        if new_tenant is not None:
-            _invoke(ctx, ["tenant", "create", new_tenant, "--slug", slug])
-            from konstruct.tenancy.tenants import slugify
-
-            tenant = slug or slugify(new_tenant)
-        else:
-            run(_check_tenant(cfg, str(tenant)))
-        state["tenant"] = tenant
+        state["tenant"] = _tenant_step(ctx, tenant, new_tenant, slug)
         finished("tenant")
     slug_now = str(state["tenant"])
-
-    # 2. a channel
     if "channel" not in state["done"]:
         out.print("[bold]2/5 channel[/bold]")
-        kind = channel or _ask(None, f"Channel ({', '.join(CHANNELS)})", "--channel", default="slack-install")
-        if kind not in CHANNELS:
-            raise ValidationError(f"the channel must be one of {', '.join(CHANNELS)}")
-        if kind == "slack":
-            _invoke(ctx, ["channel", "connect", "slack", "--tenant", slug_now, "--bot-token-env", bot_token_env,
-                          "--signing-secret-env", signing_secret_env, "--single-workspace"])  # fmt: skip
-        elif kind == "slack-install":
-            _invoke(ctx, ["channel", "connect", "slack", "--tenant", slug_now])
-        elif kind == "whatsapp":
-            _invoke(ctx, ["channel", "connect", "whatsapp", "--tenant", slug_now, "--phone-number-id", phone_number_id,
-                          "--access-token-env", access_token_env, "--app-secret-env", app_secret_env,
-                          "--verify-token-env", verify_token_env])  # fmt: skip
-        else:
-            out.print("no channel for now: talk to the agent with `konstruct chat`; connect one later with `konstruct channel connect`")
-        state["channel"] = kind
+        state["channel"] = _channel_step(ctx, cfg, slug_now, channel, bot_token_env=bot_token_env, signing_secret_env=signing_secret_env,
+                                         phone_number_id=phone_number_id, access_token_env=access_token_env,
+                                         app_secret_env=app_secret_env, verify_token_env=verify_token_env)  # fmt: skip
         finished("channel")
-
-    # 3. the agent
     if "agent" not in state["done"]:
         out.print("[bold]3/5 agent[/bold]")
-        name = _ask(agent_name, "The agent's name", "--agent-name", default="Ava")
-        agent_role = _ask(role, "Its role", "--role", default="Support specialist")
-        if persona is None and persona_file is None:
-            persona = _ask(None, "Its persona (how it talks and what it does)", "--persona or --persona-file")
-        _invoke(ctx, ["agent", "create", "--tenant", slug_now, "--name", name, "--role", agent_role, "--persona", persona,
-                      "--persona-file", str(persona_file) if persona_file else None, "--model", model])  # fmt: skip
-        if tools:
-            _invoke(ctx, ["agent", "update", name, "--tenant", slug_now, "--tools", tools])
-        state["agent"] = name
+        state["agent"] = _agent_step(ctx, slug_now, agent_name, role, persona, persona_file, model, tools)
         finished("agent")
-
-    # 4. the required test message, through the inbox, the queue, a worker and the model
+    agent_now, channel_now = str(state["agent"]), str(state.get("channel"))
     if "test" not in state["done"]:
         out.print("[bold]4/5 test message[/bold] (needs a running worker: `konstruct up` or `konstruct worker`)")
         text = test_message or _ask(None, "Say something to the agent", "--test-message", default="Hello! What can you do for me?")
         try:
-            _invoke(
-                ctx, ["chat", "--tenant", slug_now, "--agent", str(state["agent"]), "--message", text, "--new", "--person", "onboarding"]
-            )
+            with_database(ctx, lambda db: _test_message(db, cfg, slug_now, agent_now, text))
         except KonstructError as exc:
             raise KonstructError(
                 f"the test message got no answer ({exc}): fix that, then run `konstruct onboard` again to resume"
             ) from None
         finished("test")
-
-    # 5. live
-    run(_record_live(cfg, slug_now, str(state["agent"]), str(state.get("channel"))))
+    with_tenant(ctx, slug_now, "agent.write", lambda db, t: _record_live(db, t, agent_now, channel_now))
     finished("live")
     _state_path(cfg).unlink(missing_ok=True)
-    out.print(f"[green]live[/green]: {state['agent']} answers for {slug_now}" + (
-        f" in {state['channel']}" if state.get("channel") not in (None, "skip") else " (terminal only until a channel is connected)"))  # fmt: skip
+    out.print(f"[green]live[/green]: {agent_now} answers for {slug_now}" + (
+        f" in {channel_now}" if channel_now not in ("None", "skip") else " (terminal only until a channel is connected)"))  # fmt: skip
 
 
-async def _exists(cfg: Settings, slug: str) -> bool:
-    from konstruct.errors import NotFoundError
+def _tenant_step(ctx: typer.Context, tenant: str | None, new_tenant: str | None, slug: str | None) -> str:
+    """1. The tenant: an existing one the acting user may add agents to, or a new one. Returns its slug."""
+    if tenant is None and new_tenant is None:
+        answer = _ask(None, "An existing tenant's slug, or a name for a new one", "--tenant or --new-tenant")
+        existing = with_database(ctx, lambda db: _exists(db, answer))
+        tenant, new_tenant = (answer, None) if existing else (None, answer)
+    if new_tenant is not None:
+        name = new_tenant
+        created = with_database(ctx, lambda db: tenants.create_tenant(db, name, slug))
+        tenants.report_created(created)
+        return created.slug
+    with_tenant(ctx, str(tenant), "agent.write", _nothing)
+    return str(tenant)
 
-    async with database(cfg) as db:
-        try:
-            await tenant_for(db, slug, "tenant.read")
-        except NotFoundError:
-            return False
+
+def _channel_step(
+    ctx: typer.Context,
+    cfg: Settings,
+    slug: str,
+    channel: str | None,
+    *,
+    bot_token_env: str | None,
+    signing_secret_env: str | None,
+    phone_number_id: str | None,
+    access_token_env: str | None,
+    app_secret_env: str | None,
+    verify_token_env: str | None,
+) -> str:
+    """2. A channel, connected as `konstruct channel connect` does, or none for now. Returns its kind."""
+    kind = channel or _ask(None, f"Channel ({', '.join(CHANNELS)})", "--channel", default="slack-install")
+    if kind not in CHANNELS:
+        raise ValidationError(f"the channel must be one of {', '.join(CHANNELS)}")
+    if kind == "slack":
+        connection, created = with_tenant(ctx, slug, "channel.write", lambda db, t: channels.connect_slack(
+            db, cfg, t, bot_token_env=bot_token_env, signing_secret_env=signing_secret_env, agent=None))  # fmt: skip
+        channels.report_slack(cfg, slug, connection, created, as_json=False)
+    elif kind == "slack-install":
+        link = with_tenant(ctx, slug, "channel.write", lambda db, t: channels.slack_install_link(cfg, t, None))
+        channels.report_install_link(cfg, slug, link, as_json=False)
+    elif kind == "whatsapp":
+        number = channels.whatsapp_number(phone_number_id)
+        connection, created = with_tenant(ctx, slug, "channel.write", lambda db, t: channels.connect_whatsapp(
+            db, cfg, t, number, access_token_env=access_token_env, app_secret_env=app_secret_env,
+            verify_token_env=verify_token_env, agent=None))  # fmt: skip
+        channels.report_whatsapp(cfg, slug, connection, created, as_json=False)
+    else:
+        out.print("no channel for now: talk to the agent with `konstruct chat`; connect one later with `konstruct channel connect`")
+    return kind
+
+
+def _agent_step(
+    ctx: typer.Context,
+    slug: str,
+    agent_name: str | None,
+    role: str | None,
+    persona: str | None,
+    persona_file: Path | None,
+    model: str | None,
+    tools: str | None,
+) -> str:
+    """3. The agent, created (and given its tools) as `konstruct agent create` and `agent update` do. Returns its name."""
+    name = _ask(agent_name, "The agent's name", "--agent-name", default="Ava")
+    agent_role = _ask(role, "Its role", "--role", default="Support specialist")
+    if persona is None and persona_file is None:
+        persona = _ask(None, "Its persona (how it talks and what it does)", "--persona or --persona-file")
+    text = agents.persona_text(persona, persona_file, required=True)
+    assert text is not None
+    created = with_tenant(ctx, slug, "agent.write", lambda db, t: agent_service.create_agent(
+        db, t, name=name, role=agent_role, persona=text, model=model, actor=actor()))  # fmt: skip
+    agents.report_created(created, slug)
+    if tools:
+        changes = {"tools": agents.comma_list(tools)}
+        updated = with_tenant(
+            ctx, slug, "agent.write", lambda db, t: agent_service.update_agent(db, t, name, changes=changes, actor=actor())
+        )
+        agents.report_updated(updated)
+    return name
+
+
+async def _exists(db: Database, slug: str) -> bool:
+    try:
+        await tenant_for(db, slug, "tenant.read")
+    except NotFoundError:
+        return False
     return True
 
 
-async def _check_tenant(cfg: Settings, slug: str) -> None:
-    async with database(cfg) as db:
-        await tenant_for(db, slug, "agent.write")
+async def _nothing(db: Database, tenant: TenantInfo) -> None:
+    """Nothing to do: the step only checks the acting user's permission on the tenant."""
 
 
-async def _record_live(cfg: Settings, slug: str, agent: str, channel: str) -> None:
-    from konstruct import audit
+async def _test_message(db: Database, cfg: Settings, slug: str, agent: str, text: str) -> None:
+    """What `konstruct chat --message TEXT --new --person onboarding` does: one message through the inbox, the queue,
+    a worker and the model, with the reply printed. An unanswered message is an error."""
+    person = "onboarding"
+    async with chat.open_line(db, cfg, slug, agent, person=person, conversation=chat.new_conversation(person), timeout=None) as line:
+        result = await line.send(text)
+        chat.print_result(line.agent.name, result, False, plain=True)
+    if result.status != "replied":
+        raise KonstructError(result.error or f"the message was {result.status}")
 
-    async with database(cfg) as db:
-        tenant = await tenant_for(db, slug, "agent.write")
-        async with db.tenant(tenant_id=tenant.id) as session:
-            await audit.record(session, tenant_id=tenant.id, actor=actor(), action="onboarding.completed", target=agent,
-                               detail={"channel": channel})  # fmt: skip
+
+async def _record_live(db: Database, tenant: TenantInfo, agent: str, channel: str) -> None:
+    async with db.tenant(tenant_id=tenant.id) as session:
+        await audit.record(session, tenant_id=tenant.id, actor=actor(), action="onboarding.completed", target=agent,
+                           detail={"channel": channel})  # fmt: skip

@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 
 from konstruct.cli.common import err, out, settings, setup_logging, state
 from konstruct.config import DATABASE_URL_ENV, Settings
+from konstruct.db import migrate
 from konstruct.db.embedded import DATABASE_NAME, EmbeddedServer
 from konstruct.errors import ConfigError, KonstructError
 from konstruct.supervision import FORKED_PREFIX, RECENT, STATE_FILE, write_state
@@ -38,7 +39,7 @@ def gateway(ctx: typer.Context) -> None:
     """Run only the gateway (HTTP: webhooks, health). Scale out by running several behind a proxy."""
     cfg = settings(ctx)
     setup_logging(state(ctx).verbose)
-    from konstruct.gateway.app import run_gateway
+    from konstruct.gateway.app import run_gateway  # deferred: Starlette, uvicorn and the whole app load only for this command
 
     run_gateway(cfg)
 
@@ -56,7 +57,7 @@ def worker(
     """Run only the worker (answers messages). Stop gracefully with SIGINT."""
     cfg = settings(ctx)
     setup_logging(state(ctx).verbose)
-    from konstruct.worker.main import run_worker
+    from konstruct.worker.main import run_worker  # deferred: the worker, its tasks and the agent pipeline load only for this command
 
     run_worker(cfg, threads=threads, periodic=not no_periodic, standby=standby)
 
@@ -66,8 +67,6 @@ def up(ctx: typer.Context) -> None:
 
     Every part is supervised for as long as `up` runs: one that dies is started again (at once, or with a
     growing pause up to `up.max_backoff` when it keeps dying), and never takes the others down."""
-    from konstruct.db import migrate
-
     cfg = settings(ctx)
     started = time.perf_counter()
     _require_free_port(cfg)

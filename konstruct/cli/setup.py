@@ -12,11 +12,13 @@ from sqlalchemy import func, select, text
 
 from konstruct.cli.common import JsonOption, database, err, out, print_json, print_table, run, settings
 from konstruct.config import CONFIG_FILENAME, Settings, render_config, secret_key_in_environment
+from konstruct.db import migrate
 from konstruct.db.models import WorkerHeartbeat
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import ConfigError, KonstructError
 from konstruct.secrets import create_secret_key_file, master_keys, secret_key_path
 from konstruct.supervision import inbox_health, read_state, summarise
+from konstruct.worker.queue import make_queue
 
 config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema: apply migrations, show the revision.", no_args_is_help=True)
@@ -96,8 +98,6 @@ def config_show(ctx: typer.Context, as_json: bool = JsonOption) -> None:
 @db_app.command("upgrade")
 def db_upgrade(ctx: typer.Context) -> None:
     """Apply pending migrations as the owner role (konstruct up does this on start)."""
-    from konstruct.db import migrate
-
     cfg = settings(ctx)
     started = time.perf_counter()
     result = migrate.upgrade(cfg)
@@ -111,8 +111,6 @@ def db_upgrade(ctx: typer.Context) -> None:
 @db_app.command("current")
 def db_current(ctx: typer.Context) -> None:
     """Show the database's revision and the newest one this version knows."""
-    from konstruct.db import migrate
-
     cfg = settings(ctx)
     current = migrate.current_revision(resolve_urls(cfg))
     head = migrate.head_revision()
@@ -144,9 +142,6 @@ def doctor(ctx: typer.Context, as_json: bool = JsonOption) -> None:
 
 
 async def _doctor_database(cfg: Settings, add: Any) -> None:
-    from konstruct.db import migrate
-    from konstruct.worker.queue import make_queue
-
     try:
         urls = resolve_urls(cfg)
         current = await asyncio.to_thread(migrate.current_revision, urls)

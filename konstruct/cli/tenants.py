@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
+import re
+
 import typer
 
+from konstruct.channels.registry import validate_escalation_target
 from konstruct.cli.common import (
     JsonOption,
     YesOption,
     actor,
     confirm_deletion,
-    database,
     out,
     platform,
     print_fields,
     print_json,
     print_table,
-    run,
-    settings,
-    tenant_for,
     tenants_for,
+    with_database,
+    with_tenant,
 )
+from konstruct.db.engine import Database
+from konstruct.errors import ValidationError
 from konstruct.tenancy import tenants as service
+from konstruct.tenancy.tenants import TenantInfo
 
 app = typer.Typer(help="Create, list, suspend and delete tenants.", no_args_is_help=True)
+
+
+async def create_tenant(db: Database, name: str, slug: str | None) -> TenantInfo:
+    """Create a tenant as the acting user, who must be a platform admin (the wizard does the same)."""
+    await platform(db, "tenant.create")
+    return await service.create_tenant(db, name=name, slug=slug, actor=actor())
+
+
+def report_created(tenant: TenantInfo) -> None:
+    out.print(f"[green]created[/green] tenant {tenant.slug} ({tenant.name})")
 
 
 @app.command("create")
@@ -33,28 +47,17 @@ def create(
     as_json: bool = JsonOption,
 ) -> None:
     """Create a tenant."""
-
-    async def go() -> service.TenantInfo:
-        async with database(settings(ctx)) as db:
-            await platform(db, "tenant.create")
-            return await service.create_tenant(db, name=name, slug=slug, actor=actor())
-
-    tenant = run(go())
+    tenant = with_database(ctx, lambda db: create_tenant(db, name, slug))
     if as_json:
         print_json(tenant.as_json())
     else:
-        out.print(f"[green]created[/green] tenant {tenant.slug} ({tenant.name})")
+        report_created(tenant)
 
 
 @app.command("list")
 def list_(ctx: typer.Context, as_json: bool = JsonOption) -> None:
     """List every tenant."""
-
-    async def go() -> list[service.TenantInfo]:
-        async with database(settings(ctx)) as db:
-            return await tenants_for(db, "tenant.read")
-
-    tenants = run(go())
+    tenants = with_database(ctx, lambda db: tenants_for(db, "tenant.read"))
     if as_json:
         print_json([t.as_json() for t in tenants])
     elif not tenants:
@@ -69,12 +72,10 @@ def list_(ctx: typer.Context, as_json: bool = JsonOption) -> None:
 def show(ctx: typer.Context, slug: str = typer.Argument(..., help="The tenant's slug."), as_json: bool = JsonOption) -> None:
     """Show one tenant with counts of its agents, conversations and messages."""
 
-    async def go() -> tuple[service.TenantInfo, dict[str, int]]:
-        async with database(settings(ctx)) as db:
-            tenant = await tenant_for(db, slug, "tenant.read")
-            return tenant, await service.tenant_stats(db, tenant)
+    async def with_stats(db: Database, tenant: TenantInfo) -> tuple[TenantInfo, dict[str, int]]:
+        return tenant, await service.tenant_stats(db, tenant)
 
-    tenant, stats = run(go())
+    tenant, stats = with_tenant(ctx, slug, "tenant.read", with_stats)
     if as_json:
         print_json({**tenant.as_json(), **stats})
     else:
@@ -83,13 +84,40 @@ def show(ctx: typer.Context, slug: str = typer.Argument(..., help="The tenant's 
         )
 
 
-def _set_status(ctx: typer.Context, slug: str, status: str, as_json: bool) -> None:
-    async def go() -> service.TenantInfo:
-        async with database(settings(ctx)) as db:
-            await tenant_for(db, slug, "tenant.suspend")
-            return await service.set_status(db, slug, status, actor=actor())
+@app.command("configure")
+def configure(
+    ctx: typer.Context,
+    slug: str = typer.Argument(..., help="The tenant's slug."),
+    escalation_target: str | None = typer.Option(
+        None, "--escalation-target", help="Where escalations are announced: slack:CHANNEL_ID or slack:USER_ID ('' for none)."
+    ),
+    allowed_hosts: str | None = typer.Option(None, "--allowed-hosts", help="Hosts web_fetch may reach, comma-separated ('' for none)."),
+    contact_email: str | None = typer.Option(
+        None, "--contact-email", help="Where budget alerts and billing notices are emailed ('' for none)."
+    ),
+    as_json: bool = JsonOption,
+) -> None:
+    """Set a tenant's escalation target, web_fetch allow-list and contact email."""
+    target = validate_escalation_target(escalation_target) if escalation_target else escalation_target
+    hosts = None
+    if allowed_hosts is not None:
+        hosts = [h.strip().lower() for h in allowed_hosts.split(",") if h.strip()]
+        bad = [h for h in hosts if not re.fullmatch(r"(\*\.)?[a-z0-9.-]+(:\d+)?", h)]
+        if bad:
+            raise ValidationError(f"not a host name: {', '.join(bad)} (e.g. docs.example.com or *.example.com)")
+    values = with_tenant(ctx, slug, "tenant.configure", lambda db, t: service.update_settings(
+        db, t, escalation_target=target, allowed_hosts=hosts, actor=actor(), contact_email=contact_email))  # fmt: skip
+    if as_json:
+        print_json(values)
+    else:
+        out.print(f"[green]updated[/green] {slug}: " + ", ".join(f"{k} = {v}" for k, v in values.items()))
 
-    tenant = run(go())
+
+def _set_status(ctx: typer.Context, slug: str, status: str, as_json: bool) -> None:
+    async def go(db: Database, _: TenantInfo) -> TenantInfo:
+        return await service.set_status(db, slug, status, actor=actor())
+
+    tenant = with_tenant(ctx, slug, "tenant.suspend", go)
     if as_json:
         print_json(tenant.as_json())
     else:
@@ -116,11 +144,5 @@ def delete(
 ) -> None:
     """Delete a tenant with its agents, conversations and messages (its audit log stays)."""
     confirm_deletion(yes, f"tenant {slug!r}", "all its agents, conversations and messages")
-
-    async def go() -> service.TenantInfo:
-        async with database(settings(ctx)) as db:
-            await tenant_for(db, slug, "tenant.delete")
-            return await service.delete_tenant(db, slug, actor=actor())
-
-    tenant = run(go())
+    tenant = with_tenant(ctx, slug, "tenant.delete", lambda db, _: service.delete_tenant(db, slug, actor=actor()))
     out.print(f"[green]deleted[/green] tenant {tenant.slug}")

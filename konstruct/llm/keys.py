@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from konstruct import audit
-from konstruct.config import Settings, mask_secret
+from konstruct.config import Settings, hint
 from konstruct.db.engine import Database
 from konstruct.db.models import ChannelConnection, LLMKey
 from konstruct.errors import ConfigError, NotFoundError, ValidationError
@@ -107,22 +107,22 @@ async def add_key(
     if api_base is not None:
         await check_api_base(settings, api_base)
     secret = encrypt(settings, key)
-    hint = mask_secret(key) or "****"
+    shown = hint(key)
     async with db.tenant(tenant_id=tenant.id) as session:
         replaced = await session.scalar(select(func.count()).select_from(LLMKey).where(LLMKey.provider == provider))
         row = await session.scalar(
             pg_insert(LLMKey)
-            .values(tenant_id=tenant.id, provider=provider, secret=secret, hint=hint, api_base=api_base, added_by=actor)
+            .values(tenant_id=tenant.id, provider=provider, secret=secret, hint=shown, api_base=api_base, added_by=actor)
             .on_conflict_do_update(
                 index_elements=[LLMKey.tenant_id, LLMKey.provider],
-                set_={"secret": secret, "hint": hint, "api_base": api_base, "added_by": actor, "created_at": func.now()},
+                set_={"secret": secret, "hint": shown, "api_base": api_base, "added_by": actor, "created_at": func.now()},
             )
             .returning(LLMKey)
         )
         assert row is not None
         await audit.record(
             session, tenant_id=tenant.id, actor=actor, action="key.replaced" if replaced else "key.added", target=provider,
-            detail={"hint": hint, "api_base": api_base},
+            detail={"hint": shown, "api_base": api_base},
         )  # fmt: skip
     return KeyInfo(row.provider, row.hint, row.api_base, row.added_by, row.created_at), bool(replaced)
 

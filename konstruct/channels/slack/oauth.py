@@ -23,9 +23,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from konstruct.channels import connections
-from konstruct.channels.connections import hint
 from konstruct.channels.slack.client import web_client
-from konstruct.config import Settings
+from konstruct.config import Settings, hint
 from konstruct.db.engine import Database
 from konstruct.errors import ConflictError, ValidationError
 from konstruct.secrets import master_keys

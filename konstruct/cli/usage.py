@@ -1,0 +1,68 @@
+"""konstruct usage: LLM calls, tokens, cost and latency, grouped, with a daily cost chart."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from datetime import date
+from decimal import Decimal
+
+import typer
+
+from konstruct.cli.common import EveryTenantOption, JsonOption, out, print_json, print_table, tenants_for, with_database
+from konstruct.db.engine import Database
+from konstruct.errors import ValidationError
+from konstruct.llm import usage as service
+
+
+def register(app: typer.Typer) -> None:
+    app.command("usage")(usage)
+
+
+def usage(
+    ctx: typer.Context,
+    tenant: str | None = EveryTenantOption,
+    since: str = typer.Option("30d", "--since", help="How far back: 30d, 12h, 2w, or a date 2026-11-01."),
+    by: str = typer.Option("model", "--by", help="Group by model, agent, day or tenant."),
+    as_json: bool = JsonOption,
+    as_csv: bool = typer.Option(False, "--csv", help="Print CSV (one row per group) instead of a table."),
+) -> None:
+    """LLM calls, tokens, cost and latency, grouped; with a daily cost chart."""
+    start = service.parse_since(since)
+    if by not in service.GROUPS:
+        raise ValidationError(f"--by must be one of {', '.join(service.GROUPS)}")
+    if as_json and as_csv:
+        raise ValidationError("pick one of --json and --csv")
+
+    async def go(db: Database) -> service.UsageReport:
+        return await service.report(db, await tenants_for(db, "usage.read", tenant), since=start, by=by)
+
+    report = with_database(ctx, go)
+    if as_json:
+        print_json(report.as_json())
+        return
+    rows = [*report.rows, report.total]
+    if as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow([by, "calls", "failed", "prompt_tokens", "completion_tokens", "cost_usd", "avg_latency_ms"])
+        for row in rows:
+            writer.writerow(
+                [row.key, row.calls, row.failed, row.prompt_tokens, row.completion_tokens, f"{row.cost_usd:.8f}", row.avg_latency_ms]
+            )
+        return
+    scope = f"tenant {tenant}" if tenant else "all tenants"
+    print_table(
+        f"LLM usage of {scope} since {start:%Y-%m-%d %H:%M} UTC, by {by}",
+        [by, "calls", "failed", "prompt tok", "completion tok", "cost (USD)", "avg latency"],
+        [(r.key, r.calls, r.failed, r.prompt_tokens, r.completion_tokens, f"{r.cost_usd:.4f}", f"{r.avg_latency_ms} ms") for r in rows],
+    )
+    _bar_chart(report.daily)
+
+
+def _bar_chart(daily: dict[date, Decimal], width: int = 40) -> None:
+    top = max(daily.values(), default=Decimal(0))
+    out.print("[bold]cost per day (USD)[/bold]")
+    for day, cost in daily.items():
+        filled = int(cost / top * width) if top else 0
+        bar = "█" * filled or ("▏" if cost else "")
+        out.print(f"{day:%m-%d}  {bar.ljust(width)}  ${cost:.4f}")
