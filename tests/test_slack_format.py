@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from konstruct.channels.slack.format import FALLBACK_LIMIT, MARKDOWN_LIMIT, markdown_messages, split_message
+from konstruct.channels.slack.format import FALLBACK_LIMIT, MARKDOWN_LIMIT, markdown_messages
+from konstruct.channels.text import split_message
 
 # --- markdown_messages -------------------------------------------------------------------------------
 
@@ -103,12 +104,12 @@ def assert_fits(chunks: list[str], limit: int) -> None:
 
 
 def test_empty_and_short_text() -> None:
-    assert split_message("") == []
-    assert split_message(" \n\n ") == []
-    assert split_message("hello") == ["hello"]
-    assert split_message("  hello  \n") == ["hello"]
+    assert split_message("", MARKDOWN_LIMIT) == []
+    assert split_message(" \n\n ", MARKDOWN_LIMIT) == []
+    assert split_message("hello", MARKDOWN_LIMIT) == ["hello"]
+    assert split_message("  hello  \n", MARKDOWN_LIMIT) == ["hello"]
     exact = "x" * MARKDOWN_LIMIT
-    assert split_message(exact) == [exact]
+    assert split_message(exact, MARKDOWN_LIMIT) == [exact]
 
 
 def test_limit_must_be_positive() -> None:
@@ -148,7 +149,7 @@ def test_splits_at_sentence_ends_then_spaces() -> None:
 
 def test_hard_cut_without_any_spaces() -> None:
     text = "".join(chr(ord("a") + i % 26) for i in range(30_000))
-    chunks = split_message(text)
+    chunks = split_message(text, MARKDOWN_LIMIT)
     assert [len(c) for c in chunks] == [12_000, 12_000, 6_000]
     assert "".join(chunks) == text
     assert_fits(chunks, MARKDOWN_LIMIT)

@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import time
 
-from konstruct.channels.slack.format import split_message as split_text
+from konstruct.channels.text import split_message as split_text
 from konstruct.channels.whatsapp.channel import Pacer, hex_digest, to_whatsapp
 from konstruct.channels.whatsapp.graph import GraphError, signature_ok
 
@@ -23,7 +23,7 @@ def test_split_keeps_every_word_within_the_limit() -> None:
     assert all(len(p) <= 1000 for p in parts) and len(parts) > 5
     assert " ".join(parts).split() == text.split()
     assert split_text("x" * 2500, limit=1000) == ["x" * 1000, "x" * 1000, "x" * 500]  # no spaces: hard cuts
-    assert split_text("   ") == []
+    assert split_text("   ", limit=1000) == []
 
 
 def test_media_digests_in_hex_or_base64() -> None:

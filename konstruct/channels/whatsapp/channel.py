@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from konstruct.channels.connections import SecretCache
-from konstruct.channels.slack.format import split_message
+from konstruct.channels.text import split_message
 from konstruct.channels.whatsapp import delivery
 from konstruct.channels.whatsapp.graph import OUTSIDE_WINDOW, WHATSAPP_TEXT_LIMIT, Graph, GraphError
 from konstruct.config import Settings
