@@ -95,3 +95,16 @@ def test_every_package_is_shipped() -> None:
     migrations = ROOT.parent / project["package-dir"]["konstruct.migrations"]
     on_disk |= {".".join(("konstruct", "migrations", *p.relative_to(migrations).parts[:-1])) for p in migrations.rglob("__init__.py")}
     assert on_disk == listed, f"missing from pyproject: {sorted(on_disk - listed)}; listed but gone: {sorted(listed - on_disk)}"
+
+
+def test_channels_do_not_import_each_other() -> None:
+    """What two channels share (the splitter, connections, the registry) lives in konstruct.channels itself."""
+    crossing = []
+    for name in ("slack", "whatsapp"):
+        for path in sorted((ROOT / "channels" / name).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    other = {"slack": "whatsapp", "whatsapp": "slack"}[name]
+                    if node.module.startswith(f"konstruct.channels.{other}"):
+                        crossing.append(f"{path.relative_to(ROOT)} imports {node.module}")
+    assert crossing == []
