@@ -65,11 +65,11 @@ async def in_flight(site: Path, fake: FakeLLM, messages: int) -> tuple[int, floa
     from sqlalchemy import func, select
 
     from konstruct.agent.agents import get_agent
-    from konstruct.messaging import InboundMessage
     from konstruct.config import load_settings
     from konstruct.db.engine import Database
     from konstruct.db.models import InboundMessage as Row
     from konstruct.inbox import accept
+    from konstruct.messaging import InboundMessage
     from konstruct.tenancy.tenants import get_tenant
     from konstruct.worker.queue import make_queue
 

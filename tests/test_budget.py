@@ -18,7 +18,6 @@ from sqlalchemy import select
 
 from konstruct import audit
 from konstruct.agent.agents import AgentInfo, create_agent
-from konstruct.messaging import InboundMessage
 from konstruct.config import load_settings
 from konstruct.db.engine import Database
 from konstruct.db.models import InboundMessage as InboxRow
@@ -26,6 +25,7 @@ from konstruct.db.models import LLMUsage, Message
 from konstruct.db.urls import resolve_urls
 from konstruct.inbox import accept
 from konstruct.llm import budget
+from konstruct.messaging import InboundMessage
 from konstruct.tenancy.tenants import TenantInfo, create_tenant, update_settings
 from konstruct.worker.queue import Queue, make_queue
 from tests.conftest import write_config

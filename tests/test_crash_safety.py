@@ -23,7 +23,6 @@ import pytest
 from sqlalchemy import select
 
 from konstruct.agent.agents import AgentInfo, create_agent
-from konstruct.messaging import InboundMessage
 from konstruct.config import Settings, load_settings
 from konstruct.db.embedded import EmbeddedServer, postmaster_pid
 from konstruct.db.engine import Database, unavailable
@@ -33,6 +32,7 @@ from konstruct.db.urls import resolve_urls
 from konstruct.errors import DatabaseUnavailable
 from konstruct.inbox import accept, requeue_stuck
 from konstruct.logs import OutageFilter
+from konstruct.messaging import InboundMessage
 from konstruct.supervision import read_state
 from konstruct.tenancy.tenants import TenantInfo, create_tenant
 from konstruct.worker.queue import Queue, make_queue

@@ -19,7 +19,6 @@ from psycopg.types.json import Jsonb
 
 from konstruct.agent.agents import create_agent
 from konstruct.channels import connections
-from konstruct.messaging import InboundMessage
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import BudgetReservation, DeliveryStatus, LLMUsage, Memory, Subscription
@@ -28,6 +27,7 @@ from konstruct.errors import TenantNotSetError
 from konstruct.inbox import store
 from konstruct.llm.budget import account, set_budget
 from konstruct.llm.keys import add_key
+from konstruct.messaging import InboundMessage
 from konstruct.tenancy import invitations
 from konstruct.tenancy.tenants import TenantInfo, create_tenant
 from konstruct.tenancy.users import add_member, create_user

@@ -14,13 +14,13 @@ from sqlalchemy import func, select, update
 
 from konstruct.agent.agents import AgentInfo, create_agent
 from konstruct.agent.prompt import AI_DISCLOSURE
-from konstruct.messaging import InboundMessage
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import AuditEvent, Message
 from konstruct.db.models import InboundMessage as InboxRow
 from konstruct.db.urls import resolve_urls
 from konstruct.inbox import accept, store
+from konstruct.messaging import InboundMessage
 from konstruct.tenancy.tenants import TenantInfo, create_tenant, set_status
 from konstruct.worker.queue import Queue, make_queue
 from tests.fakes.llm import FakeLLM
