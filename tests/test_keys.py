@@ -199,6 +199,9 @@ async def test_usage_is_metered_and_reported(site: Site) -> None:
     everyone = json.loads(site.cli("usage", "--by", "tenant", "--json").stdout)
     calls = {r["tenant"]: r["calls"] for r in everyone["rows"]}  # every tenant of the shared database: ours among them
     assert (calls[site.acme.slug], calls[site.globex.slug]) == (3, 1)
+    with psycopg.connect(resolve_urls(site.db.settings).owner_sync().replace("+psycopg", "")) as conn:
+        query = "select t.slug, count(*) from llm_usage u join tenants t on t.id = u.tenant_id group by t.slug"
+        assert calls == dict(conn.execute(query).fetchall())  # and every other tenant's as the database has it
     by_agent = json.loads(site.cli("usage", "--tenant", "acme", "--by", "agent", "--json").stdout)
     assert by_agent["rows"][0]["agent"] == "Ava"
     by_day = site.cli("usage", "--tenant", "acme", "--by", "day", "--csv")

@@ -193,7 +193,7 @@ async def test_duplicate_deliveries_at_once_get_one_reply(shared: Shared, fake_l
     assert row.status == "replied"
     await shared.settle()  # any second doorbell has been taken by now
     assert len(await replies_for(db, tenant, row.id)) == 1
-    assert asked(fake_llm, "hi") == 1
+    assert asked(fake_llm, "hi") == 1 and len(fake_llm.requests) == 2  # the message once, and the later one
 
 
 async def test_worker_killed_mid_call_answers_exactly_once_after_restart(
