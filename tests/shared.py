@@ -13,15 +13,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 from sqlalchemy.engine import URL
 
-from tests.conftest import _admin, write_config
+from tests.conftest import write_config
 from tests.helpers import Proc
 
 
 def unique_slug(base: str) -> str:
     """A tenant slug no other test of the shared database uses."""
     return f"{base}-{uuid.uuid4().hex[:6]}"
+
+
+def _admin(pg_server: URL) -> psycopg.Connection:
+    return psycopg.connect(pg_server.set(drivername="postgresql").render_as_string(hide_password=False), autocommit=True)
 
 
 @contextmanager
