@@ -18,6 +18,7 @@ from konstruct import audit
 from konstruct.config import load_settings
 from konstruct.db.engine import Database
 from konstruct.db.urls import resolve_urls
+from konstruct.tenancy import invitations
 from konstruct.tenancy.tenants import TenantInfo, create_tenant
 from konstruct.tenancy.users import verify_password
 from tests.conftest import write_config
@@ -183,3 +184,10 @@ async def test_without_smtp_the_link_is_printed_for_the_operator(
     # A real process: a shell sees exit code 1 and one clear line, no traceback.
     bad = konstruct("invite", "create", "--tenant", site.acme.slug, "--email", "not-an-email", "--role", "customer_operator", config=config)
     assert bad.returncode != 0 and "email address" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_token_never_starts_with_a_dash() -> None:
+    """One token in 64 did (secrets.token_urlsafe), and `konstruct invite accept -B…` read it as an unknown option."""
+    tokens = [invitations.new_token() for _ in range(5000)]
+    assert not [t for t in tokens if t.startswith("-")]
+    assert len(set(tokens)) == len(tokens) and all(len(t) == 43 for t in tokens)
