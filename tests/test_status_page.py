@@ -35,7 +35,7 @@ from tests.helpers import Proc, wait_for
 from tests.shared import module_database
 
 PASSWORD = "a long enough password"
-IMPERSONATION = 0.02  # web.impersonation_minutes: 1.2 s, so the test sees a view as a tenant end by itself
+IMPERSONATION = 0.03  # web.impersonation_minutes: 1.8 s, so the test sees a view as a tenant end by itself
 METRICS_TOKEN = "metrics-token-0123456789"
 ROOT = Path(__file__).resolve().parent.parent
 
