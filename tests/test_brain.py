@@ -22,6 +22,7 @@ from konstruct.db.models import Memory
 from konstruct.llm.client import supports_vision
 from konstruct.tenancy.tenants import TenantInfo, create_tenant
 from tests.fakes.llm import FakeLLM
+from tests.fakes.server import LoopbackServer, QuietHandler, serve, shutdown
 from tests.fakes.slack import FakeSlack
 from tests.helpers import Proc, cli_env, konstruct_in_process, wait_until
 from tests.shared import SharedWorker, shared_worker, unique_slug
@@ -74,7 +75,7 @@ def brain_worker(
     """One worker (with memory on, so one embedding model load) for the module; each test has tenants of its own."""
     with shared_worker(
         pg_server, template_db, tmp_path_factory.mktemp("brain"), fake_llm_server.url, memory={"enabled": True},
-        slack={"api_url": slack_fake.url}, agent={"web_fetch_private": True, "history_messages": 4},
+        slack={"api_url": slack_fake.url}, agent={"web_fetch_private_networks": ["127.0.0.1/32"], "history_messages": 4},
     ) as shared:  # fmt: skip
         yield shared
 
@@ -144,6 +145,31 @@ async def test_tool_calls_round_trip_and_are_audited(brain: Brain) -> None:
     events = [e for e in await audit.events(brain.db, brain.acme.id) if e.action == "tool.called"]
     assert [(e.target, e.detail["ok"]) for e in events] == [("calculator", True), ("calculator", False)]
     assert events[0].detail["arguments"] == {"expression": "6*7+0.5"}
+
+
+class PageHandler(QuietHandler):
+    def do_GET(self) -> None:
+        self.send_bytes(200, "text/html; charset=utf-8", b"<html><body><h1>Opening hours</h1><p>Mon to Fri, 9 to 5</p></body></html>")
+
+
+@pytest.fixture(scope="module")
+def page_server() -> Iterator[LoopbackServer]:
+    server = serve(PageHandler, 0, "brain-web")
+    yield server
+    shutdown(server)
+
+
+async def test_web_fetch_in_the_worker_reaches_the_listed_private_network_only(brain: Brain, page_server: LoopbackServer) -> None:
+    """[agent] web_fetch_private_networks (127.0.0.1/32 for this worker) reaches the pipeline's tools: the loopback
+    page is fetched, another private address is refused by the address check, not by the tenant's allow-list."""
+    assert brain.cli("agent", "update", "Ava", "--tenant", "acme", "--tools", "web_fetch").returncode == 0
+    hosts = brain.cli("tenant", "configure", "acme", "--allowed-hosts", "127.0.0.1,10.0.0.1")
+    assert hosts.returncode == 0, hosts.stderr
+    port = page_server.server_address[1]
+    fetched = brain.chat(f'[[call web_fetch {{"url": "http://127.0.0.1:{port}/hours"}}]]')
+    assert fetched["status"] == "replied" and "Mon to Fri, 9 to 5" in fetched["reply"], fetched
+    refused = brain.chat('[[call web_fetch {"url": "http://10.0.0.1/admin"}]]')
+    assert "10.0.0.1 resolves to a private or reserved address" in refused["reply"], refused
 
 
 async def test_escalation_fires_notifies_silences_and_releases(brain: Brain, slack_fake: FakeSlack) -> None:
