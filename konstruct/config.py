@@ -128,6 +128,25 @@ class AgentSettings(_Section):
     tool_steps: int = Field(5, ge=1, le=50, description="Model turns with tool calls allowed for one answer.")
     tool_seconds: float = Field(60.0, gt=0, le=600, description="Time allowed for all tool calls of one answer.")
     web_fetch_private: bool = Field(False, description="Let web_fetch reach private, loopback and link-local addresses (tests, labs).")
+    web_fetch_private_networks: list[str] = Field(
+        default_factory=list,
+        description='Private networks web_fetch may reach with web_fetch_private off (e.g. ["10.20.0.0/24"]); every other stays refused.',
+    )
+    web_fetch_seconds: float = Field(10.0, gt=0, le=300, description="Time allowed for one web_fetch, its redirects included.")
+    web_fetch_ca_file: str | None = Field(
+        None, description="A PEM file of extra certificate authorities web_fetch trusts (an internal CA); the usual ones stay trusted."
+    )
+
+    @pydantic.field_validator("web_fetch_private_networks")
+    @classmethod
+    def _private_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return value
+
     tenant_api_base_private: bool = Field(
         False, description="Let a tenant's own LLM key name an api_base on a private, loopback or link-local address (tests, labs)."
     )

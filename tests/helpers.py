@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -46,6 +52,18 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def wait_until(probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float, what: str, interval: float = 0.05) -> T:
+    """`wait_for` for async tests: await `probe()` until `done` holds for what it returned, and return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
+        await asyncio.sleep(interval)
 
 
 class Proc:
@@ -91,3 +109,54 @@ class Proc:
         self.process.kill()
         self.process.wait()
         self._log.close()
+
+
+_in_process = threading.Lock()
+
+
+def konstruct_in_process(
+    *args: str, config: Path | None = None, env: dict[str, str] | None = None, cwd: Path | None = None, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The CLI's real entry point (`konstruct.cli.main`) run in this process under typer's CliRunner: the same parser,
+    commands, error handling and exit codes as `konstruct(...)`, without an interpreter start-up. For calls whose process
+    boundary is not what the test is about; `konstruct(...)` stays for what a shell sees of a process.
+
+    The environment is exactly `env` (default `cli_env()`) while the command runs; stdin is empty and not a terminal, as
+    with `konstruct(...)`. It runs in a thread of its own, since commands call asyncio.run and the caller may be on a
+    running loop; calls are serialised (the environment and argv are process-wide). An exception that escapes the entry
+    point is printed as the interpreter would (a traceback on stderr, exit code 1), so "no traceback" checks still bite.
+    """
+    from typer.testing import CliRunner
+
+    from konstruct import cli
+
+    wanted = env if env is not None else cli_env()
+    delta: dict[str, str | None] = {key: None for key in os.environ if key not in wanted}
+    delta.update(wanted)
+    argv = ["konstruct", *(["--config", str(config)] if config is not None else []), *args]
+    result: dict[str, Any] = {}
+
+    def invoke() -> None:
+        runner = CliRunner()
+        with _in_process, contextlib.chdir(cwd or Path.cwd()), runner.isolation(input=input or "", env=delta) as (stdout, stderr, _):
+            saved_argv, sys.argv = sys.argv, argv
+            code: int = 0
+            try:
+                cli.main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if exc.code is not None and not isinstance(exc.code, int):
+                    print(exc.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.argv = saved_argv
+                sys.stdout.flush()
+                sys.stderr.flush()
+            result.update(code=code, stdout=stdout.getvalue().decode(), stderr=stderr.getvalue().decode())
+
+    thread = threading.Thread(target=invoke, name="konstruct-cli")
+    thread.start()
+    thread.join()
+    return subprocess.CompletedProcess(argv, result["code"], result["stdout"], result["stderr"])

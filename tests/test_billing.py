@@ -36,7 +36,7 @@ from konstruct.tenancy.tenants import TenantInfo, create_tenant
 from tests.conftest import write_config
 from tests.fakes import stripe as fs
 from tests.fakes.llm import FakeLLM
-from tests.helpers import Proc, konstruct
+from tests.helpers import Proc, konstruct, konstruct_in_process
 
 SECRET = "whsec_test_billing_secret"
 PAUSED = "Acme's assistant is paused until the subscription is sorted out."
@@ -295,10 +295,11 @@ class Site:
         return fs.post_event(self.webhook, event, secret, timestamp=timestamp)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return konstruct(*args, config=self.config)
+        """The CLI in-process (its real entry point): the process boundary is not what these tests are about."""
+        return konstruct_in_process(*args, config=self.config)
 
     def chat(self, text: str, tenant: str = "acme") -> Any:
-        result = konstruct(
+        result = konstruct_in_process(
             "chat", "--tenant", tenant, "--agent", "Ava", "--message", text, "--json", "--new", "--timeout", "60", config=self.config
         )
         assert result.returncode == 0 and result.stdout, result.stderr + "".join(p.log() for p in self.procs)
@@ -561,7 +562,7 @@ async def test_billing_off_refuses_checkout_and_the_webhook(make_site: Any) -> N
     assert response.status_code == 404 and "billing is off" in response.json()["error"]
     assert site.owner_rows("select id from stripe_events") == []
 
-    checkout = site.cli("billing", "checkout", "--tenant", "acme", "--plan", "starter")
+    checkout = konstruct("billing", "checkout", "--tenant", "acme", "--plan", "starter", config=site.config)  # as a shell sees it
     assert_one_line_error(checkout, "billing is off", "stripe_api_key")
     assert site.stripe.requests == []
     assert site.owner_rows("select stripe_customer_id from tenants") == [(None,)]

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.engine import URL
 
 from konstruct import audit
 from konstruct.agent.agents import create_agent
 from konstruct.agent.prompt import AI_DISCLOSURE
+from konstruct.config import load_settings
 from konstruct.db.engine import Database
 from konstruct.db.models import Memory
 from konstruct.llm.client import supports_vision
 from konstruct.tenancy.tenants import TenantInfo, create_tenant
-from tests.conftest import write_config
 from tests.fakes.llm import FakeLLM
+from tests.fakes.server import LoopbackServer, QuietHandler, serve, shutdown
 from tests.fakes.slack import FakeSlack
-from tests.helpers import Proc, cli_env, konstruct
+from tests.helpers import Proc, cli_env, konstruct_in_process, wait_until
+from tests.shared import SharedWorker, shared_worker, unique_slug
 
 BOT_TOKEN = "xoxb-escalation-bot-0101"
 
@@ -37,14 +39,19 @@ class Brain:
     globex: TenantInfo
     worker: Proc
 
+    def slug(self, name: str) -> str:
+        """This test's tenant for the name the test uses ("acme", "globex"); anything else as it is."""
+        return {"acme": self.acme.slug, "globex": self.globex.slug}.get(name, name)
+
     def chat(self, text: str, *, person: str = "pat", tenant: str = "acme", new: bool = True) -> Any:
         args = ["chat", "--tenant", tenant, "--agent", "Ava", "--person", person, "--message", text, "--json", "--timeout", "60"]
-        result = konstruct(*args, *(["--new"] if new else []), config=self.config)
+        result = self.cli(*args, *(["--new"] if new else []))
         assert result.stdout, result.stderr + self.worker.log()
         return json.loads(result.stdout)
 
     def cli(self, *args: str, env: dict[str, str] | None = None) -> Any:
-        return konstruct(*args, config=self.config, env=env)
+        """The CLI in-process, "acme" and "globex" meaning this test's tenants."""
+        return konstruct_in_process(*map(self.slug, args), config=self.config, env=env)
 
     def system_prompt(self, index: int = -1) -> str:
         return str(self.llm.requests[index].body["messages"][0]["content"])
@@ -61,32 +68,39 @@ def slack_fake() -> Iterator[FakeSlack]:
     fake.stop()
 
 
+@pytest.fixture(scope="module")
+def brain_worker(
+    pg_server: URL, template_db: str, fake_llm_server: FakeLLM, slack_fake: FakeSlack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SharedWorker]:
+    """One worker (with memory on, so one embedding model load) for the module; each test has tenants of its own."""
+    with shared_worker(
+        pg_server, template_db, tmp_path_factory.mktemp("brain"), fake_llm_server.url, memory={"enabled": True},
+        slack={"api_url": slack_fake.url}, agent={"web_fetch_private_networks": ["127.0.0.1/32"], "history_messages": 4},
+    ) as shared:  # fmt: skip
+        yield shared
+
+
 @pytest.fixture
-async def brain(tmp_path: Path, database_url: str, fake_llm: FakeLLM, db: Database, slack_fake: FakeSlack) -> Any:
+async def brain(brain_worker: SharedWorker, fake_llm: FakeLLM, slack_fake: FakeSlack) -> AsyncIterator[Brain]:
     slack_fake.reset()
     slack_fake.retry_after = 0
-    config = write_config(
-        tmp_path / "site", database_url, fake_llm.url, memory={"enabled": True}, slack={"api_url": slack_fake.url},
-        agent={"web_fetch_private": True, "history_messages": 4},
-    )  # fmt: skip
-    acme = await create_tenant(db, name="Acme", slug="acme", actor="test")
-    globex = await create_tenant(db, name="Globex", slug="globex", actor="test")
-    for tenant in (acme, globex):
-        await create_agent(db, tenant, name="Ava", role="Support", persona="Helpful and brief.", model=None, actor="test")
-    worker = Proc("worker", ["worker"], config=config, log_dir=tmp_path)
-    worker.wait_for_log(" ready: ")
-    yield Brain(config, db, fake_llm, acme, globex, worker)
-    worker.stop()
+    db = Database(load_settings(brain_worker.config))
+    try:
+        acme = await create_tenant(db, name="Acme", slug=unique_slug("acme"), actor="test")
+        globex = await create_tenant(db, name="Globex", slug=unique_slug("globex"), actor="test")
+        for tenant in (acme, globex):
+            await create_agent(db, tenant, name="Ava", role="Support", persona="Helpful and brief.", model=None, actor="test")
+        yield Brain(brain_worker.config, db, fake_llm, acme, globex, brain_worker.worker)
+    finally:
+        await db.dispose()
 
 
 async def test_a_fact_is_recalled_for_the_same_person_only(brain: Brain) -> None:
     told = brain.chat("My favourite colour is teal and I live in Lisbon.", person="pat")
     assert told["status"] == "replied"
     brain.chat("I prefer email over phone calls for updates.", person="pat")
-    deadline = time.monotonic() + 120  # the worker loads the embedding model on first use
-    while time.monotonic() < deadline and len(await brain.memories(brain.acme)) < 2:
-        time.sleep(0.5)
-    stored = await brain.memories(brain.acme)
+    # Stored in the background (the worker loads the embedding model on first use).
+    stored = await wait_until(lambda: brain.memories(brain.acme), lambda found: len(found) >= 2, 120, "two memories stored")
     assert sorted(m.content for m in stored) == [
         "I prefer email over phone calls for updates.",
         "My favourite colour is teal and I live in Lisbon.",
@@ -131,6 +145,31 @@ async def test_tool_calls_round_trip_and_are_audited(brain: Brain) -> None:
     events = [e for e in await audit.events(brain.db, brain.acme.id) if e.action == "tool.called"]
     assert [(e.target, e.detail["ok"]) for e in events] == [("calculator", True), ("calculator", False)]
     assert events[0].detail["arguments"] == {"expression": "6*7+0.5"}
+
+
+class PageHandler(QuietHandler):
+    def do_GET(self) -> None:
+        self.send_bytes(200, "text/html; charset=utf-8", b"<html><body><h1>Opening hours</h1><p>Mon to Fri, 9 to 5</p></body></html>")
+
+
+@pytest.fixture(scope="module")
+def page_server() -> Iterator[LoopbackServer]:
+    server = serve(PageHandler, 0, "brain-web")
+    yield server
+    shutdown(server)
+
+
+async def test_web_fetch_in_the_worker_reaches_the_listed_private_network_only(brain: Brain, page_server: LoopbackServer) -> None:
+    """[agent] web_fetch_private_networks (127.0.0.1/32 for this worker) reaches the pipeline's tools: the loopback
+    page is fetched, another private address is refused by the address check, not by the tenant's allow-list."""
+    assert brain.cli("agent", "update", "Ava", "--tenant", "acme", "--tools", "web_fetch").returncode == 0
+    hosts = brain.cli("tenant", "configure", "acme", "--allowed-hosts", "127.0.0.1,10.0.0.1")
+    assert hosts.returncode == 0, hosts.stderr
+    port = page_server.server_address[1]
+    fetched = brain.chat(f'[[call web_fetch {{"url": "http://127.0.0.1:{port}/hours"}}]]')
+    assert fetched["status"] == "replied" and "Mon to Fri, 9 to 5" in fetched["reply"], fetched
+    refused = brain.chat('[[call web_fetch {"url": "http://10.0.0.1/admin"}]]')
+    assert "10.0.0.1 resolves to a private or reserved address" in refused["reply"], refused
 
 
 async def test_escalation_fires_notifies_silences_and_releases(brain: Brain, slack_fake: FakeSlack) -> None:

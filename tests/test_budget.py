@@ -8,13 +8,14 @@ import json
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.engine import URL
 
 from konstruct import audit
 from konstruct.agent.agents import AgentInfo, create_agent
@@ -28,16 +29,16 @@ from konstruct.llm import budget
 from konstruct.messaging import InboundMessage
 from konstruct.tenancy.tenants import TenantInfo, create_tenant, update_settings
 from konstruct.worker.queue import Queue, make_queue
-from tests.conftest import write_config
 from tests.fakes.llm import FakeLLM
-from tests.fakes.smtp import FakeSMTP
-from tests.helpers import Proc, konstruct
+from tests.fakes.smtp import FakeSMTP, Mail
+from tests.helpers import Proc, konstruct_in_process, wait_until
+from tests.shared import SharedWorker, shared_worker, unique_slug
 
 PRICED = "openai/gpt-4"  # litellm prices it at $30 / $60 per million tokens: a few cents per call here
 CHEAP = "openai/gpt-4o-mini"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def smtp() -> Iterator[FakeSMTP]:
     server = FakeSMTP().start()
     yield server
@@ -56,7 +57,33 @@ class Site:
     worker: Proc
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return konstruct(*args, config=self.config)
+        """The CLI in-process, "acme" meaning this test's tenant."""
+        return konstruct_in_process(*(self.tenant.slug if a == "acme" else a for a in args), config=self.config)
+
+    def mails(self) -> list[Mail]:
+        """The mails sent to this test's tenant (the SMTP server and worker serve the whole module)."""
+        return [m for m in self.smtp.messages if m.recipients == [self.contact]]
+
+    @property
+    def contact(self) -> str:
+        return f"admin@{self.tenant.slug}.test"
+
+    async def settled(self, *, alerts: int) -> list[audit.AuditEvent]:
+        """Wait until the worker has done everything the messages so far set off: at least `alerts` alerts decided
+        (budget.alert, budget.exhausted), each with its notification sent, and nothing left on the queue. Every message
+        is final by then (wait_done), so no alert can still be decided: nothing more can come."""
+
+        async def state() -> tuple[list[str], int]:
+            actions = [e.action for e in await audit.events(self.db, self.tenant.id)]
+            return actions, await asyncio.to_thread(self.queue.pending)
+
+        def done(found: tuple[list[str], int]) -> bool:
+            actions, pending = found
+            decided = actions.count("budget.alert") + actions.count("budget.exhausted")
+            return decided >= alerts and actions.count("notification.sent") == decided and pending == 0
+
+        await wait_until(state, done, 30, f"at least {alerts} alert(s) decided, all notified, an empty queue")
+        return await audit.events(self.db, self.tenant.id)
 
     async def send(self, n: int, prefix: str) -> list[uuid.UUID]:
         """n messages from n people, stored and queued as a gateway does, all at once."""
@@ -91,22 +118,32 @@ class Site:
             return list(await session.scalars(select(LLMUsage)))
 
 
-@pytest.fixture
-async def site(tmp_path: Path, database_url: str, fake_llm: FakeLLM, db: Database, smtp: FakeSMTP) -> Iterator[Site]:
-    config = write_config(
-        tmp_path / "site", database_url, fake_llm.url, llm={"model": PRICED, "max_tokens": 64},
+@pytest.fixture(scope="module")
+def budget_worker(
+    pg_server: URL, template_db: str, fake_llm_server: FakeLLM, smtp: FakeSMTP, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SharedWorker]:
+    """One worker for the module; each test has a tenant (and contact address) of its own."""
+    with shared_worker(
+        pg_server, template_db, tmp_path_factory.mktemp("budget"), fake_llm_server.url, llm={"model": PRICED, "max_tokens": 64},
         smtp={"host": smtp.host, "port": smtp.port, "security": "none", "sender": "alerts@konstruct.test"},
-    )  # fmt: skip
-    tenant = await create_tenant(db, name="Acme", slug="acme", actor="test")
-    await update_settings(db, tenant, escalation_target=None, allowed_hosts=None, contact_email="admin@acme.test", actor="test")
-    agent = await create_agent(db, tenant, name="Ava", role="Support", persona="Brief.", model=None, actor="test")
-    settings = load_settings(config)
+    ) as shared:  # fmt: skip
+        yield shared
+
+
+@pytest.fixture
+async def site(budget_worker: SharedWorker, fake_llm: FakeLLM, smtp: FakeSMTP) -> AsyncIterator[Site]:
+    settings = load_settings(budget_worker.config)
+    db = Database(settings)
     queue = make_queue(settings, resolve_urls(settings))
-    worker = Proc("worker", ["worker"], config=config, log_dir=tmp_path)
-    worker.wait_for_log(" ready: ")
-    yield Site(config, db, fake_llm, smtp, tenant, agent, queue, worker)
-    worker.stop()
-    queue.close()
+    try:
+        slug = unique_slug("acme")
+        tenant = await create_tenant(db, name="Acme", slug=slug, actor="test")
+        await update_settings(db, tenant, escalation_target=None, allowed_hosts=None, contact_email=f"admin@{slug}.test", actor="test")
+        agent = await create_agent(db, tenant, name="Ava", role="Support", persona="Brief.", model=None, actor="test")
+        yield Site(budget_worker.config, db, fake_llm, smtp, tenant, agent, queue, budget_worker.worker)
+    finally:
+        queue.close()
+        await db.dispose()
 
 
 async def test_admission_never_lets_concurrent_calls_overshoot_by_more_than_one(db: Database) -> None:
@@ -160,17 +197,16 @@ async def test_concurrent_messages_against_a_nearly_spent_budget(site: Site) -> 
     assert all(r.status == "replied" for r in rows)
     assert {r.error for r in rows if r.error} == {f"budget: the monthly budget of ${Decimal('0.0500')} is used up"}
 
-    mails = site.smtp.wait_for(4)
-    time.sleep(1)  # nothing more may come
-    subjects = sorted(m.subject for m in site.smtp.messages)
+    events = await site.settled(alerts=4)  # three thresholds and "used up": nothing more may come after that
+    mails = site.mails()
+    subjects = sorted(m.subject for m in mails)
     assert subjects == [
         "[Konstruct] LLM budget used up",
         "[Konstruct] LLM budget: 100% used this month",
         "[Konstruct] LLM budget: 50% used this month",
         "[Konstruct] LLM budget: 80% used this month",
     ]
-    assert all(m.recipients == ["admin@acme.test"] for m in mails)
-    events = await audit.events(site.db, site.tenant.id)
+    assert all(m.recipients == [site.contact] for m in mails)
     assert sorted(e.target for e in events if e.action == "budget.alert") == ["100%", "50%", "80%"]
     assert [e.action for e in events].count("budget.exhausted") == 1
     assert [e.action for e in events].count("notification.sent") == 4
@@ -179,8 +215,8 @@ async def test_concurrent_messages_against_a_nearly_spent_budget(site: Site) -> 
     more = await site.send(3, "later")
     await site.wait_done(more)
     assert all(r.text == settings.budget.unavailable for r in await site.replies(more))
-    time.sleep(1)
-    assert len(site.smtp.messages) == 4
+    await site.settled(alerts=4)  # the later messages decided no alert: still four, all notified, the queue empty
+    assert len(site.mails()) == 4
     shown = json.loads(site.cli("budget", "show", "--tenant", "acme", "--json").stdout)
     assert shown["alerts_sent"] == [50, 80, 100] and shown["used_percent"] >= 100
 
@@ -195,8 +231,8 @@ async def test_downgrade_switches_to_the_cheaper_model_at_the_limit(site: Site) 
     await site.wait_done(second)
     assert [r.body["model"] for r in site.llm.requests[-2:]] == ["gpt-4o-mini", "gpt-4o-mini"]
     assert all(r.text.startswith("[gpt-4o-mini]") for r in await site.replies(second))
-    mails = site.smtp.wait_for(1)
-    assert any("used up" in m.subject and CHEAP in m.body for m in mails)
+    await site.settled(alerts=1)
+    assert any("used up" in m.subject and CHEAP in m.body for m in site.mails())
 
 
 async def test_budget_commands_refuse_bad_input(site: Site) -> None:

@@ -1,4 +1,7 @@
-"""The CLI as a person uses it: real processes, real database, one-line errors, --json."""
+"""The CLI as a person uses it: real database, one-line errors, --json.
+
+Most commands run in-process through the real entry point (`konstruct_in_process`); what a shell sees of a process —
+exit codes and a single stderr line without a traceback, a missing config, `up` and its signals — runs real processes."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import typer
 from typer.testing import CliRunner
 
 from tests.helpers import cli_env, konstruct
+from tests.helpers import konstruct_in_process as cli
 
 
 def ok(result: object) -> str:
@@ -28,32 +32,32 @@ def fails(result: object, message: str) -> None:
 
 
 def test_init_writes_config_data_dir_and_a_private_key(tmp_path: Path) -> None:
-    ok(konstruct("init", "--dir", str(tmp_path / "site")))
+    ok(cli("init", "--dir", str(tmp_path / "site")))
     config = tmp_path / "site" / "konstruct.toml"
     key = tmp_path / "site" / ".konstruct" / "secret.key"
     assert config.is_file() and key.is_file()
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    fails(konstruct("init", "--dir", str(tmp_path / "site")), "exists already: pass --force")
+    fails(cli("init", "--dir", str(tmp_path / "site")), "exists already: pass --force")
     before = key.read_text()
-    ok(konstruct("init", "--dir", str(tmp_path / "site"), "--force"))
+    ok(cli("init", "--dir", str(tmp_path / "site"), "--force"))
     assert key.read_text() == before  # --force rewrites the config, never the master key
 
 
 def test_init_uses_the_master_key_from_the_environment(tmp_path: Path) -> None:
     from cryptography.fernet import Fernet
 
-    out = ok(konstruct("init", "--dir", str(tmp_path), env=cli_env(KONSTRUCT_SECRET_KEY=Fernet.generate_key().decode())))
+    out = ok(cli("init", "--dir", str(tmp_path), env=cli_env(KONSTRUCT_SECRET_KEY=Fernet.generate_key().decode())))
     assert "KONSTRUCT_SECRET_KEY" in out
     assert not (tmp_path / ".konstruct" / "secret.key").exists()
 
 
 def test_config_show_masks_secrets_and_takes_env_overrides(config_path: Path) -> None:
     env = cli_env(KONSTRUCT_LLM__TIMEOUT="42")
-    data = json.loads(ok(konstruct("config", "show", "--json", config=config_path, env=env)))
+    data = json.loads(ok(cli("config", "show", "--json", config=config_path, env=env)))
     assert data["llm"]["api_key"] == "…0001"
     assert data["llm"]["timeout"] == 42
     assert data["database"]["app_password"] == "…word"
-    text = ok(konstruct("config", "show", config=config_path))
+    text = ok(cli("config", "show", config=config_path))
     assert "sk-test-key-0001" not in text and "[llm]" in text
 
 
@@ -65,19 +69,20 @@ def test_invalid_config_is_one_line_naming_the_key(tmp_path: Path) -> None:
 
 
 def test_tenant_and_agent_lifecycle(config_path: Path, tmp_path: Path) -> None:
-    ok(konstruct("tenant", "create", "Acme Inc", config=config_path))
-    created = json.loads(ok(konstruct("tenant", "create", "Globex", "--slug", "globex", "--json", config=config_path)))
+    ok(cli("tenant", "create", "Acme Inc", config=config_path))
+    created = json.loads(ok(cli("tenant", "create", "Globex", "--slug", "globex", "--json", config=config_path)))
     assert created["slug"] == "globex" and created["status"] == "active"
-    fails(konstruct("tenant", "create", "Acme Inc", config=config_path), "exists already")
-    fails(konstruct("tenant", "create", "Bad", "--slug", "Not A Slug", config=config_path), "is not valid")
-    listed = json.loads(ok(konstruct("tenant", "list", "--json", config=config_path)))
+    fails(cli("tenant", "create", "Acme Inc", config=config_path), "exists already")
+    fails(konstruct("tenant", "create", "Acme Inc", config=config_path), "exists already")  # as a shell sees it
+    fails(cli("tenant", "create", "Bad", "--slug", "Not A Slug", config=config_path), "is not valid")
+    listed = json.loads(ok(cli("tenant", "list", "--json", config=config_path)))
     assert [t["slug"] for t in listed] == ["acme-inc", "globex"]
 
     persona = tmp_path / "ava.md"
     persona.write_text("You are Ava. You answer billing questions for Acme.")
-    ok(konstruct("agent", "create", "-t", "acme-inc", "-n", "Ava", "-r", "Billing", "--persona-file", str(persona), config=config_path))
+    ok(cli("agent", "create", "-t", "acme-inc", "-n", "Ava", "-r", "Billing", "--persona-file", str(persona), config=config_path))
     ok(
-        konstruct(
+        cli(
             "agent",
             "create",
             "-t",
@@ -93,27 +98,27 @@ def test_tenant_and_agent_lifecycle(config_path: Path, tmp_path: Path) -> None:
             config=config_path,
         )
     )
-    fails(konstruct("agent", "create", "-t", "acme-inc", "-n", "Cy", "-r", "X", config=config_path), "needs a persona")
-    fails(konstruct("agent", "create", "-t", "nope", "-n", "Cy", "-r", "X", "--persona", "p", config=config_path), "no tenant 'nope'")
-    agents = json.loads(ok(konstruct("agent", "list", "-t", "acme-inc", "--json", config=config_path)))
+    fails(cli("agent", "create", "-t", "acme-inc", "-n", "Cy", "-r", "X", config=config_path), "needs a persona")
+    fails(cli("agent", "create", "-t", "nope", "-n", "Cy", "-r", "X", "--persona", "p", config=config_path), "no tenant 'nope'")
+    agents = json.loads(ok(cli("agent", "list", "-t", "acme-inc", "--json", config=config_path)))
     assert [(a["name"], a["model"]) for a in agents] == [("Ava", None), ("Bo", "openai/other")]
-    assert json.loads(ok(konstruct("agent", "list", "-t", "globex", "--json", config=config_path))) == []
+    assert json.loads(ok(cli("agent", "list", "-t", "globex", "--json", config=config_path))) == []
 
-    updated = json.loads(ok(konstruct("agent", "update", "Bo", "-t", "acme-inc", "--role", "Sales lead", "--json", config=config_path)))
+    updated = json.loads(ok(cli("agent", "update", "Bo", "-t", "acme-inc", "--role", "Sales lead", "--json", config=config_path)))
     assert updated["role"] == "Sales lead"
-    fails(konstruct("agent", "update", "Bo", "-t", "acme-inc", config=config_path), "nothing to change")
-    shown = json.loads(ok(konstruct("agent", "show", "Ava", "-t", "acme-inc", "--json", config=config_path)))
+    fails(cli("agent", "update", "Bo", "-t", "acme-inc", config=config_path), "nothing to change")
+    shown = json.loads(ok(cli("agent", "show", "Ava", "-t", "acme-inc", "--json", config=config_path)))
     assert shown["persona"].startswith("You are Ava.")
-    fails(konstruct("agent", "delete", "Bo", "-t", "acme-inc", config=config_path), "pass --yes")
-    ok(konstruct("agent", "delete", "Bo", "-t", "acme-inc", "--yes", config=config_path))
-    fails(konstruct("agent", "show", "Bo", "-t", "acme-inc", config=config_path), "has no agent 'Bo'")
+    fails(cli("agent", "delete", "Bo", "-t", "acme-inc", config=config_path), "pass --yes")
+    ok(cli("agent", "delete", "Bo", "-t", "acme-inc", "--yes", config=config_path))
+    fails(cli("agent", "show", "Bo", "-t", "acme-inc", config=config_path), "has no agent 'Bo'")
 
-    suspended = json.loads(ok(konstruct("tenant", "suspend", "globex", "--json", config=config_path)))
+    suspended = json.loads(ok(cli("tenant", "suspend", "globex", "--json", config=config_path)))
     assert suspended["status"] == "suspended"
-    shown_tenant = json.loads(ok(konstruct("tenant", "show", "acme-inc", "--json", config=config_path)))
+    shown_tenant = json.loads(ok(cli("tenant", "show", "acme-inc", "--json", config=config_path)))
     assert shown_tenant["agents"] == 1
-    ok(konstruct("tenant", "delete", "globex", "--yes", config=config_path))
-    fails(konstruct("tenant", "show", "globex", config=config_path), "no tenant 'globex'")
+    ok(cli("tenant", "delete", "globex", "--yes", config=config_path))
+    fails(cli("tenant", "show", "globex", config=config_path), "no tenant 'globex'")
 
 
 def _every_command(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -143,7 +148,7 @@ def test_every_command_has_help() -> None:
 
 
 def test_doctor_reports_what_to_fix(config_path: Path) -> None:
-    result = konstruct("doctor", "--json", config=config_path)
+    result = cli("doctor", "--json", config=config_path)
     assert result.returncode == 1  # no worker is running
     checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
     assert checks["database"]["status"] == "ok" and checks["migrations"]["status"] == "ok"

@@ -7,27 +7,30 @@ import hashlib
 import json
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy.engine import URL
 
 from konstruct import audit
 from konstruct.config import load_settings
 from konstruct.db.engine import Database
 from konstruct.db.urls import resolve_urls
+from konstruct.tenancy import invitations
 from konstruct.tenancy.tenants import TenantInfo, create_tenant
 from konstruct.tenancy.users import verify_password
 from tests.conftest import write_config
 from tests.fakes.llm import FakeLLM
 from tests.fakes.smtp import FakeSMTP
-from tests.helpers import Proc, cli_env, konstruct
+from tests.helpers import cli_env, konstruct, konstruct_in_process
+from tests.shared import SharedWorker, shared_worker, unique_slug
 
 PASSWORD = "correct horse battery"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def smtp() -> Iterator[FakeSMTP]:
     server = FakeSMTP().start()
     yield server
@@ -35,11 +38,17 @@ def smtp() -> Iterator[FakeSMTP]:
 
 
 class Site:
-    def __init__(self, config: Path, db: Database, acme: TenantInfo, smtp: FakeSMTP) -> None:
-        self.config, self.db, self.acme, self.smtp = config, db, acme, smtp
+    def __init__(self, config: Path, db: Database, acme: TenantInfo, globex: TenantInfo, smtp: FakeSMTP) -> None:
+        self.config, self.db, self.acme, self.globex, self.smtp = config, db, acme, globex, smtp
 
-    def cli(self, *args: str, who: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-        return konstruct(*(["--as", who] if who else []), *args, config=self.config, env=cli_env(**env))
+    def slug(self, name: str) -> str:
+        """This test's tenant for the name the test uses ("acme", "globex"); anything else as it is."""
+        return {"acme": self.acme.slug, "globex": self.globex.slug}.get(name, name)
+
+    def cli(self, *args: str, who: str | None = None, config: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+        """The CLI in-process (the module's worker sends the mail)."""
+        argv = [*(["--as", who] if who else []), *map(self.slug, args)]
+        return konstruct_in_process(*argv, config=config or self.config, env=cli_env(**env))
 
     def owner(self, sql: str, *params: object) -> list[tuple[object, ...]]:
         with psycopg.connect(resolve_urls(self.db.settings).owner_sync().replace("+psycopg", "")) as conn:
@@ -47,18 +56,28 @@ class Site:
             return list(cursor.fetchall()) if cursor.description else []
 
 
-@pytest.fixture
-async def site(tmp_path: Path, database_url: str, fake_llm: FakeLLM, db: Database, smtp: FakeSMTP) -> Iterator[Site]:
-    config = write_config(
-        tmp_path / "site", database_url, fake_llm.url,
+@pytest.fixture(scope="module")
+def invite_worker(
+    pg_server: URL, template_db: str, fake_llm_server: FakeLLM, smtp: FakeSMTP, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SharedWorker]:
+    """One worker for the module; each test has tenants (and invitees) of its own."""
+    with shared_worker(
+        pg_server, template_db, tmp_path_factory.mktemp("invitations"), fake_llm_server.url,
         smtp={"host": smtp.host, "port": smtp.port, "security": "none", "sender": "invites@konstruct.test"},
-    )  # fmt: skip
-    acme = await create_tenant(db, name="Acme Inc", slug="acme", actor="test")
-    await create_tenant(db, name="Globex", slug="globex", actor="test")
-    worker = Proc("worker", ["worker"], config=config, log_dir=tmp_path)
-    worker.wait_for_log(" ready: ")
-    yield Site(config, db, acme, smtp)
-    worker.stop()
+    ) as shared:  # fmt: skip
+        yield shared
+
+
+@pytest.fixture
+async def site(invite_worker: SharedWorker, smtp: FakeSMTP) -> AsyncIterator[Site]:
+    smtp.reset()
+    db = Database(load_settings(invite_worker.config))
+    try:
+        acme = await create_tenant(db, name="Acme Inc", slug=unique_slug("acme"), actor="test")
+        globex = await create_tenant(db, name="Globex", slug=unique_slug("globex"), actor="test")
+        yield Site(invite_worker.config, db, acme, globex, smtp)
+    finally:
+        await db.dispose()
 
 
 def token_from(body: str) -> str:
@@ -78,7 +97,7 @@ async def test_an_invitation_is_emailed_accepted_once_and_audited(site: Site) ->
     token = token_from(mail.body)
     assert f"{load_settings(site.config).gateway.public_url}/invite/{token}" in mail.body
     # Only the token's SHA-256 is stored.
-    stored = site.owner("select token_hash from invitations")
+    stored = site.owner("select token_hash from invitations where tenant_id = %s", site.acme.id)
     assert stored == [(hashlib.sha256(token.encode()).digest(),)]
     assert token.encode() not in b"".join(bytes(r[0]) for r in stored)  # type: ignore[arg-type]
 
@@ -98,7 +117,7 @@ async def test_an_invitation_is_emailed_accepted_once_and_audited(site: Site) ->
     members = json.loads(site.cli("user", "list", "--tenant", "acme", "--json", who="ann@example.com").stdout)
     assert [(m["email"], m["role"], m["has_password"]) for m in members] == [("ann@example.com", "customer_admin", True)]
     other = site.cli("user", "list", "--tenant", "globex", who="ann@example.com")
-    assert other.returncode == 3 and "no role in tenant globex" in other.stderr
+    assert other.returncode == 3 and f"no role in tenant {site.globex.slug}" in other.stderr
 
     # An invitation for someone who has an account already only adds the role: no name or password asked.
     site.cli("invite", "create", "--tenant", "globex", "--email", "ann@example.com", "--role", "customer_operator")
@@ -155,10 +174,20 @@ async def test_revoked_expired_and_resent_links(site: Site) -> None:
     assert gone.returncode == 3 and "no role" in gone.stderr
 
 
-async def test_without_smtp_the_link_is_printed_for_the_operator(site: Site, tmp_path: Path, database_url: str, fake_llm: FakeLLM) -> None:
-    config = write_config(tmp_path / "nosmtp", database_url, fake_llm.url)
-    result = konstruct("invite", "create", "--tenant", "acme", "--email", "dee@example.com", "--role", "customer_operator", config=config)
+async def test_without_smtp_the_link_is_printed_for_the_operator(
+    site: Site, tmp_path: Path, invite_worker: SharedWorker, fake_llm: FakeLLM
+) -> None:
+    config = write_config(tmp_path / "nosmtp", invite_worker.database_url, fake_llm.url)
+    result = site.cli("invite", "create", "--tenant", "acme", "--email", "dee@example.com", "--role", "customer_operator", config=config)
     assert result.returncode == 0, result.stderr
     assert "no SMTP server configured" in result.stdout and "/invite/" in result.stdout
-    bad = konstruct("invite", "create", "--tenant", "acme", "--email", "not-an-email", "--role", "customer_operator", config=config)
+    # A real process: a shell sees exit code 1 and one clear line, no traceback.
+    bad = konstruct("invite", "create", "--tenant", site.acme.slug, "--email", "not-an-email", "--role", "customer_operator", config=config)
     assert bad.returncode != 0 and "email address" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_token_never_starts_with_a_dash() -> None:
+    """One token in 64 did (secrets.token_urlsafe), and `konstruct invite accept -B…` read it as an unknown option."""
+    tokens = [invitations.new_token() for _ in range(5000)]
+    assert not [t for t in tokens if t.startswith("-")]
+    assert len(set(tokens)) == len(tokens) and all(len(t) == 43 for t in tokens)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 from sqlalchemy import select
+from sqlalchemy.engine import URL
 
 from konstruct import audit
 from konstruct.agent.agents import create_agent
@@ -25,7 +26,8 @@ from konstruct.secrets import master_keys
 from konstruct.tenancy.tenants import TenantInfo, create_tenant
 from tests.conftest import write_config
 from tests.fakes.llm import FakeLLM
-from tests.helpers import Proc, cli_env, konstruct
+from tests.helpers import Proc, cli_env, konstruct, konstruct_in_process
+from tests.shared import SharedWorker, shared_worker, unique_slug
 
 PLATFORM_KEY = "sk-test-key-0001"
 ACME_KEY = "sk-acme-own-key-7f3a9c21"
@@ -40,15 +42,22 @@ class Site:
     globex: TenantInfo
     worker: Proc
 
+    def slug(self, name: str) -> str:
+        """The test's own tenant for the name the test uses ("acme", "globex")."""
+        return {"acme": self.acme.slug, "globex": self.globex.slug}.get(name, name)
+
     def chat(self, text: str, *, tenant: str = "acme") -> Any:
-        result = konstruct(
-            "chat", "--tenant", tenant, "--agent", "Ava", "--message", text, "--json", "--new", "--timeout", "60", config=self.config
-        )
+        result = konstruct_in_process(
+            "chat", "--tenant", self.slug(tenant), "--agent", "Ava", "--message", text, "--json", "--new", "--timeout", "60",
+            config=self.config,
+        )  # fmt: skip
         assert result.stdout, result.stderr + self.worker.log()
         return json.loads(result.stdout)
 
     def cli(self, *args: str, **env: str) -> Any:
-        return konstruct(*args, config=self.config, env=cli_env(**env))
+        """The CLI in-process, with "--tenant acme" meaning this test's acme."""
+        named = [self.slug(a) if i and args[i - 1] == "--tenant" else a for i, a in enumerate(args)]
+        return konstruct_in_process(*named, config=self.config, env=cli_env(**env))
 
     def bearer(self, index: int = -1) -> str:
         return self.llm.requests[index].headers["authorization"]
@@ -58,22 +67,51 @@ class Site:
             return list(await session.scalars(select(LLMUsage).order_by(LLMUsage.id)))
 
 
-@pytest.fixture
-async def site(tmp_path: Path, database_url: str, fake_llm: FakeLLM, db: Database) -> Iterator[Site]:
-    config = write_config(tmp_path / "site", database_url, fake_llm.url, llm={"model": "openai/gpt-4o-mini"})
-    acme = await create_tenant(db, name="Acme", slug="acme", actor="test")
-    globex = await create_tenant(db, name="Globex", slug="globex", actor="test")
+async def make_site(config: Path, db: Database, llm: FakeLLM, worker: Proc) -> Site:
+    acme = await create_tenant(db, name="Acme", slug=unique_slug("acme"), actor="test")
+    globex = await create_tenant(db, name="Globex", slug=unique_slug("globex"), actor="test")
     for tenant in (acme, globex):
         await create_agent(db, tenant, name="Ava", role="Support", persona="Brief.", model=None, actor="test")
+    return Site(config, db, llm, acme, globex, worker)
+
+
+@pytest.fixture(scope="module")
+def keys_worker(
+    pg_server: URL, template_db: str, fake_llm_server: FakeLLM, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SharedWorker]:
+    """One worker for the module's tests; each test has tenants of its own."""
+    path, llm = tmp_path_factory.mktemp("keys"), fake_llm_server.url
+    with shared_worker(pg_server, template_db, path, llm, llm={"model": "openai/gpt-4o-mini"}) as shared:
+        yield shared
+
+
+@pytest.fixture
+async def site(keys_worker: SharedWorker, fake_llm: FakeLLM) -> AsyncIterator[Site]:
+    db = Database(load_settings(keys_worker.config))
+    try:
+        yield await make_site(keys_worker.config, db, fake_llm, keys_worker.worker)
+    finally:
+        await db.dispose()
+
+
+@pytest.fixture
+async def own_site(tmp_path: Path, database_url: str, fake_llm: FakeLLM, db: Database) -> AsyncIterator[Site]:
+    """A database and worker of the test's own: for what is installation-wide (rotating the master key)."""
+    config = write_config(tmp_path / "site", database_url, fake_llm.url, llm={"model": "openai/gpt-4o-mini"})
     worker = Proc("worker", ["worker"], config=config, log_dir=tmp_path)
-    worker.wait_for_log(" ready: ")
-    yield Site(config, db, fake_llm, acme, globex, worker)
-    worker.stop()
+    try:
+        worker.wait_for_log(" ready: ")
+        yield await make_site(config, db, fake_llm, worker)
+    finally:
+        worker.stop()
 
 
-def owner_bytes(db: Database, table: str, column: str) -> list[bytes]:
+def owner_bytes(db: Database, table: str, column: str, tenant: TenantInfo | None = None) -> list[bytes]:
+    """A column as the table owner reads it (bypassing row-level security): one tenant's rows, or every row."""
+    where = " where tenant_id = %s" if tenant else ""
     with psycopg.connect(resolve_urls(db.settings).owner_sync().replace("+psycopg", "")) as conn:
-        return [bytes(row[0]) for row in conn.execute(f"select {column} from {table}").fetchall()]
+        rows = conn.execute(f"select {column} from {table}{where}", (tenant.id,) if tenant else ()).fetchall()
+        return [bytes(row[0]) for row in rows]
 
 
 async def test_a_tenant_key_is_used_for_that_tenant_only_and_never_stored_in_clear(site: Site) -> None:
@@ -81,7 +119,7 @@ async def test_a_tenant_key_is_used_for_that_tenant_only_and_never_stored_in_cle
     assert added.returncode == 0, added.stderr
     assert json.loads(added.stdout)["hint"] == "…9c21" and ACME_KEY not in added.stdout
 
-    stored = owner_bytes(site.db, "llm_keys", "secret")
+    stored = owner_bytes(site.db, "llm_keys", "secret", site.acme)
     assert len(stored) == 1 and ACME_KEY.encode() not in stored[0] and b"9c21" not in stored[0]
 
     listed = site.cli("key", "list", "--tenant", "acme")
@@ -105,7 +143,8 @@ async def test_a_tenant_key_is_used_for_that_tenant_only_and_never_stored_in_cle
 
 
 async def test_key_input_mistakes_are_clear_errors(site: Site) -> None:
-    no_tty = site.cli("key", "add", "--tenant", "acme", "--provider", "openai")
+    # A real process, stdin not a terminal, as a script runs it: a flag is asked for, not a prompt, and exit code 1.
+    no_tty = konstruct("key", "add", "--tenant", site.acme.slug, "--provider", "openai", config=site.config)
     assert no_tty.returncode != 0 and "--key-env" in no_tty.stderr and "Traceback" not in no_tty.stderr
     unknown = site.cli("key", "add", "--tenant", "acme", "--provider", "nosuchprovider", "--key-env", "K", K="sk-whatever-123456")
     assert unknown.returncode != 0 and "provider" in unknown.stderr and "Traceback" not in unknown.stderr
@@ -113,7 +152,7 @@ async def test_key_input_mistakes_are_clear_errors(site: Site) -> None:
     assert unset.returncode != 0 and "NOT_SET_ANYWHERE" in unset.stderr
     missing = site.cli("key", "remove", "--tenant", "acme", "--provider", "anthropic", "--yes")
     assert missing.returncode != 0 and "no anthropic key" in missing.stderr
-    assert owner_bytes(site.db, "llm_keys", "secret") == []
+    assert owner_bytes(site.db, "llm_keys", "secret", site.acme) == []
 
 
 async def test_a_bad_key_becomes_an_audited_apology_without_the_key_anywhere(site: Site) -> None:
@@ -158,7 +197,11 @@ async def test_usage_is_metered_and_reported(site: Site) -> None:
     assert by_model["rows"][0]["model"] == "openai/gpt-4o-mini" and by_model["rows"][0]["calls"] == 3
     assert by_model["total"]["cost_usd"] == pytest.approx(float(sum(r.cost_usd for r in rows)))
     everyone = json.loads(site.cli("usage", "--by", "tenant", "--json").stdout)
-    assert {r["tenant"]: r["calls"] for r in everyone["rows"]} == {"acme": 3, "globex": 1}
+    calls = {r["tenant"]: r["calls"] for r in everyone["rows"]}  # every tenant of the shared database: ours among them
+    assert (calls[site.acme.slug], calls[site.globex.slug]) == (3, 1)
+    with psycopg.connect(resolve_urls(site.db.settings).owner_sync().replace("+psycopg", "")) as conn:
+        query = "select t.slug, count(*) from llm_usage u join tenants t on t.id = u.tenant_id group by t.slug"
+        assert calls == dict(conn.execute(query).fetchall())  # and every other tenant's as the database has it
     by_agent = json.loads(site.cli("usage", "--tenant", "acme", "--by", "agent", "--json").stdout)
     assert by_agent["rows"][0]["agent"] == "Ava"
     by_day = site.cli("usage", "--tenant", "acme", "--by", "day", "--csv")
@@ -170,7 +213,8 @@ async def test_usage_is_metered_and_reported(site: Site) -> None:
     assert bad.returncode != 0 and "--since" in bad.stderr and "Traceback" not in bad.stderr
 
 
-async def test_rotation_keeps_every_secret_readable_while_a_worker_runs(site: Site, tmp_path: Path) -> None:
+async def test_rotation_keeps_every_secret_readable_while_a_worker_runs(own_site: Site) -> None:
+    site = own_site
     site.cli("key", "add", "--tenant", "acme", "--provider", "openai", "--key-env", "K", K=ACME_KEY)
     settings = load_settings(site.config)
     await connections.connect(

@@ -11,13 +11,13 @@ from konstruct.config import load_settings
 from konstruct.db.engine import Database
 from konstruct.tenancy.tenants import get_tenant
 from tests.fakes.llm import FakeLLM
-from tests.helpers import Proc, cli_env, konstruct
+from tests.helpers import Proc, cli_env, konstruct, konstruct_in_process
 
 
 async def test_an_interrupted_wizard_resumes_and_goes_live(config_path: Path, tmp_path: Path, fake_llm: FakeLLM, db: Database) -> None:
     flags = ["--new-tenant", "Initech", "--channel", "skip", "--agent-name", "Ava", "--role", "Support", "--persona", "Kind and brief.",
              "--tools", "calculator,current_time", "--test-message", "Hello from onboarding"]  # fmt: skip
-    first = konstruct("onboard", *flags, config=config_path)
+    first = konstruct_in_process("onboard", *flags, config=config_path)
     assert first.returncode != 0, first.stdout
     assert "got no answer" in first.stderr and "run `konstruct onboard` again" in first.stderr and "Traceback" not in first.stderr
     state = json.loads((load_settings(config_path).data_dir / "onboarding.json").read_text())
@@ -27,7 +27,7 @@ async def test_an_interrupted_wizard_resumes_and_goes_live(config_path: Path, tm
     worker = Proc("worker", ["worker"], config=config_path, log_dir=tmp_path)
     try:
         worker.wait_for_log(" ready: ")
-        resumed = konstruct("onboard", "--test-message", "Hello from onboarding", config=config_path)
+        resumed = konstruct_in_process("onboard", "--test-message", "Hello from onboarding", config=config_path)
         assert resumed.returncode == 0, resumed.stderr + worker.log()
         assert "resuming" in resumed.stdout and "live" in resumed.stdout
     finally:
@@ -35,13 +35,14 @@ async def test_an_interrupted_wizard_resumes_and_goes_live(config_path: Path, tm
     assert "You said: Hello from onboarding" in resumed.stdout  # the agent's reply is shown
     assert [r.body["messages"][-1]["content"] for r in fake_llm.requests] == ["Hello from onboarding"]
     assert not (load_settings(config_path).data_dir / "onboarding.json").exists()
-    agent = json.loads(konstruct("agent", "show", "Ava", "--tenant", "initech", "--json", config=config_path).stdout)
+    agent = json.loads(konstruct_in_process("agent", "show", "Ava", "--tenant", "initech", "--json", config=config_path).stdout)
     assert agent["settings"]["tools"] == ["calculator", "current_time"] and agent["role"] == "Support"
     actions = [e.action for e in await audit.events(db, (await get_tenant(db, "initech")).id)]
     assert actions[0] == "tenant.created" and "agent.created" in actions and actions[-1] == "onboarding.completed"
 
 
 async def test_missing_answers_without_a_terminal_are_clear_errors(config_path: Path) -> None:
+    # Real processes with stdin not a terminal, as a script or CI runs them.
     result = konstruct("onboard", config=config_path)
     assert result.returncode != 0 and "--tenant or --new-tenant" in result.stderr and "Traceback" not in result.stderr
     bad = konstruct("onboard", "--new-tenant", "X", "--channel", "carrier-pigeon", config=config_path)

@@ -15,7 +15,7 @@ from konstruct.db.engine import Database
 from konstruct.tenancy.tenants import create_tenant
 from tests.conftest import write_config
 from tests.fakes.llm import FakeLLM
-from tests.helpers import Proc, free_port, konstruct, wait_for
+from tests.helpers import Proc, free_port, konstruct_in_process, wait_for
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ async def test_chat_through_each_queue_backend(
     worker = Proc("worker", ["worker"], config=config, log_dir=tmp_path)
     try:
         worker.wait_for_log(" ready: ")
-        result = konstruct("chat", "-t", "acme", "-a", "Ava", "-m", f"via {backend}", config=config)
+        result = konstruct_in_process("chat", "-t", "acme", "-a", "Ava", "-m", f"via {backend}", config=config)
         assert result.returncode == 0, result.stderr + worker.log()
         assert result.stdout.strip() == f"[fake-model] You said: via {backend}"
     finally:
@@ -63,6 +63,6 @@ async def test_chat_through_each_queue_backend(
 
 def test_unknown_queue_url_is_a_clear_error(tmp_path: Path, database_url: str, fake_llm: FakeLLM) -> None:
     config = write_config(tmp_path, database_url, fake_llm.url, queue={"url": "amqp://rabbit"})
-    result = konstruct("doctor", config=config)
+    result = konstruct_in_process("doctor", config=config)
     assert result.returncode == 1
     assert "queue.url" in result.stdout and "not supported" in result.stdout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib.metadata
 import ipaddress
 import json
@@ -15,9 +14,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,8 +30,11 @@ from konstruct.agent.tools.registry import redact
 from tests.fakes.server import LoopbackServer, QuietHandler, serve, shutdown
 
 
-def make_ctx(allowed: tuple[str, ...] = (), *, allow_private: bool = False, services: dict[str, Any] | None = None) -> ToolContext:
-    return ToolContext(uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), "someone", allowed, allow_private, services or {})
+def make_ctx(
+    allowed: tuple[str, ...] = (), *, allow_private: bool = False, services: dict[str, Any] | None = None, **web: Any
+) -> ToolContext:
+    """A tool context; `web` sets web_fetch's rules as [agent] settings would (private_networks, web_seconds, ca_file)."""
+    return ToolContext(uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), "someone", allowed, allow_private, services or {}, **web)
 
 
 # ---------------------------------------------------------------- registry
@@ -66,7 +68,7 @@ def _tool(name: str, run: Any, **kwargs: Any) -> Tool:
 
 
 async def _slow(args: dict[str, Any], ctx: ToolContext) -> str:
-    await asyncio.sleep(5)
+    await asyncio.Event().wait()  # never finishes: only the registry's timeout ends it
     return "too late"
 
 
@@ -437,6 +439,9 @@ PAGE = b"""<!doctype html><html><head><title>Opening hours</title><style>p { col
 <noscript>enable js</noscript><table><tr><td>a</td><td>b</td></tr></table></body></html>"""
 
 
+SLOW_PAGE = threading.Event()
+
+
 class WebHandler(QuietHandler):
     def do_GET(self) -> None:
         path = self.path
@@ -451,7 +456,7 @@ class WebHandler(QuietHandler):
         elif path == "/image":
             self.send_bytes(200, "image/png", b"\x89PNG" + bytes(100))
         elif path == "/slow":
-            time.sleep(1.5)
+            SLOW_PAGE.wait(30)  # answers only once the test is done with it
             self.send_bytes(200, "text/plain", b"late")
         elif path.startswith("/go?"):
             self.send_bytes(302, "", b"", {"Location": path.removeprefix("/go?")})
@@ -601,14 +606,38 @@ async def test_web_fetch_redirects(base: str) -> None:
     assert not result.ok and result.output == "error: evil.example is not on this workspace's web allow-list"
 
 
-async def test_web_fetch_redirect_to_private_address_refused(web_server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The loopback server stands in for a public site; its redirect to an internal address must be checked again.
-    monkeypatch.setattr(web, "is_public", lambda address: str(address) == "127.0.0.1")
+async def test_web_fetch_redirect_to_private_address_refused(web_server: LoopbackServer) -> None:
+    # The loopback server stands in for a site web_fetch may reach ([agent] web_fetch_private_networks names its one
+    # address); its redirect to another internal address is checked again by the real check, and refused.
     port = web_server.server_address[1]
-    ctx = make_ctx(("127.0.0.1", "10.0.0.1"))
+    ctx = make_ctx(("127.0.0.1", "10.0.0.1"), private_networks=("127.0.0.1/32",))
     assert (await fetch_tool(f"http://127.0.0.1:{port}/hello", ctx)).ok
     result = await fetch_tool(f"http://127.0.0.1:{port}/go?http://10.0.0.1/admin", ctx)
     assert not result.ok and "10.0.0.1 resolves to a private or reserved address" in result.output
+    assert not (await fetch_tool("http://10.0.0.1/admin", ctx)).ok  # nor as the first hop
+
+
+async def test_web_fetch_private_networks_reach_only_those_networks(web_server: LoopbackServer) -> None:
+    """The private-allowed path: a redirect within a listed network is followed; without the setting, refused."""
+    port = web_server.server_address[1]
+    hosts = ("127.0.0.1", "localhost")
+    allowed = make_ctx(hosts, private_networks=("127.0.0.0/8", "::1/128"))
+    result = await fetch_tool(f"http://127.0.0.1:{port}/go?http://localhost:{port}/hello", allowed)
+    assert result.ok and result.output.endswith("héllo"), result.output
+    refused = await fetch_tool(f"http://127.0.0.1:{port}/hello", make_ctx(hosts, private_networks=("10.0.0.0/8",)))
+    assert not refused.ok and "127.0.0.1 resolves to a private or reserved address" in refused.output
+
+
+def test_web_fetch_private_networks_setting_is_checked(tmp_path: Path) -> None:
+    from konstruct.config import load_settings
+    from konstruct.errors import ConfigError
+
+    config = tmp_path / "konstruct.toml"
+    config.write_text('[agent]\nweb_fetch_private_networks = ["10.20.0.0/24", "::1"]\n')
+    assert load_settings(config).agent.web_fetch_private_networks == ["10.20.0.0/24", "::1"]
+    config.write_text('[agent]\nweb_fetch_private_networks = ["intranet"]\n')
+    with pytest.raises(ConfigError, match="intranet"):
+        load_settings(config)
 
 
 async def test_web_fetch_size_limit(base: str) -> None:
@@ -621,9 +650,11 @@ async def test_web_fetch_size_limit(base: str) -> None:
     assert len(result.output) <= 8_000
 
 
-async def test_web_fetch_time_limit(base: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(web, "TIME_LIMIT", 0.3)
-    result = await fetch_tool(f"{base}/slow", LOOPBACK)
+async def test_web_fetch_time_limit(base: str) -> None:
+    try:
+        result = await fetch_tool(f"{base}/slow", make_ctx(("127.0.0.1",), allow_private=True, web_seconds=0.3))
+    finally:
+        SLOW_PAGE.set()
     assert not result.ok and "took longer than 0.3 seconds" in result.output
 
 
@@ -636,9 +667,9 @@ async def test_web_fetch_bad_url() -> None:
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """A self-signed certificate (also its own CA) for pinned.test, and its key."""
+    """A self-signed certificate (also its own CA) for localhost, and its key."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pinned.test")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.now(UTC)
     cert = (
         x509.CertificateBuilder()
@@ -648,7 +679,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(days=1))
         .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("pinned.test")]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
@@ -659,9 +690,9 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return str(folder / "cert.pem"), str(folder / "key.pem")
 
 
-async def test_web_fetch_https_pinned_with_name_for_sni_and_certificate(
-    tls_files: tuple[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_web_fetch_https_pinned_with_name_for_sni_and_certificate(tls_files: tuple[str, str]) -> None:
+    """An https fetch by name: connected to the checked address, the name kept for SNI and the certificate check.
+    The test's own CA is trusted the way an installation trusts an internal one ([agent] web_fetch_ca_file)."""
     cert, key = tls_files
     server_names: list[str | None] = []
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -671,20 +702,20 @@ async def test_web_fetch_https_pinned_with_name_for_sni_and_certificate(
     server.socket = server_context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, name="tools-tls", daemon=True).start()
     try:
-
-        async def resolve(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-            return [ipaddress.ip_address("127.0.0.1")]
-
-        monkeypatch.setattr(web, "resolve", resolve)
-        trusting = ssl.create_default_context(cafile=cert)
-        monkeypatch.setattr(web.httpx, "AsyncClient", functools.partial(httpx.AsyncClient, verify=trusting))
         port = server.server_address[1]
-        ctx = make_ctx(("pinned.test", "other.test"), allow_private=True)
-        page = await web.fetch(f"https://pinned.test:{port}/host", ctx)
-        assert (page.status, page.body) == (200, f"host=pinned.test:{port}".encode())
-        assert server_names == ["pinned.test"]
-        with pytest.raises(ToolError, match=r"could not connect to other\.test: .*CERTIFICATE_VERIFY_FAILED"):
-            await web.fetch(f"https://other.test:{port}/host", ctx)
+        ctx = make_ctx(("localhost", "127.0.0.1"), allow_private=True, ca_file=cert)
+        page = await web.fetch(f"https://localhost:{port}/host", ctx)
+        assert (page.status, page.body) == (200, f"host=localhost:{port}".encode())
+        assert server_names == ["localhost"]
+        # The certificate names localhost, not the address: checked against what the URL says, so refused.
+        with pytest.raises(ToolError, match=r"could not connect to 127\.0\.0\.1: .*CERTIFICATE_VERIFY_FAILED"):
+            await web.fetch(f"https://127.0.0.1:{port}/host", ctx)
+        # Without the setting, the usual authorities only: the test's CA is not one of them.
+        with pytest.raises(ToolError, match=r"could not connect to localhost: .*CERTIFICATE_VERIFY_FAILED"):
+            await web.fetch(f"https://localhost:{port}/host", make_ctx(("localhost",), allow_private=True))
+        missing = make_ctx(("localhost",), allow_private=True, ca_file=str(Path(cert).with_name("nope.pem")))
+        with pytest.raises(ToolError, match="web_fetch_ca_file could not be read"):
+            await web.fetch(f"https://localhost:{port}/host", missing)
     finally:
         shutdown(server)
 

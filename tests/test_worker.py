@@ -1,20 +1,27 @@
-"""The inbox → queue → worker path with real worker processes and the fake LLM."""
+"""The inbox → queue → worker path with real worker processes and the fake LLM.
+
+Tests that only need messages answered share one worker per module (`shared`: a tenant of their own in a shared
+database); tests about the worker process itself (killed, restarted, swept, stopped, absent) start their own."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import signal
+import subprocess
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.engine import URL
 
 from konstruct.agent.agents import AgentInfo, create_agent
 from konstruct.agent.prompt import AI_DISCLOSURE
-from konstruct.config import Settings
+from konstruct.config import Settings, load_settings
 from konstruct.db.engine import Database
 from konstruct.db.models import AuditEvent, Message
 from konstruct.db.models import InboundMessage as InboxRow
@@ -23,8 +30,10 @@ from konstruct.inbox import accept, store
 from konstruct.messaging import InboundMessage
 from konstruct.tenancy.tenants import TenantInfo, create_tenant, set_status
 from konstruct.worker.queue import Queue, make_queue
+from tests.conftest import write_config
 from tests.fakes.llm import FakeLLM
-from tests.helpers import Proc, konstruct, wait_for
+from tests.helpers import Proc, konstruct, konstruct_in_process, wait_for, wait_until
+from tests.shared import SharedWorker, shared_worker, unique_slug
 
 
 @pytest.fixture
@@ -56,6 +65,55 @@ def start_worker(config_path: Path, tmp_path: Path) -> Iterator[object]:
     for proc in procs:
         if proc.process.poll() is None:
             proc.stop()
+
+
+@pytest.fixture(scope="module")
+def module_worker(
+    pg_server: URL, template_db: str, fake_llm_server: FakeLLM, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SharedWorker]:
+    with shared_worker(pg_server, template_db, tmp_path_factory.mktemp("worker"), fake_llm_server.url) as shared:
+        yield shared
+
+
+@dataclass
+class Shared:
+    """The module's worker, and a tenant of this test's own with its agent Ava."""
+
+    config: Path
+    settings: Settings
+    db: Database
+    queue: Queue
+    tenant: TenantInfo
+    agent: AgentInfo
+    worker: Proc
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The CLI in-process, "acme" meaning this test's tenant."""
+        return konstruct_in_process(*(self.tenant.slug if a == "acme" else a for a in args), config=self.config)
+
+    async def settle(self) -> None:
+        """Send a later message and wait for its answer: every doorbell rung before it has been taken by then."""
+        marker = await accept(self.db, self.queue, message(self.tenant, self.agent, f"marker-{uuid.uuid4()}", "marker", "marker"))
+        assert marker is not None and (await wait_final(self.db, self.tenant, marker.id)).status == "replied"
+
+
+@pytest.fixture
+async def shared(module_worker: SharedWorker, fake_llm: FakeLLM) -> AsyncIterator[Shared]:
+    settings = load_settings(module_worker.config)
+    db = Database(settings)
+    queue = make_queue(settings, resolve_urls(settings))
+    try:
+        tenant = await create_tenant(db, name="Acme", slug=unique_slug("acme"), actor="test")
+        agent = await create_agent(db, tenant, name="Ava", role="Support lead", persona="You are warm and brief.", model=None, actor="test")
+        yield Shared(module_worker.config, settings, db, queue, tenant, agent, module_worker.worker)
+    finally:
+        queue.close()
+        await db.dispose()
+
+
+def asked(fake_llm: FakeLLM, text: str) -> int:
+    """How many model calls were about `text` (the last user message)."""
+    return sum(1 for r in fake_llm.requests if r.body["messages"][-1].get("content") == text)
 
 
 async def replies_for(db: Database, tenant: TenantInfo, inbound_id: object) -> list[Message]:
@@ -92,14 +150,11 @@ def message(tenant: TenantInfo, agent: AgentInfo, external_id: str, text: str, c
     )
 
 
-async def test_chat_round_trip_with_history_and_disclosure(
-    acme: tuple[TenantInfo, AgentInfo], config_path: Path, start_worker: object, fake_llm: FakeLLM, db: Database
-) -> None:
-    start_worker()  # type: ignore[operator]
-    first = konstruct("chat", "--tenant", "acme", "--agent", "Ava", "--message", "What are your opening hours?", config=config_path)
+async def test_chat_round_trip_with_history_and_disclosure(shared: Shared, fake_llm: FakeLLM) -> None:
+    first = shared.cli("chat", "--tenant", "acme", "--agent", "Ava", "--message", "What are your opening hours?")
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == "[fake-model] You said: What are your opening hours?"
-    second = konstruct("chat", "-t", "acme", "-a", "Ava", "-m", "And on Sundays?", "--json", config=config_path)
+    second = shared.cli("chat", "-t", "acme", "-a", "Ava", "-m", "And on Sundays?", "--json")
     assert second.returncode == 0, second.stderr
     result = json.loads(second.stdout)
     assert result["status"] == "replied" and result["reply"].endswith("And on Sundays?")
@@ -112,40 +167,33 @@ async def test_chat_round_trip_with_history_and_disclosure(
     assert [m["role"] for m in sent["messages"][1:]] == ["user", "assistant", "user"]
     assert sent["messages"][1]["content"] == "What are your opening hours?"
 
-    tenant, _ = acme
-    async with db.tenant(tenant_id=tenant.id) as session:
+    async with shared.db.tenant(tenant_id=shared.tenant.id) as session:
         actions = list(await session.scalars(select(AuditEvent.action).order_by(AuditEvent.id)))
         directions = list(await session.scalars(select(Message.direction).order_by(Message.created_at, Message.direction.desc())))
     assert actions.count("message.received") == 2 and actions.count("message.replied") == 2
     assert directions == ["in", "out", "in", "out"]
 
 
-async def test_same_message_twice_gets_one_reply(
-    acme: tuple[TenantInfo, AgentInfo], config_path: Path, start_worker: object, fake_llm: FakeLLM, db: Database
-) -> None:
-    start_worker()  # type: ignore[operator]
+async def test_same_message_twice_gets_one_reply(shared: Shared, fake_llm: FakeLLM) -> None:
     args = ["chat", "-t", "acme", "-a", "Ava", "-m", "Refund please", "--message-id", "msg-42", "--json"]
-    first, second = konstruct(*args, config=config_path), konstruct(*args, config=config_path)
+    first, second = shared.cli(*args), shared.cli(*args)
     assert first.returncode == 0 and second.returncode == 0, (first.stderr, second.stderr)
     one, two = json.loads(first.stdout), json.loads(second.stdout)
     assert one["message_id"] == two["message_id"] and two["duplicate"] is True and one["duplicate"] is False
     assert one["reply"] == two["reply"]
     assert len(fake_llm.requests) == 1
-    assert len(await replies_for(db, acme[0], one["message_id"])) == 1
+    assert len(await replies_for(shared.db, shared.tenant, one["message_id"])) == 1
 
 
-async def test_duplicate_deliveries_at_once_get_one_reply(
-    acme: tuple[TenantInfo, AgentInfo], settings: Settings, queue: Queue, start_worker: object, fake_llm: FakeLLM, db: Database
-) -> None:
-    tenant, agent = acme
-    start_worker()  # type: ignore[operator]
-    results = await asyncio.gather(*(accept(db, queue, message(tenant, agent, "same-event", "hi")) for _ in range(8)))
+async def test_duplicate_deliveries_at_once_get_one_reply(shared: Shared, fake_llm: FakeLLM) -> None:
+    db, tenant, agent = shared.db, shared.tenant, shared.agent
+    results = await asyncio.gather(*(accept(db, shared.queue, message(tenant, agent, "same-event", "hi")) for _ in range(8)))
     assert len({r.id for r in results}) == 1 and sum(not r.duplicate for r in results) == 1
     row = await wait_final(db, tenant, results[0].id)
     assert row.status == "replied"
-    await asyncio.sleep(0.5)  # any second doorbell would have been handled by now
+    await shared.settle()  # any second doorbell has been taken by now
     assert len(await replies_for(db, tenant, row.id)) == 1
-    assert len(fake_llm.requests) == 1
+    assert asked(fake_llm, "hi") == 1 and len(fake_llm.requests) == 2  # the message once, and the later one
 
 
 async def test_worker_killed_mid_call_answers_exactly_once_after_restart(
@@ -159,10 +207,13 @@ async def test_worker_killed_mid_call_answers_exactly_once_after_restart(
     assert (await inbox_row(db, tenant, stored.id)).status == "processing"
     worker.kill()  # type: ignore[attr-defined]  # SIGKILL: no cleanup, no goodbye
     fake_llm.delay = 0.0
-    start_worker()  # type: ignore[operator]
+    restarted = start_worker()  # type: ignore[operator]
     row = await wait_final(db, tenant, stored.id)
     assert row.status == "replied" and row.attempts == 2
-    await asyncio.sleep(0.5)
+    # A later message answered, then a graceful stop (in-flight work finishes first): every doorbell is done with.
+    marker = await accept(db, queue, message(tenant, agent, "after-crash", "still there?", conversation="marker"))
+    assert (await wait_final(db, tenant, marker.id)).status == "replied"
+    assert restarted.stop(signal.SIGINT) == 0  # type: ignore[attr-defined]
     replies = await replies_for(db, tenant, stored.id)
     assert len(replies) == 1 and replies[0].text == "[fake-model] You said: Are you there?"
 
@@ -170,12 +221,18 @@ async def test_worker_killed_mid_call_answers_exactly_once_after_restart(
 async def test_lost_doorbell_is_rung_again_by_the_sweeper(
     acme: tuple[TenantInfo, AgentInfo], tmp_path: Path, database_url: str, fake_llm: FakeLLM, db: Database
 ) -> None:
-    from tests.conftest import write_config
-
     tenant, agent = acme
     stored = await store(db, message(tenant, agent, "never-queued", "hello?"))  # stored, but never enqueued
-    await asyncio.sleep(1.1)
-    config = write_config(tmp_path / "sweep", database_url, fake_llm.url, worker={"received_grace": 1})
+    grace = 0.2
+
+    async def age() -> float:
+        async with db.tenant(tenant_id=tenant.id) as session:
+            return float(
+                await session.scalar(select(func.extract("epoch", func.now() - InboxRow.received_at)).where(InboxRow.id == stored.id))
+            )
+
+    await wait_until(age, lambda seconds: seconds > grace, 10, "the message to be older than worker.received_grace")
+    config = write_config(tmp_path / "sweep", database_url, fake_llm.url, worker={"received_grace": grace})
     proc = Proc("worker", ["worker"], config=config, log_dir=tmp_path)
     try:
         proc.wait_for_log(" ready: ")
@@ -186,47 +243,34 @@ async def test_lost_doorbell_is_rung_again_by_the_sweeper(
     assert "re-queued 1 stuck message" in proc.log()
 
 
-async def test_failed_llm_leaves_message_failed_and_apologises(
-    acme: tuple[TenantInfo, AgentInfo], config_path: Path, settings: Settings, start_worker: object, fake_llm: FakeLLM, db: Database
-) -> None:
+async def test_failed_llm_leaves_message_failed_and_apologises(shared: Shared, fake_llm: FakeLLM) -> None:
     fake_llm.fail_status = 503
-    start_worker()  # type: ignore[operator]
-    result = konstruct("chat", "-t", "acme", "-a", "Ava", "-m", "hello", "--json", config=config_path)
+    settings = shared.settings
+    result = shared.cli("chat", "-t", "acme", "-a", "Ava", "-m", "hello", "--json")
     assert result.returncode == 1
     data = json.loads(result.stdout)
     assert data["status"] == "failed" and data["reply"] == settings.agent.apology
     assert "503" in data["error"] or "ServiceUnavailable" in data["error"]
     assert "sk-test-key-0001" not in result.stdout + result.stderr
-    row = await inbox_row(db, acme[0], data["message_id"])
+    row = await inbox_row(shared.db, shared.tenant, data["message_id"])
     assert row.status == "failed" and row.error
 
 
-async def test_suspended_tenant_does_not_answer(
-    acme: tuple[TenantInfo, AgentInfo],
-    config_path: Path,
-    settings: Settings,
-    queue: Queue,
-    start_worker: object,
-    fake_llm: FakeLLM,
-    db: Database,
-) -> None:
-    tenant, agent = acme
-    start_worker()  # type: ignore[operator]
+async def test_suspended_tenant_does_not_answer(shared: Shared, fake_llm: FakeLLM) -> None:
+    db, tenant, agent = shared.db, shared.tenant, shared.agent
     stored = await store(db, message(tenant, agent, "before-suspend", "hi"))
-    await set_status(db, "acme", "suspended", actor="test")
-    queue.enqueue(tenant.id, stored.id)
+    await set_status(db, tenant.slug, "suspended", actor="test")
+    shared.queue.enqueue(tenant.id, stored.id)
     row = await wait_final(db, tenant, stored.id)
     assert row.status == "ignored" and "suspended" in (row.error or "")
     assert fake_llm.requests == [] and await replies_for(db, tenant, stored.id) == []
-    refused = konstruct("chat", "-t", "acme", "-a", "Ava", "-m", "hi", config=config_path)
+    # A real process: what a shell sees is exit code 1 and one clear line.
+    refused = konstruct("chat", "-t", tenant.slug, "-a", "Ava", "-m", "hi", config=shared.config)
     assert refused.returncode == 1 and "suspended" in refused.stderr and "Traceback" not in refused.stderr
 
 
-async def test_one_worker_keeps_many_conversations_in_flight(
-    acme: tuple[TenantInfo, AgentInfo], settings: Settings, queue: Queue, start_worker: object, fake_llm: FakeLLM, db: Database
-) -> None:
-    tenant, agent = acme
-    start_worker()  # type: ignore[operator]
+async def test_one_worker_keeps_many_conversations_in_flight(shared: Shared, fake_llm: FakeLLM) -> None:
+    db, queue, tenant, agent = shared.db, shared.queue, shared.tenant, shared.agent
     warm = await accept(db, queue, message(tenant, agent, "warm-up", "hi", conversation="warm"))
     await wait_final(db, tenant, warm.id)  # the worker has imported litellm
     fake_llm.delay, fake_llm.max_in_flight = 1.0, 0
@@ -253,17 +297,14 @@ async def test_worker_stops_gracefully_on_sigint(acme: tuple[TenantInfo, AgentIn
     assert "worker stopped" in worker.log()  # type: ignore[attr-defined]
 
 
-async def test_a_message_that_keeps_crashing_its_worker_is_given_up(
-    acme: tuple[TenantInfo, AgentInfo], settings: Settings, queue: Queue, start_worker: object, fake_llm: FakeLLM, db: Database
-) -> None:
+async def test_a_message_that_keeps_crashing_its_worker_is_given_up(shared: Shared, fake_llm: FakeLLM) -> None:
     """Not an endless loop: after worker.max_attempts crashes while it ran alone, the row is failed, the person gets
     the apology, and the model is not asked again (tests/test_crash_safety.py makes the crashes for real)."""
-    tenant, agent = acme
+    db, settings, tenant, agent = shared.db, shared.settings, shared.tenant, shared.agent
     stored = await store(db, message(tenant, agent, "poison", "boom"))
     async with db.tenant(tenant_id=tenant.id) as session:  # as if five workers had died on it already
         await session.execute(update(InboxRow).where(InboxRow.id == stored.id).values(crashes=settings.worker.max_attempts))
-    start_worker()  # type: ignore[operator]
-    queue.enqueue(tenant.id, stored.id)
+    shared.queue.enqueue(tenant.id, stored.id)
     row = await wait_final(db, tenant, stored.id)
     assert row.status == "failed" and "gave up after 5 attempts" in (row.error or "")
     assert fake_llm.requests == []

@@ -467,6 +467,8 @@ class ToolRun:
         self.ctx = ToolContext(
             turn.tenant_id, self.agent.id, turn.conversation_id, turn.inbound.sender, turn.allowed_hosts,
             allow_private=pipeline.settings.agent.web_fetch_private, services=services,
+            private_networks=tuple(pipeline.settings.agent.web_fetch_private_networks),
+            web_seconds=pipeline.settings.agent.web_fetch_seconds, ca_file=pipeline.settings.agent.web_fetch_ca_file,
         )  # fmt: skip
 
     async def answer(self, model: str, messages: list[dict[str, Any]]) -> Completion:

@@ -69,6 +69,15 @@ class InvitationInfo:
         }
 
 
+def new_token() -> str:
+    """A random invitation token that never starts with "-": it is pasted as an argument (`konstruct invite accept
+    TOKEN`), where a leading dash would be read as an option."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
+
+
 async def create(
     db: Database, tenant: TenantInfo, *, email: str, role: str, days: float = DEFAULT_DAYS, actor: str
 ) -> tuple[InvitationInfo, str]:
@@ -77,7 +86,7 @@ async def create(
     email, role = check_email(email), check_role(role)
     if not 0 < days <= 90:
         raise ValidationError("an invitation is valid for more than 0 and at most 90 days")
-    token = secrets.token_urlsafe(32)
+    token = new_token()
     now = datetime.now(UTC)
     async with db.tenant(tenant_id=tenant.id) as session:
         await session.execute(

@@ -45,6 +45,10 @@ class ToolContext:
     allowed_hosts: tuple[str, ...]
     allow_private: bool = False
     services: Mapping[str, Callable[..., Awaitable[Any]]] = field(default_factory=dict)
+    # web_fetch's rules from [agent]: private networks it may reach anyway, its time limit, extra trusted CAs.
+    private_networks: tuple[str, ...] = ()
+    web_seconds: float = 10.0
+    ca_file: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,31 @@
 """web_fetch's machinery: the host allow-list, the address check, a pinned connection, manual redirects, HTML to text.
 
 Each hop (the URL, then up to ``MAX_REDIRECTS`` redirects) is checked the same way: http or https, a host on the
-tenant's allow-list, every address the host resolves to public (unless ``ctx.allow_private``). The request then goes to
+tenant's allow-list, every address the host resolves to public (unless ``ctx.allow_private``, or the address is in one of
+``ctx.private_networks``). The request then goes to
 the address that was checked, never to a second DNS answer: the URL's host is replaced by that IP address, the
 ``Host`` header keeps the name, and for https the TLS server name (SNI) and certificate check use the name too
 (httpcore's ``sni_hostname`` request extension), so certificate verification is unchanged. Proxies from the environment
-are ignored (``trust_env=False``) since they would make the connection somewhere else.
+are ignored (``trust_env=False``) since they would make the connection somewhere else. The whole fetch has
+``ctx.web_seconds`` ([agent] web_fetch_seconds); ``ctx.ca_file`` adds certificate authorities to the usual ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
+import ssl
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
+import certifi
 import httpx
 
 from konstruct.agent.tools.registry import ToolContext, ToolError
 from konstruct.netguard import AddressError, IPAddress, host_allowed, is_ip, is_public, normalise_host, resolve
 
 MAX_BYTES = 200_000
-TIME_LIMIT = 10.0
 MAX_REDIRECTS = 3
 USER_AGENT = "Konstruct-web_fetch/0.1"
 
@@ -75,7 +79,8 @@ async def _checked_addresses(url: httpx.URL, ctx: ToolContext) -> list[IPAddress
     except AddressError as exc:
         raise ToolError(str(exc)) from None
     if not ctx.allow_private:
-        refused = [address for address in addresses if not is_public(address)]
+        networks = [ipaddress.ip_network(n, strict=False) for n in ctx.private_networks]
+        refused = [a for a in addresses if not is_public(a) and not any(a.version == n.version and a in n for n in networks)]
         if refused:
             raise ToolError(f"{host} resolves to a private or reserved address ({refused[0]}); refused")
     return addresses
@@ -100,10 +105,10 @@ async def _send(client: httpx.AsyncClient, url: httpx.URL, addresses: list[IPAdd
 async def fetch(url: str, ctx: ToolContext) -> Page:
     """GET ``url`` under the rules above; a refusal or failure is a ``ToolError``."""
     try:
-        async with asyncio.timeout(TIME_LIMIT):
+        async with asyncio.timeout(ctx.web_seconds):
             return await _fetch(url, ctx)
     except TimeoutError:
-        raise ToolError(f"the fetch took longer than {TIME_LIMIT:g} seconds") from None
+        raise ToolError(f"the fetch took longer than {ctx.web_seconds:g} seconds") from None
     except httpx.HTTPError as exc:
         raise ToolError(f"the fetch failed: {type(exc).__name__}: {exc}") from None
 
@@ -114,7 +119,9 @@ async def _fetch(raw_url: str, ctx: ToolContext) -> Page:
     except (httpx.InvalidURL, TypeError) as exc:
         raise ToolError(f"not a valid URL: {exc}") from None
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", "Accept": "text/html, text/*;q=0.9, */*;q=0.5"}
-    async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=TIME_LIMIT, headers=headers) as client:
+    async with httpx.AsyncClient(
+        follow_redirects=False, trust_env=False, timeout=ctx.web_seconds, headers=headers, verify=_trusted(ctx.ca_file)
+    ) as client:
         for hop in range(MAX_REDIRECTS + 1):
             addresses = await _checked_addresses(url, ctx)
             response = await _send(client, url, addresses)
@@ -135,6 +142,18 @@ async def _fetch(raw_url: str, ctx: ToolContext) -> Page:
             finally:
                 await response.aclose()
     raise AssertionError("unreachable")
+
+
+def _trusted(ca_file: str | None) -> ssl.SSLContext | bool:
+    """What TLS certificates are checked against: httpx's default (certifi), plus an installation's own CAs."""
+    if not ca_file:
+        return True
+    context = ssl.create_default_context(cafile=certifi.where())
+    try:
+        context.load_verify_locations(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ToolError(f"the certificate authorities in [agent] web_fetch_ca_file could not be read: {exc}") from None
+    return context
 
 
 async def _read(response: httpx.Response) -> tuple[bytes, bool]:
