@@ -13,7 +13,7 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -117,7 +117,7 @@ for _event in UNIT.events:
     EVIDENCE.append(_found[2])
 
 
-def fold(indices: list[int] | tuple[int, ...]) -> SubState:
+def fold(indices: Sequence[int]) -> SubState:
     state: SubState | None = None
     for index in indices:
         state = decide(state, EVIDENCE[index])
@@ -317,7 +317,12 @@ async def make_site(tmp_path: Path, database_url: str, fake_llm: FakeLLM, fake_s
     sites: list[Site] = []
 
     def make(**billing: Any) -> Site:
-        values = {"stripe_api_key": fake_stripe.api_key, "webhook_secret": SECRET, "api_base": fake_stripe.url, "plans": PLANS}
+        values: dict[str, Any] = {
+            "stripe_api_key": fake_stripe.api_key,
+            "webhook_secret": SECRET,
+            "api_base": fake_stripe.url,
+            "plans": PLANS,
+        }
         values.update(paused=PAUSED, grace_days=7)
         values.update(billing)
         config = write_config(

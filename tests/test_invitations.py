@@ -99,7 +99,7 @@ async def test_an_invitation_is_emailed_accepted_once_and_audited(site: Site) ->
     # Only the token's SHA-256 is stored.
     stored = site.owner("select token_hash from invitations where tenant_id = %s", site.acme.id)
     assert stored == [(hashlib.sha256(token.encode()).digest(),)]
-    assert token.encode() not in b"".join(bytes(r[0]) for r in stored)  # type: ignore[arg-type]
+    assert token.encode() not in b"".join(bytes(r[0]) for r in stored)  # type: ignore[call-overload]
 
     accepted = site.cli("invite", "accept", token, "--name", "Ann Lee", "--password-env", "PW", "--json", PW=PASSWORD)
     assert accepted.returncode == 0, accepted.stderr

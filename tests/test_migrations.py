@@ -27,7 +27,7 @@ def test_key_hints_stored_before_one_format_are_carried_over(database_url: str) 
             command.upgrade(migrate._alembic_config(conn), "head")
             forced = conn.scalar(text("SELECT relforcerowsecurity FROM pg_class WHERE relname = 'llm_keys'"))
             conn.execute(text("ALTER TABLE llm_keys NO FORCE ROW LEVEL SECURITY"))
-            hints = dict(conn.execute(text("SELECT provider, hint FROM llm_keys")).tuples().all())
+            hints: dict[str, str] = dict(conn.execute(text("SELECT provider, hint FROM llm_keys")).tuples().all())
             conn.execute(text("ALTER TABLE llm_keys FORCE ROW LEVEL SECURITY"))
     finally:
         engine.dispose()

@@ -14,11 +14,13 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import URL
 
+from konstruct import inbox
 from konstruct.agent.agents import AgentInfo, create_agent
 from konstruct.agent.prompt import AI_DISCLOSURE
 from konstruct.config import Settings, load_settings
@@ -26,7 +28,7 @@ from konstruct.db.engine import Database
 from konstruct.db.models import AuditEvent, Message
 from konstruct.db.models import InboundMessage as InboxRow
 from konstruct.db.urls import resolve_urls
-from konstruct.inbox import accept, store
+from konstruct.inbox import Stored
 from konstruct.messaging import InboundMessage
 from konstruct.tenancy.tenants import TenantInfo, create_tenant, set_status
 from konstruct.worker.queue import Queue, make_queue
@@ -34,6 +36,20 @@ from tests.conftest import write_config
 from tests.fakes.llm import FakeLLM
 from tests.helpers import Proc, konstruct, konstruct_in_process, wait_for, wait_until
 from tests.shared import SharedWorker, shared_worker, unique_slug
+
+
+async def accept(db: Database, queue: Any, new: Any) -> Stored:
+    """inbox.accept for a message naming its agent: always stored (or found stored)."""
+    stored = await inbox.accept(db, queue, new)
+    assert stored is not None
+    return stored
+
+
+async def store(db: Database, new: Any) -> Stored:
+    """inbox.store (no doorbell) for a message naming its agent."""
+    stored = await inbox.store(db, new)
+    assert stored is not None
+    return stored
 
 
 @pytest.fixture
@@ -227,9 +243,9 @@ async def test_lost_doorbell_is_rung_again_by_the_sweeper(
 
     async def age() -> float:
         async with db.tenant(tenant_id=tenant.id) as session:
-            return float(
-                await session.scalar(select(func.extract("epoch", func.now() - InboxRow.received_at)).where(InboxRow.id == stored.id))
-            )
+            seconds = await session.scalar(select(func.extract("epoch", func.now() - InboxRow.received_at)).where(InboxRow.id == stored.id))
+            assert seconds is not None
+            return float(seconds)
 
     await wait_until(age, lambda seconds: seconds > grace, 10, "the message to be older than worker.received_grace")
     config = write_config(tmp_path / "sweep", database_url, fake_llm.url, worker={"received_grace": grace})
