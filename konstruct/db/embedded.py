@@ -96,6 +96,9 @@ def _forget_dead_handles(pgdata: Path) -> None:
         handles.write_text(json.dumps(alive))
 
 
+ANSWER_WITHIN = 10.0  # seconds a restarted server that runs may take to answer (crash recovery)
+
+
 def postmaster_pid(data_dir: Path) -> int | None:
     """The running server's pid, from its postmaster.pid, or None when no server runs on this data directory."""
     try:
@@ -135,11 +138,17 @@ class EmbeddedServer:
             except Exception as exc:
                 raise DatabaseError(f"the embedded PostgreSQL did not start again ({type(exc).__name__}); see {self.server.log}") from None
         # The library may have read a stale postmaster.pid (the dead server's): believe only a server that answers.
-        try:
-            with psycopg.connect(self.uri, connect_timeout=5) as conn:
-                conn.execute("select 1")
-        except psycopg.Error as exc:
-            raise DatabaseError(f"the embedded PostgreSQL is not answering yet ({type(exc).__name__})") from None
+        # One that runs but does not answer yet is still recovering (replaying its WAL): give it ANSWER_WITHIN.
+        deadline = time.monotonic() + ANSWER_WITHIN
+        while True:
+            try:
+                with psycopg.connect(self.uri, connect_timeout=2) as conn:
+                    conn.execute("select 1")
+                break
+            except psycopg.Error as exc:
+                if postmaster_pid(self.data_dir) is None or time.monotonic() > deadline:
+                    raise DatabaseError(f"the embedded PostgreSQL is not answering yet ({type(exc).__name__})") from None
+                time.sleep(0.1)
         self.restarts.append(time.time())
 
     def release(self) -> None:
