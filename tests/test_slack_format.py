@@ -23,6 +23,13 @@ def test_short_answer_is_one_markdown_block_with_the_same_text_as_fallback() -> 
     ]
 
 
+def test_the_fallback_cannot_notify_anyone() -> None:
+    """The notification text is mrkdwn: a control sequence from the model is shown, never acted on."""
+    [message] = markdown_messages("ping <!channel> and <!here>, <@U0123ABCD> & co")
+    assert message["text"] == "ping &lt;!channel&gt; and &lt;!here&gt;, &lt;@U0123ABCD&gt; &amp; co"
+    assert message["blocks"][0]["text"] == "ping <!channel> and <!here>, <@U0123ABCD> & co"
+
+
 def test_empty_answer_gives_no_message() -> None:
     assert markdown_messages("") == []
     assert markdown_messages(" \n\n ") == []

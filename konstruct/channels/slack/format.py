@@ -35,7 +35,9 @@ def markdown_messages(markdown: str, limit: int = MARKDOWN_LIMIT) -> list[SlackM
 
 
 def _fallback(chunk: str) -> str:
-    if len(chunk) <= FALLBACK_LIMIT:
-        return chunk
-    cut = chunk.rfind(" ", 0, FALLBACK_LIMIT)
-    return chunk[: cut if cut > 0 else FALLBACK_LIMIT - 1].rstrip() + "…"
+    """The notification text: Slack reads a message's `text` as mrkdwn, where `<!channel>`, `<!here>` or `<@U…>`
+    from the model would notify people, so &, < and > are escaped (Slack's own rule for literal text)."""
+    if len(chunk) > FALLBACK_LIMIT:
+        cut = chunk.rfind(" ", 0, FALLBACK_LIMIT - 20)
+        chunk = chunk[: cut if cut > 0 else FALLBACK_LIMIT - 21].rstrip() + "…"
+    return chunk.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")[:FALLBACK_LIMIT]
