@@ -69,6 +69,12 @@ class GatewaySettings(_Section):
     max_connections: int = Field(
         2048, ge=16, le=1_000_000, description="Connections and requests one gateway process holds at once (beyond: 503 at once)."
     )
+    cache_ttl: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Seconds a gateway trusts a cached connection look-up (team or number → tenant, app secrets): how soon it sees a disconnect.",
+    )
 
 
 class LLMSettings(_Section):

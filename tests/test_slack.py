@@ -23,7 +23,7 @@ from konstruct.tenancy.tenants import create_tenant, get_tenant
 from tests.conftest import write_config
 from tests.fakes.llm import FakeLLM
 from tests.fakes.slack import FakeSlack, sign
-from tests.helpers import Proc, cli_env, konstruct, wait_for
+from tests.helpers import Proc, cli_env, konstruct, konstruct_in_process, wait_for
 
 TEAM = "T0000000001"
 BOT_USER = "U0000000BOT"
@@ -72,6 +72,19 @@ class SlackSystem:
             "event_id": event_id or f"Ev{uuid.uuid4().hex[:10].upper()}",
             "event_time": int(time.time()),
         }
+
+    async def wait_finished(self, count: int, timeout: float = 30) -> None:
+        """Until the tenant's inbox holds `count` rows, every one finished: nothing they bring is still to come."""
+
+        async def finished() -> bool:
+            async with self.db.tenant(tenant_id=self.tenant_id) as session:
+                states = list(await session.scalars(select(InboxRow.status)))
+            return len(states) == count and all(s in ("replied", "failed", "ignored") for s in states)
+
+        deadline = time.monotonic() + timeout
+        while not await finished():
+            assert time.monotonic() < deadline, f"{count} finished inbox rows; worker log:\n{self.worker.log()}"
+            await asyncio.sleep(0.05)
 
     async def inbox_count(self) -> int:
         async with self.db.tenant(tenant_id=self.tenant_id) as session:
@@ -125,7 +138,7 @@ async def slack_system(tmp_path: Path, database_url: str, fake_llm: FakeLLM, fak
     await create_agent(db, tenant, name="Ava", role="Support", persona="Helpful and brief.", model=None, actor="test")
     fake_slack.add_token(BOT_TOKEN, team_id=TEAM, team="Acme HQ", user_id=BOT_USER)
     env = cli_env(SLACK_BOT="xoxb-single-workspace-token-7777", SLACK_SIGNING=SINGLE_SECRET)
-    connected = konstruct(
+    connected = konstruct_in_process(
         "channel", "connect", "slack", "--tenant", "acme", "--bot-token-env", "SLACK_BOT", "--signing-secret-env", "SLACK_SIGNING",
         config=config, env=env,
     )  # fmt: skip
@@ -155,7 +168,7 @@ async def test_url_verification_and_signature_checks(slack_system: SlackSystem) 
     stale = sign(body, SINGLE_SECRET, timestamp=int(time.time()) - 600)
     assert httpx.post(f"{slack_system.base}/slack/events", content=body, headers=stale).status_code == 401
     assert httpx.post(f"{slack_system.base}/slack/events", content=body, headers={"Content-Type": "application/json"}).status_code == 401
-    await asyncio.sleep(0.5)
+    # Stored before acknowledged: a refused event would be in the inbox by the time its 401 came back.
     assert await slack_system.inbox_count() == 0
     assert slack_system.llm.requests == []
 
@@ -199,7 +212,7 @@ async def test_thread_follow_ups_dms_and_what_is_never_answered(slack_system: Sl
     ]
     for event in ignored:
         assert slack_system.post(slack_system.event(event)).status_code == 200
-    await asyncio.sleep(2)
+    await slack_system.wait_finished(3)  # the ignored events stored nothing (an event is stored before its 200)
     assert len(slack_system.updates()) == 3 and len(slack_system.llm.requests) == 3
     assert await slack_system.inbox_count() == 3
 
@@ -218,7 +231,7 @@ async def test_retries_and_double_events_get_exactly_one_answer(slack_system: Sl
     # Slack also sends a `message` event (another event id) for the same mention.
     slack_system.post(slack_system.event(message(ts, "<@U0000000BOT> what is our refund policy?")))
     slack_system.wait_updates(1)
-    await asyncio.sleep(2)
+    await slack_system.wait_finished(1)  # the one row is finished: no retry can bring a second answer now
     assert len(slack_system.updates()) == 1
     assert len(slack_system.llm.requests) == 1
     assert await slack_system.inbox_count() == 1
@@ -283,7 +296,7 @@ async def test_oauth_install_end_to_end(slack_system: SlackSystem) -> None:
     without_cookie = httpx.get(f"{slack_system.base}/slack/oauth_redirect", params={"code": "x", "state": query["state"][0]})
     assert without_cookie.status_code == 400
 
-    listed = json.loads(konstruct("channel", "list", "--tenant", "acme", "--json", config=slack_system.config).stdout)
+    listed = json.loads(konstruct_in_process("channel", "list", "--tenant", "acme", "--json", config=slack_system.config).stdout)
     oauth = next(c for c in listed if c["external_id"] == "T0000000OAU")
     assert oauth["mode"] == "oauth" and oauth["status"] == "connected" and oauth["details"]["bot_token_hint"] == "…4242"
     assert "xoxb-oauth-4242" not in json.dumps(listed)
@@ -295,7 +308,7 @@ async def test_oauth_install_end_to_end(slack_system: SlackSystem) -> None:
     assert update.token == "xoxb-oauth-4242" and update.args["text"].endswith("hello from Globex")
 
     # Installing again (a new code, a new token) updates the same connection.
-    link = json.loads(konstruct("channel", "connect", "slack", "--tenant", "acme", "--json", config=slack_system.config).stdout)[
+    link = json.loads(konstruct_in_process("channel", "connect", "slack", "--tenant", "acme", "--json", config=slack_system.config).stdout)[
         "install_url"
     ]
     with httpx.Client(follow_redirects=False) as browser:
@@ -304,35 +317,37 @@ async def test_oauth_install_end_to_end(slack_system: SlackSystem) -> None:
             "code-456", team_id="T0000000OAU", team="Globex Slack", bot_user_id="U000000OBOT", access_token="xoxb-oauth-9999"
         )
         assert browser.get(f"{slack_system.base}/slack/oauth_redirect", params={"code": "code-456", "state": state}).status_code == 200
-    listed = json.loads(konstruct("channel", "list", "--tenant", "acme", "--json", config=slack_system.config).stdout)
+    listed = json.loads(konstruct_in_process("channel", "list", "--tenant", "acme", "--json", config=slack_system.config).stdout)
     globex = [c for c in listed if c["external_id"] == "T0000000OAU"]
     assert len(globex) == 1 and globex[0]["details"]["bot_token_hint"] == "…9999"
 
     # Uninstalling marks the connection disconnected; it no longer answers.
     uninstall = slack_system.event({"type": "app_uninstalled"}, team="T0000000OAU")
     assert slack_system.post(uninstall, secret=APP_SECRET).status_code == 200
-    listed = json.loads(konstruct("channel", "list", "--tenant", "acme", "--json", config=slack_system.config).stdout)
+    listed = json.loads(konstruct_in_process("channel", "list", "--tenant", "acme", "--json", config=slack_system.config).stdout)
     assert next(c for c in listed if c["external_id"] == "T0000000OAU")["status"] == "disconnected"
 
 
 async def test_channel_routes_choose_the_agent(slack_system: SlackSystem) -> None:
     tenant_info = await get_tenant(slack_system.db, "acme")
     await create_agent(slack_system.db, tenant_info, name="Max", role="Sales", persona="Sells.", model="openai/sales-model", actor="test")
-    routed = konstruct(
+    routed = konstruct_in_process(
         "channel", "route", "--tenant", "acme", "--slack-channel", "C0000000SAL", "--agent", "Max", config=slack_system.config
     )
     assert routed.returncode == 0, routed.stderr
     slack_system.post(slack_system.event({**mention(new_ts()), "channel": "C0000000SAL"}))
     slack_system.wait_updates(1)
     assert slack_system.llm.requests[-1].body["model"] == "sales-model"
-    shown = json.loads(konstruct("channel", "show", TEAM, "--tenant", "acme", "--json", config=slack_system.config).stdout)
+    shown = json.loads(konstruct_in_process("channel", "show", TEAM, "--tenant", "acme", "--json", config=slack_system.config).stdout)
     assert shown["routes"] == [{"channel": "C0000000SAL", "agent": "Max"}]
     assert shown["details"]["signing_secret_hint"] == "…" + SINGLE_SECRET[-4:]
     assert SINGLE_SECRET not in json.dumps(shown) and BOT_TOKEN not in json.dumps(shown)
 
 
 async def test_a_model_without_vision_gets_a_note_instead_of_the_image(slack_system: SlackSystem) -> None:
-    updated = konstruct("agent", "update", "Ava", "--tenant", "acme", "--model", "openai/gpt-3.5-turbo", config=slack_system.config)
+    updated = konstruct_in_process(
+        "agent", "update", "Ava", "--tenant", "acme", "--model", "openai/gpt-3.5-turbo", config=slack_system.config
+    )
     assert updated.returncode == 0, updated.stderr
     png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
     image = slack_system.slack.add_file("photo.png", "image/png", png, team_id=TEAM)

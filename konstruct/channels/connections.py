@@ -105,8 +105,8 @@ class ResolveCache:
     """Resolved connections (credentials decrypted) kept for a few seconds in the gateway's memory:
     a webhook burst from one workspace costs one look-up and one decryption."""
 
-    def __init__(self, db: Database, settings: Settings, ttl: float = 5.0) -> None:
-        self.db, self.settings, self.ttl = db, settings, ttl
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db, self.settings, self.ttl = db, settings, settings.gateway.cache_ttl
         self._entries: dict[tuple[str, str], tuple[float, tuple[Resolved, dict[str, str]] | None]] = {}
 
     async def get(self, kind: str, external_id: str) -> tuple[Resolved, dict[str, str]] | None:

@@ -29,7 +29,6 @@ from konstruct.messaging import InboundMessage, Routing, clean_message
 
 log = logging.getLogger("konstruct.whatsapp")
 
-SECRETS_TTL = 5.0
 _SIGNATURE = re.compile(r"sha256=[0-9a-fA-F]{64}")
 
 
@@ -104,7 +103,7 @@ class WhatsAppWebhook:
 
     async def _all_credentials(self) -> list[dict[str, str]]:
         now = time.monotonic()
-        if now - self._all[0] > SECRETS_TTL:
+        if now - self._all[0] > self.settings.gateway.cache_ttl:
             blobs = await single_mode_candidates(self.db, "whatsapp")
             self._all = (now, [unseal(self.settings, blob) for _, _, blob in blobs])
         return self._all[1]
