@@ -19,7 +19,7 @@ from konstruct.agent.prompt import AI_DISCLOSURE
 from konstruct.config import load_settings
 from konstruct.db.engine import Database
 from konstruct.db.models import Memory
-from konstruct.llm.client import supports_vision
+from konstruct.llm.client import load_litellm, supports_vision
 from konstruct.tenancy.tenants import TenantInfo, create_tenant
 from tests.fakes.llm import FakeLLM
 from tests.fakes.server import LoopbackServer, QuietHandler, serve, shutdown
@@ -244,3 +244,15 @@ def test_vision_is_known_per_model() -> None:
     assert supports_vision("openai/gpt-4o") is True
     assert supports_vision("openai/gpt-3.5-turbo") is False
     assert supports_vision(f"openai/unknown-{uuid.uuid4().hex[:6]}") is True  # unknown: images are passed on
+
+
+def test_an_unknown_model_keeps_its_images_after_its_first_call() -> None:
+    """A litellm Router registers its models in litellm's map, capabilities blank: that must not make an unknown model
+    blind from its second message on (a long-running worker saw images only until the model's first call)."""
+    model = f"openai/local-vision-{uuid.uuid4().hex[:6]}"
+    assert supports_vision(model) is True
+    litellm = load_litellm()
+    litellm.Router(model_list=[{"model_name": model, "litellm_params": {"model": model, "api_base": "http://127.0.0.1:9", "api_key": "x"}}])
+    assert model in litellm.model_cost  # what the Router did
+    assert supports_vision(model) is True
+    assert supports_vision("openai/gpt-3.5-turbo") is False  # a model the bundled map knows keeps its answer

@@ -1,4 +1,7 @@
-"""Slack end to end: signed events to a real gateway process, a real worker, the fake Slack Web API."""
+"""Slack end to end: signed events to a real gateway process, a real worker, the fake Slack Web API.
+
+One gateway and one worker serve the whole module; each test has a tenant, workspace (team id) and bot token of its
+own, as customers share one installation. Signature checks run the same app in-process over ASGI."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,19 +18,20 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.engine import URL
 
 from konstruct.agent.agents import create_agent
+from konstruct.config import load_settings
 from konstruct.db.engine import Database
 from konstruct.db.models import InboundMessage as InboxRow
+from konstruct.gateway.app import create_app
 from konstruct.tenancy.tenants import create_tenant, get_tenant
-from tests.conftest import write_config
 from tests.fakes.llm import FakeLLM
 from tests.fakes.slack import FakeSlack, sign
 from tests.helpers import Proc, cli_env, konstruct, konstruct_in_process, wait_for
+from tests.shared import SharedStack, shared_stack, unique_slug, wait_finished
 
-TEAM = "T0000000001"
 BOT_USER = "U0000000BOT"
-BOT_TOKEN = "xoxb-single-workspace-token-7777"
 SINGLE_SECRET = "single-app-signing-secret"
 APP_SECRET = "distributed-app-signing-secret"
 
@@ -46,6 +50,26 @@ def fake_slack(fake_slack_server: FakeSlack) -> FakeSlack:
     return fake_slack_server
 
 
+@pytest.fixture(scope="module")
+def stack(
+    pg_server: URL, template_db: str, tmp_path_factory: pytest.TempPathFactory, fake_llm_server: FakeLLM, fake_slack_server: FakeSlack
+) -> Iterator[SharedStack]:
+    """One gateway and one worker for the module; each test connects a workspace of its own to a tenant of its own."""
+    slack: dict[str, object] = {
+        "api_url": fake_slack_server.url,
+        "authorize_url": f"{fake_slack_server.origin}/oauth/v2/authorize",
+        "client_id": fake_slack_server.client_id,
+        "client_secret": fake_slack_server.client_secret,
+        "signing_secret": APP_SECRET,
+    }
+    with shared_stack(pg_server, template_db, tmp_path_factory.mktemp("slack"), fake_llm_server.url, slack=slack) as shared:
+        yield shared
+
+
+def unique_team() -> str:
+    return "T" + uuid.uuid4().hex[:10].upper()
+
+
 @dataclass
 class SlackSystem:
     base: str
@@ -54,18 +78,23 @@ class SlackSystem:
     slack: FakeSlack
     llm: FakeLLM
     tenant_id: uuid.UUID
-    worker: Proc
-    gateway: Proc
-    env: dict[str, str]
+    slug: str
+    team: str
+    bot_token: str
+    stack: SharedStack
+
+    @property
+    def worker(self) -> Proc:
+        return self.stack.worker
 
     def post(self, payload: dict[str, Any], secret: str = SINGLE_SECRET, headers: dict[str, str] | None = None) -> httpx.Response:
         body = json.dumps(payload).encode()
         return httpx.post(f"{self.base}/slack/events", content=body, headers={**sign(body, secret), **(headers or {})}, timeout=10)
 
-    def event(self, event: dict[str, Any], event_id: str | None = None, team: str = TEAM) -> dict[str, Any]:
+    def event(self, event: dict[str, Any], event_id: str | None = None, team: str | None = None) -> dict[str, Any]:
         return {
             "token": "legacy-verification-token",
-            "team_id": team,
+            "team_id": team or self.team,
             "api_app_id": "A0000000001",
             "event": event,
             "type": "event_callback",
@@ -75,16 +104,8 @@ class SlackSystem:
 
     async def wait_finished(self, count: int, timeout: float = 30) -> None:
         """Until the tenant's inbox holds `count` rows, every one finished: nothing they bring is still to come."""
-
-        async def finished() -> bool:
-            async with self.db.tenant(tenant_id=self.tenant_id) as session:
-                states = list(await session.scalars(select(InboxRow.status)))
-            return len(states) == count and all(s in ("replied", "failed", "ignored") for s in states)
-
-        deadline = time.monotonic() + timeout
-        while not await finished():
-            assert time.monotonic() < deadline, f"{count} finished inbox rows; worker log:\n{self.worker.log()}"
-            await asyncio.sleep(0.05)
+        finished = await wait_finished(self.db, self.tenant_id, count, timeout)
+        assert finished, f"{count} finished inbox rows; worker log:\n{self.worker.log()}"
 
     async def inbox_count(self) -> int:
         async with self.db.tenant(tenant_id=self.tenant_id) as session:
@@ -120,57 +141,61 @@ def new_ts() -> str:
 
 
 @pytest.fixture
-async def slack_system(tmp_path: Path, database_url: str, fake_llm: FakeLLM, fake_slack: FakeSlack, db: Database) -> Any:
-    origin = fake_slack.origin
-    config = write_config(
-        tmp_path / "site",
-        database_url,
-        fake_llm.url,
-        slack={
-            "api_url": fake_slack.url,
-            "authorize_url": f"{origin}/oauth/v2/authorize",
-            "client_id": fake_slack.client_id,
-            "client_secret": fake_slack.client_secret,
-            "signing_secret": APP_SECRET,
-        },
-    )
-    tenant = await create_tenant(db, name="Acme", slug="acme", actor="test")
+async def slack_system(stack: SharedStack, fake_llm: FakeLLM, fake_slack: FakeSlack) -> AsyncIterator[SlackSystem]:
+    """A tenant of its own with one agent and a single-workspace connection (a team id and bot token of its own)."""
+    db = Database(load_settings(stack.config))
+    slug, team, token = unique_slug("acme"), unique_team(), f"xoxb-{uuid.uuid4().hex[:12]}-7777"
+    tenant = await create_tenant(db, name="Acme", slug=slug, actor="test")
     await create_agent(db, tenant, name="Ava", role="Support", persona="Helpful and brief.", model=None, actor="test")
-    fake_slack.add_token(BOT_TOKEN, team_id=TEAM, team="Acme HQ", user_id=BOT_USER)
-    env = cli_env(SLACK_BOT="xoxb-single-workspace-token-7777", SLACK_SIGNING=SINGLE_SECRET)
+    fake_slack.add_token(token, team_id=team, team="Acme HQ", user_id=BOT_USER)
+    env = cli_env(SLACK_BOT=token, SLACK_SIGNING=SINGLE_SECRET)
     connected = konstruct_in_process(
-        "channel", "connect", "slack", "--tenant", "acme", "--bot-token-env", "SLACK_BOT", "--signing-secret-env", "SLACK_SIGNING",
-        config=config, env=env,
+        "channel", "connect", "slack", "--tenant", slug, "--bot-token-env", "SLACK_BOT", "--signing-secret-env", "SLACK_SIGNING",
+        config=stack.config, env=env,
     )  # fmt: skip
     assert connected.returncode == 0, connected.stderr
-    gateway = Proc("gateway", ["gateway"], config=config, log_dir=tmp_path)
-    worker = Proc("worker", ["worker"], config=config, log_dir=tmp_path)
-    gateway.wait_for_log("Uvicorn running on")
-    worker.wait_for_log(" ready: ")
-    from konstruct.config import load_settings
-
-    port = load_settings(config).gateway.port
-    system = SlackSystem(f"http://127.0.0.1:{port}", config, db, fake_slack, fake_llm, tenant.id, worker, gateway, env)
-    yield system
-    for proc in (gateway, worker):
-        proc.stop()
+    yield SlackSystem(stack.base, stack.config, db, fake_slack, fake_llm, tenant.id, slug, team, token, stack)
+    # What this test set going is over before the next one looks at the fakes.
+    stack.ensure_worker()
+    await wait_finished(db, tenant.id, timeout=10)
+    await db.dispose()
 
 
-async def test_url_verification_and_signature_checks(slack_system: SlackSystem) -> None:
+@pytest.fixture
+async def gateway_app(stack: SharedStack) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway in this process over ASGI, on the module's database: for checks a process adds nothing to."""
+    app = create_app(load_settings(stack.config))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            yield client
+
+
+async def test_url_verification_and_signature_checks(slack_system: SlackSystem, gateway_app: httpx.AsyncClient) -> None:
+    """In-process over ASGI: the same app, signatures and database as the gateway process, without its process."""
+
+    async def post(payload: dict[str, Any], secret: str | None = SINGLE_SECRET, timestamp: int | None = None) -> httpx.Response:
+        body = json.dumps(payload).encode()
+        headers = sign(body, secret, timestamp=timestamp) if secret else {"Content-Type": "application/json"}
+        return await gateway_app.post("/slack/events", content=body, headers=headers)
+
     challenge = {"token": "x", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P", "type": "url_verification"}
-    response = slack_system.post(challenge)
+    response = await post(challenge)
     assert response.status_code == 200 and challenge["challenge"] in response.text
-    assert slack_system.post(challenge, secret=APP_SECRET).status_code == 200  # the distributed app's own secret works too
+    assert (await post(challenge, secret=APP_SECRET)).status_code == 200  # the distributed app's own secret works too
+    assert (await post(challenge, secret="nobody-we-know")).status_code == 401
 
     event = slack_system.event(mention(new_ts()))
-    assert slack_system.post(event, secret="not-the-secret").status_code == 401
-    body = json.dumps(event).encode()
-    stale = sign(body, SINGLE_SECRET, timestamp=int(time.time()) - 600)
-    assert httpx.post(f"{slack_system.base}/slack/events", content=body, headers=stale).status_code == 401
-    assert httpx.post(f"{slack_system.base}/slack/events", content=body, headers={"Content-Type": "application/json"}).status_code == 401
+    assert (await post(event, secret="not-the-secret")).status_code == 401
+    assert (await post(event, timestamp=int(time.time()) - 600)).status_code == 401  # stale
+    assert (await post(event, secret=None)).status_code == 401  # unsigned
     # Stored before acknowledged: a refused event would be in the inbox by the time its 401 came back.
     assert await slack_system.inbox_count() == 0
     assert slack_system.llm.requests == []
+    # The same event, signed right, is stored (so the refusals above were the signatures' doing).
+    assert (await post(event)).status_code == 200
+    await slack_system.wait_finished(1)
+    assert await slack_system.inbox_count() == 1
 
 
 async def test_mention_is_answered_in_a_thread_with_a_placeholder_replaced(slack_system: SlackSystem) -> None:
@@ -180,7 +205,7 @@ async def test_mention_is_answered_in_a_thread_with_a_placeholder_replaced(slack
     update = slack_system.wait_updates(1)[0]
     posts = slack_system.slack.calls_to("chat.postMessage")
     assert len(posts) == 1 and posts[0].args["thread_ts"] == ts and posts[0].args["text"] == "_thinking…_"
-    assert posts[0].token == BOT_TOKEN
+    assert posts[0].token == slack_system.bot_token
     assert update.args["ts"] == slack_system.slack.messages[("C0000000001", update.args["ts"])]["ts"]
     assert update.args["text"] == "[fake-model] You said: what is our refund policy?"  # the mention itself is stripped
     assert update.args["blocks"] == [{"type": "markdown", "text": update.args["text"]}]  # Slack renders the Markdown
@@ -239,8 +264,8 @@ async def test_retries_and_double_events_get_exactly_one_answer(slack_system: Sl
 
 async def test_image_reaches_the_model_and_other_files_are_named(slack_system: SlackSystem) -> None:
     png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
-    image = slack_system.slack.add_file("chart.png", "image/png", png, team_id=TEAM)
-    pdf = slack_system.slack.add_file("terms.pdf", "application/pdf", b"%PDF-1.4", team_id=TEAM)
+    image = slack_system.slack.add_file("chart.png", "image/png", png, team_id=slack_system.team)
+    pdf = slack_system.slack.add_file("terms.pdf", "application/pdf", b"%PDF-1.4", team_id=slack_system.team)
     slack_system.post(
         slack_system.event(mention(new_ts(), "<@U0000000BOT> what does this show?", files=[image, pdf], subtype="file_share"))
     )
@@ -251,7 +276,7 @@ async def test_image_reaches_the_model_and_other_files_are_named(slack_system: S
     image_parts = [p for p in content if p["type"] == "image_url"]
     assert len(image_parts) == 1 and image_parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
     assert any("terms.pdf" in p.get("text", "") and "application/pdf" in p.get("text", "") for p in content)
-    assert [token for _, token in slack_system.slack.downloads] == [BOT_TOKEN]  # downloaded with the bot token, once
+    assert [token for _, token in slack_system.slack.downloads] == [slack_system.bot_token]  # downloaded with the bot token, once
 
 
 async def test_rate_limits_are_honoured_and_long_answers_split(slack_system: SlackSystem) -> None:
@@ -271,7 +296,8 @@ async def test_rate_limits_are_honoured_and_long_answers_split(slack_system: Sla
 
 
 async def test_oauth_install_end_to_end(slack_system: SlackSystem) -> None:
-    link = konstruct("channel", "connect", "slack", "--tenant", "acme", "--json", config=slack_system.config)
+    globex = unique_team()
+    link = konstruct("channel", "connect", "slack", "--tenant", slack_system.slug, "--json", config=slack_system.config)
     assert link.returncode == 0, link.stderr
     install_url = json.loads(link.stdout)["install_url"]
     assert install_url.startswith(f"{slack_system.base}/slack/install?state=")
@@ -284,7 +310,7 @@ async def test_oauth_install_end_to_end(slack_system: SlackSystem) -> None:
         assert query["redirect_uri"] == [f"{slack_system.base}/slack/oauth_redirect"]
         # The admin approves; Slack sends the browser back with a code and the same state.
         slack_system.slack.add_oauth_code(
-            "code-123", team_id="T0000000OAU", team="Globex Slack", bot_user_id="U000000OBOT", access_token="xoxb-oauth-4242"
+            "code-123", team_id=globex, team="Globex Slack", bot_user_id="U000000OBOT", access_token="xoxb-oauth-4242"
         )
         done = browser.get(f"{slack_system.base}/slack/oauth_redirect", params={"code": "code-123", "state": query["state"][0]})
         assert done.status_code == 200 and "installed" in done.text, done.text
@@ -296,61 +322,65 @@ async def test_oauth_install_end_to_end(slack_system: SlackSystem) -> None:
     without_cookie = httpx.get(f"{slack_system.base}/slack/oauth_redirect", params={"code": "x", "state": query["state"][0]})
     assert without_cookie.status_code == 400
 
-    listed = json.loads(konstruct_in_process("channel", "list", "--tenant", "acme", "--json", config=slack_system.config).stdout)
-    oauth = next(c for c in listed if c["external_id"] == "T0000000OAU")
+    listed = json.loads(konstruct_in_process("channel", "list", "--tenant", slack_system.slug, "--json", config=slack_system.config).stdout)
+    oauth = next(c for c in listed if c["external_id"] == globex)
     assert oauth["mode"] == "oauth" and oauth["status"] == "connected" and oauth["details"]["bot_token_hint"] == "…4242"
     assert "xoxb-oauth-4242" not in json.dumps(listed)
 
     # Events from the installed workspace are signed with the distributed app's secret and answered with its token.
-    event = slack_system.event(mention(new_ts(), "<@U000000OBOT> hello from Globex"), team="T0000000OAU")
+    event = slack_system.event(mention(new_ts(), "<@U000000OBOT> hello from Globex"), team=globex)
     assert slack_system.post(event, secret=APP_SECRET).status_code == 200
     update = slack_system.wait_updates(1)[0]
     assert update.token == "xoxb-oauth-4242" and update.args["text"].endswith("hello from Globex")
 
     # Installing again (a new code, a new token) updates the same connection.
-    link = json.loads(konstruct_in_process("channel", "connect", "slack", "--tenant", "acme", "--json", config=slack_system.config).stdout)[
-        "install_url"
-    ]
+    link = json.loads(
+        konstruct_in_process("channel", "connect", "slack", "--tenant", slack_system.slug, "--json", config=slack_system.config).stdout
+    )["install_url"]
     with httpx.Client(follow_redirects=False) as browser:
         state = parse_qs(urlsplit(browser.get(link).headers["location"]).query)["state"][0]
         slack_system.slack.add_oauth_code(
-            "code-456", team_id="T0000000OAU", team="Globex Slack", bot_user_id="U000000OBOT", access_token="xoxb-oauth-9999"
+            "code-456", team_id=globex, team="Globex Slack", bot_user_id="U000000OBOT", access_token="xoxb-oauth-9999"
         )
         assert browser.get(f"{slack_system.base}/slack/oauth_redirect", params={"code": "code-456", "state": state}).status_code == 200
-    listed = json.loads(konstruct_in_process("channel", "list", "--tenant", "acme", "--json", config=slack_system.config).stdout)
-    globex = [c for c in listed if c["external_id"] == "T0000000OAU"]
-    assert len(globex) == 1 and globex[0]["details"]["bot_token_hint"] == "…9999"
+    listed = json.loads(konstruct_in_process("channel", "list", "--tenant", slack_system.slug, "--json", config=slack_system.config).stdout)
+    installed = [c for c in listed if c["external_id"] == globex]
+    assert len(installed) == 1 and installed[0]["details"]["bot_token_hint"] == "…9999"
 
     # Uninstalling marks the connection disconnected; it no longer answers.
-    uninstall = slack_system.event({"type": "app_uninstalled"}, team="T0000000OAU")
+    uninstall = slack_system.event({"type": "app_uninstalled"}, team=globex)
     assert slack_system.post(uninstall, secret=APP_SECRET).status_code == 200
-    listed = json.loads(konstruct_in_process("channel", "list", "--tenant", "acme", "--json", config=slack_system.config).stdout)
-    assert next(c for c in listed if c["external_id"] == "T0000000OAU")["status"] == "disconnected"
+    listed = json.loads(konstruct_in_process("channel", "list", "--tenant", slack_system.slug, "--json", config=slack_system.config).stdout)
+    assert next(c for c in listed if c["external_id"] == globex)["status"] == "disconnected"
 
 
 async def test_channel_routes_choose_the_agent(slack_system: SlackSystem) -> None:
-    tenant_info = await get_tenant(slack_system.db, "acme")
+    tenant_info = await get_tenant(slack_system.db, slack_system.slug)
     await create_agent(slack_system.db, tenant_info, name="Max", role="Sales", persona="Sells.", model="openai/sales-model", actor="test")
     routed = konstruct_in_process(
-        "channel", "route", "--tenant", "acme", "--slack-channel", "C0000000SAL", "--agent", "Max", config=slack_system.config
+        "channel", "route", "--tenant", slack_system.slug, "--slack-channel", "C0000000SAL", "--agent", "Max", config=slack_system.config
     )
     assert routed.returncode == 0, routed.stderr
     slack_system.post(slack_system.event({**mention(new_ts()), "channel": "C0000000SAL"}))
     slack_system.wait_updates(1)
     assert slack_system.llm.requests[-1].body["model"] == "sales-model"
-    shown = json.loads(konstruct_in_process("channel", "show", TEAM, "--tenant", "acme", "--json", config=slack_system.config).stdout)
+    shown = json.loads(
+        konstruct_in_process(
+            "channel", "show", slack_system.team, "--tenant", slack_system.slug, "--json", config=slack_system.config
+        ).stdout
+    )
     assert shown["routes"] == [{"channel": "C0000000SAL", "agent": "Max"}]
     assert shown["details"]["signing_secret_hint"] == "…" + SINGLE_SECRET[-4:]
-    assert SINGLE_SECRET not in json.dumps(shown) and BOT_TOKEN not in json.dumps(shown)
+    assert SINGLE_SECRET not in json.dumps(shown) and slack_system.bot_token not in json.dumps(shown)
 
 
 async def test_a_model_without_vision_gets_a_note_instead_of_the_image(slack_system: SlackSystem) -> None:
     updated = konstruct_in_process(
-        "agent", "update", "Ava", "--tenant", "acme", "--model", "openai/gpt-3.5-turbo", config=slack_system.config
+        "agent", "update", "Ava", "--tenant", slack_system.slug, "--model", "openai/gpt-3.5-turbo", config=slack_system.config
     )
     assert updated.returncode == 0, updated.stderr
     png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
-    image = slack_system.slack.add_file("photo.png", "image/png", png, team_id=TEAM)
+    image = slack_system.slack.add_file("photo.png", "image/png", png, team_id=slack_system.team)
     slack_system.post(slack_system.event(mention(new_ts(), "<@U0000000BOT> what is in this photo?", files=[image], subtype="file_share")))
     update = slack_system.wait_updates(1)[0]
     assert update.args["text"].startswith("[gpt-3.5-turbo]")  # answered, not an error
@@ -360,7 +390,7 @@ async def test_a_model_without_vision_gets_a_note_instead_of_the_image(slack_sys
 
 
 async def test_a_retry_reuses_the_placeholder_an_earlier_attempt_posted_but_never_recorded(
-    slack_system: SlackSystem, tmp_path: Path
+    slack_system: SlackSystem,
 ) -> None:
     """A worker died after posting `_thinking…_` and before writing its ts down: the next attempt finds that
     placeholder by its message metadata and answers in it, instead of leaving it in the thread for good."""
@@ -373,17 +403,13 @@ async def test_a_retry_reuses_the_placeholder_an_earlier_attempt_posted_but_neve
         await session.execute(update(InboxRow).where(InboxRow.id == row.id).values(attempts=1, reply_ref=None))
     with slack_system.slack._lock:
         placeholder = slack_system.slack._chat_post_message(
-            slack_system.slack.tokens[BOT_TOKEN],
+            slack_system.slack.tokens[slack_system.bot_token],
             {"channel": "C0000000001", "text": "_thinking…_", "thread_ts": ts,
              "metadata": {"event_type": "konstruct_placeholder", "event_payload": {"answers": row.external_id}}},
         )  # fmt: skip
-    worker = Proc("worker", ["worker"], config=slack_system.config, log_dir=tmp_path)
-    try:
-        worker.wait_for_log(" ready: ")
-        slack_system.wait_updates(1)
-        assert [c.args["ts"] for c in slack_system.updates()] == [placeholder["ts"]]
-        assert slack_system.slack.calls_to("chat.postMessage") == []  # no second placeholder
-        texts = [m["text"] for m in slack_system.slack.messages.values() if m.get("bot_id")]
-        assert texts == ["[fake-model] You said: what is our refund policy?"]
-    finally:
-        worker.stop()
+    slack_system.stack.replace_worker()  # a new worker, as after the dead one
+    slack_system.wait_updates(1)
+    assert [c.args["ts"] for c in slack_system.updates()] == [placeholder["ts"]]
+    assert slack_system.slack.calls_to("chat.postMessage") == []  # no second placeholder
+    texts = [m["text"] for m in slack_system.slack.messages.values() if m.get("bot_id")]
+    assert texts == ["[fake-model] You said: what is our refund policy?"]

@@ -1,4 +1,7 @@
-"""WhatsApp end to end: signed webhooks in Meta's shapes to a real gateway process, a real worker, the fake Graph API."""
+"""WhatsApp end to end: signed webhooks in Meta's shapes to a real gateway process, a real worker, the fake Graph API.
+
+One gateway and one worker serve the module; each test has a tenant and a phone number id of its own. The handshake and
+signature checks run the same app in-process over ASGI."""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,24 +20,26 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.engine import URL
 
 from konstruct.agent.agents import create_agent
 from konstruct.config import load_settings
 from konstruct.db.engine import Database
 from konstruct.db.models import DeliveryStatus, Message
 from konstruct.db.models import InboundMessage as InboxRow
+from konstruct.gateway.app import create_app
 from konstruct.tenancy.tenants import create_tenant
-from tests.conftest import write_config
 from tests.fakes import whatsapp as wa
 from tests.fakes.llm import FakeLLM
 from tests.fakes.whatsapp import FakeGraph
 from tests.helpers import Proc, cli_env, konstruct, konstruct_in_process, wait_for
+from tests.shared import SharedStack, shared_stack, unique_slug, wait_finished
 
-NUMBER = "106540352242922"
 TOKEN = "EAAG-whatsapp-access-token-5150"
 APP_SECRET = "meta-app-secret-0042"
 VERIFY = "verify-me-please-9911"
 PERSON = "15551234567"
+TEMPLATE = {"template_name": "back_in_touch", "template_language": "en"}
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +52,23 @@ def graph_server() -> Iterator[FakeGraph]:
 @pytest.fixture
 def graph(graph_server: FakeGraph) -> FakeGraph:
     graph_server.reset()
-    graph_server.add_number(NUMBER, TOKEN)
     return graph_server
+
+
+def whatsapp_settings(graph: FakeGraph, **extra: object) -> dict[str, object]:
+    return {"graph_url": graph.url, "recipient_interval": 0.0, "retry_backoff": 0.05, **extra}
+
+
+@pytest.fixture(scope="module")
+def stack(
+    pg_server: URL, template_db: str, tmp_path_factory: pytest.TempPathFactory, fake_llm_server: FakeLLM, graph_server: FakeGraph
+) -> Iterator[SharedStack]:
+    """One gateway and one worker for the module; each test connects a number of its own to a tenant of its own."""
+    with shared_stack(
+        pg_server, template_db, tmp_path_factory.mktemp("whatsapp"), fake_llm_server.url,
+        whatsapp=whatsapp_settings(graph_server, **TEMPLATE), gateway={"cache_ttl": 0.5},
+    ) as shared:  # fmt: skip
+        yield shared
 
 
 @dataclass
@@ -58,9 +79,14 @@ class WhatsAppSystem:
     graph: FakeGraph
     llm: FakeLLM
     tenant_id: uuid.UUID
-    worker: Proc
-    gateway: Proc
+    slug: str
+    number: str
+    stack: SharedStack
     data_dir: Path
+
+    @property
+    def worker(self) -> Proc:
+        return self.stack.worker
 
     def post(self, payload: dict[str, Any], secret: str = APP_SECRET, signature: str | None = None) -> httpx.Response:
         body = json.dumps(payload).encode()
@@ -70,7 +96,7 @@ class WhatsAppSystem:
     def deliver(self, *messages: dict[str, Any], statuses: tuple[dict[str, Any], ...] = ()) -> httpx.Response:
         senders = {m["from"] for m in messages}
         contacts = [wa.contact(s, f"Person {s[-4:]}") for s in sorted(senders)]
-        return self.post(wa.webhook(NUMBER, messages=messages, statuses=statuses, contacts=contacts))
+        return self.post(wa.webhook(self.number, messages=messages, statuses=statuses, contacts=contacts))
 
     def replies(self, to: str = PERSON) -> list[dict[str, Any]]:
         return self.graph.messages_to(to)
@@ -93,67 +119,87 @@ class WhatsAppSystem:
         raise AssertionError(f"timed out waiting for {what}; worker log:\n{self.worker.log()}")
 
 
-async def start_system(
-    tmp_path: Path, database_url: str, fake_llm: FakeLLM, graph: FakeGraph, db: Database, **whatsapp: object
-) -> WhatsAppSystem:
-    config = write_config(
-        tmp_path / "site",
-        database_url,
-        fake_llm.url,
-        whatsapp={"graph_url": graph.url, "recipient_interval": 0.0, "retry_backoff": 0.05, **whatsapp},
-        gateway={"cache_ttl": 0.5},
-    )
-    tenant = await create_tenant(db, name="Acme", slug="acme", actor="test")
+def unique_number() -> str:
+    return str(random.SystemRandom().randrange(10**14, 10**15))
+
+
+@asynccontextmanager
+async def connected(stack: SharedStack, graph: FakeGraph, llm: FakeLLM) -> AsyncIterator[WhatsAppSystem]:
+    """A tenant of its own with one agent and a number of its own connected (through the CLI), on the stack."""
+    settings = load_settings(stack.config)
+    db = Database(settings)
+    slug, number = unique_slug("acme"), unique_number()
+    graph.add_number(number, TOKEN)
+    tenant = await create_tenant(db, name="Acme", slug=slug, actor="test")
     await create_agent(db, tenant, name="Ava", role="Support", persona="Helpful and brief.", model=None, actor="test")
     env = cli_env(WA_TOKEN=TOKEN, WA_SECRET=APP_SECRET, WA_VERIFY=VERIFY)
-    connected = konstruct_in_process(
-        "channel", "connect", "whatsapp", "--tenant", "acme", "--phone-number-id", NUMBER, "--access-token-env", "WA_TOKEN",
-        "--app-secret-env", "WA_SECRET", "--verify-token-env", "WA_VERIFY", config=config, env=env,
+    connect = konstruct_in_process(
+        "channel", "connect", "whatsapp", "--tenant", slug, "--phone-number-id", number, "--access-token-env", "WA_TOKEN",
+        "--app-secret-env", "WA_SECRET", "--verify-token-env", "WA_VERIFY", config=stack.config, env=env,
     )  # fmt: skip
-    assert connected.returncode == 0, connected.stderr
-    assert "/whatsapp/webhook" in connected.stdout
-    gateway = Proc("gateway", ["gateway"], config=config, log_dir=tmp_path)
-    worker = Proc("worker", ["worker"], config=config, log_dir=tmp_path)
-    gateway.wait_for_log("Uvicorn running on")
-    worker.wait_for_log(" ready: ")
-    settings = load_settings(config)
-    base = f"http://127.0.0.1:{settings.gateway.port}"
-    return WhatsAppSystem(base, config, db, graph, fake_llm, tenant.id, worker, gateway, settings.data_dir)
+    assert connect.returncode == 0, connect.stderr
+    assert "/whatsapp/webhook" in connect.stdout
+    try:
+        yield WhatsAppSystem(stack.base, stack.config, db, graph, llm, tenant.id, slug, number, stack, settings.data_dir)
+        # What this test set going is over before the next one looks at the fakes.
+        stack.ensure_worker()
+        await wait_finished(db, tenant.id, timeout=10)
+    finally:
+        await db.dispose()
 
 
 @pytest.fixture
-async def system(tmp_path: Path, database_url: str, fake_llm: FakeLLM, graph: FakeGraph, db: Database) -> Any:
-    started = await start_system(tmp_path, database_url, fake_llm, graph, db, template_name="back_in_touch", template_language="en")
-    yield started
-    for proc in (started.gateway, started.worker):
-        proc.stop()
+async def system(stack: SharedStack, fake_llm: FakeLLM, graph: FakeGraph) -> AsyncIterator[WhatsAppSystem]:
+    async with connected(stack, graph, fake_llm) as started:
+        yield started
 
 
-async def test_verification_handshake(system: WhatsAppSystem) -> None:
-    url = f"{system.base}/whatsapp/webhook"
-    ok = httpx.get(url, params={"hub.mode": "subscribe", "hub.verify_token": VERIFY, "hub.challenge": "1158201444"})
+@pytest.fixture
+async def gateway_app(stack: SharedStack) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway in this process over ASGI, on the module's database: for checks a process adds nothing to."""
+    app = create_app(load_settings(stack.config))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            yield client
+
+
+async def test_verification_handshake(system: WhatsAppSystem, gateway_app: httpx.AsyncClient) -> None:
+    """In-process over ASGI: the same app and database as the gateway process, without its process."""
+    url = "/whatsapp/webhook"
+    ok = await gateway_app.get(url, params={"hub.mode": "subscribe", "hub.verify_token": VERIFY, "hub.challenge": "1158201444"})
     assert ok.status_code == 200 and ok.text == "1158201444"
-    assert httpx.get(url, params={"hub.mode": "subscribe", "hub.verify_token": "wrong", "hub.challenge": "1"}).status_code == 403
-    assert httpx.get(url, params={"hub.mode": "unsubscribe", "hub.verify_token": VERIFY, "hub.challenge": "1"}).status_code == 403
-    assert httpx.get(url, params={"hub.challenge": "1"}).status_code == 403
+    wrong = await gateway_app.get(url, params={"hub.mode": "subscribe", "hub.verify_token": "wrong", "hub.challenge": "1"})
+    assert wrong.status_code == 403
+    unsubscribe = await gateway_app.get(url, params={"hub.mode": "unsubscribe", "hub.verify_token": VERIFY, "hub.challenge": "1"})
+    assert unsubscribe.status_code == 403
+    assert (await gateway_app.get(url, params={"hub.challenge": "1"})).status_code == 403
 
 
-async def test_bad_or_missing_signature_is_refused_and_nothing_stored(system: WhatsAppSystem) -> None:
-    payload = wa.webhook(NUMBER, messages=[wa.text(PERSON, "hello?")], contacts=[wa.contact(PERSON, "Pat")])
-    assert system.post(payload, secret="not-the-app-secret").status_code == 403
-    assert system.post(payload, signature="sha256=" + "0" * 64).status_code == 403
-    body = json.dumps(payload).encode()
-    missing = httpx.post(f"{system.base}/whatsapp/webhook", content=body, headers={"Content-Type": "application/json"})
-    assert missing.status_code == 403
+async def test_bad_or_missing_signature_is_refused_and_nothing_stored(system: WhatsAppSystem, gateway_app: httpx.AsyncClient) -> None:
+    """In-process over ASGI, with Meta's signatures over the raw bytes and the module's real database."""
+
+    async def post(payload: dict[str, Any] | bytes, secret: str | None = APP_SECRET, signature: str | None = None) -> int:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"}
+        if secret or signature:
+            headers["X-Hub-Signature-256"] = signature or wa.sign(body, secret or "")
+        return (await gateway_app.post("/whatsapp/webhook", content=body, headers=headers)).status_code
+
+    payload = wa.webhook(system.number, messages=[wa.text(PERSON, "hello?")], contacts=[wa.contact(PERSON, "Pat")])
+    assert await post(payload, secret="not-the-app-secret") == 403
+    assert await post(payload, signature="sha256=" + "0" * 64) == 403
+    assert await post(payload, secret=None) == 403  # no signature at all
     unknown = wa.webhook("999999999999999", messages=[wa.text(PERSON, "hello?")])
-    assert system.post(unknown, secret="another-apps-secret").status_code == 403  # nobody we know signed it
-    assert system.post(unknown).status_code == 200  # our app's, for a number not connected: authentic, not ours to store
-    assert system.post({"object": "whatsapp_business_account"}, secret="nope").status_code == 403
-    huge = b"{" + b" " * 2_000_000 + b"}"
-    too_big = httpx.post(f"{system.base}/whatsapp/webhook", content=huge, headers={"X-Hub-Signature-256": wa.sign(huge, APP_SECRET)})
-    assert too_big.status_code == 413
+    assert await post(unknown, secret="another-apps-secret") == 403  # nobody we know signed it
+    assert await post(unknown) == 200  # our app's, for a number not connected: authentic, not ours to store
+    assert await post({"object": "whatsapp_business_account"}, secret="nope") == 403
+    assert await post(b"{" + b" " * 2_000_000 + b"}") == 413
     # Stored before acknowledged: what a refused (or not ours) delivery would have stored is there by its answer.
     assert await system.inbox() == [] and system.llm.requests == []
+    # The same delivery, signed right, is stored (so the refusals above were the signatures' doing).
+    assert await post(payload) == 200
+    await system.wait_inbox(lambda rows: len(rows) == 1, "the signed delivery stored")
 
 
 async def test_text_is_answered_read_and_duplicates_get_one_reply(system: WhatsAppSystem) -> None:
@@ -179,6 +225,8 @@ async def test_text_is_answered_read_and_duplicates_get_one_reply(system: WhatsA
 
 
 async def test_image_reaches_the_model_and_media_is_stored_checked(system: WhatsAppSystem) -> None:
+    media = system.data_dir / "media"
+    before = {p.name for p in media.rglob("*") if p.is_file()}  # the data dir is the module's
     png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
     digest = system.graph.add_media("1000001", png, "image/png")
     system.deliver(wa.image(PERSON, "1000001", mime_type="image/png", sha256=digest, caption="Is this damaged?"))
@@ -203,7 +251,7 @@ async def test_image_reaches_the_model_and_media_is_stored_checked(system: Whats
     system.wait_replies(1, to="15550000003")
     note = system.llm.requests[-1].body["messages"][-1]["content"][-1]["text"]
     assert "could not be read" in note
-    stored = {p.name for p in (system.data_dir / "media").rglob("*") if p.is_file()}
+    stored = {p.name for p in media.rglob("*") if p.is_file()} - before
     assert stored == {hashlib.sha256(png).hexdigest(), hashlib.sha256(pdf).hexdigest()}  # nothing unchecked is kept
 
 
@@ -227,7 +275,7 @@ async def test_every_message_type_is_normalised_and_one_payload_carries_many(sys
         wa.unsupported(people[9]),
         wa.reaction(people[10], "wamid.some-earlier-message", "👍"),
     ]
-    response = system.post(wa.webhook(NUMBER, messages=messages, contacts=[wa.contact(p, f"P{p[-2:]}") for p in people[:11]]))
+    response = system.post(wa.webhook(system.number, messages=messages, contacts=[wa.contact(p, f"P{p[-2:]}") for p in people[:11]]))
     assert response.status_code == 200
     rows = await system.wait_inbox(lambda rows: len(rows) == 11 and all(r.status in ("replied", "ignored") for r in rows), "11 handled")
     by_sender = {r.sender: r for r in rows}
@@ -315,20 +363,22 @@ async def test_outside_the_window_the_template_goes_instead(system: WhatsAppSyst
 
 
 async def test_outside_the_window_without_a_template_the_failure_is_recorded(
-    tmp_path: Path, database_url: str, fake_llm: FakeLLM, graph: FakeGraph, db: Database
+    pg_server: URL, template_db: str, tmp_path: Path, fake_llm: FakeLLM, graph: FakeGraph
 ) -> None:
-    system = await start_system(tmp_path, database_url, fake_llm, graph, db)
-    try:
-        system.deliver(wa.text(PERSON, "hello from yesterday", timestamp=int(time.time()) - 25 * 3600))
-        rows = await system.wait_inbox(lambda rows: rows and rows[0].status == "failed", "the failure recorded")
-        assert "24 hours" in (rows[0].error or "") and "template_name" in (rows[0].error or "")
-        assert system.replies() == []
-        async with system.db.tenant(tenant_id=system.tenant_id) as session:
-            reply = await session.scalar(select(Message).where(Message.direction == "out"))
-        assert reply is not None and reply.status == "failed"  # the answer is kept, marked undelivered
-    finally:
-        system.gateway.stop()
-        system.worker.stop()
+    """No template configured: a stack of its own (the template is an installation-wide setting)."""
+    with shared_stack(pg_server, template_db, tmp_path, fake_llm.url, whatsapp=whatsapp_settings(graph)) as own:
+        async with connected(own, graph, fake_llm) as system:
+            await _no_template_failure_is_recorded(system)
+
+
+async def _no_template_failure_is_recorded(system: WhatsAppSystem) -> None:
+    system.deliver(wa.text(PERSON, "hello from yesterday", timestamp=int(time.time()) - 25 * 3600))
+    rows = await system.wait_inbox(lambda rows: rows and rows[0].status == "failed", "the failure recorded")
+    assert "24 hours" in (rows[0].error or "") and "template_name" in (rows[0].error or "")
+    assert system.replies() == []
+    async with system.db.tenant(tenant_id=system.tenant_id) as session:
+        reply = await session.scalar(select(Message).where(Message.direction == "out"))
+    assert reply is not None and reply.status == "failed"  # the answer is kept, marked undelivered
 
 
 async def test_long_answers_are_split_within_whatsapps_limit(system: WhatsAppSystem) -> None:
@@ -341,11 +391,11 @@ async def test_long_answers_are_split_within_whatsapps_limit(system: WhatsAppSys
 
 
 async def test_channel_cli_shows_hints_only_and_disconnect_stops_answers(system: WhatsAppSystem) -> None:
-    listed = konstruct_in_process("channel", "list", "--tenant", "acme", "--json", config=system.config)
+    listed = konstruct_in_process("channel", "list", "--tenant", system.slug, "--json", config=system.config)
     assert listed.returncode == 0, listed.stderr
     (connection,) = json.loads(listed.stdout)
-    assert connection["kind"] == "whatsapp" and connection["external_id"] == NUMBER
-    shown = konstruct_in_process("channel", "show", NUMBER, "--tenant", "acme", "--json", config=system.config)
+    assert connection["kind"] == "whatsapp" and connection["external_id"] == system.number
+    shown = konstruct_in_process("channel", "show", system.number, "--tenant", system.slug, "--json", config=system.config)
     details = json.loads(shown.stdout)["details"]
     assert details["access_token_hint"] == "…5150" and details["app_secret_hint"] == "…0042"
     for secret in (TOKEN, APP_SECRET, VERIFY):
@@ -357,13 +407,13 @@ async def test_channel_cli_shows_hints_only_and_disconnect_stops_answers(system:
     assert blob is not None and TOKEN.encode() not in blob and APP_SECRET.encode() not in blob
 
     bad = konstruct(
-        "channel", "connect", "whatsapp", "--tenant", "acme", "--phone-number-id", "123", "--access-token-env", "WA_TOKEN",
+        "channel", "connect", "whatsapp", "--tenant", system.slug, "--phone-number-id", "123", "--access-token-env", "WA_TOKEN",
         "--app-secret-env", "WA_SECRET", "--verify-token-env", "WA_VERIFY", config=system.config,
         env=cli_env(WA_TOKEN="wrong-token", WA_SECRET="x", WA_VERIFY="y"),
     )  # fmt: skip
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "rejected" in bad.stderr
 
-    gone = konstruct_in_process("channel", "disconnect", NUMBER, "--tenant", "acme", "--yes", config=system.config)
+    gone = konstruct_in_process("channel", "disconnect", system.number, "--tenant", system.slug, "--yes", config=system.config)
     assert gone.returncode == 0, gone.stderr
     # The gateway sees the disconnect once its cached look-up expires ([gateway] cache_ttl: 0.5 s here, 5 s by default);
     # then a delivery is acknowledged (authentic) and stored nowhere. The webhook stores before it answers, so the

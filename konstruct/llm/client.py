@@ -41,11 +41,17 @@ class Completion:
 
 
 def supports_vision(model: str) -> bool:
-    """Whether the model takes image input. litellm's model map decides; a model it does not know is trusted to."""
+    """Whether the model takes image input. litellm's bundled model map decides; a model it does not know is trusted to.
+
+    A litellm Router registers each of its models in that map (with no capabilities) when it is made, so "known" means
+    known when litellm was loaded: otherwise an unknown model would take images until its first call, and then never.
+    """
     litellm = load_litellm()
     try:
-        litellm.get_model_info(model)
+        info = litellm.get_model_info(model)
     except Exception:
+        return True
+    if info.get("key") not in _bundled_models:
         return True
     try:
         return bool(litellm.supports_vision(model=model))
@@ -54,15 +60,17 @@ def supports_vision(model: str) -> bool:
 
 
 _litellm: Any = None
+_bundled_models: frozenset[str] = frozenset()
 
 
 def load_litellm() -> Any:
-    global _litellm
+    global _litellm, _bundled_models
     if _litellm is None:
         # Never fetch the price map over the network at import (there is no network here).
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         import litellm
 
+        _bundled_models = frozenset(litellm.model_cost)
         litellm.suppress_debug_info = True
         litellm.telemetry = False
         # litellm logs failures with request details at ERROR; ours are recorded, audited and key-free.
