@@ -85,6 +85,7 @@ def test_readme_quick_start_runs_literally_in_a_fresh_folder(tmp_path: Path, fak
     answered: float | None = None
     children: set[int] = set()
     code: int | None = None
+    timings: list[str] = []
     try:
         for words in commands:
             if words[0] == "export":
@@ -92,20 +93,24 @@ def test_readme_quick_start_runs_literally_in_a_fresh_folder(tmp_path: Path, fak
                 continue
             assert words[0] == "konstruct", f"the quick start runs only `export` and `konstruct` here: {shlex.join(words)}"
             args = words[1:]
+            began = time.monotonic()
             if args[0] == "init":
                 started = time.monotonic()
             if args == ["up"]:
                 up = Proc("up", args, config=None, log_dir=tmp_path, env=env, cwd=site)
                 wait_ready(up, port)
+                timings.append(f"{time.monotonic() - began:5.1f} s  konstruct up (until /readyz answers)")
                 children = {child.pid for child in psutil.Process(up.process.pid).children(recursive=True)}
                 continue
             result = konstruct(*args, env=env, cwd=site, timeout=120)
+            timings.append(f"{time.monotonic() - began:5.1f} s  {shlex.join(words)[:70]}")
             assert result.returncode == 0, f"{shlex.join(words)} exited {result.returncode}:\n{result.stdout}{result.stderr}"
             if args[0] == "chat" and "--message" in args:
                 check_answer(result, fake_llm, message=option(args, "--message"), key=env.get("OPENAI_API_KEY", ""))
                 answered = answered or time.monotonic()
         assert up is not None and started is not None and answered is not None, "the quick start never got an answer"
         print(f"\nREADME quick start: {len(commands)} commands, {answered - started:.1f} s from `konstruct init` to the first answer")
+        print(*timings, sep="\n")
     finally:
         if up is not None:
             code = up.stop(signal.SIGINT, timeout=60)
