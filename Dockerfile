@@ -11,8 +11,10 @@ ENV PYTHONUNBUFFERED=1 \
     KONSTRUCT_GATEWAY__HOST=0.0.0.0
 
 WORKDIR /app
-# torch's CPU build first, so sentence-transformers does not pull the CUDA wheels.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# torch's CPU build first, so sentence-transformers does not pull the CUDA wheels; as the Makefile does, the same
+# version from the default index (a mirror's) where PyTorch's index cannot be reached.
+RUN pip install --timeout 10 --retries 0 --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+    || { echo "no torch==2.13.0 from PyTorch's CPU index: installing it from the default index"; pip install torch==2.13.0; }
 COPY pyproject.toml README.md ./
 COPY konstruct ./konstruct
 COPY migrations ./migrations
