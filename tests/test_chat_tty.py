@@ -115,8 +115,7 @@ class Site:
     settings: Settings
     db: Database
     tenant: TenantInfo
-
-    opened: list[Terminal]
+    opened: list[Terminal]  # closed (killed if still running) after the test
 
     def chat(self, *args: str) -> Terminal:
         """`konstruct chat` with Ava of this test's tenant, as pat, on a terminal of its own (closed after the test)."""
@@ -149,13 +148,13 @@ def tty_worker(
 async def site(tty_worker: SharedWorker, fake_llm: FakeLLM) -> AsyncIterator[Site]:
     settings = load_settings(tty_worker.config)
     db = Database(settings)
+    opened: list[Terminal] = []
     try:
         tenant = await create_tenant(db, name="Acme", slug=unique_slug("acme"), actor="test")
         await create_agent(db, tenant, name="Ava", role="Support", persona="Warm and brief.", model=None, actor="test")
-        site = Site(tty_worker.config, settings, db, tenant, [])
-        yield site
+        yield Site(tty_worker.config, settings, db, tenant, opened)
     finally:
-        for terminal in site.opened:
+        for terminal in opened:
             terminal.close()
         await db.dispose()
 
