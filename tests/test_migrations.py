@@ -33,3 +33,55 @@ def test_key_hints_stored_before_one_format_are_carried_over(database_url: str) 
         engine.dispose()
     assert forced is True  # the migration puts FORCE ROW LEVEL SECURITY back
     assert hints == {"openai": "…abcd", "anthropic": "…", "mistral": "…wxyz"}
+
+
+def test_replies_stored_before_message_kinds_get_theirs(database_url: str) -> None:
+    """0012: the fixed replies (billing, budget, hand-over, gave-up) and the apologies of failed model calls become
+    notices; what the person and the model said stays a message."""
+    engine = create_engine(make_url(database_url).set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT")
+    tenant, agent, conversation = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    # (inbox row's status, the reply's model, the reply's status) -> the kind it must get
+    replies = {
+        ("replied", "openai/gpt-4o", "sent"): "message",
+        ("failed", "openai/gpt-4o", "sent"): "notice",  # the apology for a failed model call
+        ("failed", "openai/gpt-4o", "failed"): "message",  # an answer whose delivery failed (never in the history)
+        ("replied", "billing", "sent"): "notice",
+        ("replied", "budget", "sent"): "notice",
+        ("replied", "escalation", "sent"): "notice",
+        ("failed", "gave-up", "sent"): "notice",
+    }
+    try:
+        with engine.connect() as conn:
+            command.downgrade(migrate._alembic_config(conn), "0011")
+            conn.execute(text("INSERT INTO tenants (id, slug, name) VALUES (:t, 'acme', 'Acme')"), {"t": tenant})
+            conn.execute(
+                text("INSERT INTO agents (id, tenant_id, name, role, persona) VALUES (:a, :t, 'Ava', 'r', 'p')"), {"a": agent, "t": tenant}
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO conversations (id, tenant_id, agent_id, channel, external_id, person) VALUES (:c, :t, :a, 'terminal', 'k', 'pat')"
+                ),
+                {"c": conversation, "t": tenant, "a": agent},
+            )
+            for n, (inbox_status, model, status) in enumerate(replies):
+                inbound = uuid.uuid4()
+                conn.execute(
+                    text("INSERT INTO inbound_messages (id, tenant_id, conversation_id, channel, external_id, sender, text, status) "
+                         "VALUES (:i, :t, :c, 'terminal', :e, 'pat', 'hi', :s)"),
+                    {"i": inbound, "t": tenant, "c": conversation, "e": f"m{n}", "s": inbox_status},
+                )  # fmt: skip
+                for direction, author, message_status, message_model in (("in", "pat", "received", None), ("out", "Ava", status, model)):
+                    conn.execute(
+                        text("INSERT INTO messages (tenant_id, conversation_id, inbound_id, direction, author, text, status, model) "
+                             "VALUES (:t, :c, :i, :d, :a, :x, :s, :m)"),
+                        {"t": tenant, "c": conversation, "i": inbound, "d": direction, "a": author, "x": f"{n}:{direction}",
+                         "s": message_status, "m": message_model},
+                    )  # fmt: skip
+            command.upgrade(migrate._alembic_config(conn), "head")
+            kinds: dict[str, str] = dict(conn.execute(text("SELECT text, kind FROM messages")).tuples().all())
+    finally:
+        engine.dispose()
+    assert kinds == {
+        **{f"{n}:in": "message" for n in range(len(replies))},
+        **{f"{n}:out": kind for n, kind in enumerate(replies.values())},
+    }

@@ -66,6 +66,10 @@ def split_history(newest_first: Sequence[Any], max_messages: int, max_tokens: in
     return window[::-1], list(newest_first[len(window) :])[::-1]
 
 
+# Kinds of history rows (messages.kind): what someone said, or a fixed text sent in the agent's place, which
+# people see but the model is never shown as its own words.
+MESSAGE, NOTICE = "message", "notice"
+
 NO_VISION = "(The person sent an image, but this model cannot see images: say so if it matters.)"
 
 
@@ -132,6 +136,7 @@ class Answer:
     latency_ms: int | None
     status: str = "replied"
     error: str | None = None
+    kind: str = MESSAGE  # NOTICE when a fixed text stands in for the model's answer
 
 
 Gate = Callable[["Pipeline", Turn], Awaitable[Outcome | None]]
@@ -234,7 +239,7 @@ class Pipeline:
         else:
             model, messages = await self.compose(turn)
             answer = await self.answer(turn, model, messages)
-            stored = await self.store(turn, answer.text, answer.model, answer.latency_ms)
+            stored = await self.store(turn, answer.text, answer.model, answer.latency_ms, kind=answer.kind)
             if stored is None:
                 return None  # someone else stored the reply first (unique per inbound message)
             reply_id = stored
@@ -271,6 +276,7 @@ class Pipeline:
                     Message.conversation_id == inbound.conversation_id,
                     Message.created_at <= inbound.received_at,
                     Message.status != "failed",
+                    Message.kind == MESSAGE,  # an apology or a notice is not the agent's own words
                     *since,
                 )
                 .order_by(Message.created_at.desc(), Message.direction.desc())
@@ -297,7 +303,7 @@ class Pipeline:
             return outcome.status
         if outcome.prepare:
             await self.prepare(turn)
-        reply_id = await self.store(turn, outcome.reply, outcome.model, None)
+        reply_id = await self.store(turn, outcome.reply, outcome.model, None, kind=NOTICE)  # a gate's fixed reply
         if reply_id is None:
             return None
         return await self.deliver(turn, reply_id, outcome.reply, outcome.status, outcome.error)
@@ -346,10 +352,10 @@ class Pipeline:
             result = await ToolRun(self, turn).answer(model, messages)
         except BudgetExhausted as exc:
             # The operator has been told (once a month); the person hears the agent is unavailable.
-            return Answer(self.settings.budget.unavailable, "budget", None, error=f"budget: {exc}")
+            return Answer(self.settings.budget.unavailable, "budget", None, error=f"budget: {exc}", kind=NOTICE)
         except LLMError as exc:
             log.warning("message %s: the model failed: %s", turn.inbound_id, exc)
-            return Answer(self.settings.agent.apology, model, None, status="failed", error=str(exc))
+            return Answer(self.settings.agent.apology, model, None, status="failed", error=str(exc), kind=NOTICE)
         return Answer(result.text, result.model, result.latency_ms)
 
     async def summarise(self, turn: Turn, model: str, older: list[Any]) -> str | None:
@@ -379,8 +385,9 @@ class Pipeline:
         return await escalation.escalate(self.db, tenant_id=turn.tenant_id, conversation_id=turn.conversation_id, reason=reason,
                                          actor=f"agent:{turn.agent.name}", link=turn.link, channels=self.channels)  # fmt: skip
 
-    async def store(self, turn: Turn, text: str, model: str, latency_ms: int | None) -> uuid.UUID | None:
-        """Keep the reply before sending it (unique per inbound message: None when another attempt stored one)."""
+    async def store(self, turn: Turn, text: str, model: str, latency_ms: int | None, *, kind: str) -> uuid.UUID | None:
+        """Keep the reply before sending it (unique per inbound message: None when another attempt stored one).
+        kind: MESSAGE for the model's answer, NOTICE for a fixed text in its place (left out of later prompts)."""
         async with self.db.tenant(tenant_id=turn.tenant_id) as session:
             return await session.scalar(
                 pg_insert(Message)
@@ -392,6 +399,7 @@ class Pipeline:
                     author=turn.agent.name,
                     text=text,
                     status="sending",
+                    kind=kind,
                     model=model,
                     latency_ms=latency_ms,
                 )

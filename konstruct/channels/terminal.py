@@ -7,9 +7,11 @@ Its transport is the database itself: the reply row committed by the pipeline is
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -17,13 +19,67 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from konstruct import inbox
 from konstruct.db.engine import Database
+from konstruct.db.models import Conversation, Message
 from konstruct.db.models import InboundMessage as InboxRow
-from konstruct.db.models import Message
-from konstruct.errors import ConflictError, WorkerUnavailableError
+from konstruct.errors import ConflictError, ValidationError, WorkerUnavailableError
 from konstruct.messaging import ChannelError, InboundMessage, Reply, Target, mark_sent
 from konstruct.tenancy.tenants import TenantInfo
 
 FINAL = ("replied", "failed", "ignored")
+
+# What a terminal sends besides text: CSI (arrow keys, "\x1b[D"), OSC (titles, "\x1b]0;…\x07"), SS3 (F1, "\x1bOP"),
+# other two-byte escapes, a lone ESC, and C0/C1 control characters except tab and newline.
+_ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC, ended by BEL or ST
+    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"  # DCS, SOS, PM, APC strings
+    r"|\x1bO."  # SS3
+    r"|\x1b[ -~]?"  # any other escape, or a lone ESC
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+)
+
+
+def clean_input(text: str) -> str:
+    """What a person typed, without the escape sequences and control characters a terminal may have put in it
+    (an arrow key pressed where there is no line editing arrives as "\x1b[D"): text only, tabs and newlines kept."""
+    return _ESCAPES.sub("", text).strip()
+
+
+@dataclass(frozen=True)
+class PastTurn:
+    """One row of a conversation as the person saw it: what they said ('in') or what they were told ('out')."""
+
+    direction: str
+    text: str
+    at: datetime
+
+
+async def recent_turns(db: Database, tenant: TenantInfo, agent_id: uuid.UUID, conversation: str, *, exchanges: int) -> list[PastTurn]:
+    """The last `exchanges` messages of the person in this terminal conversation and what they were told, oldest
+    first (notices included: the person saw them). Empty for a conversation that has not started."""
+    async with db.tenant(tenant_id=tenant.id) as session:
+        ours = (
+            select(Conversation.id)
+            .where(Conversation.channel == "terminal", Conversation.external_id == conversation, Conversation.agent_id == agent_id)
+            .scalar_subquery()
+        )
+        since = await session.scalar(
+            select(Message.created_at)
+            .where(Message.conversation_id == ours, Message.direction == "in")
+            .order_by(Message.created_at.desc())
+            .offset(max(exchanges - 1, 0))
+            .limit(1)
+        )
+        if since is None and exchanges > 0:
+            since = await session.scalar(select(Message.created_at).where(Message.conversation_id == ours).order_by(Message.created_at))
+        if since is None:
+            return []
+        rows = await session.execute(
+            select(Message.direction, Message.text, Message.created_at)
+            .where(Message.conversation_id == ours, Message.created_at >= since, Message.status != "failed")
+            .order_by(Message.created_at, Message.direction)
+        )
+        return [PastTurn(r.direction, r.text, r.created_at) for r in rows]
 
 
 class TerminalChannel:
@@ -72,7 +128,10 @@ async def chat(
     timeout: float,
     worker_within: float,
 ) -> ChatResult:
-    """Send one message through the inbox and wait for the worker's answer."""
+    """Send one message through the inbox and wait for the worker's answer (escape sequences taken out of it)."""
+    text = clean_input(text)
+    if not text:
+        raise ValidationError("the message is empty: type some text")
     if tenant.status != "active":
         raise ConflictError(
             f"tenant {tenant.slug!r} is {tenant.status}: its agents do not answer (`konstruct tenant resume {tenant.slug}`)"

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import os
+import signal
+import sys
+import threading
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import typer
+from rich.markup import escape
 
 from konstruct.agent.agents import AgentInfo, get_agent
-from konstruct.channels.terminal import ChatResult, chat
+from konstruct.channels.terminal import ChatResult, chat, clean_input, recent_turns
 from konstruct.cli.common import TenantOption, err, out, print_json, settings, tenant_for, with_database
 from konstruct.config import Settings
 from konstruct.db.engine import Database
@@ -21,6 +28,10 @@ from konstruct.errors import KonstructError
 from konstruct.inbox import Doorbell
 from konstruct.tenancy.tenants import TenantInfo
 from konstruct.worker.queue import make_queue
+
+HISTORY_FILE = "chat_history"  # in the data directory: the lines typed at `konstruct chat`, 0600
+HISTORY_LINES = 1000
+SHOWN_EXCHANGES = 5  # of a conversation being continued
 
 
 def register(app: typer.Typer) -> None:
@@ -40,7 +51,12 @@ def chat_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (with --message)."),
     as_person: str | None = typer.Option(None, "--person", help="Who you speak as (default: your login name)."),
 ) -> None:
-    """Chat with an agent. Needs a running worker (`konstruct up` or `konstruct worker`)."""
+    """Chat with an agent. Needs a running worker (`konstruct up` or `konstruct worker`).
+
+    Interactive on a terminal: arrow keys edit the line, up/down recall earlier lines (kept in chat_history in the
+    data directory), and continuing a conversation shows its last exchanges first. Ctrl-D leaves (exit code 0);
+    Ctrl-C leaves at once, at the prompt or while the agent thinks (exit code 130, as for any interrupted command).
+    """
     cfg = settings(ctx)
     person = as_person or _local_user()
     key = conversation or (new_conversation(person) if new else f"cli:{person}")
@@ -51,8 +67,7 @@ def chat_command(
                 result = await line.send(message, message_id)
                 print_result(line.agent.name, result, as_json, plain=True)
                 return 0 if result.status == "replied" else 1
-            await _talk(line)
-            return 0
+            return await _talk(line, cfg.data_dir / HISTORY_FILE, resume=not new)
 
     raise typer.Exit(with_database(ctx, session))
 
@@ -96,20 +111,89 @@ async def open_line(
         queue.close()
 
 
-async def _talk(line: Line) -> None:
-    out.print(f"[dim]Chatting with {line.agent.name} ({line.agent.role}, {line.tenant.name}). Ctrl-D to leave.[/dim]")
-    while True:
-        try:
-            text = await asyncio.to_thread(input, "you> ")
-        except EOFError:
-            out.print()
-            return
-        if not text.strip():
-            continue
-        try:
-            print_result(line.agent.name, await line.send(text), False, plain=False)
-        except KonstructError as exc:  # the conversation goes on: one failed message is said, not fatal
-            err.print(f"[red]Error:[/red] {exc}")
+async def _talk(line: Line, history: Path | None, *, resume: bool) -> int:
+    """The interactive conversation: 0 when left with Ctrl-D, 130 when left with Ctrl-C (at the prompt or while
+    waiting for an answer, which then stays queued and is answered all the same)."""
+    terminal = sys.stdin.isatty() and out.is_terminal
+    out.print(f"[dim]Chatting with {escape(line.agent.name)} ({escape(line.agent.role)}, {escape(line.tenant.name)}). "
+              "Ctrl-D or Ctrl-C to leave.[/dim]")  # fmt: skip
+    if resume:
+        await _show_earlier(line)
+    with line_editing(history if sys.stdin.isatty() else None):
+        while True:
+            text = _read_line("you> ")
+            if isinstance(text, int):
+                out.print()
+                return text
+            if not clean_input(text):
+                continue
+            try:
+                with out.status(f"{escape(line.agent.name)} is thinking…") if terminal else nullcontext():
+                    result = await line.send(text)
+            except asyncio.CancelledError:  # Ctrl-C while waiting: asyncio cancels the task that runs the command
+                err.print("[yellow]Stopped waiting:[/yellow] the message stays queued and is answered; you see it when you come back.")
+                return 130
+            except KonstructError as exc:  # the conversation goes on: one failed message is said, not fatal
+                err.print(f"[red]Error:[/red] {escape(str(exc))}")
+                continue
+            print_result(line.agent.name, result, False, plain=False)
+
+
+def _read_line(prompt: str) -> str | int:
+    """One line from the person, or the exit code to leave with: 0 for Ctrl-D, 130 for Ctrl-C.
+
+    The prompt blocks the event loop on purpose: nothing else runs on it between turns, and only so does Ctrl-C
+    interrupt at once (asyncio's own handler would cancel a task that cannot run before the next Enter)."""
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler) if on_main else None
+    try:
+        return input(prompt)
+    except EOFError:
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if on_main:
+            signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+
+
+async def _show_earlier(line: Line) -> None:
+    """The last exchanges of the conversation being continued, dimmed, so the person knows where they left off."""
+    turns = await recent_turns(line.db, line.tenant, line.agent.id, line.conversation, exchanges=SHOWN_EXCHANGES)
+    if not turns:
+        return
+    out.print(f"[dim]Earlier in this conversation (the last {SHOWN_EXCHANGES} exchanges at most; --new for a fresh one):[/dim]")
+    for turn in turns:
+        who = "you" if turn.direction == "in" else line.agent.name
+        out.print(f"[dim]{escape(who)}> {escape(turn.text)}[/dim]")
+
+
+@contextmanager
+def line_editing(history: Path | None) -> Iterator[None]:
+    """Line editing (arrow keys, Ctrl-A/E, …) and history (up/down) for input() on a terminal, with the lines kept
+    in a 0600 file between sessions. None: no terminal, input() reads plain lines."""
+    if history is None:
+        yield
+        return
+    import readline  # only for a terminal: importing it changes how input() reads
+
+    readline.set_history_length(HISTORY_LINES)
+    with suppress(OSError):
+        readline.read_history_file(history)
+    try:
+        yield
+    finally:
+        _save_history(readline, history)
+
+
+def _save_history(readline: Any, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # created private, before any line is in it
+        os.chmod(path, 0o600)
+        readline.write_history_file(path)
+    except OSError as exc:  # the conversation happened; only its input history is not kept
+        err.print(f"[yellow]Could not keep the chat history in {path}:[/yellow] {exc.strerror}")
 
 
 def print_result(agent: str, result: ChatResult, as_json: bool, *, plain: bool) -> None:
@@ -126,14 +210,14 @@ def print_result(agent: str, result: ChatResult, as_json: bool, *, plain: bool) 
         )
         return
     if result.status == "ignored":
-        err.print(f"[yellow]{agent} did not answer:[/yellow] {result.error}")
+        err.print(f"[yellow]{escape(agent)} did not answer:[/yellow] {escape(result.error or '')}")
         return
     if plain:  # one-shot mode: just the reply on stdout, for scripts
         typer.echo(result.reply)
     else:
-        out.print(f"[bold]{agent}>[/bold] {result.reply}")
+        out.print(f"[bold]{escape(agent)}>[/bold] {escape(result.reply or '')}")
     if result.status == "failed":
-        err.print(f"[red]The agent could not answer:[/red] {result.error}")
+        err.print(f"[red]The agent could not answer:[/red] {escape(result.error or '')}")
 
 
 def _local_user() -> str:

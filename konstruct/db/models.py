@@ -120,6 +120,9 @@ class Message(Base):
     author: Mapped[str] = mapped_column(Text)
     text: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(Text)
+    # message: what the person or the model said; notice: a fixed text sent in the agent's place (an apology,
+    # "paused", a hand-over), shown to people but never given back to the model as the agent's words.
+    kind: Mapped[str] = mapped_column(Text, server_default=sql_text("'message'"))
     external_id: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     model: Mapped[str | None] = mapped_column(Text)
