@@ -28,6 +28,7 @@ from konstruct.llm import budget
 from konstruct.llm.client import Completion, LLMError, ToolCall, load_litellm
 from konstruct.llm.keys import TenantKey, check_api_base, tenant_keys
 from konstruct.mail import Notice
+from konstruct.money import usd
 
 log = logging.getLogger("konstruct.llm")
 
@@ -254,7 +255,7 @@ class LLMService:
             cheaper = limit.downgrade_model or self.settings.budget.downgrade_model
             if cheaper:
                 return [cheaper], None
-        raise BudgetExhausted(f"the monthly budget of ${limit.monthly_usd} is used up")
+        raise BudgetExhausted(f"the monthly budget of {usd(limit.monthly_usd)} is used up")
 
     def _completion(self, response: Any, model: str, started: float) -> Completion:
         choice = response.choices[0]
@@ -320,7 +321,7 @@ class LLMService:
                 await self._send(
                     Notice(
                         ctx.tenant_id, "budget.alert", f"LLM budget: {percent}% used this month",
-                        f"Your organisation has used {percent}% of its monthly LLM budget of ${limit.monthly_usd}.\n"
+                        f"Your organisation has used {percent}% of its monthly LLM budget of {usd(limit.monthly_usd)}.\n"
                         + ("When it is used up, the agents stop answering until next month or until the budget is raised.\n"
                            if limit.action == "block" else "When it is used up, the agents switch to a cheaper model.\n"),
                     )
@@ -335,7 +336,7 @@ class LLMService:
         await self._send(
             Notice(
                 tenant_id, "budget.exhausted", "LLM budget used up",
-                f"Your organisation's monthly LLM budget of ${limit.monthly_usd} is used up. {what} until next month, "
+                f"Your organisation's monthly LLM budget of {usd(limit.monthly_usd)} is used up. {what} until next month, "
                 "or until the budget is raised (`konstruct budget set`).\n",
             )
         )  # fmt: skip
