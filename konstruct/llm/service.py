@@ -23,7 +23,7 @@ from konstruct import audit
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import LLMUsage
-from konstruct.errors import ValidationError
+from konstruct.errors import ConfigError, ValidationError
 from konstruct.llm import budget
 from konstruct.llm.client import Completion, LLMError, ToolCall, load_litellm
 from konstruct.llm.keys import TenantKey, check_api_base, tenant_keys
@@ -75,7 +75,10 @@ def deployments(settings: Settings, keys: dict[str, TenantKey], models: list[str
             out.append(Deployment(model, provider, own.key, own.api_base or settings.llm.api_base, "tenant"))
             continue
         platform = settings.llm.provider_keys.get(provider) or settings.llm.api_key
-        key = platform.get_secret_value() if platform is not None else None  # None: litellm reads e.g. OPENAI_API_KEY
+        try:
+            key = platform.get_secret_value() if platform is not None else None  # None: litellm reads e.g. OPENAI_API_KEY
+        except ConfigError as exc:  # a reference that cannot be read: this call fails, saying which variable
+            raise LLMError(f"no platform key for {model}: {exc}") from None
         out.append(Deployment(model, provider, key or None, settings.llm.api_base, "platform"))
     return out
 
