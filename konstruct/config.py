@@ -1,28 +1,98 @@
 """One Settings object: konstruct.toml, overridden by KONSTRUCT_* environment variables.
 
-Only this module reads the environment. Secret values in the file may be references,
-``{"$env" = "NAME"}`` or ``{"$file" = "path"}``, resolved when the settings are loaded.
+Only this module reads the environment. Values in the file may be references, ``{"$env" = "NAME"}`` or
+``{"$file" = "path"}``. A secret setting's reference is read each time the secret is used, so a command that never
+needs it runs without it; any other setting's reference is read when the settings are loaded.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import json
+import math
 import os
+import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from konstruct.errors import ConfigError
 
 CONFIG_FILENAME = "konstruct.toml"
+ENV_PREFIX = "KONSTRUCT_"
 CONFIG_ENV = "KONSTRUCT_CONFIG"
 DATABASE_URL_ENV = "KONSTRUCT_DATABASE__URL"  # `up` hands its children the embedded server's URL through it
 SECRET_KEY_ENV = "KONSTRUCT_SECRET_KEY"
+
+
+class SecretReference(SecretStr):
+    """A secret setting written as {"$env" = "NAME"} or {"$file" = "path"}: read each time it is used, so only
+    what needs the secret fails when it cannot be read, with one line naming the setting and the variable or file."""
+
+    def __init__(self, kind: str, target: str, *, setting: str, base: Path) -> None:
+        super().__init__("")
+        self.kind, self.target, self.setting, self.base = kind, target, setting, base
+
+    def get_secret_value(self) -> str:
+        if self.kind == "$env":
+            value = os.environ.get(self.target)
+            if value is None:
+                raise ConfigError(
+                    f"{self.setting}: environment variable {self.target} is not set; "
+                    "export it in this shell and in the one that runs `konstruct up`, or change the setting"
+                )
+            return value
+        try:
+            return self.path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{self.setting}: cannot read {self.path}: {exc.strerror}") from None
+
+    @property
+    def path(self) -> Path:
+        """The file a $file reference names, relative to the config file's folder."""
+        file = Path(self.target).expanduser()
+        return file if file.is_absolute() else self.base / file
+
+    @property
+    def available(self) -> bool:
+        """Whether the variable is set or the file readable (without reading the value anywhere it shows)."""
+        return self.target in os.environ if self.kind == "$env" else os.access(self.path, os.R_OK) and self.path.is_file()
+
+    def shown(self) -> dict[str, str]:
+        """The reference as config show prints it: where the value comes from and whether it is there."""
+        return {self.kind: self.target, "status": "set" if self.available else "missing"}
+
+    def __bool__(self) -> bool:
+        return True  # a reference is a given setting, even before its value can be read
+
+    def __len__(self) -> int:
+        return len(self.get_secret_value())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretReference) and (self.kind, self.target, self.path) == (other.kind, other.target, other.path)
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.target))
+
+    def _display(self) -> str:
+        return f'{{"{self.kind}" = "{self.target}"}}'
+
+
+def secret_given(secret: SecretStr | None) -> bool:
+    """Whether a secret setting is set: a reference counts without being read (using it says what is missing),
+    a literal when it is not empty."""
+    if secret is None:
+        return False
+    if isinstance(secret, SecretReference) and not secret.available:
+        return True
+    return bool(secret.get_secret_value())
 
 
 class _Section(BaseModel):
@@ -57,7 +127,9 @@ class QueueSettings(_Section):
 class GatewaySettings(_Section):
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8080, ge=1, le=65535, description="Port the gateway listens on.")
-    public_url: str = Field("http://127.0.0.1:8080", description="URL at which Slack, Meta and people reach the gateway.")
+    public_url: str = Field(
+        "", description="URL at which Slack, Meta and people reach the gateway. Empty: http://HOST:PORT from host and port above."
+    )
     workers: int = Field(1, ge=1, le=64, description="Gateway processes sharing the port (each one event loop).")
     max_header_bytes: int = Field(
         65536, ge=4096, le=1_048_576, description="Largest request line plus headers accepted (bigger: 431, connection closed)."
@@ -75,6 +147,23 @@ class GatewaySettings(_Section):
         le=3600,
         description="Seconds a gateway trusts a cached connection look-up (team or number → tenant, app secrets): how soon it sees a disconnect.",
     )
+
+    @model_validator(mode="after")
+    def _public_url_follows_the_address(self) -> GatewaySettings:
+        # Unless set, links point at the address the gateway really listens on (a changed port included).
+        if not self.public_url.strip():
+            self.public_url = f"http://{_link_host(self.host)}:{self.port}"
+        return self
+
+
+def _link_host(host: str) -> str:
+    """The host part of a link to a server listening on host: a wildcard address becomes loopback."""
+    host = host.strip().strip("[]") or "127.0.0.1"
+    if host in ("0.0.0.0", "*"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 class LLMSettings(_Section):
@@ -217,7 +306,7 @@ class BillingSettings(_Section):
 
     @property
     def enabled(self) -> bool:
-        return self.stripe_api_key is not None and bool(self.stripe_api_key.get_secret_value())
+        return secret_given(self.stripe_api_key)
 
     def plan(self, name: str) -> Plan | None:
         return next((plan for plan in self.plans if plan.name == name), None)
@@ -278,7 +367,7 @@ class UpSettings(_Section):
 class Settings(BaseSettings):
     """The effective configuration of one Konstruct installation."""
 
-    model_config = SettingsConfigDict(env_prefix="KONSTRUCT_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
     data: DataSettings = DataSettings()
     database: DatabaseSettings = DatabaseSettings()
@@ -329,36 +418,63 @@ class Settings(BaseSettings):
 
     @property
     def embedded_database(self) -> bool:
-        return self.database.url is None or not self.database.url.get_secret_value()
+        return not secret_given(self.database.url)
 
     def masked(self) -> dict[str, Any]:
-        """The settings as a dict, with every secret shown only by its last four characters."""
+        """The settings as a dict: a secret shown only by its last four characters, a reference as the reference
+        and whether it can be read (never its value), a URL without its password."""
         out: dict[str, Any] = {"config_path": str(self.config_path) if self.config_path else None}
         for name in type(self).model_fields:
             if name == "config_path":
                 continue
             section = getattr(self, name)
             if not isinstance(section, BaseModel):
-                out[name] = _masked(section.get_secret_value()) if isinstance(section, SecretStr) else section
+                out[name] = _shown(section, name)
                 continue
-            values: dict[str, Any] = {}
-            for key in type(section).model_fields:
-                value = getattr(section, key)
-                if isinstance(value, dict):
-                    value = {k: _masked(v.get_secret_value()) if isinstance(v, SecretStr) else v for k, v in value.items()}
-                elif isinstance(value, list):
-                    value = [item.model_dump() if isinstance(item, BaseModel) else item for item in value]
-                elif isinstance(value, SecretStr):
-                    raw = value.get_secret_value()
-                    value = mask_url(raw) if key == "url" else _masked(raw)
-                elif isinstance(value, str) and key == "url":
-                    value = mask_url(value)
-                elif isinstance(value, Path):
-                    value = str(value)
-                values[key] = value
-            out[name] = values
+            out[name] = {key: _shown(getattr(section, key), key) for key in type(section).model_fields}
         out["data"]["resolved_dir"] = str(self.data_dir)
         return out
+
+    def unreadable_references(self) -> list[str]:
+        """What is wrong with each secret reference that cannot be read now (for `up` and doctor to say at once)."""
+        problems = []
+        for reference in self._references():
+            try:
+                reference.get_secret_value()
+            except ConfigError as exc:
+                problems.append(str(exc))
+        return problems
+
+    def _references(self) -> list[SecretReference]:
+        found: list[SecretReference] = []
+        for name in type(self).model_fields:
+            section = getattr(self, name)
+            values = [getattr(section, key) for key in type(section).model_fields] if isinstance(section, BaseModel) else [section]
+            for value in values:
+                found += [v for v in (value.values() if isinstance(value, dict) else [value]) if isinstance(v, SecretReference)]
+        return found
+
+    def masked_toml(self) -> str:
+        """masked() as TOML (what `config show` prints)."""
+        return render_effective(self.masked())
+
+
+def _shown(value: Any, key: str) -> Any:
+    """One setting's value as config show prints it."""
+    if isinstance(value, SecretReference):
+        return value.shown()
+    if isinstance(value, SecretStr):
+        raw = value.get_secret_value()
+        return mask_url(raw) if key == "url" else _masked(raw)
+    if isinstance(value, dict):
+        return {k: _shown(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [item.model_dump() if isinstance(item, BaseModel) else item for item in value]
+    if isinstance(value, str) and key == "url":
+        return mask_url(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def hint(secret: str) -> str:
@@ -412,6 +528,7 @@ def load_settings(path: str | Path | None = None, *, require_file: bool = True) 
         except OSError as exc:
             raise ConfigError(f"cannot read {config_path}: {exc.strerror}") from None
         raw = _resolve_references(raw, config_path.parent, ())
+    _check_environment_sections()
     try:
         return Settings(**raw, config_path=config_path)
     except pydantic.ValidationError as exc:
@@ -419,37 +536,116 @@ def load_settings(path: str | Path | None = None, *, require_file: bool = True) 
 
 
 def _resolve_references(value: Any, base: Path, where: tuple[str, ...]) -> Any:
+    """References in secret settings become SecretReference (read when used); any other is read now."""
     if isinstance(value, dict):
-        if set(value) == {"$env"}:
-            name = value["$env"]
-            if name not in os.environ:
-                raise ConfigError(f"{'.'.join(where)}: environment variable {name} is not set: export it, or change the setting")
-            return os.environ[name]
-        if set(value) == {"$file"}:
-            file = Path(str(value["$file"])).expanduser()
-            file = file if file.is_absolute() else base / file
-            try:
-                return file.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"{'.'.join(where)}: cannot read {file}: {exc.strerror}") from None
+        if set(value) in ({"$env"}, {"$file"}):
+            ((kind, target),) = value.items()
+            reference = SecretReference(kind, str(target), setting=".".join(where), base=base)
+            return reference if _is_secret_setting(where) else reference.get_secret_value()
         if any(key.startswith("$") for key in value):
             raise ConfigError(f'{".".join(where)}: a reference is written {{"$env" = "NAME"}} or {{"$file" = "path"}}')
         return {key: _resolve_references(item, base, (*where, key)) for key, item in value.items()}
     return value
 
 
+def _is_secret_setting(where: tuple[str, ...]) -> bool:
+    """Whether the setting at this path holds a secret (SecretStr), e.g. llm.api_key or llm.provider_keys.anthropic."""
+    annotation: Any = Settings
+    for key in where:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(key)
+            if field is None:
+                return False
+            annotation = field.annotation
+        elif typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+        else:
+            return False
+    return annotation is SecretStr or SecretStr in typing.get_args(annotation)
+
+
 def _describe_validation_error(exc: pydantic.ValidationError, path: Path | None) -> str:
+    """The first error as one line, blaming the environment variable or the file the value came from."""
     errors = exc.errors()
-    first = errors[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown setting (see examples/konstruct.toml for the valid ones)"
-    elif "input" in first and not isinstance(first["input"], dict) and "secret" not in key and "key" not in key:
-        message += f" (got {first['input']!r})"
-    where = f"{path}: " if path else ""
+    # A mistyped key also makes the key meant "missing": the typo is the one to tell.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = tuple(str(part) for part in first["loc"])
+    key = ".".join(loc) or "(top level)"
+    variable = _environment_variable_for(loc)
+    where = f"environment variable {variable}: " if variable else (f"{path}: " if path else "")
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        return f"{where}{_unknown_setting(loc, environment=variable is not None)}{more}"
+    message = first["msg"]
+    if "input" in first and not isinstance(first["input"], dict) and "secret" not in key and "key" not in key:
+        message += f" (got {first['input']!r})"
     return f"{where}{key}: {message}{more}"
+
+
+def _unknown_setting(loc: tuple[str, ...], *, environment: bool) -> str:
+    """ "unknown setting gateway.prot — did you mean gateway.port?", in the spelling of where it came from."""
+    known = _known_keys(loc[:-1])
+    match = did_you_mean(loc[-1], known) if known else None
+    name = ".".join(loc)
+    if environment:
+        name = env_name(loc)
+        suggestion = env_name((*loc[:-1], match)) if match else None
+    else:
+        suggestion = ".".join((*loc[:-1], match)) if match else None
+    if suggestion:
+        return f"unknown setting {name} — did you mean {suggestion}?"
+    return f"unknown setting {name} (see examples/konstruct.toml for the valid ones)"
+
+
+def did_you_mean(word: str, choices: typing.Iterable[str]) -> str | None:
+    """The choice closest to a mistyped word (case aside), if one is close enough to be what was meant."""
+    by_folded = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(word.lower(), list(by_folded), n=1, cutoff=0.6)
+    if not close:
+        folded = word.lower()
+        close = [c for c in by_folded if min(len(c), len(folded)) >= 3 and (c.startswith(folded) or folded.startswith(c))][:1]
+    return by_folded[close[0]] if close else None
+
+
+def env_name(loc: tuple[str, ...]) -> str:
+    """The environment variable that sets the setting at loc: gateway.port is KONSTRUCT_GATEWAY__PORT."""
+    return ENV_PREFIX + "__".join(loc).upper()
+
+
+def _known_keys(parent: tuple[str, ...]) -> list[str]:
+    """The setting names valid under parent (the sections at the top)."""
+    model: Any = Settings
+    for key in parent:
+        if key.isdigit() and typing.get_origin(model) is list:
+            model = typing.get_args(model)[0]
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or key not in model.model_fields:
+            return []
+        model = model.model_fields[key].annotation
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return [name for name in model.model_fields if name != "config_path"]
+    return []
+
+
+def _environment_variable_for(loc: tuple[str, ...]) -> str | None:
+    """The KONSTRUCT_… variable in the environment that gave the setting at loc, if one did (names are case-blind)."""
+    wanted = env_name(loc)
+    return next((name for name in os.environ if name.upper() == wanted), None)
+
+
+def _check_environment_sections() -> None:
+    """A KONSTRUCT_SECTION__KEY variable whose section does not exist is a typo, not silently nothing."""
+    sections = [name for name, field in Settings.model_fields.items() if name != "config_path"]
+    for name in os.environ:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or "__" not in upper:
+            continue
+        section, _, rest = upper[len(ENV_PREFIX) :].partition("__")
+        if section.lower() in sections:
+            continue
+        match = did_you_mean(section, sections)
+        hint_text = f" — did you mean {ENV_PREFIX}{match.upper()}__{rest}?" if match else f" (the sections are {', '.join(sections)})"
+        raise ConfigError(f"environment variable {name}: unknown setting {section.lower()}.{rest.lower()}{hint_text}")
 
 
 def secret_key_in_environment() -> bool:
@@ -457,18 +653,62 @@ def secret_key_in_environment() -> bool:
     return bool(os.environ.get(SECRET_KEY_ENV, "").strip())
 
 
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    # JSON's escapes are TOML's (\\, \", \n, \uXXXX…); TOML also wants DEL escaped.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _toml_value(value: Any) -> str:
+    """One value in TOML (None has no TOML spelling: in a table or list it is left out)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, Path):
-        value = str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return ("inf" if value > 0 else "-inf") if math.isinf(value) else "nan" if math.isnan(value) else repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value if item is not None) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f'"{k}" = {_toml_value(v)}' for k, v in value.items()) + " }"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        items = [f'"{k}" = {_toml_value(v)}' for k, v in value.items() if v is not None]
+        return "{ " + ", ".join(items) + " }" if items else "{}"
+    return _toml_string(str(value))
+
+
+def _toml_setting(key: str, value: Any) -> str:
+    """One line of config show: a reference with whether it is there, an unset setting as a comment."""
+    if value is None:
+        return f"# {key} =   (not set)"
+    if isinstance(value, dict) and "status" in value and len(value) == 2 and ({"$env", "$file"} & set(value)):
+        ((kind, target),) = [(k, v) for k, v in value.items() if k != "status"]
+        return f"{_toml_key(key)} = {_toml_value({kind: target})}  # {value['status']}"
+    return f"{_toml_key(key)} = {_toml_value(value)}"
+
+
+def render_effective(shown: dict[str, Any]) -> str:
+    """The masked settings (Settings.masked()) as TOML that tomllib reads back: top-level values first, then
+    one table per section, declared tenants last."""
+    shown = dict(shown)
+    lines = [f"# effective configuration from {shown.pop('config_path') or '(no file: defaults and environment)'}"]
+    tenants = shown.pop("tenants", [])
+    sections = {name: values for name, values in shown.items() if isinstance(values, dict)}
+    lines += [_toml_setting(name, value) for name, value in shown.items() if name not in sections]
+    for name, values in sections.items():
+        values = dict(values)
+        resolved = values.pop("resolved_dir", None)
+        lines += ["", f"[{_toml_key(name)}]"]
+        lines += [_toml_setting(key, value) for key, value in values.items()]
+        if resolved is not None:
+            lines.append(f"# resolved: {resolved}")
+    for tenant in tenants:
+        lines += ["", "[[tenants]]", *(_toml_setting(key, value) for key, value in tenant.items())]
+    return "\n".join(lines) + "\n"
 
 
 def render_config(values: dict[str, dict[str, Any]] | None = None) -> str:

@@ -195,7 +195,7 @@ async def test_concurrent_messages_against_a_nearly_spent_budget(site: Site) -> 
     blocked = [r for r in replies if r.text == settings.budget.unavailable]
     assert len(answered) == len(usage) and len(answered) + len(blocked) == 30 and blocked
     assert all(r.status == "replied" for r in rows)
-    assert {r.error for r in rows if r.error} == {f"budget: the monthly budget of ${Decimal('0.0500')} is used up"}
+    assert {r.error for r in rows if r.error} == {"budget: the monthly budget of $0.05 is used up"}
 
     events = await site.settled(alerts=4)  # three thresholds and "used up": nothing more may come after that
     mails = site.mails()

@@ -183,3 +183,143 @@ def test_up_stops_everything_on_sigterm(config_path: Path, settings: object, tmp
     assert up.stop(signal.SIGTERM) == 0
     log = up.log()
     assert "worker stopped" in log and "Finished server process" in log and log.rstrip().endswith("stopped")
+
+
+def test_a_missing_env_reference_stops_only_what_needs_it(database_url: str, fake_llm: object, tmp_path: Path) -> None:
+    """The variable behind llm.api_key (or the Stripe key) is missing: commands that never use it run; the one that
+    does says which setting and which variable, in one line."""
+    from tests.conftest import write_config
+
+    config = write_config(
+        tmp_path, database_url, fake_llm.url,  # type: ignore[attr-defined]
+        llm={"api_key": {"$env": "H_UNSET_LLM_KEY"}},
+        billing={"stripe_api_key": {"$env": "H_UNSET_STRIPE_KEY"}, "plans": [{"name": "pro", "price_id": "price_1"}]},
+    )  # fmt: skip
+    ok(cli("tenant", "create", "Acme Inc", config=config))
+    ok(cli("agent", "create", "-t", "acme-inc", "-n", "Ava", "-r", "Billing", "--persona", "You are Ava.", config=config))
+    assert json.loads(ok(cli("agent", "show", "Ava", "-t", "acme-inc", "--json", config=config)))["name"] == "Ava"
+    assert [t["slug"] for t in json.loads(ok(cli("tenant", "list", "--json", config=config)))] == ["acme-inc"]
+    shown = json.loads(ok(cli("config", "show", "--json", config=config)))
+    assert shown["llm"]["api_key"] == {"$env": "H_UNSET_LLM_KEY", "status": "missing"}
+    fails(
+        cli("billing", "checkout", "-t", "acme-inc", "--plan", "pro", config=config),
+        "billing.stripe_api_key: environment variable H_UNSET_STRIPE_KEY is not set; export it",
+    )
+    fails(konstruct("billing", "checkout", "-t", "acme-inc", "--plan", "pro", config=config), "H_UNSET_STRIPE_KEY is not set")  # a shell
+
+
+def test_database_url_reference_is_read_when_used(database_url: str, fake_llm: object, tmp_path: Path) -> None:
+    from tests.conftest import write_config
+
+    config = write_config(tmp_path, database_url, fake_llm.url, database={"url": {"$env": "H_DATABASE_URL"}})  # type: ignore[attr-defined]
+    assert "# missing" in ok(cli("config", "show", config=config))  # needs no database
+    fails(cli("tenant", "list", config=config), "database.url: environment variable H_DATABASE_URL is not set")
+    assert json.loads(ok(cli("tenant", "list", "--json", config=config, env=cli_env(H_DATABASE_URL=database_url)))) == []
+
+
+def test_config_show_prints_toml(database_url: str, fake_llm: object, tmp_path: Path) -> None:
+    import tomllib
+
+    from tests.conftest import write_config
+
+    config = write_config(tmp_path, database_url, fake_llm.url, gateway={"port": 9311, "public_url": ""})  # type: ignore[attr-defined]
+    text = ok(cli("config", "show", config=config, env=cli_env(KONSTRUCT_AGENT__WEB_FETCH_PRIVATE="true")))
+    back = tomllib.loads(text)
+    assert "web_fetch_private = true" in text and "tenant_api_base_private = false" in text and "False" not in text
+    assert back["gateway"]["public_url"] == "http://127.0.0.1:9311"  # follows the port
+    assert back["llm"]["api_key"] == "…0001" and "sk-test-key" not in text
+    assert back["database"]["url"].startswith("postgresql://") and "****" in back["database"]["url"]
+
+
+def test_a_mistyped_setting_gets_a_suggestion(tmp_path: Path) -> None:
+    bad = tmp_path / "konstruct.toml"
+    bad.write_text("[gateway]\nprot = 8080\n")
+    fails(cli("tenant", "list", config=bad), "unknown setting gateway.prot — did you mean gateway.port?")
+    bad.write_text("[gateway]\nport = 8080\n")
+    result = cli("tenant", "list", config=bad, env=cli_env(KONSTRUCT_GATEWAY__PROT="8081"))
+    fails(
+        result,
+        "environment variable KONSTRUCT_GATEWAY__PROT: unknown setting KONSTRUCT_GATEWAY__PROT — did you mean KONSTRUCT_GATEWAY__PORT?",
+    )
+    assert "konstruct.toml" not in result.stderr
+
+
+async def test_a_mistyped_tenant_or_agent_gets_a_suggestion_among_what_the_caller_sees(config_path: Path, db: Any) -> None:
+    from konstruct.tenancy.tenants import get_tenant
+    from konstruct.tenancy.users import add_member, create_user
+
+    ok(cli("tenant", "create", "Acme Inc", config=config_path))
+    ok(cli("tenant", "create", "Globex", config=config_path))
+    ok(cli("agent", "create", "-t", "acme-inc", "-n", "Ava", "-r", "Billing", "--persona", "You are Ava.", config=config_path))
+    fails(
+        cli("agent", "show", "Ava", "-t", "acme", config=config_path),
+        "no tenant 'acme' — did you mean 'acme-inc'? see `konstruct tenant list`",
+    )
+    fails(cli("tenant", "show", "initech", config=config_path), "no tenant 'initech': see `konstruct tenant list`")
+    fails(cli("agent", "show", "ava", "-t", "acme-inc", config=config_path), "has no agent 'ava' — did you mean 'Ava'? see")
+
+    # A customer of Globex only: never pointed at acme-inc, which they may not see; pointed at their own tenant.
+    globex = await get_tenant(db, "globex")
+    user = await create_user(db, email="gil@globex.test", name="Gil", password=None, platform_admin=False, actor="test")
+    async with db.tenant(tenant_id=globex.id) as session:
+        await add_member(session, globex.id, user, "customer_admin", actor="test")
+    outsider = cli("--as", "gil@globex.test", "agent", "list", "-t", "acme", config=config_path)
+    assert outsider.returncode == 3 and "has no role in tenant acme" in outsider.stderr and "acme-inc" not in outsider.stderr
+    near = cli("--as", "gil@globex.test", "agent", "list", "-t", "globx", config=config_path)
+    assert near.returncode == 3 and "has no role in tenant globx — did you mean 'globex'?" in near.stderr
+
+
+async def test_money_below_a_cent_and_usage_at_80_columns(config_path: Path, db: Any) -> None:
+    from decimal import Decimal
+
+    from konstruct.db.models import LLMUsage
+    from konstruct.llm import budget
+    from konstruct.tenancy.tenants import get_tenant
+
+    ok(cli("tenant", "create", "Acme Inc", config=config_path))
+    assert "$0.0005" in ok(cli("budget", "set", "-t", "acme-inc", "--usd", "0.0005", config=config_path))
+    model = "openai/a-very-long-fine-tuned-model-name-for-acme-billing-2026-11-30"
+    acme = await get_tenant(db, "acme-inc")
+    async with db.tenant(tenant_id=acme.id) as session:
+        session.add(LLMUsage(tenant_id=acme.id, model=model, prompt_tokens=1200, completion_tokens=300,
+                             cost_usd=Decimal("0.000585"), latency_ms=900))  # fmt: skip
+        await budget.account(session, acme.id, Decimal("0.000585"), None, None)  # as the LLM service meters a call
+    shown = ok(cli("budget", "show", "-t", "acme-inc", config=config_path))
+    assert "monthly limit  $0.0005\n" in shown and "$0.00059 in" in shown and "117.0%" in shown and "$0.00 in" not in shown
+
+    usage = konstruct("usage", "--since", "30d", config=config_path, env=cli_env(COLUMNS="80"))  # a real 80-column terminal
+    text = ok(usage)
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    first_cells = [line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")]
+    assert model in "".join(first_cells), text  # folded onto more lines, not cut
+    assert "$0.00059" in text and "$0.0000" not in text and "$0.00 " not in text
+    chart = text[text.index("cost per day") :].splitlines()[1:]
+    assert 1 <= len(chart) <= 3 and any("█" in line and "$0.00059" in line for line in chart), chart
+    assert all("█" in line or "no cost" in line for line in chart)
+
+
+def test_db_current_json(config_path: Path) -> None:
+    data = json.loads(ok(cli("db", "current", "--json", config=config_path)))
+    assert data["current"] == data["head"] and data["at_head"] is True and data["head"]
+
+
+async def test_invite_accept_takes_a_token_starting_with_a_dash(config_path: Path, db: Any) -> None:
+    """Tokens made before the fix could start with '-' (1 in 64): `-- TOKEN` and --token TOKEN still accept them."""
+    from sqlalchemy import update
+
+    from konstruct.db.models import Invitation
+    from konstruct.tenancy import invitations
+    from konstruct.tenancy.tenants import get_tenant
+
+    ok(cli("tenant", "create", "Acme Inc", config=config_path))
+    acme = await get_tenant(db, "acme-inc")
+    env = cli_env(PW="a long enough password")
+    for n, how in enumerate((["--"], ["--token"])):
+        info, token = await invitations.create(db, acme, email=f"dash{n}@acme.test", role="customer_operator", actor="test")
+        old_style = "-" + token[1:]
+        async with db.tenant(tenant_id=acme.id) as session:  # as an invitation made before the fix would be stored
+            await session.execute(update(Invitation).where(Invitation.id == info.id).values(token_hash=invitations.token_hash(old_style)))
+        joined = json.loads(ok(cli("invite", "accept", "--name", "Dee", "--password-env", "PW", "--json", *how, old_style,
+                                   config=config_path, env=env)))  # fmt: skip
+        assert joined["email"] == f"dash{n}@acme.test" and joined["role"] == "customer_operator"
+    fails(cli("invite", "accept", config=config_path), "pass the invitation link or its token once")

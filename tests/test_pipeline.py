@@ -139,3 +139,25 @@ async def test_a_whole_turn_in_process_is_stored_delivered_finished_and_audited(
 
 def _columns(row: InboxRow) -> dict[str, object]:
     return {a.key: getattr(row, a.key) for a in InboxRow.__mapper__.column_attrs}
+
+
+async def test_a_platform_key_that_cannot_be_read_fails_the_answer_naming_the_variable(
+    site: tuple[Pipeline, TenantInfo, AgentInfo], fake_llm: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llm.api_key = { "$env" = … } with the variable missing where the worker runs: the person gets the apology, the
+    message records which variable, and nothing reaches the model."""
+    from pathlib import Path
+
+    from konstruct.config import SecretReference
+
+    pipeline, tenant, agent = site
+    monkeypatch.delenv("H_UNSET_LLM_KEY", raising=False)
+    missing = SecretReference("$env", "H_UNSET_LLM_KEY", setting="llm.api_key", base=Path("."))
+    settings = pipeline.settings.model_copy(update={"llm": pipeline.settings.llm.model_copy(update={"api_key": missing})})
+    keyless = Pipeline(settings, pipeline.db, channels(settings, pipeline.db), worker_id="test-worker")
+    turn = await loaded(keyless, tenant, await message(keyless, tenant, agent, "what are your hours?"))
+    model, messages = await keyless.compose(turn)
+    answer = await keyless.answer(turn, model, messages)
+    assert answer.status == "failed" and answer.text == settings.agent.apology
+    assert answer.error is not None and "llm.api_key: environment variable H_UNSET_LLM_KEY is not set" in answer.error
+    assert fake_llm.requests == []

@@ -268,3 +268,27 @@ def test_a_customer_admin_signs_in_with_a_real_browser(site: Site, tmp_path: Pat
         assert shot.exists() and shot.stat().st_size > 5000
         page.goto(f"{site.base}/tenants/{site.globex}")
         assert "Globex Secret Corp" not in (page.text_content("body") or "")
+
+
+def test_a_budget_below_a_cent_is_shown_as_it_is(site: Site) -> None:
+    """`budget set --usd 0.0005` once read "of $0.00 (117%)" here."""
+    from decimal import Decimal
+
+    from konstruct.llm import budget
+
+    async def spend() -> None:
+        settings = load_settings(site.config)
+        db = Database(settings)
+        try:
+            acme = await get_tenant(db, site.acme)
+            await budget.set_budget(db, acme, usd=0.0005, alerts=[80], action="block", downgrade_model=None, settings=settings, actor="t")
+            async with db.tenant(tenant_id=acme.id) as session:
+                await budget.account(session, acme.id, Decimal("0.000585"), None, None)  # as the LLM service meters a call
+        finally:
+            await db.dispose()
+
+    asyncio.run(spend())
+    with site.client() as client:
+        assert site.sign_in(client, site.ann).status_code == 303
+        page = client.get(f"/tenants/{site.acme}").text
+    assert "Spent <b>$0.00059</b>" in page and "of $0.0005 (117.0%" in page and "$0.00 " not in page, page

@@ -13,8 +13,8 @@ from sqlalchemy.exc import IntegrityError
 from konstruct import audit
 from konstruct.db.engine import Database
 from konstruct.db.models import Agent
-from konstruct.errors import ConflictError, NotFoundError, ValidationError
-from konstruct.tenancy.tenants import TenantInfo
+from konstruct.errors import ConflictError, ValidationError
+from konstruct.tenancy.tenants import TenantInfo, agent_not_found
 
 MAX_PERSONA = 20_000
 
@@ -95,7 +95,7 @@ async def get_agent(db: Database, tenant: TenantInfo, name: str) -> AgentInfo:
     async with db.tenant(tenant_id=tenant.id) as session:
         row = await session.scalar(select(Agent).where(Agent.name == name))
         if row is None:
-            raise NotFoundError(f"tenant {tenant.slug!r} has no agent {name!r}: see `konstruct agent list --tenant {tenant.slug}`")
+            raise agent_not_found(tenant, name, list(await session.scalars(select(Agent.name))))
         return AgentInfo.from_row(row)
 
 

@@ -23,7 +23,7 @@ from konstruct.db.models import Agent, ChannelConnection, ChannelRoute
 from konstruct.errors import ConflictError, NotFoundError
 from konstruct.messaging import ChannelError
 from konstruct.secrets import decrypt, encrypt
-from konstruct.tenancy.tenants import TenantInfo
+from konstruct.tenancy.tenants import TenantInfo, agent_not_found
 
 
 @dataclass(frozen=True)
@@ -289,5 +289,5 @@ async def list_routes(db: Database, tenant: TenantInfo, connection: ConnectionIn
 async def _agent_id(session: AsyncSession, tenant: TenantInfo, name: str) -> uuid.UUID:
     agent_id = await session.scalar(select(Agent.id).where(Agent.name == name))
     if agent_id is None:
-        raise NotFoundError(f"tenant {tenant.slug!r} has no agent {name!r}: see `konstruct agent list --tenant {tenant.slug}`")
+        raise agent_not_found(tenant, name, list(await session.scalars(select(Agent.name))))
     return agent_id

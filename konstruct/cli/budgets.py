@@ -17,22 +17,23 @@ from konstruct.cli.common import (
     with_tenant,
 )
 from konstruct.llm import budget as service
+from konstruct.money import usd
 
 app = typer.Typer(help="Monthly LLM budgets per tenant: alerts, and what happens at the limit.", no_args_is_help=True)
 
 
 def _print_budget(slug: str, info: service.BudgetInfo) -> None:
     if info.monthly_usd is None:
-        out.print(f"{slug} has no budget: spending is not limited (spent ${info.spent_usd:.4f} in {info.month:%B %Y})")
+        out.print(f"{slug} has no budget: spending is not limited (spent {usd(info.spent_usd)} in {info.month:%B %Y})")
         return
     percent = info.used_percent or 0.0
     print_fields(
         {
             "tenant": slug,
-            "monthly limit": f"${info.monthly_usd:.2f}"
-            + (f" (own ${info.own_usd:.2f}, plan ${info.plan_usd:.2f})" if info.own_usd is not None and info.plan_usd is not None else ""),
-            "spent": f"${info.spent_usd:.4f} in {info.month:%B %Y} ({percent:.1f}%)",
-            "in flight": f"${info.reserved_usd:.4f} held for calls in progress",
+            "monthly limit": usd(info.monthly_usd)
+            + (f" (own {usd(info.own_usd)}, plan {usd(info.plan_usd)})" if info.own_usd is not None and info.plan_usd is not None else ""),
+            "spent": f"{usd(info.spent_usd)} in {info.month:%B %Y} ({percent:.1f}%)",
+            "in flight": f"{usd(info.reserved_usd)} held for calls in progress",
             "alerts at": ", ".join(f"{p}%" for p in info.alerts) or "none",
             "alerts sent": ", ".join(f"{p}%" for p in info.alerts_sent) or "none",
             "at the limit": info.action + (f" to {info.downgrade_model}" if info.action == "downgrade" and info.downgrade_model else ""),

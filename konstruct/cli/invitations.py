@@ -133,13 +133,18 @@ def resend(
 @app.command("accept")
 def accept(
     ctx: typer.Context,
-    token: str = typer.Argument(..., help="The token from the invitation link (the part after /invite/)."),
+    token: str | None = typer.Argument(
+        None, help="The invitation link, or its token (the part after /invite/). One starting with '-': `-- TOKEN` or --token."
+    ),
+    token_option: str | None = typer.Option(None, "--token", help="The token, as an option (it may start with '-')."),
     name: str | None = typer.Option(None, "--name", help="Your name (asked when missing)."),
     password_env: str | None = typer.Option(None, "--password-env", help="Environment variable holding your new password (else asked)."),
     as_json: bool = JsonOption,
 ) -> None:
     """Accept an invitation: set your name and password and join the tenant."""
-    token = token.rsplit("/invite/", 1)[-1].strip()
+    if (token is None) == (token_option is None):
+        raise ValidationError("pass the invitation link or its token once: `konstruct invite accept TOKEN` or --token TOKEN")
+    token = str(token or token_option).rsplit("/invite/", 1)[-1].strip()
     pending = with_database(ctx, lambda db: service.look_up(db, token))  # a used or expired link is said before anything is asked
     password: str | None = None
     if not pending.has_password:  # a new account: a name and a password

@@ -79,20 +79,12 @@ def init(
 
 @config_app.command("show")
 def config_show(ctx: typer.Context, as_json: bool = JsonOption) -> None:
-    """Print the effective settings (file + environment) with secrets masked."""
+    """Print the effective settings (file + environment) as TOML, with secrets masked and references shown as such."""
     cfg = settings(ctx)
-    data = cfg.masked()
     if as_json:
-        print_json(data)
-        return
-    lines = [f"# from {data.pop('config_path')}"]
-    for section, values in data.items():
-        if not isinstance(values, dict):
-            lines.append(f"{section} = {'' if values is None else repr(values)}")
-            continue
-        lines.append(f"\n[{section}]")
-        lines += [f"{key} = {'' if value is None else repr(value)}" for key, value in values.items()]
-    out.print("\n".join(lines), markup=False)
+        print_json(cfg.masked())
+    else:
+        typer.echo(cfg.masked_toml(), nl=False)  # exactly as rendered: no markup, emoji codes or wrapping
 
 
 @db_app.command("upgrade")
@@ -109,11 +101,14 @@ def db_upgrade(ctx: typer.Context) -> None:
 
 
 @db_app.command("current")
-def db_current(ctx: typer.Context) -> None:
+def db_current(ctx: typer.Context, as_json: bool = JsonOption) -> None:
     """Show the database's revision and the newest one this version knows."""
     cfg = settings(ctx)
     current = migrate.current_revision(resolve_urls(cfg))
     head = migrate.head_revision()
+    if as_json:
+        print_json({"current": current, "head": head, "at_head": current == head})
+        return
     out.print(f"current: {current or 'empty'}  head: {head}" + ("" if current == head else "  → run `konstruct db upgrade`"))
 
 

@@ -8,11 +8,13 @@ from datetime import date
 from decimal import Decimal
 
 import typer
+from rich.table import Table
 
-from konstruct.cli.common import EveryTenantOption, JsonOption, out, print_json, print_table, tenants_for, with_database
+from konstruct.cli.common import EveryTenantOption, JsonOption, out, print_json, tenants_for, with_database
 from konstruct.db.engine import Database
 from konstruct.errors import ValidationError
 from konstruct.llm import usage as service
+from konstruct.money import usd
 
 
 def register(app: typer.Typer) -> None:
@@ -51,18 +53,38 @@ def usage(
             )
         return
     scope = f"tenant {tenant}" if tenant else "all tenants"
-    print_table(
-        f"LLM usage of {scope} since {start:%Y-%m-%d %H:%M} UTC, by {by}",
-        [by, "calls", "failed", "prompt tok", "completion tok", "cost (USD)", "avg latency"],
-        [(r.key, r.calls, r.failed, r.prompt_tokens, r.completion_tokens, f"{r.cost_usd:.4f}", f"{r.avg_latency_ms} ms") for r in rows],
-    )
+    _usage_table(f"LLM usage of {scope} since {start:%Y-%m-%d %H:%M} UTC, by {by}", by, rows)
     _bar_chart(report.daily)
 
 
+def _usage_table(title: str, by: str, rows: list[service.UsageRow]) -> None:
+    """The groups as a table that fits the terminal: a long model or agent name folds onto more lines, never cut."""
+    table = Table(title=title, title_justify="left", header_style="bold")
+    table.add_column(by, overflow="fold", ratio=1)  # takes what the numbers leave, and folds within it
+    for column in ("calls", "failed", "prompt tok", "completion tok", "cost", "avg latency"):
+        table.add_column(column, justify="right", overflow="fold")
+    for r in rows:
+        table.add_row(r.key, str(r.calls), str(r.failed), str(r.prompt_tokens), str(r.completion_tokens), usd(r.cost_usd),
+                      f"{r.avg_latency_ms} ms")  # fmt: skip
+    out.print(table)
+
+
 def _bar_chart(daily: dict[date, Decimal], width: int = 40) -> None:
+    """One line per day that cost something; a run of days without any is one line, not a column of zeros."""
     top = max(daily.values(), default=Decimal(0))
-    out.print("[bold]cost per day (USD)[/bold]")
-    for day, cost in daily.items():
-        filled = int(cost / top * width) if top else 0
-        bar = "█" * filled or ("▏" if cost else "")
-        out.print(f"{day:%m-%d}  {bar.ljust(width)}  ${cost:.4f}")
+    out.print("[bold]cost per day[/bold]")
+    if not top:
+        out.print(f"no LLM cost in these {len(daily)} days" if daily else "no days in this period")
+        return
+    idle: list[date] = []
+    for day, cost in [*daily.items(), (None, None)]:
+        if day is not None and not cost:
+            idle.append(day)
+            continue
+        if idle:
+            span = f"{idle[0]:%m-%d}" if len(idle) == 1 else f"{idle[0]:%m-%d}…{idle[-1]:%m-%d}"
+            out.print(f"{span}  no cost" + (f" ({len(idle)} days)" if len(idle) > 1 else ""), markup=False)
+            idle = []
+        if day is not None and cost is not None:
+            bar = "█" * int(cost / top * width) or "▏"
+            out.print(f"{day:%m-%d}  {bar.ljust(width)}  {usd(cost)}", markup=False)

@@ -39,8 +39,9 @@ def resolve_urls(settings: Settings, *, create_password: bool = False) -> Databa
         base = make_url(start_embedded(settings.data_dir)).set(database=DATABASE_NAME)
     else:
         assert settings.database.url is not None
+        url = settings.database.url.get_secret_value()  # a reference that cannot be read says so itself
         try:
-            base = make_url(settings.database.url.get_secret_value())
+            base = make_url(url)
         except Exception:
             raise ConfigError("database.url: not a valid URL (postgresql://user:password@host:5432/dbname)") from None
         if not base.drivername.startswith("postgresql"):

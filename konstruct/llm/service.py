@@ -23,11 +23,12 @@ from konstruct import audit
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import LLMUsage
-from konstruct.errors import ValidationError
+from konstruct.errors import ConfigError, ValidationError
 from konstruct.llm import budget
 from konstruct.llm.client import Completion, LLMError, ToolCall, load_litellm
 from konstruct.llm.keys import TenantKey, check_api_base, tenant_keys
 from konstruct.mail import Notice
+from konstruct.money import usd
 
 log = logging.getLogger("konstruct.llm")
 
@@ -74,7 +75,10 @@ def deployments(settings: Settings, keys: dict[str, TenantKey], models: list[str
             out.append(Deployment(model, provider, own.key, own.api_base or settings.llm.api_base, "tenant"))
             continue
         platform = settings.llm.provider_keys.get(provider) or settings.llm.api_key
-        key = platform.get_secret_value() if platform is not None else None  # None: litellm reads e.g. OPENAI_API_KEY
+        try:
+            key = platform.get_secret_value() if platform is not None else None  # None: litellm reads e.g. OPENAI_API_KEY
+        except ConfigError as exc:  # a reference that cannot be read: this call fails, saying which variable
+            raise LLMError(f"no platform key for {model}: {exc}") from None
         out.append(Deployment(model, provider, key or None, settings.llm.api_base, "platform"))
     return out
 
@@ -254,7 +258,7 @@ class LLMService:
             cheaper = limit.downgrade_model or self.settings.budget.downgrade_model
             if cheaper:
                 return [cheaper], None
-        raise BudgetExhausted(f"the monthly budget of ${limit.monthly_usd} is used up")
+        raise BudgetExhausted(f"the monthly budget of {usd(limit.monthly_usd)} is used up")
 
     def _completion(self, response: Any, model: str, started: float) -> Completion:
         choice = response.choices[0]
@@ -320,7 +324,7 @@ class LLMService:
                 await self._send(
                     Notice(
                         ctx.tenant_id, "budget.alert", f"LLM budget: {percent}% used this month",
-                        f"Your organisation has used {percent}% of its monthly LLM budget of ${limit.monthly_usd}.\n"
+                        f"Your organisation has used {percent}% of its monthly LLM budget of {usd(limit.monthly_usd)}.\n"
                         + ("When it is used up, the agents stop answering until next month or until the budget is raised.\n"
                            if limit.action == "block" else "When it is used up, the agents switch to a cheaper model.\n"),
                     )
@@ -335,7 +339,7 @@ class LLMService:
         await self._send(
             Notice(
                 tenant_id, "budget.exhausted", "LLM budget used up",
-                f"Your organisation's monthly LLM budget of ${limit.monthly_usd} is used up. {what} until next month, "
+                f"Your organisation's monthly LLM budget of {usd(limit.monthly_usd)} is used up. {what} until next month, "
                 "or until the budget is raised (`konstruct budget set`).\n",
             )
         )  # fmt: skip

@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from konstruct.db.engine import Database
 from konstruct.errors import NotFoundError, PermissionDenied
-from konstruct.tenancy.tenants import TenantInfo, directory, get_tenant
+from konstruct.tenancy.tenants import TenantInfo, directory, get_tenant, suggestion
 
 ADMIN, OPERATOR = "customer_admin", "customer_operator"
 ROLES = (ADMIN, OPERATOR)
@@ -129,7 +129,11 @@ async def tenant(db: Database, principal: Principal, slug: str, operation: str) 
     except NotFoundError:
         if principal.platform_admin:
             raise
-        raise PermissionDenied(f"{principal.email or principal.name} has no role in tenant {slug}") from None
+        found = None
+    if found is None or (not principal.platform_admin and found.id not in principal.roles):
+        # Missing or not theirs: the same words either way; a suggestion only among the caller's own tenants.
+        theirs = [t.slug for t in await directory(db) if t.id in principal.roles]
+        raise PermissionDenied(f"{principal.email or principal.name} has no role in tenant {slug}{suggestion(slug, theirs)}")
     principal.require(operation, found)
     return found
 

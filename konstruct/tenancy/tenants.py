@@ -12,6 +12,7 @@ from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from konstruct import audit
+from konstruct.config import did_you_mean
 from konstruct.db.engine import Database
 from konstruct.db.models import Agent, Conversation, InboundMessage, Tenant
 from konstruct.errors import ConflictError, NotFoundError, ValidationError
@@ -56,8 +57,23 @@ async def get_tenant(db: Database, slug: str) -> TenantInfo:
             )
         ).first()
     if row is None:
-        raise NotFoundError(f"no tenant {slug!r}: see `konstruct tenant list`")
+        hint = suggestion(slug, [t.slug for t in await directory(db)])
+        raise NotFoundError(f"no tenant {slug!r}" + (f"{hint} see" if hint else ": see") + " `konstruct tenant list`")
     return TenantInfo(*row)
+
+
+def suggestion(slug: str, visible: list[str]) -> str:
+    """ " — did you mean 'acme-inc'?" when one of the tenants the caller may see (and only those) is close to
+    the slug typed, else ""."""
+    match = did_you_mean(slug, [s for s in visible if s != slug])
+    return f" — did you mean {match!r}?" if match else ""
+
+
+def agent_not_found(tenant: TenantInfo, name: str, names: list[str]) -> NotFoundError:
+    """ "tenant 'acme-inc' has no agent 'ava' — did you mean 'Ava'? see …", among the tenant's own agents."""
+    match = did_you_mean(name, [n for n in names if n != name])
+    hint = f" — did you mean {match!r}? see" if match else ": see"
+    return NotFoundError(f"tenant {tenant.slug!r} has no agent {name!r}{hint} `konstruct agent list --tenant {tenant.slug}`")
 
 
 async def create_tenant(db: Database, *, name: str, slug: str | None, actor: str) -> TenantInfo:

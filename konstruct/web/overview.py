@@ -17,6 +17,7 @@ from konstruct.db.engine import Database
 from konstruct.db.models import Agent, ChannelConnection, Conversation, InboundMessage, Message
 from konstruct.llm import budget
 from konstruct.llm import usage as usage_report
+from konstruct.money import usd
 from konstruct.tenancy.tenants import TenantInfo
 
 
@@ -137,7 +138,7 @@ def bar_chart(days: list[tuple[str, float]], width: int = 600, height: int = 140
         h = cost / top * (height - 20)
         bars.append(
             f'<rect x="{n * step + 1:.1f}" y="{height - 15 - h:.1f}" width="{max(step - 2, 1):.1f}" height="{h:.1f}" class="bar">'
-            f"<title>{label}: ${cost:.4f}</title></rect>"
+            f"<title>{label}: {usd(cost)}</title></rect>"
         )
     first, last = days[0][0], days[-1][0]
     return (
@@ -146,6 +147,6 @@ def bar_chart(days: list[tuple[str, float]], width: int = 600, height: int = 140
         + "".join(bars)
         + f'<text x="0" y="{height - 2}" class="axis">{first}</text>'
         + f'<text x="{width}" y="{height - 2}" text-anchor="end" class="axis">{last}</text>'
-        + f'<text x="0" y="10" class="axis">max ${top:.4f}/day</text>'
+        + f'<text x="0" y="10" class="axis">max {usd(top)}/day</text>'
         + "</svg>"
     )

@@ -21,12 +21,14 @@ from konstruct.bodies import read_body
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.errors import KonstructError, PermissionDenied, ValidationError
+from konstruct.money import usd
 from konstruct.tenancy import access, invitations
 from konstruct.tenancy.access import Principal
 from konstruct.web import overview, sessions
 from konstruct.web.sessions import COOKIE, LOGIN_CSRF_COOKIE, WebSession
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+templates.env.filters["usd"] = usd
 MAX_FORM = 16_000
 
 
