@@ -112,6 +112,14 @@ def postmaster_pid(data_dir: Path) -> int | None:
         return None
 
 
+def _drop_stale_pid_file(data_dir: Path) -> None:
+    """Remove the postmaster.pid of a server that is dead or a zombie (not reaped yet, as right after a SIGKILL):
+    pgserver and PostgreSQL itself would both take the file for a running server and start nothing."""
+    pid_file = pgdata_dir(data_dir) / "postmaster.pid"
+    if pid_file.exists() and postmaster_pid(data_dir) is None:
+        pid_file.unlink(missing_ok=True)
+
+
 class EmbeddedServer:
     """The embedded server as `up` supervises it: is it alive, start it again, let it go at the end."""
 
@@ -134,6 +142,7 @@ class EmbeddedServer:
             try:
                 # The library's inter-process lock: a CLI command starting the server at the same moment waits.
                 with pgserver.PostgresServer._lock:
+                    _drop_stale_pid_file(self.data_dir)
                     self.server.ensure_postgres_running()
             except Exception as exc:
                 raise DatabaseError(f"the embedded PostgreSQL did not start again ({type(exc).__name__}); see {self.server.log}") from None
