@@ -183,8 +183,7 @@ def test_an_edit_the_worker_uses_is_taken_up(site: Site, llm: FakeLLM) -> None:
     wait_for(site.all_running, 30, "every part running again")
     after = site.pids()
     assert all(after[name] != before[name] for name in ("gateway", "worker", "standby")), (before, after)
-    for pid in before.values():  # the previous processes stopped
-        wait_for(lambda pid=pid: _gone(pid), 30, f"the previous process {pid} to stop")
+    wait_for(lambda: all(_gone(pid) for pid in before.values()), 30, f"the previous processes {before} to stop")
 
 
 def _gone(pid: int) -> bool:
