@@ -20,8 +20,10 @@ import httpx
 import psutil
 import pytest
 
+from konstruct.cli.config_watch import ConfigWatch
 from konstruct.config import Settings, _toml_value, load_settings
 from konstruct.db.embedded import postmaster_pid
+from konstruct.errors import ConflictError
 from konstruct.supervision import LOCK_FILE, hold_up_lock, read_state, release_up_lock
 from tests.conftest import write_config
 from tests.fakes.llm import FakeLLM
@@ -243,7 +245,7 @@ def test_a_killed_up_leaves_its_data_directory_free(tmp_path: Path, database_url
     data = load_settings(config).data_dir
     up = Up(tmp_path, tmp_path)
     up.wait_for_log("Konstruct is up", timeout=90)
-    with pytest.raises(Exception, match="another `konstruct up`"):
+    with pytest.raises(ConflictError, match="another `konstruct up`"):
         hold_up_lock(data)
     up.kill()
     fd = hold_up_lock(data)  # at once: the parts, still shutting down, never held it
@@ -253,3 +255,22 @@ def test_a_killed_up_leaves_its_data_directory_free(tmp_path: Path, database_url
             fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         release_up_lock(fd)
+
+
+def test_the_config_watch_names_what_changed_and_keeps_what_up_works_from(tmp_path: Path, llm: FakeLLM) -> None:
+    """A secret is compared by value; a half-written file is read only once it stayed the same for one poll."""
+    config = write_config(tmp_path, "postgresql://owner:pw@127.0.0.1:5432/konstruct", llm.url)
+    old = load_settings(config)
+    watch = ConfigWatch(old)
+    assert watch.poll() is None
+    text = config.read_text().replace('api_key = "sk-test-key-0001"', 'api_key = "sk-test-key-0002"')
+    config.write_text(text + '[data]\ndir = "elsewhere"\n')
+    assert watch.poll() is None  # written just now: perhaps not finished
+    change = watch.poll()
+    assert change is not None
+    assert change.applied == ["llm.api_key"] and change.needs_restart == ["data.dir"]
+    assert change.settings.data_dir == old.data_dir and change.settings.llm.api_key != old.llm.api_key
+    assert watch.poll() is None  # told once
+    watch.accept(change)
+    os.utime(config)  # touched, not changed
+    assert watch.poll() is None and watch.poll() is None

@@ -11,6 +11,7 @@ import typer
 from sqlalchemy.engine import make_url
 
 from konstruct.cli.common import out, settings, setup_logging, state
+from konstruct.cli.config_watch import ConfigWatch
 from konstruct.cli.supervisor import Part, Supervisor, ready_url, require_free_port
 from konstruct.config import DATABASE_URL_ENV, Settings
 from konstruct.db import migrate
@@ -64,15 +65,16 @@ def up(ctx: typer.Context) -> None:
     edit is reported and the parts keep running as they are)."""
     cfg = settings(ctx)
     started = time.perf_counter()
+    watch = ConfigWatch(cfg)  # from now: an edit made while the database starts is seen too
     lock = hold_up_lock(cfg.data_dir)
     try:
         require_free_port(cfg)
-        _run(cfg, started, verbose=state(ctx).verbose)
+        _run(cfg, watch, started, verbose=state(ctx).verbose)
     finally:
         release_up_lock(lock)
 
 
-def _run(cfg: Settings, started: float, *, verbose: bool) -> None:
+def _run(cfg: Settings, watch: ConfigWatch, started: float, *, verbose: bool) -> None:
     database: EmbeddedServer | None = None
     if cfg.embedded_database:
         # This process holds the server and supervises it; the children are handed its URL and never start or stop it.
@@ -96,7 +98,7 @@ def _run(cfg: Settings, started: float, *, verbose: bool) -> None:
             if cfg.up.standby
             else None
         )
-        Supervisor(cfg, parts, standby, database, _children_env(cfg, database), started).run()
+        Supervisor(cfg, parts, standby, database, _children_env(cfg, database), started, watch).run()
     finally:
         if database is not None:
             database.release()

@@ -167,6 +167,7 @@ class Supervisor:
         database: EmbeddedServer | None,
         env: dict[str, str],
         started: float,
+        watch: ConfigWatch | None = None,
     ) -> None:
         self.cfg = cfg
         self.parts = parts
@@ -182,7 +183,7 @@ class Supervisor:
         self._forking: Forked | None = None  # asked of the spare, its pid not yet known
         self._written = 0.0
         self._dirty = True
-        self.watch = ConfigWatch(cfg) if cfg.config_path is not None else None
+        self.watch = watch  # konstruct.toml, polled every up.check_interval
         self.retiring: list[Retiring] = []
         self._rollout: Iterator[None] | None = None
         self.config_applied_at = time.time()
