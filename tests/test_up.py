@@ -274,3 +274,7 @@ def test_the_config_watch_names_what_changed_and_keeps_what_up_works_from(tmp_pa
     watch.accept(change)
     os.utime(config)  # touched, not changed
     assert watch.poll() is None and watch.poll() is None
+    config.write_text(config.read_text() + '[[tenants]]\nslug = "acme"\nname = "Acme"\n')
+    tenants = watch.poll() or watch.poll()
+    assert tenants is not None and tenants.not_for_the_parts == ["tenants"], tenants
+    assert tenants.applied == [] and tenants.needs_restart == ["data.dir"]  # still waiting for a restart of `up`

@@ -19,6 +19,8 @@ from konstruct.config import Settings, load_settings
 # its own supervision settings): a change takes a restart of `up`. The parts keep the old values meanwhile
 # (`up` pins them in their environment), so a part that restarts never mixes the two.
 NEEDS_UP_RESTART = ("data.", "database.url", "database.app_password", "up.")
+# Read by a command, not by the parts: `konstruct apply` applies the declared tenants.
+NOT_FOR_THE_PARTS = ("tenants",)
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Change:
     settings: Settings  # the new file, with what needs a restart of `up` kept as it was
     applied: list[str]  # taken up by restarting the parts
     needs_restart: list[str]  # waits for a restart of `up`
+    not_for_the_parts: list[str]  # the parts never read it (the declared tenants: `konstruct apply`)
 
 
 def changed_settings(old: Settings, new: Settings) -> list[str]:
@@ -91,8 +94,9 @@ class ConfigWatch:
         new = load_settings(self.path)
         names = changed_settings(self.current, new)
         needs_restart = [name for name in names if name.startswith(NEEDS_UP_RESTART)]
-        applied = [name for name in names if name not in needs_restart]
-        return Change(_keep_for_up(self.current, new), applied, needs_restart)
+        elsewhere = [name for name in names if name in NOT_FOR_THE_PARTS]
+        applied = [name for name in names if name not in needs_restart and name not in elsewhere]
+        return Change(_keep_for_up(self.current, new), applied, needs_restart, elsewhere)
 
     def accept(self, change: Change) -> None:
         """The parts are being restarted with this change: compare later edits with it."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+from rich.markup import escape
 from rich.text import Text
 
 from konstruct.cli.common import err, out
@@ -355,9 +356,12 @@ class Supervisor:
             err.print(
                 f"[yellow]restart `konstruct up` to apply {', '.join(change.needs_restart)} (until then the parts keep the previous value)[/yellow]"
             )
+        if change.not_for_the_parts:
+            out.print(f"[yellow]{escape('[[tenants]]')} changed: `konstruct plan` shows what `konstruct apply` would change[/yellow]")
         if not change.applied:
-            if not change.needs_restart:
+            if not change.needs_restart and not change.not_for_the_parts:
                 out.print("[dim]konstruct.toml changed; no setting differs[/dim]")
+            self.watch.accept(change)  # nothing to restart for
             return
         self.watch.accept(change)
         out.print(f"konstruct.toml changed ({', '.join(change.applied)}): restarting the parts one at a time")
