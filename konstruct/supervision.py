@@ -1,11 +1,13 @@
 """What `konstruct up` tells about its parts, and how the inbox is doing: read by `doctor` and the status page.
 
 `up` keeps its state in `up.json` in the data directory (written in one step, 0600); a reader believes it only
-while the `up` that wrote it still runs.
+while the `up` that wrote it still runs. One `up` per data directory: it holds an flock on `up.lock` there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import time
@@ -18,10 +20,42 @@ import psutil
 from sqlalchemy import text
 
 from konstruct.db.engine import Database
+from konstruct.errors import ConflictError
 
 STATE_FILE = "up.json"
+LOCK_FILE = "up.lock"
 FORKED_PREFIX = "@worker "  # how a worker forked by `up`'s spare marks its log lines on the spare's output
 RECENT = 600.0  # seconds of deaths that count as recent
+
+
+def hold_up_lock(data_dir: Path) -> int:
+    """Claim the data directory for this `up` (an flock on up.lock, which holds our pid) and return the descriptor,
+    to be kept open for as long as `up` runs. The kernel drops the lock when the process dies, SIGKILL included; the
+    descriptor is close-on-exec, so no child (parts, the embedded PostgreSQL) holds it on. ConflictError when taken."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        who = f"pid {holder}" if holder.isdigit() else "its pid not written yet"
+        stop = f"`kill {holder}`" if holder.isdigit() else "`kill` on it"
+        raise ConflictError(
+            f"another `konstruct up` ({who}) runs on the data directory {data_dir}: "
+            f"stop it first (Ctrl-C in its terminal, or {stop}), or use another data.dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def release_up_lock(fd: int) -> None:
+    """Let the data directory go (the file stays: removing it could let two `up`s lock two different files)."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+    os.close(fd)
 
 
 def write_state(path: Path, data: dict[str, Any]) -> None:
