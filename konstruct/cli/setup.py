@@ -77,7 +77,7 @@ def init(
     out.print(
         "Next: [bold]konstruct up[/bold]  (then `konstruct tenant create NAME` and `konstruct agent create …`)"
         if not update
-        else "Restart `konstruct up` if it runs, so its parts read the change"
+        else "If `konstruct up` runs, it must read the change: `konstruct doctor` shows whether its worker did"
     )
 
 
