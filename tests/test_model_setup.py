@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -159,3 +163,34 @@ def test_a_command_before_the_first_up_sets_the_embedded_database_up(tmp_path: P
     assert listed.returncode == 0 and "first run" not in listed.stderr, listed.stderr
     assert [t["slug"] for t in json.loads(listed.stdout)] == ["acme-inc"]
     wait_for(lambda: not (tmp_path / ".konstruct" / "pg" / "postmaster.pid").exists(), 30, "the embedded server to stop")
+
+
+def test_init_asks_for_the_model_on_a_terminal(tmp_path: Path, fake_llm: FakeLLM) -> None:
+    # A real process on a pseudo-terminal: no --llm-* flag, so it asks (model, API base, key variable: none for a local server).
+    primary, secondary = pty.openpty()
+    argv = [sys.executable, "-m", "konstruct", "init", "--dir", str(tmp_path / "site")]
+    process = subprocess.Popen(argv, stdin=secondary, stdout=secondary, stderr=secondary, env=cli_env(), close_fds=True)
+    os.close(secondary)
+    os.write(primary, f"openai/fake-model\n{fake_llm.url}\n\n".encode())
+    seen = b""
+    while True:
+        if not select.select([primary], [], [], 60)[0]:
+            process.kill()
+            raise AssertionError(f"init waits for more input:\n{seen.decode()}")
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # the process exited and closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(primary)
+    assert process.wait(60) == 0, seen.decode()
+    text = seen.decode()
+    assert "Model (litellm's provider/model)" in text and "API base" in text and "Environment variable holding the key" in text
+    assert "model openai/fake-model answered in" in text
+    assert tomllib.loads((tmp_path / "site" / "konstruct.toml").read_text())["llm"] == {
+        "model": "openai/fake-model",
+        "api_base": fake_llm.url,
+    }
+    assert fake_llm.requests[-1].headers["authorization"] == "Bearer no-key"
