@@ -15,7 +15,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from konstruct.config import load_settings
+from konstruct.db.engine import Database
+from konstruct.llm import probe
+from konstruct.llm.service import CallContext, LLMService
+from konstruct.tenancy.tenants import create_tenant
 from tests.conftest import write_config
 from tests.fakes.llm import FakeLLM
 from tests.helpers import Proc, cli_env, free_port, konstruct, konstruct_in_process, wait_for
@@ -194,3 +200,24 @@ def test_init_asks_for_the_model_on_a_terminal(tmp_path: Path, fake_llm: FakeLLM
         "api_base": fake_llm.url,
     }
     assert fake_llm.requests[-1].headers["authorization"] == "Bearer no-key"
+
+
+async def test_a_server_of_ones_own_needs_no_key(
+    tmp_path: Path, database_url: str, fake_llm: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No llm.api_key and no OPENAI_API_KEY, but an API base: litellm's client insists on a key, the server takes any.
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    config = write_config(tmp_path, database_url, fake_llm.url)
+    config.write_text("\n".join(line for line in config.read_text().splitlines() if not line.startswith("api_key")) + "\n")
+    cfg = load_settings(config)
+    assert cfg.llm.api_key is None
+    db = Database(cfg)
+    try:
+        tenant = await create_tenant(db, name="Local", slug=None, actor="test")
+        answer = await LLMService(cfg, db).complete(
+            CallContext(tenant.id), model=cfg.llm.model, messages=[{"role": "user", "content": "hi"}]
+        )
+    finally:
+        await db.dispose()
+    assert answer.text == "[fake-model] You said: hi"
+    assert fake_llm.requests[-1].headers["authorization"] == f"Bearer {probe.LOCAL_SERVER_KEY}"

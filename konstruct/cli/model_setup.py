@@ -19,6 +19,8 @@ from konstruct.llm import probe
 from konstruct.llm.client import LLMError
 
 DEFAULT_MODEL = "openai/gpt-4o-mini"
+# Hosted providers whose key is usually in <PROVIDER>_API_KEY: suggested when asking (a local server needs none).
+KEYED_PROVIDERS = frozenset({"openai", "anthropic", "gemini", "mistral", "groq", "deepseek", "cohere", "openrouter", "xai"})
 _HEADER = re.compile(r"^\s*\[([^\[\]]+)\]\s*(#.*)?$")
 
 
@@ -28,7 +30,8 @@ def llm_values(model: str | None, api_base: str | None, api_key_env: str | None,
         model = str(typer.prompt("Model (litellm's provider/model)", default=DEFAULT_MODEL)).strip()
         api_base = str(typer.prompt("API base of an OpenAI-compatible server (Ollama, vLLM, llama.cpp; Enter: the provider's)",
                                     default="", show_default=False)).strip() or None  # fmt: skip
-        suggested = "" if api_base else f"{model.split('/', 1)[0].upper()}_API_KEY"
+        provider = model.split("/", 1)[0] if "/" in model else "openai"
+        suggested = f"{provider.upper()}_API_KEY" if provider in KEYED_PROVIDERS and not api_base else ""
         api_key_env = str(typer.prompt("Environment variable holding the key (Enter: none)", default=suggested)).strip() or None
     values: dict[str, Any] = {}
     if model:

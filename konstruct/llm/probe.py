@@ -17,8 +17,8 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from konstruct.config import Settings
-from konstruct.errors import KonstructError
+from konstruct.config import Settings, read_secret_from_environment
+from konstruct.errors import ConfigError, KonstructError
 
 # OpenAI-compatible local servers (Ollama, vLLM, llama.cpp) take any key; litellm's client insists on one.
 LOCAL_SERVER_KEY = "no-key"
@@ -127,6 +127,18 @@ def default_provider(settings: Settings) -> str:
     return provider_of(settings.llm.model)
 
 
+def keyless(provider: str, api_base: str | None) -> str | None:
+    """The key to send when no platform key is set: None lets litellm read the provider's usual variable (e.g.
+    OPENAI_API_KEY); a server of one's own (an API base, that variable unset) gets a placeholder, as it takes any."""
+    if api_base is None:
+        return None
+    try:
+        read_secret_from_environment(f"{provider.upper()}_API_KEY", "the provider's key")
+    except ConfigError:
+        return LOCAL_SERVER_KEY
+    return None
+
+
 def platform_key_configured(settings: Settings) -> bool:
     """Whether a platform key is set for the default model's provider (llm.api_key or llm.provider_keys)."""
     return (settings.llm.provider_keys.get(default_provider(settings)) or settings.llm.api_key) is not None
@@ -173,7 +185,7 @@ async def check_model(model: str, *, api_base: str | None, key: PlatformKey, tim
     from konstruct.llm.client import load_litellm
 
     litellm = await asyncio.to_thread(load_litellm)
-    api_key = key.value or (LOCAL_SERVER_KEY if api_base else None)
+    api_key = key.value or keyless(provider_of(model), api_base)
     started = time.perf_counter()
     try:
         response = await litellm.acompletion(

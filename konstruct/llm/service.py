@@ -73,8 +73,7 @@ def deployments(settings: Settings, keys: dict[str, TenantKey], models: list[str
         platform = probe.platform_key(settings, provider, here="the worker's environment")
         if platform.problem is not None:
             raise LLMError(f"the platform key for {model}: {platform.problem}")
-        # No key: litellm reads the provider's usual variable (OPENAI_API_KEY); a local server needs none.
-        key = platform.value or (probe.LOCAL_SERVER_KEY if settings.llm.api_base else None)
+        key = platform.value or probe.keyless(provider, settings.llm.api_base)
         out.append(Deployment(model, provider, key, settings.llm.api_base, "platform", platform.source))
     return out
 
