@@ -1,4 +1,6 @@
-"""konstruct onboard: tenant → channel → agent → a required test message through the real pipeline → live.
+"""konstruct onboard: a running worker → the model → tenant → channel → agent → a required test message through
+the real pipeline → live, and live only when the model itself wrote the reply (billing or a budget that blocks it
+is explained, with the command that lifts it).
 
 Every answer can be given as a flag (for automation); what is missing is asked when there is a terminal.
 Progress is kept in the data directory (onboarding.json), so an interrupted wizard resumes where it stopped.
@@ -213,7 +215,7 @@ def _done_already(state: dict[str, Any]) -> str:
 
 
 async def _wait_for_worker(db: Database, cfg: Settings, wait: float | None, *, quiet: bool) -> int:
-    """0. `konstruct up` (or a worker) must run: the test message needs it. On a terminal, wait for it to start."""
+    """1. `konstruct up` (or a worker) must run: the test message needs it. On a terminal, wait for it to start."""
     within = cfg.worker.stale_after
     workers = await inbox.live_workers(db, within=within)
     if workers:
@@ -235,12 +237,16 @@ async def _wait_for_worker(db: Database, cfg: Settings, wait: float | None, *, q
 
 
 def _model_step(ctx: typer.Context, cfg: Settings, model: str | None) -> probe.ModelCheck:
-    """1. The model answers a tiny test call with the platform key (this shell's; the worker's when only it has it)."""
+    """2. The model answers a tiny test call with the platform key (this shell's; the worker's when only it has it)."""
     name = model or cfg.llm.model
     key = probe.platform_key(cfg, probe.provider_of(name) if model else probe.default_provider(cfg))
     if key.value is None and key.problem is not None and with_database(ctx, _worker_has_key):
         # The key is in `up`'s shell only, as it should be: the test message through the worker shows the model answers.
-        return probe.ModelCheck(name, True, 0.0, "the worker has the key (this shell does not)")
+        check = probe.ModelCheck(
+            name, True, 0.0, "not called from here: the worker has the key (this shell does not); the test message will tell"
+        )
+        out.print(check.line())
+        return check
     check = run(probe.check_model(name, api_base=cfg.llm.api_base, key=key, timeout=min(cfg.llm.timeout, probe.TEST_TIMEOUT)))
     if not check.ok:
         raise LLMError(f"{check.line()}: set the model up with `konstruct init --llm-model … --llm-api-base … --llm-api-key-env …` "
@@ -255,7 +261,7 @@ async def _worker_has_key(db: Database) -> bool:
 
 
 def _tenant_step(ctx: typer.Context, tenant: str | None, new_tenant: str | None, slug: str | None) -> str:
-    """1. The tenant: an existing one the acting user may add agents to, or a new one. Returns its slug."""
+    """3. The tenant: an existing one the acting user may add agents to, or a new one. Returns its slug."""
     if tenant is None and new_tenant is None:
         answer = _ask(None, "An existing tenant's slug, or a name for a new one", "--tenant or --new-tenant")
         existing = with_database(ctx, lambda db: _exists(db, answer))
@@ -282,7 +288,7 @@ def _channel_step(
     app_secret_env: str | None,
     verify_token_env: str | None,
 ) -> tuple[str, str | None]:
-    """2. A channel, connected as `konstruct channel connect` does, or none for now. Returns its kind (and an install link)."""
+    """4. A channel, connected as `konstruct channel connect` does, or none for now. Returns its kind (and an install link)."""
     kind = channel or _ask(None, f"Channel ({', '.join(CHANNELS)})", "--channel", default="slack-install")
     if kind not in CHANNELS:
         raise ValidationError(f"the channel must be one of {', '.join(CHANNELS)}")
@@ -315,7 +321,7 @@ def _agent_step(
     model: str | None,
     tools: str | None,
 ) -> str:
-    """3. The agent, created (and given its tools) as `konstruct agent create` and `agent update` do. Returns its name."""
+    """5. The agent, created (and given its tools) as `konstruct agent create` and `agent update` do. Returns its name."""
     name = _ask(agent_name, "The agent's name", "--agent-name", default="Ava")
     agent_role = _ask(role, "Its role", "--role", default="Support specialist")
     if persona is None and persona_file is None:

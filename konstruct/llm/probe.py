@@ -34,10 +34,6 @@ class PlatformKey:
     source: str | None  # "$NAME", "file PATH", "konstruct.toml" or None (no llm.api_key set)
     problem: str | None = None
 
-    @property
-    def usable(self) -> bool:
-        return self.problem is None
-
 
 @dataclass(frozen=True)
 class ModelCheck:
