@@ -103,20 +103,24 @@ async def test_with_billing_on_the_wizard_explains_the_pause_and_resumes(tmp_pat
     assert stripe_fake.requests == []
 
 
-async def test_missing_answers_without_a_terminal_are_clear_errors(config_path: Path) -> None:
-    # Real processes with stdin not a terminal, as a script or CI runs them.
-    result = konstruct("onboard", config=config_path)
-    assert result.returncode != 0 and "--tenant or --new-tenant" in result.stderr and "Traceback" not in result.stderr
-    bad = konstruct("onboard", "--new-tenant", "X", "--channel", "carrier-pigeon", config=config_path)
-    assert bad.returncode != 0 and "--channel must be one of" in bad.stderr
+async def test_missing_answers_and_a_refused_user_are_clear_errors(config_path: Path, tmp_path: Path) -> None:
+    # Real processes with stdin not a terminal, as a script or CI runs them; a worker runs, so the wizard gets that far.
+    worker = Proc("worker", ["worker"], config=config_path, log_dir=tmp_path)
+    try:
+        worker.wait_for_log(" ready: ")
+        result = konstruct("onboard", config=config_path)
+        assert result.returncode == 1 and "--tenant or --new-tenant" in result.stderr and "Traceback" not in result.stderr
+        bad = konstruct("onboard", "--new-tenant", "X", "--channel", "carrier-pigeon", config=config_path)
+        assert bad.returncode != 0 and "--channel must be one of" in bad.stderr
 
-
-async def test_the_wizard_acts_as_the_user_of_as(config_path: Path) -> None:
-    # Its steps once re-entered the CLI through argv, which dropped --as: a customer could create a tenant through it.
-    env = cli_env(NEW_PASSWORD="a-long-enough-password-1")
-    created = konstruct("user", "create", "ops@example.com", "--name", "Ops", "--password-env", "NEW_PASSWORD", config=config_path, env=env)
-    assert created.returncode == 0, created.stderr
-    refused = konstruct("--as", "ops@example.com", "onboard", "--new-tenant", "Hooli", "--channel", "skip", config=config_path)
-    assert refused.returncode == 3 and "may not do tenant.create" in refused.stderr and "Traceback" not in refused.stderr
-    tenants = json.loads(konstruct("tenant", "list", "--json", config=config_path).stdout)
+        # Its steps once re-entered the CLI through argv, which dropped --as: a customer could create a tenant through it.
+        env = cli_env(NEW_PASSWORD="a-long-enough-password-1")
+        created = konstruct_in_process("user", "create", "ops@example.com", "--name", "Ops", "--password-env", "NEW_PASSWORD",
+                                       config=config_path, env=env)  # fmt: skip
+        assert created.returncode == 0, created.stderr
+        refused = konstruct("--as", "ops@example.com", "onboard", "--new-tenant", "Hooli", "--channel", "skip", config=config_path)
+        assert refused.returncode == 3 and "may not do tenant.create" in refused.stderr and "Traceback" not in refused.stderr
+    finally:
+        worker.stop()
+    tenants = json.loads(konstruct_in_process("tenant", "list", "--json", config=config_path).stdout)
     assert "hooli" not in [t["slug"] for t in tenants]
