@@ -171,18 +171,17 @@ def test_a_command_before_the_first_up_sets_the_embedded_database_up(tmp_path: P
     wait_for(lambda: not (tmp_path / ".konstruct" / "pg" / "postmaster.pid").exists(), 30, "the embedded server to stop")
 
 
-def test_init_asks_for_the_model_on_a_terminal(tmp_path: Path, fake_llm: FakeLLM) -> None:
-    # A real process on a pseudo-terminal: no --llm-* flag, so it asks (model, API base, key variable: none for a local server).
+def on_a_terminal(argv: list[str], answers: str, env: dict[str, str]) -> tuple[int, str]:
+    """Run a real process on a pseudo-terminal, type the answers, and return its exit code and what it showed."""
     primary, secondary = pty.openpty()
-    argv = [sys.executable, "-m", "konstruct", "init", "--dir", str(tmp_path / "site")]
-    process = subprocess.Popen(argv, stdin=secondary, stdout=secondary, stderr=secondary, env=cli_env(), close_fds=True)
+    process = subprocess.Popen(argv, stdin=secondary, stdout=secondary, stderr=secondary, env=env, close_fds=True)
     os.close(secondary)
-    os.write(primary, f"openai/fake-model\n{fake_llm.url}\n\n".encode())
+    os.write(primary, answers.encode())
     seen = b""
     while True:
         if not select.select([primary], [], [], 60)[0]:
             process.kill()
-            raise AssertionError(f"init waits for more input:\n{seen.decode()}")
+            raise AssertionError(f"it waits for more input:\n{seen.decode()}")
         try:
             chunk = os.read(primary, 4096)
         except OSError:  # the process exited and closed the terminal
@@ -191,15 +190,26 @@ def test_init_asks_for_the_model_on_a_terminal(tmp_path: Path, fake_llm: FakeLLM
             break
         seen += chunk
     os.close(primary)
-    assert process.wait(60) == 0, seen.decode()
-    text = seen.decode()
+    return process.wait(60), seen.decode()
+
+
+def test_init_asks_for_the_model_on_a_terminal(tmp_path: Path, fake_llm: FakeLLM) -> None:
+    # No --llm-* flag on a terminal: it asks (model, API base, key variable: none for a local server).
+    argv = [sys.executable, "-m", "konstruct", "init", "--dir", str(tmp_path / "site")]
+    code, text = on_a_terminal(argv, f"openai/fake-model\n{fake_llm.url}\n\n", cli_env())
+    assert code == 0, text
     assert "Model (litellm's provider/model)" in text and "API base" in text and "Environment variable holding the key" in text
     assert "model openai/fake-model answered in" in text
-    assert tomllib.loads((tmp_path / "site" / "konstruct.toml").read_text())["llm"] == {
-        "model": "openai/fake-model",
-        "api_base": fake_llm.url,
-    }
+    config = tmp_path / "site" / "konstruct.toml"
+    assert tomllib.loads(config.read_text())["llm"] == {"model": "openai/fake-model", "api_base": fake_llm.url}
     assert fake_llm.requests[-1].headers["authorization"] == "Bearer no-key"
+
+    # Again on the existing file: asked again with the current values as defaults (Enter keeps the API base).
+    code, text = on_a_terminal(argv, "openai/other-model\n\nOTHER_KEY\n", cli_env(OTHER_KEY=KEY))
+    assert code == 0 and "Updated" in text and "[llm] in" in text and "model openai/other-model answered in" in text, text
+    assert "[openai/fake-model]" in text and f"[{fake_llm.url}]" in text
+    assert tomllib.loads(config.read_text())["llm"]["api_key"] == {"$env": "OTHER_KEY"}
+    assert fake_llm.requests[-1].headers["authorization"] == f"Bearer {KEY}" and KEY not in text
 
 
 async def test_a_server_of_ones_own_needs_no_key(

@@ -24,14 +24,18 @@ KEYED_PROVIDERS = frozenset({"openai", "anthropic", "gemini", "mistral", "groq",
 _HEADER = re.compile(r"^\s*\[([^\[\]]+)\]\s*(#.*)?$")
 
 
-def llm_values(model: str | None, api_base: str | None, api_key_env: str | None, *, ask: bool) -> dict[str, Any]:
-    """The [llm] settings given as flags; on a terminal with none given, asked for (Enter keeps a default)."""
-    if ask and model is None and api_base is None and api_key_env is None and sys.stdin.isatty():
-        model = str(typer.prompt("Model (litellm's provider/model)", default=DEFAULT_MODEL)).strip()
+def llm_values(model: str | None, api_base: str | None, api_key_env: str | None, current: dict[str, Any]) -> dict[str, Any]:
+    """The [llm] settings given as flags; on a terminal with none given, asked for (Enter keeps the current value
+    of an existing konstruct.toml, or a default)."""
+    if model is None and api_base is None and api_key_env is None and sys.stdin.isatty():
+        model = str(typer.prompt("Model (litellm's provider/model)", default=current.get("model") or DEFAULT_MODEL)).strip()
         api_base = str(typer.prompt("API base of an OpenAI-compatible server (Ollama, vLLM, llama.cpp; Enter: the provider's)",
-                                    default="", show_default=False)).strip() or None  # fmt: skip
+                                    default=current.get("api_base") or "", show_default=bool(current.get("api_base")))).strip() or None  # fmt: skip
         provider = model.split("/", 1)[0] if "/" in model else "openai"
-        suggested = f"{provider.upper()}_API_KEY" if provider in KEYED_PROVIDERS and not api_base else ""
+        key = current.get("api_key")
+        suggested = key["$env"] if isinstance(key, dict) and "$env" in key else ""
+        if not suggested and provider in KEYED_PROVIDERS and not api_base:
+            suggested = f"{provider.upper()}_API_KEY"
         api_key_env = str(typer.prompt("Environment variable holding the key (Enter: none)", default=suggested)).strip() or None
     values: dict[str, Any] = {}
     if model:
@@ -43,6 +47,14 @@ def llm_values(model: str | None, api_base: str | None, api_key_env: str | None,
             raise ConfigError(f"--llm-api-key-env takes the variable's name (like OPENAI_API_KEY), not {api_key_env[:3]}…")
         values["api_key"] = {"$env": api_key_env}
     return values
+
+
+def current_llm(path: Path) -> dict[str, Any]:
+    """The [llm] table of an existing konstruct.toml as written (references unresolved); empty when there is none."""
+    try:
+        return dict(tomllib.loads(path.read_text()).get("llm", {}))
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
 
 
 def update_sections(text: str, values: dict[str, dict[str, Any]]) -> str:

@@ -54,11 +54,11 @@ def init(
     """Write konstruct.toml, the data directory and the master secret key, and test the model with one tiny call.
 
     On an existing konstruct.toml, --llm-* (and --port) change only those settings; --force rewrites the whole file.
-    Asked on a terminal when no --llm-* flag is given."""
+    The model is asked for on a terminal when no --llm-* flag is given."""
     directory = directory.expanduser().resolve()
     path = directory / CONFIG_FILENAME
     update = path.exists() and not force
-    llm = model_setup.llm_values(llm_model, llm_api_base, llm_api_key_env, ask=not update)
+    llm = model_setup.llm_values(llm_model, llm_api_base, llm_api_key_env, model_setup.current_llm(path) if update else {})
     values: dict[str, dict[str, Any]] = {"llm": llm} if llm else {}
     if port:
         values["gateway"] = {"port": port, "public_url": f"http://127.0.0.1:{port}"}
@@ -165,9 +165,9 @@ def doctor(ctx: typer.Context, as_json: bool = JsonOption) -> None:
     _report(checks, as_json)
 
 
-async def _doctor_database(cfg: Settings, add: Any) -> list[Any]:
+async def _doctor_database(cfg: Settings, add: Any) -> list[WorkerHeartbeat]:
     """The database checks; returns the live workers' heartbeats, newest first."""
-    workers: list[Any] = []
+    workers: list[WorkerHeartbeat] = []
     try:
         await asyncio.to_thread(prepare_database, cfg)
         urls = resolve_urls(cfg)
