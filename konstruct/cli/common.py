@@ -7,6 +7,7 @@ import getpass
 import json
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from konstruct.config import Settings, load_settings, read_secret_from_environment
+from konstruct.db import migrate
 from konstruct.db.engine import Database
 from konstruct.errors import ValidationError
 from konstruct.logs import install_outage_filter
@@ -126,8 +128,19 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+def prepare_database(cfg: Settings) -> None:
+    """The embedded database before the first `konstruct up`: started, created and migrated here, said on stderr."""
+    started = time.perf_counter()
+    result = migrate.prepare_embedded(cfg)
+    if result is not None:
+        err.print(f"[dim]first run: set up the embedded database in {cfg.data_dir / 'pg'} "
+                  f"(revision {result.after}, {time.perf_counter() - started:.1f} s)[/dim]")  # fmt: skip
+
+
 @asynccontextmanager
 async def database(cfg: Settings) -> AsyncIterator[Database]:
+    """The installation's database as the app role (the embedded one started and migrated when it never was)."""
+    await asyncio.to_thread(prepare_database, cfg)
     db = Database(cfg)
     try:
         await db.ping()

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import typer
 from sqlalchemy import func, select, text
 
-from konstruct.cli.common import JsonOption, database, err, out, print_json, print_table, run, settings
+from konstruct.cli import model_setup
+from konstruct.cli.common import JsonOption, database, err, out, prepare_database, print_json, print_table, run, settings
 from konstruct.config import CONFIG_FILENAME, Settings, render_config, secret_key_in_environment
 from konstruct.db import migrate
 from konstruct.db.models import WorkerHeartbeat
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import ConfigError, KonstructError
+from konstruct.llm import probe
 from konstruct.secrets import create_secret_key_file, master_keys, secret_key_path
 from konstruct.supervision import inbox_health, read_state, summarise
 from konstruct.worker.queue import make_queue
@@ -33,31 +36,53 @@ def register(app: typer.Typer) -> None:
 
 def init(
     directory: Path = typer.Option(Path("."), "--dir", "-d", help="Folder for konstruct.toml and the .konstruct/ data directory."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing konstruct.toml."),
-    llm_model: str | None = typer.Option(None, "--llm-model", help="Default model, e.g. openai/gpt-4o-mini."),
-    llm_api_base: str | None = typer.Option(None, "--llm-api-base", help="Base URL of an OpenAI-compatible API."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing konstruct.toml (the master key is kept)."),
+    llm_model: str | None = typer.Option(
+        None, "--llm-model", help="Default model, e.g. openai/gpt-4o-mini or openai/llama3.1 for a local server."
+    ),
+    llm_api_base: str | None = typer.Option(
+        None, "--llm-api-base", help="Base URL of an OpenAI-compatible API (Ollama http://127.0.0.1:11434/v1, vLLM, llama.cpp)."
+    ),
     llm_api_key_env: str | None = typer.Option(
         None,
         "--llm-api-key-env",
-        help="Environment variable holding the platform LLM key (stored as a reference, never the key).",
+        help="Environment variable holding the platform LLM key (stored as a reference, never the key); none for a local server.",
     ),
+    no_test_call: bool = typer.Option(False, "--no-test-call", help="Do not make the one tiny test call to the model."),
     port: int | None = typer.Option(None, "--port", help="Gateway port."),
 ) -> None:
-    """Write konstruct.toml and the data directory, and create the master secret key."""
+    """Write konstruct.toml, the data directory and the master secret key, and test the model with one tiny call.
+
+    On an existing konstruct.toml, --llm-* (and --port) change only those settings; --force rewrites the whole file.
+    The model is asked for on a terminal when no --llm-* flag is given."""
     directory = directory.expanduser().resolve()
     path = directory / CONFIG_FILENAME
-    if path.exists() and not force:
-        raise ConfigError(f"{path} exists already: pass --force to overwrite it")
-    directory.mkdir(parents=True, exist_ok=True)
-    values: dict[str, dict[str, Any]] = {"llm": {}}
-    if llm_model:
-        values["llm"]["model"] = llm_model
-    if llm_api_base:
-        values["llm"]["api_base"] = llm_api_base
-    if llm_api_key_env:
-        values["llm"]["api_key"] = {"$env": llm_api_key_env}
+    update = path.exists() and not force
+    llm = model_setup.llm_values(llm_model, llm_api_base, llm_api_key_env, model_setup.current_llm(path) if update else {})
+    values: dict[str, dict[str, Any]] = {"llm": llm} if llm else {}
     if port:
         values["gateway"] = {"port": port, "public_url": f"http://127.0.0.1:{port}"}
+    if update:
+        if not values:
+            raise ConfigError(f"{path} exists already: pass --force to overwrite it, or --llm-model … to change only the model")
+        model_setup.write_update(path, values)
+    else:
+        _write_new(directory, path, values)
+    if llm_api_key_env:
+        out.print(f"LLM key: read from ${llm_api_key_env} when used (export it in the shell that runs `konstruct up`)")
+    if llm and not no_test_call:
+        model_setup.report_test_call(path, llm_api_key_env)
+    elif not llm:
+        out.print(f"model: {model_setup.DEFAULT_MODEL} (the default): set yours with `konstruct init --llm-model …`")
+    out.print(
+        "Next: [bold]konstruct up[/bold]  (then `konstruct tenant create NAME` and `konstruct agent create …`)"
+        if not update
+        else "If `konstruct up` runs, it must read the change: `konstruct doctor` shows whether its worker did"
+    )
+
+
+def _write_new(directory: Path, path: Path, values: dict[str, dict[str, Any]]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
     path.write_text(render_config(values))
     data_dir = directory / ".konstruct"
     data_dir.mkdir(mode=0o700, exist_ok=True)
@@ -72,9 +97,6 @@ def init(
     out.print(f"[green]Wrote[/green] {path}")
     out.print(f"data directory: {data_dir}")
     out.print(key_note)
-    if llm_api_key_env:
-        out.print(f"LLM key: read from ${llm_api_key_env} at run time")
-    out.print("Next: [bold]konstruct up[/bold]  (then `konstruct tenant create NAME` and `konstruct agent create …`)")
 
 
 @config_app.command("show")
@@ -131,23 +153,28 @@ def doctor(ctx: typer.Context, as_json: bool = JsonOption) -> None:
         add("master key", "ok", "KONSTRUCT_SECRET_KEY" if cfg.secret_key else str(secret_key_path(cfg)))
     except KonstructError as exc:
         add("master key", "fail", str(exc))
-    run(_doctor_database(cfg, add))
+    workers = run(_doctor_database(cfg, add))
     _check_llm(cfg, add)
+    if workers:
+        _check_worker_sees(cfg, workers[0], add)
     _report(checks, as_json)
 
 
-async def _doctor_database(cfg: Settings, add: Any) -> None:
+async def _doctor_database(cfg: Settings, add: Any) -> list[WorkerHeartbeat]:
+    """The database checks; returns the live workers' heartbeats, newest first."""
+    workers: list[WorkerHeartbeat] = []
     try:
+        await asyncio.to_thread(prepare_database, cfg)
         urls = resolve_urls(cfg)
         current = await asyncio.to_thread(migrate.current_revision, urls)
     except KonstructError as exc:
         add("database", "fail", str(exc))
-        return
+        return workers
     add("database", "ok", "embedded PostgreSQL in " + str(cfg.data_dir / "pg") if cfg.embedded_database else "reachable as the owner role")
     head = migrate.head_revision()
     if current != head:
         add("migrations", "fail", f"database at {current or 'empty'}, code at {head}: run `konstruct db upgrade`")
-        return
+        return workers
     add("migrations", "ok", f"at head ({head})")
     try:
         async with database(cfg) as db, db.system() as session:
@@ -157,10 +184,18 @@ async def _doctor_database(cfg: Settings, add: Any) -> None:
             else:
                 add("row-level security", "ok", "app role konstruct_app is subject to RLS")
             cutoff = func.now() - text(f"interval '{int(cfg.worker.stale_after)} seconds'")
-            workers = await session.scalar(select(func.count()).select_from(WorkerHeartbeat).where(WorkerHeartbeat.seen_at > cutoff))
+            workers = list(
+                (
+                    await session.execute(
+                        select(WorkerHeartbeat).where(WorkerHeartbeat.seen_at > cutoff).order_by(WorkerHeartbeat.started_at.desc())
+                    )
+                )
+                .scalars()
+                .all()
+            )
     except KonstructError as exc:
         add("row-level security", "fail", str(exc))
-        return
+        return workers
     try:
         queue = make_queue(cfg, urls)
         pending = await asyncio.to_thread(queue.pending)
@@ -169,7 +204,7 @@ async def _doctor_database(cfg: Settings, add: Any) -> None:
     except KonstructError as exc:
         add("queue", "fail", str(exc))
     if workers:
-        add("workers", "ok", f"{workers} worker(s) alive")
+        add("workers", "ok", f"{len(workers)} worker(s) alive")
     else:
         add("workers", "fail", "no worker has sent a heartbeat lately: start `konstruct up` or `konstruct worker`")
     status, lines = summarise(read_state(cfg.data_dir))
@@ -179,7 +214,7 @@ async def _doctor_database(cfg: Settings, add: Any) -> None:
             inbox = await inbox_health(db)
     except KonstructError as exc:
         add("messages", "fail", str(exc))
-        return
+        return workers
     waiting = f"{inbox.received} waiting, {inbox.processing} being answered" + (
         f", {inbox.suspect} to be retried alone" if inbox.suspect else ""
     )
@@ -188,17 +223,52 @@ async def _doctor_database(cfg: Settings, add: Any) -> None:
                                 f"see the status page's last errors); {waiting}")  # fmt: skip
     else:
         add("messages", "ok", waiting)
+    return workers
 
 
 def _check_llm(cfg: Settings, add: Any) -> None:
+    """One tiny real call to the default model with the platform key, as this shell has it."""
     model = cfg.llm.model
     if "/" not in model:
         add("llm", "warn", f"llm.model {model!r} has no provider prefix (e.g. openai/{model}); litellm may not route it")
-    elif cfg.llm.api_key is None and cfg.llm.api_base is None:
-        add("llm", "warn", f"no llm.api_key or llm.api_base: calls to {model} will fail unless the provider needs no key")
+    check = run(probe.check_platform_model(cfg))
+    where = f" via {cfg.llm.api_base}" if cfg.llm.api_base else ""
+    if check.ok:
+        add("llm", "ok", f"{check.line()}{where}")
     else:
-        where = cfg.llm.api_base or "the provider's default endpoint"
-        add("llm", "ok", f"{model} via {where}, timeout {cfg.llm.timeout:g}s, {cfg.llm.retries} retries")
+        add("llm", "fail", f"{check.line()}: fix it (`konstruct init --llm-model … --llm-api-base … --llm-api-key-env …`)")
+
+
+def _check_worker_sees(cfg: Settings, worker: WorkerHeartbeat, add: Any) -> None:
+    """What the newest running worker sees: the platform key in its environment, and the config it loaded."""
+    name = f"worker {worker.pid}"
+    if worker.has_platform_key is False:
+        source = probe.key_source(cfg, probe.default_provider(cfg)) or "llm.api_key"
+        add("worker key", "fail", f"{name} cannot read the platform key ({source}): export it in the shell that runs "
+                                  "`konstruct up`, and restart it")  # fmt: skip
+    elif worker.has_platform_key:
+        add("worker key", "ok", f"{name} has the platform key")
+    elif probe.platform_key_configured(cfg):
+        add("worker key", "warn", f"{name} has not said whether it has the platform key (an older version, or starting)")
+    if cfg.config_path is None or worker.config_mtime is None:
+        return
+    on_disk = datetime.fromtimestamp(cfg.config_path.stat().st_mtime, UTC)
+    behind = (on_disk - worker.config_mtime).total_seconds()
+    if behind > 1:
+        add("worker config", "warn", f"{name} runs a config {_age(behind)} older than {cfg.config_path.name}: "
+                                     "restart or wait for `up` to reload")  # fmt: skip
+    else:
+        add("worker config", "ok", f"{name} runs the current {cfg.config_path.name}")
+
+
+def _age(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 def _report(checks: list[dict[str, str]], as_json: bool) -> None:

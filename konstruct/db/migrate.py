@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from konstruct.config import Settings
-from konstruct.db.urls import APP_ROLE, DatabaseURLs, resolve_urls
+from konstruct.db.urls import APP_PASSWORD_FILE, APP_ROLE, DatabaseURLs, resolve_urls
 from konstruct.errors import DatabaseError
 
 
@@ -69,6 +70,22 @@ def upgrade(settings: Settings) -> UpgradeResult:
     finally:
         engine.dispose()
     return UpgradeResult(before=before, after=after)
+
+
+def prepare_embedded(settings: Settings) -> UpgradeResult | None:
+    """Before the first `konstruct up`: start the embedded database and create and migrate it, as `up` would, when it
+    has never been (no app role password yet). Returns what was done, or None when there was nothing to do."""
+    if not settings.embedded_database or settings.database.app_password is not None:
+        return None
+    password = settings.data_dir / APP_PASSWORD_FILE
+    if password.exists():
+        return None
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.data_dir / "migrate.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two first commands at once: one migrates, the other waits and finds it done
+        if password.exists():
+            return None
+        return upgrade(settings)
 
 
 def current_revision(urls: DatabaseURLs) -> str | None:

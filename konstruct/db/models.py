@@ -223,6 +223,8 @@ class WorkerHeartbeat(Base):
     started_at: Mapped[datetime] = _created()
     seen_at: Mapped[datetime] = _created()
     in_flight: Mapped[int] = mapped_column(Integer, server_default="0")
+    has_platform_key: Mapped[bool | None] = mapped_column(Boolean)  # it can read the platform LLM key (null: none set)
+    config_mtime: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))  # of the konstruct.toml it loaded
 
 
 class LLMKey(Base):

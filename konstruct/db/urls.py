@@ -61,7 +61,16 @@ def app_password(settings: Settings, *, create: bool) -> str:
         raise ConfigError(f"no password for the {APP_ROLE} role: run `konstruct db upgrade`, or set database.app_password")
     path.parent.mkdir(parents=True, exist_ok=True)
     value = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Written whole under a temporary name, then linked into place: a second process making it at the same moment
+    # (`up` and a first CLI command) finds the file complete and uses that one.
+    tmp = path.with_name(f".{APP_PASSWORD_FILE}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(value + "\n")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return path.read_text().strip()
+    finally:
+        tmp.unlink()
     return value

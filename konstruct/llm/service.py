@@ -23,10 +23,11 @@ from konstruct import audit
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import LLMUsage
-from konstruct.errors import ConfigError, ValidationError
-from konstruct.llm import budget
+from konstruct.errors import ValidationError
+from konstruct.llm import budget, probe
 from konstruct.llm.client import Completion, LLMError, ToolCall, load_litellm
 from konstruct.llm.keys import TenantKey, check_api_base, tenant_keys
+from konstruct.llm.probe import provider_of
 from konstruct.mail import Notice
 from konstruct.money import usd
 
@@ -56,13 +57,7 @@ class Deployment:
     api_key: str | None
     api_base: str | None
     source: str  # tenant | platform
-
-
-def provider_of(model: str) -> str:
-    try:
-        return str(load_litellm().get_llm_provider(model)[1])
-    except Exception:
-        return model.split("/", 1)[0] if "/" in model else "openai"
+    key_from: str | None = None  # where the key came from, for messages: "$OPENAI_API_KEY", "the tenant's key"
 
 
 def deployments(settings: Settings, keys: dict[str, TenantKey], models: list[str]) -> list[Deployment]:
@@ -72,14 +67,15 @@ def deployments(settings: Settings, keys: dict[str, TenantKey], models: list[str
         provider = provider_of(model)
         own = keys.get(provider)
         if own is not None:
-            out.append(Deployment(model, provider, own.key, own.api_base or settings.llm.api_base, "tenant"))
+            out.append(
+                Deployment(model, provider, own.key, own.api_base or settings.llm.api_base, "tenant", f"the tenant's {provider} key")
+            )
             continue
-        platform = settings.llm.provider_keys.get(provider) or settings.llm.api_key
-        try:
-            key = platform.get_secret_value() if platform is not None else None  # None: litellm reads e.g. OPENAI_API_KEY
-        except ConfigError as exc:  # a reference that cannot be read: this call fails, saying which variable
-            raise LLMError(f"no platform key for {model}: {exc}") from None
-        out.append(Deployment(model, provider, key or None, settings.llm.api_base, "platform"))
+        platform = probe.platform_key(settings, provider, here="the worker's environment")
+        if platform.problem is not None:
+            raise LLMError(f"the platform key for {model}: {platform.problem}")
+        key = platform.value or probe.keyless(provider, settings.llm.api_base)
+        out.append(Deployment(model, provider, key, settings.llm.api_base, "platform", platform.source))
     return out
 
 
@@ -194,9 +190,13 @@ class LLMService:
         reservation: uuid.UUID | None = None
         if limit is not None:
             models, reservation = await self._admit(ctx, limit, models, messages, tools)
-        plan = deployments(self.settings, keys, models)
-        secrets = [d.api_key for d in plan if d.api_key]
         started = time.perf_counter()
+        try:
+            plan = deployments(self.settings, keys, models)
+        except LLMError as exc:
+            await self._record(ctx, models[0], "platform", None, Decimal(0), started, reservation, limit, error=str(exc))
+            raise
+        secrets = [d.api_key for d in plan if d.api_key and d.api_key != probe.LOCAL_SERVER_KEY]
         try:
             router = self.router(ctx.tenant_id, plan)
             response = await router.acompletion(
@@ -204,7 +204,10 @@ class LLMService:
             )
             result = self._completion(response, models[0], started)
         except Exception as exc:
-            reason = _scrub(_first_line(exc), secrets)
+            named = probe.describe_failure(
+                exc, model=models[0], api_base=plan[0].api_base, source=plan[0].key_from, timeout=self.settings.llm.timeout
+            )
+            reason = _scrub(f"{type(exc).__name__}: {named}" if named else _first_line(exc), secrets)
             await self._record(ctx, models[0], plan[0].source, None, Decimal(0), started, reservation, limit, error=reason)
             raise LLMError(reason) from None
         await self._record(ctx, result.model, plan[0].source, result, self.cost(response), started, reservation, limit)

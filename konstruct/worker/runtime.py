@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Coroutine
 from concurrent.futures import Future
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -35,6 +36,7 @@ from konstruct.config import Settings
 from konstruct.db.engine import Database, unavailable
 from konstruct.db.models import Conversation, InboundMessage, WorkerHeartbeat
 from konstruct.db.urls import DatabaseURLs
+from konstruct.llm import probe
 from konstruct.llm.client import load_litellm
 from konstruct.logs import Throttled
 from konstruct.secrets import decrypt
@@ -69,6 +71,7 @@ class WorkerRuntime:
         self.db: Database | None = None
         self.pipeline: Pipeline | None = None
         self.stopping: Any = None  # the consumer's stop flag (a threading.Event), once it runs
+        self.sees = _what_it_sees(settings)
 
     # -- life cycle (called from the consumer's main thread) --
 
@@ -253,8 +256,8 @@ class WorkerRuntime:
         async with self.db.system() as session:
             await session.execute(
                 pg_insert(WorkerHeartbeat)
-                .values(worker_id=self.worker_id, hostname=socket.gethostname(), pid=os.getpid(), in_flight=self.in_flight)
-                .on_conflict_do_update(index_elements=["worker_id"], set_={"seen_at": func.now(), "in_flight": self.in_flight})
+                .values(worker_id=self.worker_id, hostname=socket.gethostname(), pid=os.getpid(), in_flight=self.in_flight, **self.sees)
+                .on_conflict_do_update(index_elements=["worker_id"], set_={"seen_at": func.now(), "in_flight": self.in_flight, **self.sees})
             )
 
     async def _heartbeat_loop(self) -> None:
@@ -291,6 +294,17 @@ class WorkerRuntime:
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = 60) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+def _what_it_sees(settings: Settings) -> dict[str, Any]:
+    """For its heartbeat (and so `konstruct doctor`): whether this process can read the platform LLM key (a yes or
+    no, never the key; None when none is configured) and when the config file it loaded was last changed."""
+    has_key = probe.has_platform_key(settings) if probe.platform_key_configured(settings) else None
+    try:
+        mtime = datetime.fromtimestamp(settings.config_path.stat().st_mtime, UTC) if settings.config_path else None
+    except OSError:
+        mtime = None
+    return {"has_platform_key": has_key, "config_mtime": mtime}
 
 
 def _load_embedding_model() -> None:
