@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import typer
 
+from konstruct import feedback
 from konstruct.cli.common import EveryTenantOption, JsonOption, out, print_json, print_table, tenants_for, with_database
 from konstruct.db.engine import Database
 from konstruct.errors import ValidationError
@@ -34,12 +35,13 @@ def usage(
     if as_json and as_csv:
         raise ValidationError("pick one of --json and --csv")
 
-    async def go(db: Database) -> service.UsageReport:
-        return await service.report(db, await tenants_for(db, "usage.read", tenant), since=start, by=by)
+    async def go(db: Database) -> tuple[service.UsageReport, feedback.FeedbackCounts]:
+        tenants = await tenants_for(db, "usage.read", tenant)
+        return await service.report(db, tenants, since=start, by=by), await feedback.counts(db, tenants, since=start)
 
-    report = with_database(ctx, go)
+    report, votes = with_database(ctx, go)
     if as_json:
-        print_json(report.as_json())
+        print_json({**report.as_json(), "feedback": votes.as_json()})
         return
     rows = [*report.rows, report.total]
     if as_csv:
@@ -57,6 +59,7 @@ def usage(
         [(r.key, r.calls, r.failed, r.prompt_tokens, r.completion_tokens, f"{r.cost_usd:.4f}", f"{r.avg_latency_ms} ms") for r in rows],
     )
     _bar_chart(report.daily)
+    _feedback(votes)
 
 
 def _bar_chart(daily: dict[date, Decimal], width: int = 40) -> None:
@@ -66,3 +69,8 @@ def _bar_chart(daily: dict[date, Decimal], width: int = 40) -> None:
         filled = int(cost / top * width) if top else 0
         bar = "█" * filled or ("▏" if cost else "")
         out.print(f"{day:%m-%d}  {bar.ljust(width)}  ${cost:.4f}")
+
+
+def _feedback(votes: feedback.FeedbackCounts) -> None:
+    share = f" ({votes.positive_percent:.0f}% positive)" if votes.positive_percent is not None else ""
+    out.print(f"[bold]feedback on replies[/bold]  👍 {votes.up}  👎 {votes.down}{share}")
