@@ -89,16 +89,19 @@ class Workspace:
     token: str
 
 
-async def workspace(db: Database, fake: FakeSlack, tenant: TenantInfo | None = None) -> Workspace:
-    """A Slack workspace with its own app (team id, bot token, signing secret), connected to a new tenant or to `tenant`."""
+async def workspace(db: Database, fake: FakeSlack, tenant: TenantInfo | None = None, *, mode: str = "single") -> Workspace:
+    """A Slack workspace connected to a new tenant or to `tenant`: with its own app (team id, bot token, signing secret),
+    or (mode "oauth") installed from the distributed app, whose signing secret signs for every workspace."""
     if tenant is None:
         tenant = await create_tenant(db, name="Acme", slug=unique_slug("acme"), actor="test")
         await create_agent(db, tenant, name="Ava", role="Support", persona="Helpful and brief.", model=None, actor="test")
-    team, token, secret = "T" + uuid.uuid4().hex[:10].upper(), f"xoxb-{uuid.uuid4().hex[:12]}", f"signing-{uuid.uuid4().hex}"
+    team, token = "T" + uuid.uuid4().hex[:10].upper(), f"xoxb-{uuid.uuid4().hex[:12]}"
+    secret = f"signing-{uuid.uuid4().hex}" if mode == "single" else APP_SECRET
+    credentials = {"bot_token": token, "signing_secret": secret} if mode == "single" else {"bot_token": token}
     fake.add_token(token, team_id=team, team="Acme HQ", user_id=BOT_USER)
     await connections.connect(
-        db, db.settings, tenant, kind="slack", external_id=team, name=team, mode="single",
-        credentials={"bot_token": token, "signing_secret": secret}, details={"bot_user_id": BOT_USER}, default_agent=None, actor="test",
+        db, db.settings, tenant, kind="slack", external_id=team, name=team, mode=mode, credentials=credentials,
+        details={"bot_user_id": BOT_USER}, default_agent=None, actor="test",
     )  # fmt: skip
     return Workspace(tenant, team, secret, token)
 
@@ -164,7 +167,7 @@ async def post_click(gateway: httpx.AsyncClient, body: bytes, secret: str | None
 async def votes(db: Database, tenant: TenantInfo) -> list[tuple[uuid.UUID, str, int]]:
     async with db.tenant(tenant_id=tenant.id) as session:
         rows = await session.execute(select(ReplyFeedback.message_id, ReplyFeedback.voter, ReplyFeedback.value))
-        return [tuple(row) for row in rows.all()]  # type: ignore[misc]
+        return [(message_id, voter, value) for message_id, voter, value in rows.all()]
 
 
 async def vote_events(db: Database, tenant: TenantInfo) -> list[dict[str, Any]]:
@@ -265,6 +268,20 @@ async def test_a_vote_from_another_workspace_tenant_or_channel_is_refused(
         assert await votes(mdb, tenant) == [] and await vote_events(mdb, tenant) == []
     # The reply's own workspace and channel may (so the refusals above were about where the votes came from).
     assert (await post_click(gateway, click(ws.team, block), ws.secret)).status_code == 200
+    assert await votes(mdb, ws.tenant) == [(reply_id, PERSON, 1)]
+
+
+async def test_with_the_distributed_app_a_click_counts_only_for_the_workspace_it_came_from(
+    gateway: httpx.AsyncClient, mdb: Database, fake_slack: FakeSlack
+) -> None:
+    """One signing secret signs for every installed workspace: the workspace named in the click picks the tenant."""
+    ws, other = await workspace(mdb, fake_slack, mode="oauth"), await workspace(mdb, fake_slack, mode="oauth")
+    reply_id, answer = await answered(gateway, mdb, fake_slack, ws, "hello")
+    block = blocks_of(answer)[-1]
+    assert (await post_click(gateway, click(other.team, block), APP_SECRET)).status_code == 404
+    assert (await post_click(gateway, click(ws.team, block), "a-single-app-secret")).status_code == 401
+    assert await votes(mdb, ws.tenant) == [] and await votes(mdb, other.tenant) == []
+    assert (await post_click(gateway, click(ws.team, block), APP_SECRET)).status_code == 200
     assert await votes(mdb, ws.tenant) == [(reply_id, PERSON, 1)]
 
 
