@@ -316,7 +316,7 @@ async def test_gateway_bounds_headers_and_slow_clients(site: Site, tmp_path: Pat
 
 # -- the fuzz run --
 
-PER_ROUTE = {"slack": 1000, "whatsapp": 1000, "stripe": 1000, "login": 150}
+PER_ROUTE = {"slack": 1000, "slack_interactive": 500, "whatsapp": 1000, "stripe": 1000, "login": 150}
 
 
 async def test_fuzz_thousands_of_hostile_requests(site: Site, gateway: Proc) -> None:

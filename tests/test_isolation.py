@@ -17,11 +17,12 @@ import pytest
 from psycopg import errors, sql
 from psycopg.types.json import Jsonb
 
+from konstruct import feedback
 from konstruct.agent.agents import create_agent
 from konstruct.channels import connections
 from konstruct.config import Settings
 from konstruct.db.engine import Database
-from konstruct.db.models import BudgetReservation, DeliveryStatus, LLMUsage, Memory, Subscription
+from konstruct.db.models import BudgetReservation, DeliveryStatus, LLMUsage, Memory, Message, Subscription
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import TenantNotSetError
 from konstruct.inbox import store
@@ -41,7 +42,7 @@ async def seed(db: Database, slug: str) -> TenantInfo:
         credentials={"bot_token": f"xoxb-{slug}-secret", "signing_secret": f"{slug}-signing"}, details={}, default_agent=None, actor="test",
     )  # fmt: skip
     await connections.set_route(db, tenant, slack, "C-general", "Ava", actor="test")
-    for n in range(2):
+    stored = [
         await store(
             db,
             InboundMessage(
@@ -54,6 +55,15 @@ async def seed(db: Database, slug: str) -> TenantInfo:
                 text=f"secret of {slug} #{n}",
             ),
         )
+        for n in range(2)
+    ]
+    first = stored[0]
+    assert first is not None
+    reply = Message(id=uuid.uuid4(), tenant_id=tenant.id, conversation_id=first.conversation_id, inbound_id=first.id,
+                    direction="out", author="Ava", text=f"answer for {slug}", status="sent")  # fmt: skip
+    async with db.tenant(tenant_id=tenant.id) as session:
+        session.add(reply)
+    await feedback.vote(db, tenant_id=tenant.id, message_id=reply.id, channel="terminal", voter="someone", value=feedback.UP, origin={})
     async with db.tenant(tenant_id=tenant.id) as session:
         session.add(DeliveryStatus(tenant_id=tenant.id, channel="whatsapp", external_id=f"wamid.{slug}", status="delivered"))
         session.add(Memory(tenant_id=tenant.id, agent_id=agent.id, person="someone", content=f"{slug} likes tea", embedding=[0.05] * 384))
@@ -125,6 +135,7 @@ def test_every_tenant_table_forces_row_level_security(two_tenants: Any, app_conn
         "audit_events",
         "channel_connections",
         "channel_routes",
+        "reply_feedback",
     } <= set(tables)
     for table in tables:
         row = app_conn.execute("select relrowsecurity, relforcerowsecurity from pg_class where relname = %s", (table,)).fetchone()

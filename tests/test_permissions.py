@@ -54,6 +54,7 @@ MATRIX: dict[str, tuple[set[str], Command, tuple[type[KonstructError], ...]]] = 
     "invite.read": ({ADMIN}, lambda t: ["invite", "list", "--tenant", t], ()),
     "invite.write": ({ADMIN}, lambda t: ["invite", "create", "--tenant", t, "--email", f"new@{t}.test", "--role", OPERATOR], ()),
     "conversation.read": (BOTH, lambda t: ["conversation", "list", "--tenant", t], ()),
+    "conversation.read (feedback)": (BOTH, lambda t: ["feedback", "--tenant", t, "--json"], ()),
     "conversation.handle": (BOTH, lambda t: ["conversation", "release", "0000000000", "--tenant", t], (NotFoundError,)),
     "memory.read": ({ADMIN}, lambda t: ["memory", "list", "--tenant", t, "--person", "pat"], ()),
     "memory.forget": ({ADMIN}, lambda t: ["memory", "forget", "--tenant", t, "--person", "nobody", "--yes"], ()),

@@ -208,7 +208,9 @@ async def test_mention_is_answered_in_a_thread_with_a_placeholder_replaced(slack
     assert posts[0].token == slack_system.bot_token
     assert update.args["ts"] == slack_system.slack.messages[("C0000000001", update.args["ts"])]["ts"]
     assert update.args["text"] == "[fake-model] You said: what is our refund policy?"  # the mention itself is stripped
-    assert update.args["blocks"] == [{"type": "markdown", "text": update.args["text"]}]  # Slack renders the Markdown
+    # Slack renders the Markdown; the buttons under it rate the stored reply.
+    assert update.args["blocks"][0] == {"type": "markdown", "text": update.args["text"]}
+    assert [b["type"] for b in update.args["blocks"]] == ["markdown", "context_actions"]
     system_prompt = slack_system.llm.requests[-1].body["messages"][0]["content"]
     assert "You are an AI" in system_prompt
 
@@ -289,7 +291,8 @@ async def test_rate_limits_are_honoured_and_long_answers_split(slack_system: Sla
     posts = slack_system.slack.calls_to("chat.postMessage")
     assert [c.rate_limited for c in posts][:2] == [True, False]  # the 429, then the same post again
     answer = [slack_system.updates()[0].args, *[c.args for c in posts if not c.rate_limited][1:]]
-    assert all(a["blocks"] == [{"type": "markdown", "text": a["blocks"][0]["text"]}] for a in answer) and len(answer) >= 2
+    assert all(a["blocks"] == [{"type": "markdown", "text": a["blocks"][0]["text"]}] for a in answer[:-1]) and len(answer) >= 2
+    assert [b["type"] for b in answer[-1]["blocks"]] == ["markdown", "context_actions"]  # the feedback buttons: under the last part
     texts = [a["blocks"][0]["text"] for a in answer]
     assert all(len(t) <= 12_000 for t in texts) and all(len(a["text"]) <= 4_000 for a in answer)  # text: the fallback
     assert "".join(texts).replace(" ", "").endswith("word1999")

@@ -17,6 +17,7 @@ from konstruct.cli import (
     conversations,
     declare,
     escalations,
+    feedback,
     invitations,
     keys,
     memory,
@@ -79,6 +80,7 @@ serve.register(app)
 chat.register(app)
 declare.register(app)
 usage.register(app)
+feedback.register(app)
 app.command("onboard")(onboard.onboard)
 app.add_typer(tenants.app, name="tenant")
 app.add_typer(agents.app, name="agent")

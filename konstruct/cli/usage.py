@@ -10,6 +10,7 @@ from decimal import Decimal
 import typer
 from rich.table import Table
 
+from konstruct import feedback
 from konstruct.cli.common import EveryTenantOption, JsonOption, out, print_json, tenants_for, with_database
 from konstruct.db.engine import Database
 from konstruct.errors import ValidationError
@@ -36,12 +37,13 @@ def usage(
     if as_json and as_csv:
         raise ValidationError("pick one of --json and --csv")
 
-    async def go(db: Database) -> service.UsageReport:
-        return await service.report(db, await tenants_for(db, "usage.read", tenant), since=start, by=by)
+    async def go(db: Database) -> tuple[service.UsageReport, feedback.FeedbackCounts]:
+        tenants = await tenants_for(db, "usage.read", tenant)
+        return await service.report(db, tenants, since=start, by=by), await feedback.counts(db, tenants, since=start)
 
-    report = with_database(ctx, go)
+    report, votes = with_database(ctx, go)
     if as_json:
-        print_json(report.as_json())
+        print_json({**report.as_json(), "feedback": votes.as_json()})
         return
     rows = [*report.rows, report.total]
     if as_csv:
@@ -55,6 +57,7 @@ def usage(
     scope = f"tenant {tenant}" if tenant else "all tenants"
     _usage_table(f"LLM usage of {scope} since {start:%Y-%m-%d %H:%M} UTC, by {by}", by, rows)
     _bar_chart(report.daily)
+    _feedback(votes)
 
 
 def _usage_table(title: str, by: str, rows: list[service.UsageRow]) -> None:
@@ -88,3 +91,8 @@ def _bar_chart(daily: dict[date, Decimal], width: int = 40) -> None:
         if day is not None and cost is not None:
             bar = "█" * int(cost / top * width) or "▏"
             out.print(f"{day:%m-%d}  {bar.ljust(width)}  {usd(cost)}", markup=False)
+
+
+def _feedback(votes: feedback.FeedbackCounts) -> None:
+    share = f" ({votes.positive_percent:.0f}% positive)" if votes.positive_percent is not None else ""
+    out.print(f"[bold]feedback on replies[/bold]  👍 {votes.up}  👎 {votes.down}{share}")

@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from pgvector.sqlalchemy import Vector
-from sqlalchemy import BigInteger, Boolean, Date, ForeignKey, Identity, Integer, LargeBinary, Numeric, Text
+from sqlalchemy import BigInteger, Boolean, Date, ForeignKey, Identity, Integer, LargeBinary, Numeric, SmallInteger, Text
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -371,6 +371,21 @@ class Invitation(Base):
     accepted_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
     accepted_by: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), ForeignKey("users.id", ondelete="SET NULL"))
     revoked_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+
+
+class ReplyFeedback(Base):
+    """A person's vote on one stored reply: +1 (thumbs up) or -1 (thumbs down); one per person per reply, changeable."""
+
+    __tablename__ = "reply_feedback"
+
+    id: Mapped[uuid.UUID] = _id()
+    tenant_id: Mapped[uuid.UUID] = _tenant_id()
+    message_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("messages.id", ondelete="CASCADE"))
+    channel: Mapped[str] = mapped_column(Text)
+    voter: Mapped[str] = mapped_column(Text)  # the channel's id of the person (a Slack user id)
+    value: Mapped[int] = mapped_column(SmallInteger)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _created()
 
 
 TENANT_TABLES = frozenset(table.name for table in Base.metadata.sorted_tables if "tenant_id" in table.c or table.name == "tenants")

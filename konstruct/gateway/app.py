@@ -25,6 +25,7 @@ from konstruct.billing import events as billing_events
 from konstruct.bodies import read_body
 from konstruct.channels.slack import oauth
 from konstruct.channels.slack.events import SlackEvents
+from konstruct.channels.slack.interactive import SlackInteractions
 from konstruct.channels.whatsapp.webhook import WhatsAppWebhook
 from konstruct.config import CONFIG_ENV, Settings, load_settings
 from konstruct.db.engine import Database
@@ -104,6 +105,12 @@ async def slack_events(request: Request) -> Response:
     return await slack.handle(request)
 
 
+async def slack_interactive(request: Request) -> Response:
+    """Slack interactivity (feedback clicks on answers): verified like events, stored before the 200."""
+    interactions: SlackInteractions = request.app.state.slack_interactions
+    return await interactions.handle(request)
+
+
 async def whatsapp_verify(request: Request) -> Response:
     """Meta's webhook subscription handshake."""
     whatsapp: WhatsAppWebhook = request.app.state.whatsapp
@@ -160,6 +167,7 @@ def create_app(settings: Settings) -> Starlette:
         app.state.db = Database(settings, urls)
         app.state.queue = make_queue(settings, urls)
         app.state.slack = SlackEvents(settings, app.state.db, app.state.queue)
+        app.state.slack_interactions = SlackInteractions(settings, app.state.db)
         app.state.whatsapp = WhatsAppWebhook(settings, app.state.db, app.state.queue)
         app.state.health = DatabaseHealth(app.state.db)
         try:  # connections and bolt apps ready before the first webhook, not built while it waits
@@ -186,6 +194,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/slack/events", slack_events, methods=["POST"]),
+            Route("/slack/interactive", slack_interactive, methods=["POST"]),
             Route("/slack/install", oauth.install),
             Route("/slack/oauth_redirect", oauth.oauth_redirect),
             Route("/whatsapp/webhook", whatsapp_verify, methods=["GET"]),

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import func, select, text
 
-from konstruct import audit, supervision
+from konstruct import audit, feedback, supervision
 from konstruct.billing import standing as billing
 from konstruct.config import Settings
 from konstruct.db.engine import Database
@@ -76,6 +76,7 @@ class TenantView:
     daily_cost: list[tuple[str, float]]
     billing: billing.BillingStatus
     events: list[audit.AuditEvent]
+    feedback: feedback.FeedbackCounts  # thumbs up and down on replies, last 30 days
 
 
 async def tenant_view(db: Database, settings: Settings, tenant: TenantInfo) -> TenantView:
@@ -120,9 +121,10 @@ async def tenant_view(db: Database, settings: Settings, tenant: TenantInfo) -> T
     daily = [(day.strftime("%m-%d"), float(cost)) for day, cost in report.daily.items()]
     status = await billing.status(db, settings, tenant)
     events = await audit.events(db, tenant.id, limit=15)
+    votes = await feedback.counts(db, [tenant], since=today - timedelta(days=29))
     return TenantView(
         tenant, agents, connections, int(conversations or 0), int(messages_in or 0), int(messages_out or 0), escalations, info, daily,
-        status, list(reversed(events)),
+        status, list(reversed(events)), votes,
     )  # fmt: skip
 
 

@@ -1,5 +1,5 @@
 """Hostile requests for the gateway, generated from a seed: unsigned, forged and validly signed bodies for
-the Slack, WhatsApp and Stripe webhooks, and sign-in forms. Shared by tests/test_hostile.py (the fuzz test)
+the Slack (events and interactivity), WhatsApp and Stripe webhooks, and sign-in forms. Shared by tests/test_hostile.py (the fuzz test)
 and bench/hostile.py (20,000 of them with figures), so both send the same kinds of abuse.
 
 Signatures are made exactly as Slack, Meta and Stripe make them, so "signed" requests pass verification
@@ -15,6 +15,7 @@ import hmac
 import json
 import random
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,10 +24,12 @@ from urllib.parse import quote
 
 import httpx
 
-ROUTES = ("slack", "whatsapp", "stripe", "login")
-PATHS = {"slack": "/slack/events", "whatsapp": "/whatsapp/webhook", "stripe": "/stripe/webhook", "login": "/login"}
+ROUTES = ("slack", "slack_interactive", "whatsapp", "stripe", "login")
+PATHS = {"slack": "/slack/events", "slack_interactive": "/slack/interactive", "whatsapp": "/whatsapp/webhook",
+         "stripe": "/stripe/webhook", "login": "/login"}  # fmt: skip
 # Tables no unauthenticated request may write to (login_failures is the throttle's own count, by design).
-TABLES = ("inbound_messages", "messages", "conversations", "stripe_events", "subscriptions", "channel_connections", "audit_events")
+TABLES = ("inbound_messages", "messages", "conversations", "stripe_events", "subscriptions", "channel_connections", "audit_events",
+          "reply_feedback")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,17 @@ def slack_event(keys: Keys, rng: random.Random) -> dict[str, Any]:
             "event_id": f"Ev{rng.randrange(10**10):010d}", "event_time": int(time.time())}  # fmt: skip
 
 
+def slack_interaction(keys: Keys, rng: random.Random) -> dict[str, Any]:
+    """A click on the feedback buttons under an answer (a block_actions payload)."""
+    action = {"type": "feedback_buttons", "action_id": "konstruct_feedback", "value": rng.choice(["positive", "negative"]),
+              "block_id": f"konstruct_feedback:{uuid.UUID(int=rng.getrandbits(128))}", "action_ts": f"{time.time():.6f}",
+              "text": {"type": "plain_text", "text": "👍"}}  # fmt: skip
+    return {"type": rng.choice(["block_actions", "block_actions", "view_submission"]), "team": {"id": keys.slack_team, "domain": "x"},
+            "user": {"id": "U0000000001", "team_id": keys.slack_team}, "api_app_id": "A1", "token": "t",
+            "container": {"type": "message", "message_ts": "1.2", "channel_id": "D0000000001"}, "channel": {"id": "D0000000001"},
+            "actions": [action]}  # fmt: skip
+
+
 def whatsapp_delivery(keys: Keys, rng: random.Random) -> dict[str, Any]:
     wa_id = "15550001111"
     message: dict[str, Any] = {"from": wa_id, "id": f"wamid.H{rng.randrange(10**12)}", "timestamp": str(int(time.time()))}
@@ -210,7 +224,7 @@ _BAD_HEADER_VALUES = [b"abc", b"\xc3\xa9", b"", b"v0=" + b"g" * 64, b"sha256=" +
 def _forged(rng: random.Random, route: str, body: bytes, keys: Keys) -> list[tuple[bytes, bytes]]:
     """Headers that must not verify: missing, malformed, non-ASCII, stale, or signed with the wrong secret."""
     pick = rng.random()
-    if route == "slack":
+    if route in ("slack", "slack_interactive"):
         good = slack_headers(body, "wrong-secret" if pick < 0.3 else keys.slack_secret)
         if pick < 0.3:
             return good
@@ -256,16 +270,18 @@ def generate(rng: random.Random, keys: Keys, route: str, *, signed: bool, csrf: 
     """One hostile request for a route; `signed` ones carry a valid signature over whatever body they hold."""
     if route == "login":
         return _login(rng, keys, csrf)
-    template = {"slack": slack_event, "whatsapp": whatsapp_delivery, "stripe": stripe_event}[route](keys, rng)
+    templates = {"slack": slack_event, "slack_interactive": slack_interaction, "whatsapp": whatsapp_delivery, "stripe": stripe_event}
+    template = templates[route](keys, rng)
     value = mutate(rng, template, rounds=rng.randint(0, 4)) if rng.random() < 0.9 else odd_value(rng)
     body = encode(rng, value)
     content_type = b"application/json"
-    if route == "slack" and rng.random() < 0.1:  # an interaction: form-encoded payload=…
+    if (route == "slack" and rng.random() < 0.1) or (route == "slack_interactive" and rng.random() < 0.9):  # form-encoded payload=…
         content_type = b"application/x-www-form-urlencoded"
         body = b"payload=" + quote(body.decode("utf-8", "replace"), errors="surrogatepass").encode()
     if signed:
-        secret = {"slack": keys.slack_secret, "whatsapp": keys.wa_secret, "stripe": keys.stripe_secret}[route]
-        sign = {"slack": slack_headers, "whatsapp": whatsapp_headers, "stripe": stripe_headers}[route]
+        secret = {"slack": keys.slack_secret, "slack_interactive": keys.slack_secret, "whatsapp": keys.wa_secret,
+                  "stripe": keys.stripe_secret}[route]  # fmt: skip
+        sign = {"slack": slack_headers, "slack_interactive": slack_headers, "whatsapp": whatsapp_headers, "stripe": stripe_headers}[route]
         headers = sign(body, secret)
     else:
         headers = _forged(rng, route, body, keys)

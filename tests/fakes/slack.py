@@ -7,7 +7,8 @@ a method with HTTP 429 and `Retry-After`.
 
 Only the methods konstruct uses are implemented: `auth.test`, `oauth.v2.access`, `chat.postMessage`
 (with message `metadata`, and `blocks` checked as Slack does for the `markdown` blocks konstruct sends:
-at most 50 blocks, at most 12,000 characters of markdown text in one message), `chat.update`, `conversations.replies` and `conversations.history` (metadata
+at most 50 blocks, at most 12,000 characters of markdown text in one message; `context_actions` feedback buttons shaped
+as Slack's reference has them), `chat.update`, `conversations.replies` and `conversations.history` (metadata
 only with `include_all_metadata`, as Slack does). Anything else answers `{"ok": false, "error": "unknown_method"}`.
 Like real Slack, every answer except a rate limit is HTTP 200 with `"ok"` telling success from failure.
 """
@@ -71,12 +72,37 @@ def _blocks(raw: Any) -> list[dict[str, Any]] | str | None:
         return "invalid_blocks_format"
     if len(raw) > MAX_BLOCKS:
         return "invalid_blocks"
+    if not all(_context_actions_ok(b) for b in raw if b["type"] == "context_actions"):
+        return "invalid_blocks"
     markdown = [b.get("text") for b in raw if b["type"] == "markdown"]
     if not all(isinstance(t, str) and t for t in markdown):
         return "invalid_blocks"
     if sum(len(t) for t in markdown) > MARKDOWN_LIMIT:
         return "msg_blocks_too_long"
     return raw
+
+
+def _context_actions_ok(block: dict[str, Any]) -> bool:
+    """A context_actions block as Slack's reference has it: 1-5 elements, feedback_buttons with a positive and a
+    negative button (plain_text of at most 75 characters, a value of at most 2,000), a block_id of at most 255."""
+    elements, block_id = block.get("elements"), block.get("block_id")
+    if not isinstance(elements, list) or not 0 < len(elements) <= 5:
+        return False
+    if block_id is not None and not (isinstance(block_id, str) and 0 < len(block_id) <= 255):
+        return False
+    for element in elements:
+        if not isinstance(element, dict) or element.get("type") not in ("feedback_buttons", "icon_button"):
+            return False
+        if element["type"] != "feedback_buttons":
+            continue
+        for key in ("positive_button", "negative_button"):
+            button = element.get(key)
+            text = button.get("text") if isinstance(button, dict) else None
+            if not isinstance(button, dict) or not isinstance(button.get("value"), str) or not 0 < len(button["value"]) <= 2000:
+                return False
+            if not isinstance(text, dict) or text.get("type") != "plain_text" or not 0 < len(str(text.get("text") or "")) <= 75:
+                return False
+    return True
 
 
 def _ts_key(ts: str) -> tuple[int, int]:

@@ -19,9 +19,11 @@ from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from konstruct import feedback
 from konstruct.channels.connections import SecretCache
 from konstruct.channels.slack.client import web_client
-from konstruct.channels.slack.format import markdown_messages
+from konstruct.channels.slack.feedback import feedback_block
+from konstruct.channels.slack.format import SlackMessage, markdown_messages
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import ChannelConnection
@@ -115,10 +117,11 @@ class SlackChannel:
         return parts
 
     async def send(self, reply: Reply) -> str | None:
-        """Replace the placeholder with the first part of the answer; post the rest in the thread."""
+        """Replace the placeholder with the first part of the answer; post the rest in the thread. The last part
+        carries the thumbs up/down that rate the stored reply."""
         target = reply.target
         client = await self._client(target)
-        first, *rest = markdown_messages(reply.text) or markdown_messages("…")
+        first, *rest = await self._with_feedback(target, markdown_messages(reply.text) or markdown_messages("…"))
         first_ts: str | None = None
         try:
             if target.reply_ref:
@@ -132,13 +135,21 @@ class SlackChannel:
             raise ChannelError(f"Slack refused the reply: {exc.response.get('error')}") from None
         return first_ts
 
+    async def _with_feedback(self, target: Target, messages: list[SlackMessage]) -> list[dict[str, Any]]:
+        """The reply's messages, the last with the feedback block naming the stored reply (found by the message it answers)."""
+        parts: list[dict[str, Any]] = [dict(message) for message in messages]
+        reply_id = await feedback.reply_for(self.db, target.tenant_id, channel=self.name, inbound_external_id=target.inbound_external_id)
+        if reply_id is not None:
+            parts[-1]["blocks"] = [*parts[-1]["blocks"], feedback_block(reply_id)]
+        return parts
+
     async def _post(
         self,
         client: AsyncWebClient,
         target: Target,
         text: str,
         metadata: dict[str, Any] | None = None,
-        blocks: list[dict[str, str]] | None = None,
+        blocks: list[dict[str, Any]] | None = None,
     ) -> Any:
         channel = target.payload["channel"]
         lock, last = self._pace.setdefault((target.payload.get("team_id", ""), channel), (asyncio.Lock(), [0.0]))
