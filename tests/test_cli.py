@@ -293,7 +293,7 @@ async def test_money_below_a_cent_and_usage_at_80_columns(config_path: Path, db:
     first_cells = [line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")]
     assert model in "".join(first_cells), text  # folded onto more lines, not cut
     assert "$0.00059" in text and "$0.0000" not in text and "$0.00 " not in text
-    chart = text[text.index("cost per day") :].splitlines()[1:]
+    chart = text[text.index("cost per day") : text.index("feedback on replies")].splitlines()[1:]  # the votes follow it
     assert 1 <= len(chart) <= 3 and any("█" in line and "$0.00059" in line for line in chart), chart
     assert all("█" in line or "no cost" in line for line in chart)
 
