@@ -12,9 +12,14 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+
+if TYPE_CHECKING:
+    from konstruct.config import Settings
 
 T = TypeVar("T")
 
@@ -160,3 +165,16 @@ def konstruct_in_process(
     thread.start()
     thread.join()
     return subprocess.CompletedProcess(argv, result["code"], result["stdout"], result["stderr"])
+
+
+@contextlib.asynccontextmanager
+async def gateway_in_process(settings: Settings, client: tuple[str, int] = ("127.0.0.1", 123)) -> AsyncIterator[httpx.AsyncClient]:
+    """The real gateway app (lifespan included) in this process over ASGI, on the settings' database: for requests a
+    gateway process adds nothing to. `client`: the peer address the app sees."""
+    from konstruct.gateway.app import create_app
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, client=client)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            yield http

@@ -18,20 +18,18 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import func, select, text
-from starlette.applications import Starlette
 
 from konstruct.agent.agents import create_agent
 from konstruct.channels import connections
 from konstruct.config import Settings, load_settings
 from konstruct.db.engine import Database
 from konstruct.db.models import InboundMessage as InboxRow
-from konstruct.gateway.app import create_app
 from konstruct.tenancy.tenants import TenantInfo, create_tenant
 from konstruct.tenancy.users import add_member, create_user
 from tests.conftest import write_config
 from tests.fakes import hostile
 from tests.fakes.llm import FakeLLM
-from tests.helpers import Proc
+from tests.helpers import Proc, gateway_in_process
 
 TEAM, SLACK_SECRET = "T0HOSTILE1", "hostile-slack-signing-secret"
 NUMBER, WA_SECRET = "106540352242922", "hostile-wa-app-secret"
@@ -78,11 +76,8 @@ async def site(tmp_path: Path, database_url: str, fake_llm: FakeLLM) -> AsyncIte
 
 @pytest.fixture
 async def client(site: Site) -> AsyncIterator[httpx.AsyncClient]:
-    app: Starlette = create_app(site.settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
-            yield http
+    async with gateway_in_process(site.settings) as http:
+        yield http
 
 
 async def inbox_count(site: Site) -> int:
@@ -418,15 +413,13 @@ async def test_wrong_passwords_from_elsewhere_do_not_lock_the_owner_out(client: 
     assert throttled.status_code == 429  # this address, this email: waits
     async with site.db.system() as session:
         await session.execute(text("update login_failures set failed_at = failed_at - interval '10 minutes'"))  # time passes
-    app = create_app(site.settings.model_copy(update={"web": site.settings.web.model_copy(update={"trusted_proxies": ["127.0.0.0/8"]})}))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, client=("127.0.0.1", 5000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as proxied:
-            for _ in range(8):  # an attacker behind the trusted proxy
-                await _sign_in(proxied, EMAIL, "wrong password", forwarded="198.51.100.7")
-            assert (await _sign_in(proxied, EMAIL, PASSWORD, forwarded="198.51.100.7")).status_code == 429
-            # The owner, from another address, signs in at once: nobody can lock an account for everyone.
-            assert (await _sign_in(proxied, EMAIL, PASSWORD, forwarded="192.0.2.44")).status_code == 303
+    behind_proxy = site.settings.model_copy(update={"web": site.settings.web.model_copy(update={"trusted_proxies": ["127.0.0.0/8"]})})
+    async with gateway_in_process(behind_proxy, client=("127.0.0.1", 5000)) as proxied:
+        for _ in range(8):  # an attacker behind the trusted proxy
+            await _sign_in(proxied, EMAIL, "wrong password", forwarded="198.51.100.7")
+        assert (await _sign_in(proxied, EMAIL, PASSWORD, forwarded="198.51.100.7")).status_code == 429
+        # The owner, from another address, signs in at once: nobody can lock an account for everyone.
+        assert (await _sign_in(proxied, EMAIL, PASSWORD, forwarded="192.0.2.44")).status_code == 303
 
 
 async def test_concurrent_guesses_are_counted_atomically(site: Site) -> None:

@@ -28,13 +28,12 @@ from konstruct.channels.slack.feedback import ACTION_ID, feedback_block, feedbac
 from konstruct.config import Settings, load_settings
 from konstruct.db.engine import Database
 from konstruct.db.models import InboundMessage, Message, ReplyFeedback
-from konstruct.gateway.app import create_app
 from konstruct.tenancy.tenants import TenantInfo, create_tenant
 from konstruct.tenancy.users import add_member, create_user
 from konstruct.web import sessions
 from tests.fakes.llm import FakeLLM
 from tests.fakes.slack import FakeSlack, sign
-from tests.helpers import konstruct_in_process
+from tests.helpers import gateway_in_process, konstruct_in_process
 from tests.shared import SharedWorker, shared_worker, unique_slug, wait_finished
 
 APP_SECRET = "distributed-app-signing-secret"
@@ -74,11 +73,8 @@ async def mdb(settings: Settings) -> AsyncIterator[Database]:
 
 @pytest.fixture
 async def gateway(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-            yield client
+    async with gateway_in_process(settings) as client:
+        yield client
 
 
 @dataclass

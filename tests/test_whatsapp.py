@@ -27,12 +27,11 @@ from konstruct.config import load_settings
 from konstruct.db.engine import Database
 from konstruct.db.models import DeliveryStatus, Message
 from konstruct.db.models import InboundMessage as InboxRow
-from konstruct.gateway.app import create_app
 from konstruct.tenancy.tenants import create_tenant
 from tests.fakes import whatsapp as wa
 from tests.fakes.llm import FakeLLM
 from tests.fakes.whatsapp import FakeGraph
-from tests.helpers import Proc, cli_env, konstruct, konstruct_in_process, wait_for
+from tests.helpers import Proc, cli_env, gateway_in_process, konstruct, konstruct_in_process, wait_for
 from tests.shared import SharedStack, shared_stack, unique_slug, wait_finished
 
 TOKEN = "EAAG-whatsapp-access-token-5150"
@@ -157,11 +156,8 @@ async def system(stack: SharedStack, fake_llm: FakeLLM, graph: FakeGraph) -> Asy
 @pytest.fixture
 async def gateway_app(stack: SharedStack) -> AsyncIterator[httpx.AsyncClient]:
     """The gateway in this process over ASGI, on the module's database: for checks a process adds nothing to."""
-    app = create_app(load_settings(stack.config))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-            yield client
+    async with gateway_in_process(load_settings(stack.config)) as client:
+        yield client
 
 
 async def test_verification_handshake(system: WhatsAppSystem, gateway_app: httpx.AsyncClient) -> None:

@@ -101,23 +101,39 @@ ANSWER_WITHIN = 10.0  # seconds a restarted server that runs may take to answer 
 
 def postmaster_pid(data_dir: Path) -> int | None:
     """The running server's pid, from its postmaster.pid, or None when no server runs on this data directory."""
+    return _running_holder(pgdata_dir(data_dir) / "postmaster.pid")
+
+
+def _running_holder(lock: Path) -> int | None:
+    """The pid on a PostgreSQL lock file's first line, if that process runs (a zombie does not count)."""
     try:
-        pid = int((pgdata_dir(data_dir) / "postmaster.pid").read_text().split("\n", 1)[0])
-    except (OSError, ValueError):
-        return None
-    try:
+        pid = int(lock.read_text().split("\n", 1)[0])
         process = psutil.Process(pid)
         return pid if process.is_running() and process.status() != psutil.STATUS_ZOMBIE else None
-    except psutil.Error:
+    except (OSError, ValueError, psutil.Error):
         return None
 
 
 def _drop_stale_pid_file(data_dir: Path) -> None:
-    """Remove the postmaster.pid of a server that is dead or a zombie (not reaped yet, as right after a SIGKILL):
-    pgserver and PostgreSQL itself would both take the file for a running server and start nothing."""
-    pid_file = pgdata_dir(data_dir) / "postmaster.pid"
-    if pid_file.exists() and postmaster_pid(data_dir) is None:
-        pid_file.unlink(missing_ok=True)
+    """Remove the lock files of a server that is dead or a zombie (not reaped yet, as right after a SIGKILL): its
+    postmaster.pid and its socket's .s.PGSQL.<port>.lock. pgserver and PostgreSQL itself (kill(pid, 0) succeeds for a
+    zombie) would take either for a running server and start nothing."""
+    pgdata = pgdata_dir(data_dir)
+    pid_file = pgdata / "postmaster.pid"
+    if postmaster_pid(data_dir) is not None:
+        return  # a live server: its files are its own
+    socket_dirs = {pgdata}
+    try:
+        lines = pid_file.read_text().splitlines()
+        if len(lines) >= 5 and lines[4].strip():
+            socket_dirs.add(Path(lines[4].strip()))  # line 5: the socket directory (-k)
+    except OSError:
+        pass
+    for folder in socket_dirs:
+        for lock in folder.glob(".s.PGSQL.*.lock"):
+            if _running_holder(lock) is None:
+                lock.unlink(missing_ok=True)
+    pid_file.unlink(missing_ok=True)
 
 
 class EmbeddedServer:
