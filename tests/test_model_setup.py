@@ -162,9 +162,12 @@ def test_doctor_shows_what_the_running_worker_sees(tmp_path: Path, database_url:
 def test_a_command_before_the_first_up_sets_the_embedded_database_up(tmp_path: Path, fake_llm: FakeLLM) -> None:
     # Real processes on a fresh data directory with its own embedded server (each starts and stops it).
     config = write_config(tmp_path, None, fake_llm.url)
+    current = konstruct("db", "current", "--json", config=config, timeout=120)  # even a read-only look
+    assert current.returncode == 0, current.stderr
+    assert "first run: set up the embedded database" in current.stderr and json.loads(current.stdout)["at_head"] is True
     created = konstruct("tenant", "create", "Acme Inc", config=config, timeout=120)
     assert created.returncode == 0, created.stderr
-    assert "first run: set up the embedded database" in created.stderr and "acme-inc" in created.stdout
+    assert "first run" not in created.stderr and "acme-inc" in created.stdout
     listed = konstruct("tenant", "list", "--json", config=config, timeout=120)
     assert listed.returncode == 0 and "first run" not in listed.stderr, listed.stderr
     assert [t["slug"] for t in json.loads(listed.stdout)] == ["acme-inc"]

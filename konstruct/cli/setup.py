@@ -126,6 +126,7 @@ def db_upgrade(ctx: typer.Context) -> None:
 def db_current(ctx: typer.Context, as_json: bool = JsonOption) -> None:
     """Show the database's revision and the newest one this version knows."""
     cfg = settings(ctx)
+    prepare_database(cfg)  # before the first `up`: the embedded database is set up, as for every other command
     current = migrate.current_revision(resolve_urls(cfg))
     head = migrate.head_revision()
     if as_json:
