@@ -7,9 +7,11 @@ from typing import Any
 import typer
 from slack_sdk.errors import SlackApiError
 
+from konstruct.agent.agents import list_agents
 from konstruct.channels import connections as service
 from konstruct.channels.connections import ConnectionInfo
 from konstruct.channels.slack.client import web_client
+from konstruct.channels.slack.manifest import agent_description, app_manifest
 from konstruct.channels.slack.oauth import install_link
 from konstruct.channels.whatsapp.graph import Graph, GraphError
 from konstruct.cli.common import (
@@ -200,6 +202,35 @@ async def _auth_test(cfg: Settings, token: str) -> dict[str, str]:
     except Exception as exc:
         raise ValidationError(f"cannot reach Slack at {cfg.slack.api_url} ({type(exc).__name__})") from None
     return dict(response.data) if isinstance(response.data, dict) else {}
+
+
+@app.command("slack-manifest")
+def slack_manifest(
+    ctx: typer.Context,
+    tenant: str | None = typer.Option(None, "--tenant", help="Name the app after this tenant and describe its agents."),
+    socket_mode: bool = typer.Option(False, "--socket-mode", help="Socket Mode: no request URLs, the gateway connects to Slack."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON (the default)."),
+    as_yaml: bool = typer.Option(False, "--yaml", help="Print the manifest as YAML."),
+) -> None:
+    """Print the Slack app manifest: paste it at api.slack.com/apps → Create New App → From a manifest."""
+    if as_json and as_yaml:
+        raise ValidationError("choose one of --json and --yaml")
+    cfg = settings(ctx)
+    name, description = "Konstruct", agent_description(None, [])
+    if tenant:
+        name, description = with_tenant(ctx, tenant, "channel.read", _manifest_identity)
+    manifest = app_manifest(cfg.gateway.public_url, name=name, description=description, socket_mode=socket_mode)
+    if as_yaml:
+        import yaml  # only here: the rest of the CLI does not need it
+
+        typer.echo(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True), nl=False)
+    else:
+        print_json(manifest)
+
+
+async def _manifest_identity(db: Database, tenant: TenantInfo) -> tuple[str, str]:
+    agents = await list_agents(db, tenant)
+    return tenant.name, agent_description(tenant.name, [(a.name, a.role) for a in agents])
 
 
 @app.command("list")

@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from konstruct import inbox
 from konstruct.bodies import parse_json, read_body
 from konstruct.channels.connections import ResolveCache, Resolved, set_status, single_mode_candidates, unseal
+from konstruct.channels.slack.api import EVENT_SUBSCRIPTIONS
 from konstruct.channels.slack.client import web_client
 from konstruct.config import Settings
 from konstruct.db.engine import Database
@@ -260,10 +261,14 @@ class SlackEvents:
             ignoring_self_events_enabled=True,
             logger=logging.getLogger("konstruct.slack.bolt"),
         )
-        app.event("app_mention")(on_mention)
-        app.event("message")(on_message)
-        app.event("app_uninstalled")(on_uninstalled)
-        app.event("tokens_revoked")(on_tokens_revoked)
+        listeners = {
+            "app_mention": on_mention,
+            "message": on_message,
+            "app_uninstalled": on_uninstalled,
+            "tokens_revoked": on_tokens_revoked,
+        }
+        for event_type in EVENT_SUBSCRIPTIONS:  # what the manifest subscribes to is what is listened to
+            app.event(event_type)(listeners[event_type])
         app.event(re.compile(".*"))(on_other)  # acknowledged, so Slack does not retry it
         self._apps[key] = app
         return app
