@@ -10,6 +10,7 @@ from typing import Any
 import typer
 from sqlalchemy import func, select, text
 
+from konstruct.cli.channels import doctor_slack_sockets
 from konstruct.cli.common import JsonOption, database, err, out, print_json, print_table, run, settings
 from konstruct.config import CONFIG_FILENAME, Settings, render_config, secret_key_in_environment
 from konstruct.db import migrate
@@ -137,6 +138,7 @@ def doctor(ctx: typer.Context, as_json: bool = JsonOption) -> None:
     except KonstructError as exc:
         add("master key", "fail", str(exc))
     run(_doctor_database(cfg, add))
+    doctor_slack_sockets(cfg, add)
     _check_llm(cfg, add)
     _report(checks, as_json)
 
