@@ -155,6 +155,9 @@ async def test_events_over_the_socket_are_stored_then_acked_and_answered_once(so
     state = system.socket_state()
     assert state["held"] and state["pid"] == system.stack.gateway.process.pid, state
     wait_for(lambda: system.socket_state()["state"] == "connected", 10, "the socket reported connected")
+    shown = konstruct_in_process("channel", "show", system.team, "--tenant", system.slug, config=system.stack.config)
+    assert f"connected, held by gateway pid {system.stack.gateway.process.pid} on" in " ".join(shown.stdout.split()), shown.stdout
+    assert system.app_token not in shown.stdout
 
     ts = new_ts()
     external_id = f"C0000000001:{ts}"
@@ -182,6 +185,26 @@ async def test_events_over_the_socket_are_stored_then_acked_and_answered_once(so
     doctor = konstruct_in_process("doctor", "--json", config=system.stack.config)
     line = next(c for c in json.loads(doctor.stdout)["checks"] if c["check"] == "slack sockets")
     assert line["status"] == "ok" and system.slug in line["detail"] and f"pid {system.stack.gateway.process.pid}" in line["detail"]
+
+
+async def test_slack_refreshing_the_connection_loses_nothing(socket_system: SocketSystem) -> None:
+    """Slack sends `disconnect` before it moves a connection: the gateway opens a new one, events keep coming once."""
+    system = socket_system
+    system.wait_connected()
+    refreshed_at = time.time()
+    system.socket.send_disconnect(system.app_token)
+    system.wait_connected(after=refreshed_at)
+    wait_for(lambda: len(system.socket.open_connections(system.app_token)) == 1, 10, "the old connection closed")
+    opens = [c for c in system.slack.calls_to("apps.connections.open") if c.token == system.app_token]
+    assert len(opens) >= 2  # a fresh URL for the new connection
+    envelope = system.socket.send_event(system.app_token, system.event(mention(new_ts(), "<@U0000000BOT> after the refresh")))
+    assert len(system.wait_acked(envelope)) == 1
+    wait_for(lambda: len(system.updates()) >= 1, 30, "the answer")
+    assert await wait_finished(system.db, system.tenant_id, 1) and len(system.updates()) == 1
+    # Envelopes nothing here handles are acknowledged all the same (else Slack delivers them again), and store nothing.
+    other = system.socket.send_envelope(system.app_token, "slash_commands", {"command": "/konstruct", "team_id": system.team})
+    assert len(system.wait_acked(other)) == 1
+    assert await wait_finished(system.db, system.tenant_id, 1)
 
 
 async def test_a_disconnected_app_lets_go_of_its_socket(socket_system: SocketSystem) -> None:

@@ -338,16 +338,20 @@ def show(
 ) -> None:
     """Show one connection and its routes (secrets only as key hints)."""
 
-    async def go(db: Database, info: TenantInfo) -> tuple[ConnectionInfo, list[tuple[str, str]]]:
+    async def go(db: Database, info: TenantInfo) -> tuple[ConnectionInfo, list[tuple[str, str]], dict[uuid.UUID, SocketState]]:
         connection = await service.get_connection(db, info, ref)
-        return connection, await service.list_routes(db, info, connection)
+        socket = await socket_states(
+            db, [connection.id] if connection.status == "connected" and "app_token_hint" in connection.details else []
+        )
+        return connection, await service.list_routes(db, info, connection), socket
 
-    connection, routes = with_tenant(ctx, tenant, "channel.read", go)
+    connection, routes, sockets = with_tenant(ctx, tenant, "channel.read", go)
     if as_json:
-        print_json({**connection.as_json(), "routes": [{"channel": c, "agent": a} for c, a in routes]})
+        print_json({**connection.as_json(), **_socket_json(sockets, connection), "routes": [{"channel": c, "agent": a} for c, a in routes]})
         return
     print_fields({"kind": connection.kind, "name": connection.name, "id": connection.external_id, "mode": connection.mode,
                   "status": connection.status, "connected by": connection.created_by, "updated": connection.updated_at,
+                  **({"socket mode": sockets[connection.id].describe()} if connection.id in sockets else {}),
                   **{k: v for k, v in connection.details.items() if v}})  # fmt: skip
     for channel, agent_name in routes:
         out.print(f"route  {channel} → {agent_name}")

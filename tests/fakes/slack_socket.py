@@ -82,6 +82,15 @@ class FakeSocketMode:
             self.sent[envelope_id] = envelope
         return envelope_id
 
+    def send_envelope(self, token: str, kind: str, payload: dict[str, Any]) -> str:
+        """Send an envelope of another type (`interactive`, `slash_commands`); returns its envelope id."""
+        envelope_id = str(uuid.uuid4())
+        envelope = {"envelope_id": envelope_id, "payload": payload, "type": kind, "accepts_response_payload": kind != "events_api"}
+        self._send(token, envelope)
+        with self._lock:
+            self.sent[envelope_id] = envelope
+        return envelope_id
+
     def send_disconnect(self, token: str, reason: str = "refresh_requested") -> None:
         self._send(token, {"type": "disconnect", "reason": reason, "debug_info": {"host": "applink-fake"}})
 

@@ -33,7 +33,7 @@ from konstruct.channels.slack.client import web_client
 from konstruct.channels.slack.events import SlackEvents
 from konstruct.config import Settings
 from konstruct.db.engine import Database
-from konstruct.errors import DatabaseUnavailable
+from konstruct.errors import DatabaseUnavailable, KonstructError
 from konstruct.logs import Throttled
 
 log = logging.getLogger("konstruct.slack.socket")
@@ -43,6 +43,7 @@ LOCK_CLASS = 7_301_015  # the first key of pg_try_advisory_lock(int, int); the s
 RETRY_INTERVAL = 2.0  # seconds between a gateway's tries for the sockets it does not hold
 PING_INTERVAL = 5.0  # slack_sdk pings Slack this often and reconnects when pongs stop
 MAX_BACKOFF = 60.0  # longest wait before asking Slack again for a URL it refused
+CONNECT_TIMEOUT = 15.0  # seconds for a websocket URL to open before asking Slack for another
 
 # What to do with each kind of envelope besides events (e.g. "interactive"): returns once handled; raising
 # leaves the envelope unacknowledged, so Slack delivers it again.
@@ -65,7 +66,11 @@ async def socket_connections(db: Database, settings: Settings) -> list[SocketCon
         rows = (await session.execute(text("select * from konstruct_socket_connections()"))).all()
     found = []
     for row in rows:
-        token = unseal(settings, bytes(row.credentials)).get("app_token")
+        try:
+            token = unseal(settings, bytes(row.credentials)).get("app_token")
+        except KonstructError as exc:  # one connection's credentials unreadable: not every socket's problem
+            throttled.warning(f"unseal:{row.id}", f"Socket Mode {row.name}: cannot read its credentials ({exc})")
+            continue
         if token:
             found.append(SocketConnection(row.id, row.tenant_id, row.tenant_slug, row.external_id, row.name, token))
     return found
@@ -173,16 +178,20 @@ class SocketHolder:
         while True:
             try:
                 held.client.wss_uri = await held.client.issue_new_wss_url()
-                break
+                # slack_sdk retries a websocket that will not open with the same URL, forever: bounded here, and
+                # the next try starts with a fresh URL.
+                await asyncio.wait_for(held.client.connect(), CONNECT_TIMEOUT)
+                held.problem = ""
+                return
             except SlackApiError as exc:
                 held.problem = f"Slack refused the app-level token ({exc.response.get('error')}): connect again with a valid one"
+            except TimeoutError:
+                held.problem = f"the websocket Slack gave did not open within {CONNECT_TIMEOUT:g} s"
             except Exception as exc:
                 held.problem = f"cannot reach Slack ({type(exc).__name__})"
             throttled.warning(f"socket:{held.connection.id}", f"Socket Mode {held.connection.name}: {held.problem}")
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
-        await held.client.connect()
-        held.problem = ""
 
     async def _envelope(self, held: Held, client: AsyncBaseSocketModeClient, request: SocketModeRequest) -> None:
         """Handle one envelope, and acknowledge it only once that is done (stored, for an event)."""
