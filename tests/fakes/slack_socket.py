@@ -82,6 +82,29 @@ class FakeSocketMode:
             self.sent[envelope_id] = envelope
         return envelope_id
 
+    def send_events_at(self, token: str, payloads: list[dict[str, Any]], rate: float) -> list[tuple[str, float]]:
+        """Send `events_api` envelopes at a steady rate (for a benchmark) over the token's newest connection;
+        returns each envelope id with the time.time() it was due, once all are sent."""
+        connections = self.open_connections(token)
+        if not connections:
+            raise AssertionError(f"no open Socket Mode connection for {token[:10]}…")
+        ws = connections[-1].ws
+
+        async def send_all() -> list[tuple[str, float]]:
+            sent: list[tuple[str, float]] = []
+            start = time.time() + 0.1
+            for i, payload in enumerate(payloads):
+                due = start + i / rate
+                if due > time.time():
+                    await asyncio.sleep(due - time.time())
+                envelope_id = str(uuid.uuid4())
+                await ws.send_str(json.dumps({"envelope_id": envelope_id, "payload": payload, "type": "events_api", "retry_attempt": 0}))
+                sent.append((envelope_id, due))
+            return sent
+
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(send_all(), self._loop).result()
+
     def send_envelope(self, token: str, kind: str, payload: dict[str, Any]) -> str:
         """Send an envelope of another type (`interactive`, `slash_commands`); returns its envelope id."""
         envelope_id = str(uuid.uuid4())
