@@ -106,13 +106,21 @@ class SocketHolder:
                 raise
             except Exception as exc:  # the database is gone: so are our locks, and with them the right to the sockets
                 reason = str(exc) if isinstance(exc, DatabaseUnavailable) else f"{type(exc).__name__}: {exc}"
-                throttled.warning("socket-mode", f"Socket Mode: letting go of {len(self._held)} socket(s): {reason}")
+                if self._held:
+                    throttled.warning("socket-mode", f"Socket Mode: letting go of {len(self._held)} socket(s): {reason}")
+                else:  # nothing held: the gateway's own health check already says the database is down
+                    log.debug("Socket Mode: cannot look for sockets to hold: %s", reason)
                 await self._let_go_of_everything()
             await asyncio.sleep(self.interval)
 
     async def tick(self) -> None:
-        locks = await self._lock_connection()
         wanted = {c.id: c for c in await socket_connections(self.db, self.settings)}
+        if not wanted and not self._held:
+            if self._locks is not None:  # no Socket Mode app (any more): no database session kept for it
+                await self._locks.close()
+                self._locks = None
+            return
+        locks = await self._lock_connection()
         for connection_id, held in list(self._held.items()):
             if wanted.get(connection_id) != held.connection:  # disconnected, or connected again with another token
                 await self._release(connection_id)
