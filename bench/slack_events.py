@@ -5,6 +5,10 @@ worker process, the fake Slack Web API and the fake LLM from tests/fakes. Latenc
 each event's *scheduled* send time (so a slow gateway cannot hide behind a slow load generator).
 
     python bench/slack_events.py [--rate 200] [--seconds 30] [--warmup 0] [--channels 100] [--worker during|after]
+    python bench/slack_events.py --socket-mode [--rate 200] [--seconds 30] [--channels 100]
+
+With --socket-mode the same events arrive as Socket Mode envelopes over the websocket a gateway holds to the fake
+Slack; latency is the time to each envelope's ack (sent only once the event is stored), and events/s what was acked.
 """
 
 from __future__ import annotations
@@ -13,58 +17,126 @@ import argparse
 import hashlib
 import hmac
 import json
+import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import Bench, add_load_arguments  # noqa: E402
+from bench.harness import Bench, add_load_arguments, cli, pct, spawn, wait_log  # noqa: E402
 from tests.fakes.llm import FakeLLM  # noqa: E402
 from tests.fakes.slack import FakeSlack  # noqa: E402
-from tests.helpers import cli_env  # noqa: E402
+from tests.helpers import cli_env, free_port  # noqa: E402
 
 TEAM, BOT_USER, SECRET, TOKEN = "T0BENCH0001", "U0BENCHBOT", "bench-signing-secret", "xoxb-bench-token-0001"
+APP_TOKEN = "xapp-1-A0BENCH-bench-app-token"
+
+
+def event(event_id: str, channel: str, ts: str) -> dict[str, Any]:
+    return {
+        "team_id": TEAM,
+        "api_app_id": "A0BENCH",
+        "type": "event_callback",
+        "event_id": event_id,
+        "event_time": int(time.time()),
+        "event": {
+            "type": "app_mention",
+            "user": "U0PERSON01",
+            "text": f"<@{BOT_USER}> question {event_id}",
+            "ts": ts,
+            "channel": channel,
+            "event_ts": ts,
+        },
+    }
 
 
 def signed(event_id: str, channel: str, ts: str) -> tuple[bytes, dict[str, str]]:
-    body = json.dumps(
-        {
-            "team_id": TEAM,
-            "api_app_id": "A0BENCH",
-            "type": "event_callback",
-            "event_id": event_id,
-            "event_time": int(time.time()),
-            "event": {
-                "type": "app_mention",
-                "user": "U0PERSON01",
-                "text": f"<@{BOT_USER}> question {event_id}",
-                "ts": ts,
-                "channel": channel,
-                "event_ts": ts,
-            },
-        }
-    ).encode()
+    body = json.dumps(event(event_id, channel, ts)).encode()
     stamp = str(int(time.time()))
     signature = "v0=" + hmac.new(SECRET.encode(), f"v0:{stamp}:".encode() + body, hashlib.sha256).hexdigest()
     return body, {"Content-Type": "application/json", "X-Slack-Request-Timestamp": stamp, "X-Slack-Signature": signature}
+
+
+def run_socket_mode(args: argparse.Namespace, env: dict[str, str], llm_url: str, setup: list[list[str]], slack: FakeSlack,
+                    answered: Callable[[], int], check: Callable[[int], bool]) -> None:  # fmt: skip
+    """The same site, but the events go over the websocket the gateway holds; measured to each ack."""
+    assert slack.socket is not None
+    env = {**env, "KONSTRUCT_GATEWAY__WORKERS": str(args.gateway_workers)}
+    with tempfile.TemporaryDirectory(prefix="konstruct-bench-") as tmp:
+        site = Path(tmp)
+        init = ["init", "--llm-model", "openai/fake-model", "--llm-api-base", llm_url, "--llm-api-key-env", "BENCH_LLM_KEY"]
+        cli(site, env, *init, "--port", str(free_port()))
+        cli(site, env, "db", "upgrade")
+        for command in setup:
+            cli(site, env, *command)
+        from konstruct.db.embedded import start_embedded  # hold the embedded server for the whole run
+
+        start_embedded(site / ".konstruct")
+        gateway = spawn(site, env, "gateway")
+        worker = spawn(site, env, "worker", nice=args.worker_nice) if args.worker == "during" else None
+        try:
+            wait_log(site, "gateway", "Socket Mode: holding")
+            deadline = time.monotonic() + 30
+            while not slack.socket.open_connections(APP_TOKEN) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if worker is not None:
+                wait_log(site, "worker", " ready: ")
+            print(f"machine: {os.cpu_count()} cores; Socket Mode, {args.rate:g}/s for {args.seconds:g} s; "
+                  f"{args.gateway_workers} gateway process(es), one holds the socket; worker {args.worker} the load")  # fmt: skip
+            count = int(args.rate * args.seconds)
+            payloads = [event(f"Ev{n:08d}", f"C{n % args.channels:08d}", f"{1_800_000_000 + n}.000100") for n in range(count)]
+            sent = slack.socket.send_events_at(APP_TOKEN, payloads, args.rate)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not all(slack.socket.acked(e) for e, _ in sent):
+                time.sleep(0.2)
+            acks = {e: slack.socket.acked(e) for e, _ in sent}
+            latencies = [acks[e][0].at - due for e, due in sent if acks[e]]
+            took = max(a[0].at for a in acks.values() if a) - sent[0][1]
+            ms = sorted(x * 1000 for x in latencies)
+            print(f"\nmeasured: sent {count}, acked {len(ms)} ({sum(len(a) > 1 for a in acks.values())} acked twice) in {took:.1f} s: "
+                  f"{len(ms) / took:.1f} events/s")  # fmt: skip
+            print(f"  time to ack (stored first): p50 {pct(ms, 0.5):.1f} ms, p95 {pct(ms, 0.95):.1f} ms, p99 {pct(ms, 0.99):.1f} ms, "
+                  f"max {ms[-1]:.1f} ms")  # fmt: skip
+            if worker is None:
+                worker = spawn(site, env, "worker", nice=args.worker_nice)
+            started = time.perf_counter()
+            while time.perf_counter() < started + args.drain_timeout and answered() < count:
+                time.sleep(1)
+            print(f"\nafter the load: {answered()} of {count} answered in {time.perf_counter() - started:.0f} s more")
+            print(f"every one answered exactly once: {'yes' if check(count) else 'NO'}")
+        finally:
+            running = [p for p in (gateway, worker) if p is not None]
+            for proc in running:
+                proc.send_signal(2)
+            for proc in running:
+                proc.wait(120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_load_arguments(parser, "events")
     parser.add_argument("--channels", type=int, default=100, help="Slack channels the events spread over")
+    parser.add_argument("--socket-mode", action="store_true", help="send the events over Socket Mode instead (no --warmup)")
     args = parser.parse_args()
 
     llm, slack = FakeLLM().start(), FakeSlack().start()
     slack.add_token(TOKEN, team_id=TEAM, team="Bench", user_id=BOT_USER)
     env = cli_env(BENCH_LLM_KEY="sk-bench", BENCH_BOT=TOKEN, BENCH_SIGNING=SECRET, KONSTRUCT_SLACK__API_URL=slack.url)
+    connect = ["channel", "connect", "slack", "-t", "bench", "--bot-token-env", "BENCH_BOT", "--signing-secret-env", "BENCH_SIGNING"]
+    if args.socket_mode:
+        slack.start_socket_mode()
+        slack.add_app_token(APP_TOKEN, team_id=TEAM)
+        env["BENCH_APP"] = APP_TOKEN
+        connect += ["--app-token-env", "BENCH_APP"]
     setup = [
         ["tenant", "create", "Bench", "--slug", "bench"],
         ["agent", "create", "-t", "bench", "-n", "Ava", "-r", "Support", "--persona", "Brief."],
-        ["channel", "connect", "slack", "-t", "bench", "--bot-token-env", "BENCH_BOT", "--signing-secret-env", "BENCH_SIGNING"],
+        connect,
     ]
 
     def request(n: int) -> tuple[bytes, dict[str, str]]:
@@ -82,7 +154,10 @@ def main() -> None:
         return len(updates()) == sent == len(placeholders) == len(questions) == len(set(questions))
 
     try:
-        Bench(args, env, llm.url, setup, "/slack/events").run(request, lambda: len(updates()), exactly_once)
+        if args.socket_mode:
+            run_socket_mode(args, env, llm.url, setup, slack, lambda: len(updates()), exactly_once)
+        else:
+            Bench(args, env, llm.url, setup, "/slack/events").run(request, lambda: len(updates()), exactly_once)
     finally:
         llm.stop()
         slack.stop()

@@ -187,9 +187,8 @@ class SlackSettings(_Section):
     client_id: str | None = Field(None, description="Client id of your distributed Slack app (multi-workspace OAuth install).")
     client_secret: SecretStr | None = Field(None, description='Client secret of that app; use a {"$env" = ...} reference.')
     signing_secret: SecretStr | None = Field(None, description="Signing secret of that app; single-workspace connections bring their own.")
-    scopes: str = Field(
-        "app_mentions:read,channels:history,chat:write,files:read,groups:history,im:history,im:read,im:write,mpim:history",
-        description="Bot scopes requested on install.",
+    scopes: str | None = Field(
+        None, description="Bot scopes requested on install (default: the ones the code uses, as `konstruct channel slack-manifest` lists)."
     )
     api_url: str = Field("https://slack.com/api/", description="Slack Web API base URL (a test fake points elsewhere).")
     authorize_url: str = Field("https://slack.com/oauth/v2/authorize", description="Slack's OAuth v2 authorize page.")

@@ -130,6 +130,11 @@ async def answered(gateway: httpx.AsyncClient, db: Database, fake: FakeSlack, ws
 
 def click(team: str, block: dict[str, Any], vote: str = "positive", *, user: str = PERSON, channel: str = DM) -> bytes:
     """The form body Slack sends when `user` clicks a button of this feedback block."""
+    return urlencode({"payload": json.dumps(click_payload(team, block, vote, user=user, channel=channel))}).encode()
+
+
+def click_payload(team: str, block: dict[str, Any], vote: str = "positive", *, user: str = PERSON, channel: str = DM) -> dict[str, Any]:
+    """The block_actions payload of that click (over HTTP form-encoded; over Socket Mode an envelope's payload)."""
     element = block["elements"][0]
     button = element[f"{vote}_button"]
     payload = {
@@ -152,7 +157,7 @@ def click(team: str, block: dict[str, Any], vote: str = "positive", *, user: str
             }
         ],
     }
-    return urlencode({"payload": json.dumps(payload)}).encode()
+    return payload
 
 
 async def post_click(gateway: httpx.AsyncClient, body: bytes, secret: str | None, timestamp: int | None = None) -> httpx.Response:

@@ -12,6 +12,7 @@ import typer
 from sqlalchemy import func, select, text
 
 from konstruct.cli import model_setup
+from konstruct.cli.channels import doctor_slack_sockets
 from konstruct.cli.common import JsonOption, database, err, out, prepare_database, print_json, print_table, run, settings
 from konstruct.config import CONFIG_FILENAME, Settings, render_config, secret_key_in_environment
 from konstruct.db import migrate
@@ -155,6 +156,7 @@ def doctor(ctx: typer.Context, as_json: bool = JsonOption) -> None:
     except KonstructError as exc:
         add("master key", "fail", str(exc))
     workers = run(_doctor_database(cfg, add))
+    doctor_slack_sockets(cfg, add)
     _check_llm(cfg, add)
     if workers:
         _check_worker_sees(cfg, workers[0], add)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -26,6 +27,7 @@ from konstruct.bodies import read_body
 from konstruct.channels.slack import oauth
 from konstruct.channels.slack.events import SlackEvents
 from konstruct.channels.slack.interactive import SlackInteractions
+from konstruct.channels.slack.sockets import SocketHolder
 from konstruct.channels.whatsapp.webhook import WhatsAppWebhook
 from konstruct.config import CONFIG_ENV, Settings, load_settings
 from konstruct.db.engine import Database
@@ -181,11 +183,19 @@ def create_app(settings: Settings) -> Starlette:
         gc.collect()
         gc.freeze()
         watcher = asyncio.ensure_future(app.state.health.watch())
+        # Socket Mode apps: this process takes the sockets no other gateway holds (and keeps trying for the rest).
+        app.state.sockets = SocketHolder(settings, app.state.db, app.state.slack)
+        app.state.sockets.handlers["interactive"] = app.state.slack_interactions.from_socket  # feedback clicks
+        holder = asyncio.ensure_future(app.state.sockets.run())
         log.info("gateway ready on %s:%s", settings.gateway.host, settings.gateway.port)
         try:
             yield
         finally:
             watcher.cancel()
+            holder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await holder
+            await app.state.sockets.stop()
             await app.state.db.dispose()
             app.state.queue.close()
 

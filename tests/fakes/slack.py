@@ -9,7 +9,8 @@ Only the methods konstruct uses are implemented: `auth.test`, `oauth.v2.access`,
 (with message `metadata`, and `blocks` checked as Slack does for the `markdown` blocks konstruct sends:
 at most 50 blocks, at most 12,000 characters of markdown text in one message; `context_actions` feedback buttons shaped
 as Slack's reference has them), `chat.update`, `conversations.replies` and `conversations.history` (metadata
-only with `include_all_metadata`, as Slack does). Anything else answers `{"ok": false, "error": "unknown_method"}`.
+only with `include_all_metadata`, as Slack does), and `apps.connections.open` (an app-level token's Socket Mode URL,
+served by tests/fakes/slack_socket.py). Anything else answers `{"ok": false, "error": "unknown_method"}`.
 Like real Slack, every answer except a rate limit is HTTP 200 with `"ok"` telling success from failure.
 """
 
@@ -31,6 +32,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from tests.fakes.server import QuietHandler, serve, shutdown
+from tests.fakes.slack_socket import FakeSocketMode
 
 
 @dataclass
@@ -122,6 +124,8 @@ class FakeSlack:
     messages: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     files: dict[str, tuple[dict[str, Any], bytes]] = field(default_factory=dict)  # file id -> (file object, bytes)
     downloads: list[tuple[str, str | None]] = field(default_factory=list)  # (path, bearer token) of every GET /files-pri/...
+    app_tokens: dict[str, str] = field(default_factory=dict)  # app-level token (xapp-…) -> team id, for Socket Mode
+    socket: FakeSocketMode | None = None  # the websocket server `apps.connections.open` points to
     _seq: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
@@ -146,6 +150,9 @@ class FakeSlack:
             self.messages.clear()
             self.files.clear()
             self.downloads.clear()
+            self.app_tokens.clear()
+        if self.socket is not None:
+            self.socket.reset()
 
     def calls_to(self, method: str) -> list[Call]:
         with self._lock:
@@ -169,6 +176,17 @@ class FakeSlack:
         with self._lock:
             self.tokens[token] = info
         return info
+
+    def add_app_token(self, token: str, *, team_id: str = "T0000000001") -> None:
+        """Register an app-level token (what `apps.connections.open` accepts)."""
+        with self._lock:
+            self.app_tokens[token] = team_id
+
+    def start_socket_mode(self) -> FakeSocketMode:
+        """Start the Socket Mode websocket server that `apps.connections.open` hands out URLs of."""
+        if self.socket is None:
+            self.socket = FakeSocketMode().start()
+        return self.socket
 
     def add_oauth_code(
         self,
@@ -246,6 +264,8 @@ class FakeSlack:
             return Answer(429, {"ok": False, "error": "ratelimited"}, {"Retry-After": str(self.retry_after)})
         if method == "oauth.v2.access":
             return Answer(200, self._oauth_v2_access(basic, args))
+        if method == "apps.connections.open":
+            return Answer(200, self._apps_connections_open(token))
         if method == "auth.test":
             info = self.tokens.get(token or "")
             if info is None:
@@ -266,6 +286,18 @@ class FakeSlack:
         if info is None:
             return Answer(200, {"ok": False, "error": "invalid_auth"})
         return Answer(200, handler(info, args))
+
+    def _apps_connections_open(self, token: str | None) -> dict[str, Any]:
+        """A Socket Mode URL for an app-level token; bot tokens are refused as Slack refuses them."""
+        if not token:
+            return {"ok": False, "error": "not_authed"}
+        if token.startswith("xoxb-"):
+            return {"ok": False, "error": "not_allowed_token_type"}
+        if token not in self.app_tokens:
+            return {"ok": False, "error": "invalid_auth"}
+        if self.socket is None:
+            return {"ok": False, "error": "socket_mode_not_enabled"}  # the fake's own: no websocket server started
+        return {"ok": True, "url": self.socket.url_for(token)}
 
     def _auth_test(self, info: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -474,4 +506,6 @@ class FakeSlack:
         return self
 
     def stop(self) -> None:
+        if self.socket is not None:
+            self.socket.stop()
         shutdown(self._server)

@@ -20,12 +20,14 @@ from urllib.parse import parse_qs
 from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.authorization import AuthorizeResult
 from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_bolt.response import BoltResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from konstruct import inbox
 from konstruct.bodies import parse_json, read_body
 from konstruct.channels.connections import ResolveCache, Resolved, set_status, single_mode_candidates, unseal
+from konstruct.channels.slack.api import EVENT_SUBSCRIPTIONS
 from konstruct.channels.slack.client import web_client
 from konstruct.config import Settings
 from konstruct.db.engine import Database
@@ -191,16 +193,35 @@ class SlackEvents:
             log.warning("ignoring a signed Slack request: %s", reason)
             return JSONResponse({"ok": False, "ignored": reason})
         # Verified above over the raw bytes; bolt gets the checked fields only (and so does not verify again).
-        bolt_request = AsyncBoltRequest(
-            body=json.dumps(usable), query=dict(request.query_params), headers={"content-type": "application/json"}
-        )
+        response = await self._dispatch(usable, resolved, credentials, secret, dict(request.query_params))
+        return Response(content=response.body, status_code=response.status, headers=response.first_headers_without_set_cookie())
+
+    async def socket_event(self, payload: Any, team_id: str) -> None:
+        """An `events_api` envelope from the Socket Mode connection of workspace `team_id` (authenticated by the
+        socket itself): stored and queued, or ignored, when this returns; DatabaseUnavailable when it could not be
+        stored (the envelope is then not acknowledged, and Slack delivers it again)."""
+        usable, reason = sanitized(payload if isinstance(payload, dict) else None)
+        if usable is None or usable.get("type") != "event_callback" or usable.get("team_id") != team_id:
+            log.warning("ignoring a Socket Mode envelope of %s: %s", team_id, reason or "not an event of this workspace")
+            return
+        entry = await self.connections.get("slack", team_id)
+        if entry is None:
+            return
+        resolved, credentials = entry
+        await self._dispatch(usable, resolved, credentials, credentials.get("signing_secret") or f"socket:{resolved.id}", {})
+
+    async def _dispatch(
+        self, usable: dict[str, Any], resolved: Resolved | None, credentials: dict[str, str], secret: str, query: dict[str, str]
+    ) -> BoltResponse:
+        """Run the checked request through bolt's listeners (which store the message before returning)."""
+        bolt_request = AsyncBoltRequest(body=json.dumps(usable), query=query, headers={"content-type": "application/json"})
         bolt_request.context[CONNECTION] = resolved
         bolt_request.context[CREDENTIALS] = credentials
         response = await self._app(secret).async_dispatch(bolt_request)
         unavailable = bolt_request.context.get(UNAVAILABLE)
         if unavailable is not None:
             raise unavailable  # nothing was acknowledged: Slack delivers the event again
-        return Response(content=response.body, status_code=response.status, headers=response.first_headers_without_set_cookie())
+        return response
 
     async def _signing_secret(
         self, resolved: Resolved | None, credentials: dict[str, str], team_id: str | None, body: bytes, headers: dict[str, str]
@@ -260,10 +281,14 @@ class SlackEvents:
             ignoring_self_events_enabled=True,
             logger=logging.getLogger("konstruct.slack.bolt"),
         )
-        app.event("app_mention")(on_mention)
-        app.event("message")(on_message)
-        app.event("app_uninstalled")(on_uninstalled)
-        app.event("tokens_revoked")(on_tokens_revoked)
+        listeners = {
+            "app_mention": on_mention,
+            "message": on_message,
+            "app_uninstalled": on_uninstalled,
+            "tokens_revoked": on_tokens_revoked,
+        }
+        for event_type in EVENT_SUBSCRIPTIONS:  # what the manifest subscribes to is what is listened to
+            app.event(event_type)(listeners[event_type])
         app.event(re.compile(".*"))(on_other)  # acknowledged, so Slack does not retry it
         self._apps[key] = app
         return app

@@ -63,6 +63,14 @@ class SlackInteractions:
             return JSONResponse({"error": outcome.error}, status_code=outcome.status)
         return Response(status_code=outcome.status)
 
+    async def from_socket(self, team_id: str | None, payload: dict[str, Any]) -> None:
+        """An `interactive` envelope of a Socket Mode connection: authenticated by the socket itself, so acted on as
+        a verified request would be; a refusal is logged (the envelope is acknowledged either way)."""
+        entry = await self.connections.get("slack", team_id) if team_id else None
+        outcome = await self.interact(entry[0] if entry else None, team_id, payload)
+        if outcome.error is not None:
+            log.warning("Socket Mode Slack interaction refused (%s): %s", outcome.status, outcome.error)
+
     def _signing_secret(self, resolved: Resolved | None, credentials: dict[str, str]) -> str | None:
         if resolved is not None and resolved.mode == "single":
             return credentials.get("signing_secret")

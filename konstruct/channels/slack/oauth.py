@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from konstruct.channels import connections
+from konstruct.channels.slack.api import bot_scopes
 from konstruct.channels.slack.client import web_client
 from konstruct.config import Settings, hint
 from konstruct.db.engine import Database
@@ -91,7 +92,7 @@ async def install(request: Request) -> Response:
         return _page("Install link not valid", str(exc) if isinstance(exc, ValidationError) else "The link is damaged.", 400)
     query = {
         "client_id": settings.slack.client_id,
-        "scope": settings.slack.scopes,
+        "scope": settings.slack.scopes or ",".join(bot_scopes()),
         "state": state,
         "redirect_uri": f"{settings.gateway.public_url.rstrip('/')}/slack/oauth_redirect",
     }
