@@ -62,7 +62,7 @@ def init(
     llm = model_setup.llm_values(llm_model, llm_api_base, llm_api_key_env, model_setup.current_llm(path) if update else {})
     values: dict[str, dict[str, Any]] = {"llm": llm} if llm else {}
     if port:
-        values["gateway"] = {"port": port, "public_url": f"http://127.0.0.1:{port}"}
+        values["gateway"] = {"port": port}  # public_url left unset follows the port (and a later change of it)
     if update:
         if not values:
             raise ConfigError(f"{path} exists already: pass --force to overwrite it, or --llm-model … to change only the model")
@@ -78,7 +78,7 @@ def init(
     out.print(
         "Next: [bold]konstruct up[/bold]  (then `konstruct tenant create NAME` and `konstruct agent create …`)"
         if not update
-        else "If `konstruct up` runs, it must read the change: `konstruct doctor` shows whether its worker did"
+        else "A running `konstruct up` applies the change by itself; `konstruct doctor` shows whether its worker did"
     )
 
 
