@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy import select, update
 
 from konstruct.db.models import InboundMessage as InboxRow
 from tests import test_slack
-from tests.fakes.slack import Call
+from tests.fakes.slack import Call, FakeSlack
 from tests.helpers import konstruct_in_process, wait_for
 from tests.test_slack import SlackSystem, mention, message, new_ts
 
@@ -199,3 +201,40 @@ async def test_suggested_prompts_on_the_command_line(slack_system: SlackSystem) 
     cleared = cli(slack_system, "agent", "update", "Bo", *tenant, "--clear-suggested-prompts", "--json")
     assert json.loads(cleared.stdout)["suggested_prompts"] == []
     assert "(none)" in cli(slack_system, "agent", "show", "Bo", *tenant).stdout
+
+
+async def test_the_fake_checks_the_agent_thread_calls_as_slack_does(fake_slack: FakeSlack) -> None:
+    """The fake refuses what Slack refuses, so the tests above would catch a malformed call."""
+    fake_slack.add_token("xoxb-fake-checks")
+    client = AsyncWebClient(token="xoxb-fake-checks", base_url=fake_slack.url)
+
+    async def error(method: str, **args: Any) -> str | None:
+        try:
+            await client.api_call(method, json=args)
+        except SlackApiError as exc:
+            return str(exc.response["error"])
+        return None
+
+    status = "assistant.threads.setStatus"
+    assert await error(status, thread_ts="1.000001", status="is thinking…") == "channel_not_found"
+    assert await error(status, channel_id=DM, thread_ts="yesterday", status="is thinking…") == "invalid_thread_ts"
+    assert await error(status, channel_id=DM, thread_ts="1.000001") == "invalid_arguments"  # no status
+    assert await error(status, channel_id=DM, thread_ts="1.000001", status="x", loading_messages=["m"] * 11) == "invalid_arguments"
+    assert await error(status, channel_id=DM, thread_ts="1.000001", status="x", loading_messages=["m"] * 10) is None
+    assert await error(status, channel_id=DM, thread_ts="1.000001", status="") is None  # an empty status clears it
+    assert fake_slack.statuses == {}
+    prompts = "assistant.threads.setSuggestedPrompts"
+    one = {"title": "Refunds", "message": "What is your refund policy?"}
+    assert await error(prompts, channel_id=DM, prompts=[one] * 5) == "invalid_arguments"
+    assert await error(prompts, channel_id=DM, prompts=[]) == "invalid_arguments"
+    assert await error(prompts, channel_id=DM, prompts=[{"title": "Refunds"}]) == "invalid_arguments"
+    assert await error(prompts, prompts=[one]) == "channel_not_found"
+    assert await error(prompts, channel_id=DM, thread_ts="1.000001", prompts=[one]) is None
+    assert fake_slack.suggested_prompts == {}  # with a thread_ts an agent app's call sets nothing
+    assert await error(prompts, channel_id=DM, prompts=[one] * 4) is None
+    assert fake_slack.suggested_prompts[DM]["prompts"] == [one] * 4
+    title = "assistant.threads.setTitle"
+    assert await error(title, channel_id=DM, thread_ts="1.000001") == "invalid_arguments"
+    assert await error(title, channel_id=DM, title="Refunds") == "invalid_thread_ts"
+    assert await error(title, channel_id=DM, thread_ts="1.000001", title="Refunds") is None
+    assert fake_slack.titles == {(DM, "1.000001"): "Refunds"}

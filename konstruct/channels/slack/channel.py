@@ -35,6 +35,8 @@ from konstruct.db.engine import Database
 from konstruct.db.models import ChannelConnection
 from konstruct.messaging import ChannelError, Reply, Target, mark_sent
 
+log = logging.getLogger(__name__)
+
 SLACK_FILE_HOSTS = ("files.slack.com",)
 
 
@@ -47,8 +49,6 @@ def file_host_allowed(settings: Settings, url: str) -> bool:
         return True
     return (parts.scheme, parts.hostname, parts.port) == (api.scheme, api.hostname, api.port) and parts.hostname is not None
 
-
-log = logging.getLogger(__name__)
 
 POST_INTERVAL = 1.0  # seconds between posts to one channel
 # Message metadata that ties a placeholder, or the first message of an answer posted without one, to the message it
