@@ -69,6 +69,7 @@ def test_the_example_file_plans_applies_and_is_idempotent(config_path: Path, tmp
     assert agent["model"] == "openai/gpt-4o" and "refunds" in agent["persona"]
     assert agent["settings"]["tools"] == ["current_time", "calculator", "web_fetch", "escalate_to_human"]
     assert agent["settings"]["fallbacks"] == ["anthropic/claude-3-5-haiku-20241022"]
+    assert agent["suggested_prompts"] == ["What is your refund policy?", "Where is my order?"]
     budget = json.loads(cli(config_path, "budget", "show", "--tenant", "acme", "--json").output)
     assert (budget["monthly_usd"], budget["action"], budget["alerts"]) == (50.0, "downgrade", [50, 80])
     actions = audit_actions(config_path, "acme")
