@@ -9,8 +9,11 @@ Only the methods konstruct uses are implemented: `auth.test`, `oauth.v2.access`,
 (with message `metadata`, and `blocks` checked as Slack does for the `markdown` blocks konstruct sends:
 at most 50 blocks, at most 12,000 characters of markdown text in one message; `context_actions` feedback buttons shaped
 as Slack's reference has them), `chat.update`, `conversations.replies` and `conversations.history` (metadata
-only with `include_all_metadata`, as Slack does), and `apps.connections.open` (an app-level token's Socket Mode URL,
-served by tests/fakes/slack_socket.py). Anything else answers `{"ok": false, "error": "unknown_method"}`.
+only with `include_all_metadata`, as Slack does), `apps.connections.open` (an app-level token's Socket Mode URL,
+served by tests/fakes/slack_socket.py), and the agent-thread methods `assistant.threads.setStatus` (status and
+up to 10 loading messages; cleared, as Slack does, when the app posts in that thread), `setSuggestedPrompts` (up
+to 4 prompts, each with a title and a message; a thread_ts is accepted and, as for an agent_view app, sets
+nothing) and `setTitle`, each checking its arguments as Slack's reference has them. Anything else answers `{"ok": false, "error": "unknown_method"}`.
 Like real Slack, every answer except a rate limit is HTTP 200 with `"ok"` telling success from failure.
 """
 
@@ -58,6 +61,8 @@ def sign(body: bytes, secret: str, timestamp: int | None = None) -> dict[str, st
 
 
 MAX_BLOCKS = 50
+MAX_LOADING_MESSAGES = 10  # assistant.threads.setStatus rotates through at most 10
+MAX_SUGGESTED_PROMPTS = 4
 MARKDOWN_LIMIT = 12_000  # characters of markdown-block text per message, all its markdown blocks together
 
 
@@ -120,11 +125,15 @@ class FakeSlack:
     tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
     oauth_codes: dict[str, dict[str, Any]] = field(default_factory=dict)
     rate_limit: dict[str, int] = field(default_factory=dict)
+    refuse: dict[str, str] = field(default_factory=dict)  # method -> the error Slack answers it with (e.g. missing_scope)
     calls: list[Call] = field(default_factory=list)
     messages: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     files: dict[str, tuple[dict[str, Any], bytes]] = field(default_factory=dict)  # file id -> (file object, bytes)
     downloads: list[tuple[str, str | None]] = field(default_factory=list)  # (path, bearer token) of every GET /files-pri/...
     app_tokens: dict[str, str] = field(default_factory=dict)  # app-level token (xapp-…) -> team id, for Socket Mode
+    statuses: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (channel, thread_ts) -> status shown now
+    suggested_prompts: dict[str, dict[str, Any]] = field(default_factory=dict)  # channel -> the prompts its Messages tab offers
+    titles: dict[tuple[str, str], str] = field(default_factory=dict)  # (channel, thread_ts) -> the thread's title
     socket: FakeSocketMode | None = None  # the websocket server `apps.connections.open` points to
     _seq: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -146,17 +155,27 @@ class FakeSlack:
             self.tokens.clear()
             self.oauth_codes.clear()
             self.rate_limit.clear()
+            self.refuse.clear()
             self.calls.clear()
             self.messages.clear()
             self.files.clear()
             self.downloads.clear()
             self.app_tokens.clear()
+            self.statuses.clear()
+            self.suggested_prompts.clear()
+            self.titles.clear()
         if self.socket is not None:
             self.socket.reset()
 
     def calls_to(self, method: str) -> list[Call]:
         with self._lock:
             return [call for call in self.calls if call.method == method]
+
+    def messages_in(self, channel: str) -> list[dict[str, Any]]:
+        """What the app (a bot) posted in a channel, oldest first."""
+        with self._lock:
+            found = [dict(m) for (c, _), m in self.messages.items() if c == channel and m.get("bot_id")]
+        return sorted(found, key=lambda m: _ts_key(m["ts"]))
 
     def _next(self) -> int:
         self._seq += 1
@@ -262,6 +281,8 @@ class FakeSlack:
             self.rate_limit[method] -= 1
             call.rate_limited = True
             return Answer(429, {"ok": False, "error": "ratelimited"}, {"Retry-After": str(self.retry_after)})
+        if method in self.refuse:
+            return Answer(200, {"ok": False, "error": self.refuse[method]})
         if method == "oauth.v2.access":
             return Answer(200, self._oauth_v2_access(basic, args))
         if method == "apps.connections.open":
@@ -276,6 +297,9 @@ class FakeSlack:
             "chat.update": self._chat_update,
             "conversations.replies": self._conversations_replies,
             "conversations.history": self._conversations_history,
+            "assistant.threads.setStatus": self._set_status,
+            "assistant.threads.setSuggestedPrompts": self._set_suggested_prompts,
+            "assistant.threads.setTitle": self._set_title,
         }
         handler = handlers.get(method)
         if handler is None:
@@ -365,6 +389,8 @@ class FakeSlack:
                 return {"ok": False, "error": "invalid_metadata_format"}
             message["metadata"] = metadata
         self.messages[(str(channel), ts)] = message
+        if message.get("thread_ts"):
+            self.statuses.pop((str(channel), message["thread_ts"]), None)  # Slack clears the status when the app posts there
         return {"ok": True, "channel": channel, "ts": ts, "message": self._shown(message, True)}
 
     @staticmethod
@@ -420,6 +446,73 @@ class FakeSlack:
         found.sort(key=lambda message: _ts_key(message["ts"]), reverse=True)
         limit = int(args.get("limit") or 100)
         return {"ok": True, "messages": found[:limit], "has_more": len(found) > limit}
+
+    @staticmethod
+    def _thread_args(args: dict[str, Any], *, thread_required: bool = True) -> tuple[str, str] | str:
+        """(channel_id, thread_ts), or Slack's error for them."""
+        channel, thread = args.get("channel_id"), args.get("thread_ts")
+        if not isinstance(channel, str) or not channel:
+            return "channel_not_found"
+        if thread is None and not thread_required:
+            return channel, ""
+        if not isinstance(thread, str) or not re.fullmatch(r"\d+\.\d+", thread):
+            return "invalid_thread_ts"
+        return channel, thread
+
+    @staticmethod
+    def _json_arg(value: Any) -> Any:
+        if isinstance(value, str):  # form-encoded calls send arrays as JSON text
+            try:
+                return json.loads(value)
+            except ValueError:
+                return None
+        return value
+
+    def _set_status(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        where = self._thread_args(args)
+        if isinstance(where, str):
+            return {"ok": False, "error": where}
+        status = args.get("status")
+        if not isinstance(status, str):
+            return {"ok": False, "error": "invalid_arguments"}
+        loading = self._json_arg(args.get("loading_messages"))
+        if loading is not None and (
+            not isinstance(loading, list) or len(loading) > MAX_LOADING_MESSAGES or not all(isinstance(m, str) and m for m in loading)
+        ):
+            return {"ok": False, "error": "invalid_arguments"}
+        if status:
+            self.statuses[where] = {"status": status, "loading_messages": list(loading or [])}
+        else:
+            self.statuses.pop(where, None)  # an empty status clears it
+        return {"ok": True}
+
+    def _set_suggested_prompts(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        where = self._thread_args(args, thread_required=False)
+        if isinstance(where, str):
+            return {"ok": False, "error": where}
+        prompts = self._json_arg(args.get("prompts"))
+        if not isinstance(prompts, list) or not 0 < len(prompts) <= MAX_SUGGESTED_PROMPTS:
+            return {"ok": False, "error": "invalid_arguments"}
+        for prompt in prompts:
+            if not isinstance(prompt, dict) or not all(isinstance(prompt.get(k), str) and prompt[k] for k in ("title", "message")):
+                return {"ok": False, "error": "invalid_arguments"}
+        title = args.get("title")
+        if title is not None and not isinstance(title, str):
+            return {"ok": False, "error": "invalid_arguments"}
+        channel, thread = where
+        if not thread:  # with a thread_ts an agent_view app's call silently sets nothing (Slack's reference)
+            self.suggested_prompts[channel] = {"prompts": prompts, "title": title}
+        return {"ok": True}
+
+    def _set_title(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        where = self._thread_args(args)
+        if isinstance(where, str):
+            return {"ok": False, "error": where}
+        title = args.get("title")
+        if not isinstance(title, str) or not title.strip():
+            return {"ok": False, "error": "invalid_arguments"}
+        self.titles[where] = title
+        return {"ok": True}
 
     # Private files. Called with the lock held.
 

@@ -1,4 +1,9 @@
-"""Replying in Slack from the worker: a placeholder at once, then the answer in its place.
+"""Replying in Slack from the worker: a thinking status (or a placeholder) at once, then the answer.
+
+In a DM with the app (its Messages tab, where Slack's agent threads are) the thread gets a status — "is
+thinking…" with loading messages saying what the agent does — which Slack clears when the answer is posted;
+a new thread is titled from its first question. Elsewhere (a mention in a channel) a `_thinking…_`
+placeholder is posted and the answer replaces it.
 
 Posting is paced per channel (Slack allows about one message a second per channel) and every call
 honours 429 Retry-After, so bursts are slowed down, never dropped.
@@ -8,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 import uuid
 from typing import Any
@@ -29,6 +35,8 @@ from konstruct.db.engine import Database
 from konstruct.db.models import ChannelConnection
 from konstruct.messaging import ChannelError, Reply, Target, mark_sent
 
+log = logging.getLogger(__name__)
+
 SLACK_FILE_HOSTS = ("files.slack.com",)
 
 
@@ -43,7 +51,33 @@ def file_host_allowed(settings: Settings, url: str) -> bool:
 
 
 POST_INTERVAL = 1.0  # seconds between posts to one channel
-PLACEHOLDER_EVENT = "konstruct_placeholder"  # message metadata that ties a placeholder to the message it answers
+# Message metadata that ties a placeholder, or the first message of an answer posted without one, to the message it
+# answers: a retry whose earlier attempt died before recording it finds it and answers there, never posting twice.
+PLACEHOLDER_EVENT = "konstruct_placeholder"
+THINKING = "is thinking…"  # the status; its loading messages say what the agent does
+READING = "reading the thread…"
+MAX_LOADING = 150  # characters of one loading message we send (a tool name comes from the model)
+MAX_TITLE = 60  # characters of a thread title taken from its first question
+
+
+def status_thread(target: Target) -> str | None:
+    """The thread whose status can show the agent working: in a DM with the app (its agent threads), the thread the
+    message is in or starts (and is answered in). None elsewhere (a channel mention), where a placeholder does it."""
+    if target.payload.get("channel_type") != "im":
+        return None
+    thread = target.payload.get("thread_ts") or target.payload.get("ts")
+    return str(thread) if thread else None
+
+
+def thread_title(question: str) -> str:
+    """A thread's title from its first question: one line, at most MAX_TITLE characters."""
+    line = " ".join(question.split())
+    return line if len(line) <= MAX_TITLE else line[: MAX_TITLE - 1].rstrip() + "…"
+
+
+def answer_marker(target: Target) -> dict[str, Any]:
+    """The metadata a placeholder, or an answer's first message posted without one, carries (see PLACEHOLDER_EVENT)."""
+    return {"event_type": PLACEHOLDER_EVENT, "event_payload": {"answers": target.inbound_external_id}}
 
 
 class SlackChannel:
@@ -56,16 +90,48 @@ class SlackChannel:
         self._pace: dict[tuple[str, str], tuple[asyncio.Lock, list[float]]] = {}
 
     async def prepare(self, target: Target) -> str | None:
-        """Post the placeholder in the thread; its ts is where the answer will go. It carries the message it
-        answers as metadata, so a retry whose earlier attempt died before recording the ts finds it instead."""
+        """In an agent thread: set its status (and title a new thread), post nothing, return None. Elsewhere, or
+        when Slack refuses the status: post the placeholder, whose ts is where the answer will go. Either way a
+        retry first looks for what an earlier attempt posted (a placeholder, or an answer, by their metadata)."""
         client = await self._client(target)
         if target.retry:
             found = await self._find_placeholder(client, target)
             if found is not None:
                 return found
-        metadata = {"event_type": PLACEHOLDER_EVENT, "event_payload": {"answers": target.inbound_external_id}}
-        response = await self._post(client, target, self.settings.slack.placeholder, metadata=metadata)
+        thread = status_thread(target)
+        if thread is not None:
+            starts = target.payload.get("thread_ts") in (None, target.payload.get("ts"))
+            if starts and not target.retry and target.question.strip():
+                await self._title(client, target, thread)  # the question starts this thread: name it, once
+            if await self._status(client, target, thread, [READING]):
+                return None
+        response = await self._post(client, target, self.settings.slack.placeholder, metadata=answer_marker(target))
         return str(response["ts"])
+
+    async def working(self, target: Target, what: str) -> None:
+        """Show what the agent does now as the thread's loading message; a placeholder is left as it is."""
+        thread = status_thread(target)
+        if thread is not None and target.reply_ref is None:
+            await self._status(await self._client(target), target, thread, [what[:MAX_LOADING]])
+
+    async def _status(self, client: AsyncWebClient, target: Target, thread: str, loading: list[str]) -> bool:
+        """Set the thread's status; False when Slack refuses it (e.g. an app without the scope)."""
+        try:
+            await client.assistant_threads_setStatus(
+                channel_id=target.payload["channel"], thread_ts=thread, status=THINKING, loading_messages=loading
+            )
+        except SlackApiError as exc:
+            log.warning("Slack refused the thread status: %s", exc.response.get("error"))
+            return False
+        return True
+
+    async def _title(self, client: AsyncWebClient, target: Target, thread: str) -> None:
+        try:
+            await client.assistant_threads_setTitle(
+                channel_id=target.payload["channel"], thread_ts=thread, title=thread_title(target.question)
+            )
+        except SlackApiError as exc:  # a thread without a title still gets its answer
+            log.warning("Slack refused the thread title: %s", exc.response.get("error"))
 
     async def _find_placeholder(self, client: AsyncWebClient, target: Target) -> str | None:
         channel, thread = target.payload["channel"], target.payload.get("thread_ts")
@@ -128,7 +194,8 @@ class SlackChannel:
                 await client.chat_update(channel=target.payload["channel"], ts=target.reply_ref, **first)
                 first_ts = target.reply_ref
             else:
-                first_ts = str((await self._post(client, target, **first))["ts"])
+                # Marked like a placeholder, so a retry after a crash before the turn was recorded updates it instead.
+                first_ts = str((await self._post(client, target, **first, metadata=answer_marker(target)))["ts"])
             for message in rest:
                 await self._post(client, target, **message)
         except SlackApiError as exc:
