@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from konstruct.config import Settings
-from konstruct.db.urls import APP_PASSWORD_FILE, APP_ROLE, DatabaseURLs, resolve_urls
+from konstruct.db.urls import APP_ROLE, DatabaseURLs, resolve_urls
 from konstruct.errors import DatabaseError
 
 
@@ -69,23 +69,36 @@ def upgrade(settings: Settings) -> UpgradeResult:
         raise DatabaseError(f"cannot reach the database as the owner role: {exc.orig}") from None
     finally:
         engine.dispose()
+    if settings.embedded_database:
+        _migrated_marker(settings).write_text(f"{after}\n")  # what prepare_embedded trusts: written last
     return UpgradeResult(before=before, after=after)
 
 
+def _migrated_marker(settings: Settings) -> Path:
+    """The revision an upgrade of the embedded database last completed (absent: none completed)."""
+    return settings.data_dir / "migrated"
+
+
 def prepare_embedded(settings: Settings) -> UpgradeResult | None:
-    """Before the first `konstruct up`: start the embedded database and create and migrate it, as `up` would, when it
-    has never been (no app role password yet). Returns what was done, or None when there was nothing to do."""
+    """Before the first `konstruct up`: start the embedded database and create and migrate it, as `up` would, when no
+    upgrade of it has completed yet (one that died part-way is done again). Returns what was done, or None when there
+    was nothing to do."""
     if not settings.embedded_database or settings.database.app_password is not None:
         return None
-    password = settings.data_dir / APP_PASSWORD_FILE
-    if password.exists():
+    if _upgraded(settings):
         return None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with (settings.data_dir / "migrate.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two first commands at once: one migrates, the other waits and finds it done
-        if password.exists():
+        if _upgraded(settings):
             return None
         return upgrade(settings)
+
+
+def _upgraded(settings: Settings) -> bool:
+    """An upgrade of the embedded database completed (an installation from before the marker upgrades once more:
+    at head, that changes nothing)."""
+    return _migrated_marker(settings).exists()
 
 
 def current_revision(urls: DatabaseURLs) -> str | None:
