@@ -1,4 +1,5 @@
-"""Replying in Slack from the worker: a placeholder at once, then the answer in its place.
+"""Replying in Slack from the worker: a placeholder at once, then the answer in its place; in DM threads the answer
+is streamed instead, as the model writes it (konstruct.channels.slack.stream).
 
 Posting is paced per channel (Slack allows about one message a second per channel) and every call
 honours 429 Retry-After, so bursts are slowed down, never dropped.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -24,6 +26,7 @@ from konstruct.channels.connections import SecretCache
 from konstruct.channels.slack.client import web_client
 from konstruct.channels.slack.feedback import feedback_block
 from konstruct.channels.slack.format import SlackMessage, markdown_messages
+from konstruct.channels.slack.stream import SlackStream, stop_stream, stream_ts
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import ChannelConnection
@@ -57,7 +60,10 @@ class SlackChannel:
 
     async def prepare(self, target: Target) -> str | None:
         """Post the placeholder in the thread; its ts is where the answer will go. It carries the message it
-        answers as metadata, so a retry whose earlier attempt died before recording the ts finds it instead."""
+        answers as metadata, so a retry whose earlier attempt died before recording the ts finds it instead.
+        Where the answer is streamed, nothing is posted: the stream itself shows the agent at work."""
+        if self._streams(target):
+            return None
         client = await self._client(target)
         if target.retry:
             found = await self._find_placeholder(client, target)
@@ -116,17 +122,43 @@ class SlackChannel:
                 )
         return parts
 
+    def _streams(self, target: Target) -> bool:
+        """Is this target's answer streamed? In DM threads (the agent's own conversations, where Slack's status shows
+        the agent at work); channels keep the placeholder, which a stream (a new message) cannot replace."""
+        channel = str(target.payload.get("channel") or "")
+        return self.settings.slack.stream and channel.startswith("D") and bool(target.payload.get("thread_ts"))
+
+    async def stream(self, target: Target) -> SlackStream | None:
+        """A sink streaming the answer into the thread; None where it is not streamed, or where an earlier attempt
+        already showed something (send() then finishes or replaces that)."""
+        if not self._streams(target) or target.reply_ref is not None:
+            return None
+        return SlackStream(await self._client(target), target, self.settings.slack.stream_interval, self._feedback_blocks,
+                           self._replace, self.send)  # fmt: skip
+
     async def send(self, reply: Reply) -> str | None:
-        """Replace the placeholder with the first part of the answer; post the rest in the thread. The last part
-        carries the thumbs up/down that rate the stored reply."""
+        """Replace the placeholder (or an earlier attempt's unfinished stream) with the first part of the answer; post
+        the rest in the thread. The last part carries the thumbs up/down that rate the stored reply."""
+        client = await self._client(reply.target)
+        ts = stream_ts(reply.target.reply_ref)
+        if ts is not None:  # a stream a dead attempt left open: closed first, then the whole answer goes in its place
+            with contextlib.suppress(SlackApiError):
+                await stop_stream(client, reply.target.payload["channel"], ts)
+            return await self._deliver(client, reply, ts)
+        return await self._deliver(client, reply, reply.target.reply_ref)
+
+    async def _replace(self, reply: Reply, ts: str) -> str | None:
+        """Put the whole reply in the message `ts` (a stopped stream), split as any reply."""
+        return await self._deliver(await self._client(reply.target), reply, ts)
+
+    async def _deliver(self, client: AsyncWebClient, reply: Reply, ts: str | None) -> str | None:
         target = reply.target
-        client = await self._client(target)
         first, *rest = await self._with_feedback(target, markdown_messages(reply.text) or markdown_messages("…"))
         first_ts: str | None = None
         try:
-            if target.reply_ref:
-                await client.chat_update(channel=target.payload["channel"], ts=target.reply_ref, **first)
-                first_ts = target.reply_ref
+            if ts:
+                await client.chat_update(channel=target.payload["channel"], ts=ts, **first)
+                first_ts = ts
             else:
                 first_ts = str((await self._post(client, target, **first))["ts"])
             for message in rest:
@@ -138,10 +170,13 @@ class SlackChannel:
     async def _with_feedback(self, target: Target, messages: list[SlackMessage]) -> list[dict[str, Any]]:
         """The reply's messages, the last with the feedback block naming the stored reply (found by the message it answers)."""
         parts: list[dict[str, Any]] = [dict(message) for message in messages]
-        reply_id = await feedback.reply_for(self.db, target.tenant_id, channel=self.name, inbound_external_id=target.inbound_external_id)
-        if reply_id is not None:
-            parts[-1]["blocks"] = [*parts[-1]["blocks"], feedback_block(reply_id)]
+        parts[-1]["blocks"] = [*parts[-1]["blocks"], *await self._feedback_blocks(target)]
         return parts
+
+    async def _feedback_blocks(self, target: Target) -> list[dict[str, Any]]:
+        """The feedback block for the reply stored for this target's message; none when there is no stored reply."""
+        reply_id = await feedback.reply_for(self.db, target.tenant_id, channel=self.name, inbound_external_id=target.inbound_external_id)
+        return [feedback_block(reply_id)] if reply_id is not None else []
 
     async def _post(
         self,
