@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from konstruct.channels.slack.format import markdown_messages
 from konstruct.db.models import InboundMessage as InboxRow
 from konstruct.db.models import LLMUsage, Message
 from tests import test_slack
@@ -126,6 +127,42 @@ async def test_a_tool_call_turn_then_the_streamed_answer(slack_system: SlackSyst
     async with slack_system.db.tenant(tenant_id=slack_system.tenant_id) as session:
         usage = list(await session.scalars(select(LLMUsage)))
     assert len(usage) == 2 and all(u.error is None for u in usage)  # one usage row per streamed call
+
+
+async def test_text_written_with_a_tool_call_is_replaced_by_the_answer(slack_system: SlackSystem) -> None:
+    """Some models say something before calling a tool: it streams, and the message ends up exactly the stored answer."""
+    updated = konstruct_in_process(
+        "agent", "update", "Ava", "--tenant", slack_system.slug, "--tools", "calculator", config=slack_system.config
+    )
+    assert updated.returncode == 0, updated.stderr
+    slack_system.llm.tool_text = "Let me work that out."
+    slack_system.llm.stream_delay = 0.02
+    thread = in_dm_thread(slack_system, 'What is [[call calculator {"expression": "6*7"}]] ?')
+    await slack_system.wait_finished(1)
+    [reply] = await stored_replies(slack_system)
+    [start] = calls(slack_system, "chat.startStream")
+    streamed = "".join([start.args["markdown_text"], *[c.args["markdown_text"] for c in calls(slack_system, "chat.appendStream")]])
+    assert streamed and "Let me work that out.\n\n[fake-model] Tool said: 42".startswith(streamed)  # as far as it got
+    [shown] = bot_messages(slack_system, thread)
+    assert shown["blocks"][0] == {"type": "markdown", "text": reply.text} and reply.text == "[fake-model] Tool said: 42"
+    assert [b["type"] for b in shown["blocks"]] == ["markdown", "context_actions"]
+    [update] = calls(slack_system, "chat.update")
+    assert update.args["ts"] == shown["ts"] and calls(slack_system, "chat.stopStream")[0].args.get("blocks") is None
+
+
+async def test_an_answer_over_slacks_limit_streams_then_is_split(slack_system: SlackSystem) -> None:
+    question = " ".join(f"word{n}" for n in range(2000))  # echoed: over 12,000 characters
+    thread = in_dm_thread(slack_system, question)
+    await slack_system.wait_finished(1)
+    [reply] = await stored_replies(slack_system)
+    parts = markdown_messages(reply.text)
+    assert len(parts) >= 2
+    every = [calls(slack_system, "chat.startStream")[0], *calls(slack_system, "chat.appendStream")]
+    assert sum(len(c.args["markdown_text"]) for c in every) <= 12_000  # the stream stopped growing at the limit
+    shown = sorted(bot_messages(slack_system, thread), key=lambda m: tuple(int(x) for x in m["ts"].split(".")))
+    assert [m["blocks"][0]["text"] for m in shown] == [p["blocks"][0]["text"] for p in parts]  # split as any reply
+    assert shown[0]["ts"] == every[0].args.get("ts", shown[0]["ts"]) and reply.external_id == shown[0]["ts"]
+    assert [b["type"] for b in shown[-1]["blocks"]] == ["markdown", "context_actions"]
 
 
 async def test_a_worker_killed_mid_stream_leaves_one_complete_answer(slack_system: SlackSystem) -> None:

@@ -523,6 +523,8 @@ class ToolRun:
         while result.tool_calls and self.registry is not None:
             steps += 1
             messages = [*messages, result.assistant_message()]
+            if show is not None and result.text:
+                await show("\n\n")  # what the model said before calling tools stands apart from what follows
             for call in result.tool_calls:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

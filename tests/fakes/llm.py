@@ -33,6 +33,7 @@ class Recorded:
 class FakeLLM:
     delay: float = 0.0
     stream_delay: float = 0.0  # seconds between two streamed chunks: a fixed token rate
+    tool_text: str | None = None  # text the model writes along with its tool calls ("Let me check."), as some models do
     fail_status: int | None = None
     bad_keys: set[str] = field(default_factory=set)  # bearer tokens answered with 401, as a provider does a revoked key
     fail_models: dict[str, int] = field(default_factory=dict)  # model -> HTTP status: one model is down, others answer
@@ -50,7 +51,7 @@ class FakeLLM:
 
     def reset(self) -> None:
         with self._lock:
-            self.delay, self.stream_delay, self.fail_status = 0.0, 0.0, None
+            self.delay, self.stream_delay, self.fail_status, self.tool_text = 0.0, 0.0, None, None
             self.bad_keys.clear()
             self.fail_models.clear()
             self.requests.clear()
@@ -127,13 +128,13 @@ class FakeLLM:
                     message: dict[str, Any] = {"role": "assistant", "content": text}
                     calls = fake.tool_calls_for(body)
                     if calls:
-                        message = {"role": "assistant", "content": None, "tool_calls": calls}
+                        message = {"role": "assistant", "content": fake.tool_text, "tool_calls": calls}
                     prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
                     completion_tokens = len(text.split())
                     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                              "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
                     if body.get("stream"):
-                        self._stream(body, None if calls else text, calls, usage)
+                        self._stream(body, fake.tool_text if calls else text, calls, usage)
                         return
                     self._send(
                         200,
