@@ -126,6 +126,8 @@ class FakeSlack:
     tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
     oauth_codes: dict[str, dict[str, Any]] = field(default_factory=dict)
     rate_limit: dict[str, int] = field(default_factory=dict)
+    refuse: dict[str, str] = field(default_factory=dict)  # method -> the error its next call gets (once), as a workspace
+    # that has a feature off does ("feature_disabled"), then the method works again
     calls: list[Call] = field(default_factory=list)
     messages: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     files: dict[str, tuple[dict[str, Any], bytes]] = field(default_factory=dict)  # file id -> (file object, bytes)
@@ -154,6 +156,7 @@ class FakeSlack:
             self.tokens.clear()
             self.oauth_codes.clear()
             self.rate_limit.clear()
+            self.refuse.clear()
             self.calls.clear()
             self.messages.clear()
             self.files.clear()
@@ -272,6 +275,8 @@ class FakeSlack:
             self.rate_limit[method] -= 1
             call.rate_limited = True
             return Answer(429, {"ok": False, "error": "ratelimited"}, {"Retry-After": str(self.retry_after)})
+        if method in self.refuse:
+            return Answer(200, {"ok": False, "error": self.refuse.pop(method)})
         if method == "oauth.v2.access":
             return Answer(200, self._oauth_v2_access(basic, args))
         if method == "apps.connections.open":
