@@ -61,7 +61,6 @@ class SlackStream:
         self.pending = ""  # what the model wrote since
         self.ts: str | None = None
         self.broken = False  # Slack refused a call: nothing more is streamed, finish() delivers another way
-        self.appends = 0
         self._last = 0.0
 
     async def append(self, text: str) -> str | None:
@@ -88,7 +87,6 @@ class SlackStream:
                 self.ts = ts = str(response["ts"])
             else:
                 await self.client.chat_appendStream(channel=self.channel, ts=ts, markdown_text=piece)
-                self.appends += 1
         except SlackApiError as exc:
             log.warning("Slack stopped a streamed answer (%s); it is delivered whole instead", exc.response.get("error"))
             self.broken = True
