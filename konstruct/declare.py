@@ -37,6 +37,7 @@ class AgentSpec(_Spec):
     tools: list[str] = Field(default_factory=list)
     escalation_rules: list[str] = Field(default_factory=list)
     fallbacks: list[str] = Field(default_factory=list)
+    suggested_prompts: list[str] = Field(default_factory=list)  # at most 4 (check_prompts)
 
 
 class BudgetSpec(_Spec):
@@ -111,6 +112,7 @@ def load(path: Path | None, settings: Settings) -> Declaration:
                 raise ValidationError(f"tenant {tenant.slug}, agent {agent.name}: give persona or persona_file")
             agent_service.check_tools(agent.tools)
             agent_service.check_rules(agent.escalation_rules)
+            agent_service.check_prompts(agent.suggested_prompts)
         if tenant.escalation_target:
             validate_escalation_target(tenant.escalation_target)
         for invite in tenant.invitations:
@@ -183,12 +185,13 @@ async def _tenant_changes(
     for a in spec.agents:
         agent = agents.get(a.name)
         then = {"role": a.role, "persona": a.persona, "model": a.model, "tools": a.tools, "escalation_rules": a.escalation_rules,
-                "fallbacks": a.fallbacks}  # fmt: skip
+                "fallbacks": a.fallbacks, "suggested_prompts": [p.strip() for p in a.suggested_prompts]}  # fmt: skip
         if agent is None:
             changes.append(Change("create", "agent", spec.slug, a.name, spec=a))
             continue
         have = {"role": agent.role, "persona": agent.persona, "model": agent.model, "tools": agent.settings.get("tools") or [],
-                "escalation_rules": agent.settings.get("escalation_rules") or [], "fallbacks": agent.settings.get("fallbacks") or []}  # fmt: skip
+                "escalation_rules": agent.settings.get("escalation_rules") or [], "fallbacks": agent.settings.get("fallbacks") or [],
+                "suggested_prompts": list(agent.suggested_prompts)}  # fmt: skip
         if fields := _diff(have, then):
             changes.append(Change("change", "agent", spec.slug, a.name, fields, a))
     if prune:
@@ -285,7 +288,7 @@ async def _apply_one(db: Database, settings: Settings, change: Change, actor: st
         await agent_service.update_agent(
             db, tenant, a.name, actor=actor,
             changes={"role": a.role, "persona": a.persona, "model": a.model, "tools": a.tools, "escalation_rules": a.escalation_rules,
-                     "fallbacks": a.fallbacks},
+                     "fallbacks": a.fallbacks, "suggested_prompts": a.suggested_prompts},
         )  # fmt: skip
     elif change.kind == "budget":
         if change.action == "delete":

@@ -67,6 +67,7 @@ class Target:
     payload: dict[str, Any]
     reply_ref: str | None = None  # what prepare() returned on this or an earlier attempt
     retry: bool = False  # an earlier attempt may have shown progress (e.g. posted a placeholder) without recording it
+    question: str = ""  # what the person said (e.g. to title a new thread with)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,11 @@ class Channel(Protocol):
     async def prepare(self, target: Target) -> str | None:
         """Show the person the agent is working (e.g. a placeholder); return a reference send() can use.
         On a retry, reuse what an earlier attempt showed rather than showing it twice."""
+        ...
+
+    async def working(self, target: Target, what: str) -> None:
+        """Tell the person what the agent is doing now, e.g. "calling calculator…" (after prepare(), before send()).
+        Best effort: a channel with nowhere to show it does nothing; the caller ignores any error."""
         ...
 
     async def attachments(self, target: Target) -> list[dict[str, Any]]:

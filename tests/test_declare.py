@@ -69,6 +69,7 @@ def test_the_example_file_plans_applies_and_is_idempotent(config_path: Path, tmp
     assert agent["model"] == "openai/gpt-4o" and "refunds" in agent["persona"]
     assert agent["settings"]["tools"] == ["current_time", "calculator", "web_fetch", "escalate_to_human"]
     assert agent["settings"]["fallbacks"] == ["anthropic/claude-3-5-haiku-20241022"]
+    assert agent["suggested_prompts"] == ["What is your refund policy?", "Where is my order?"]
     budget = json.loads(cli(config_path, "budget", "show", "--tenant", "acme", "--json").output)
     assert (budget["monthly_usd"], budget["action"], budget["alerts"]) == (50.0, "downgrade", [50, 80])
     actions = audit_actions(config_path, "acme")
@@ -163,3 +164,24 @@ def test_tenants_declared_in_konstruct_toml(config_path: Path) -> None:
     assert summary(json.loads(config_plan.output)) == [("create", "tenant", "inline/inline"), ("create", "agent", "inline/Ivy")]
     assert cli(config_path, "apply").exit_code == 0
     assert json.loads(cli(config_path, "plan", "--json").output) == []
+
+
+def test_suggested_prompts_are_planned_applied_and_checked(config_path: Path, tmp_path: Path) -> None:
+    file = tmp_path / "p.toml"
+    agent = '[[tenants]]\nslug = "p"\nname = "P"\n[[tenants.agents]]\nname = "A"\nrole = "R"\npersona = "Brief."\n'
+    file.write_text(agent + 'suggested_prompts = ["What is your refund policy?", "Track my order"]\n')
+    assert cli(config_path, "apply", "-f", str(file)).exit_code == 0
+    shown = json.loads(cli(config_path, "agent", "show", "A", "--tenant", "p", "--json").output)
+    assert shown["suggested_prompts"] == ["What is your refund policy?", "Track my order"]
+    assert plan(config_path, file) == []  # idempotent
+    file.write_text(agent + 'suggested_prompts = ["Track my order"]\n')
+    [change] = plan(config_path, file)
+    assert change["fields"] == {"suggested_prompts": {"now": ["What is your refund policy?", "Track my order"], "then": ["Track my order"]}}
+    assert cli(config_path, "apply", "-f", str(file)).exit_code == 0
+    assert json.loads(cli(config_path, "agent", "show", "A", "--tenant", "p", "--json").output)["suggested_prompts"] == ["Track my order"]
+    file.write_text(agent)  # left out: the agent has none
+    assert cli(config_path, "apply", "-f", str(file)).exit_code == 0
+    assert json.loads(cli(config_path, "agent", "show", "A", "--tenant", "p", "--json").output)["suggested_prompts"] == []
+    file.write_text(agent + "suggested_prompts = " + json.dumps([f"prompt {n}" for n in range(5)]) + "\n")
+    result = cli(config_path, "plan", "-f", str(file))
+    assert result.exit_code != 0 and "at most 4" in str(result.exception)

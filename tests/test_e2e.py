@@ -24,6 +24,8 @@ def test_init_up_chat_on_the_embedded_defaults(tmp_path: Path, fake_llm: FakeLLM
     )  # fmt: skip
     assert init.returncode == 0, init.stderr
     assert "sk-e2e-secret-9876" not in (site / "konstruct.toml").read_text()
+    shown = json.loads(konstruct("config", "show", "--json", env=env, cwd=site).stdout)
+    assert shown["gateway"]["public_url"] == f"http://127.0.0.1:{port}"  # not written down: it follows the port
 
     up = Proc("up", ["up"], config=None, log_dir=tmp_path, env=env, cwd=site)  # finds ./konstruct.toml
     try:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import shlex
+from decimal import Decimal
 from pathlib import Path
 
 from konstruct import audit
 from konstruct.config import load_settings
 from konstruct.db.engine import Database
+from konstruct.llm import budget
 from konstruct.tenancy.tenants import get_tenant
 from tests.conftest import write_config
 from tests.fakes import stripe as fs
@@ -101,6 +103,30 @@ async def test_with_billing_on_the_wizard_explains_the_pause_and_resumes(tmp_pat
     assert "resuming: tenant initech, its channel (skip) and agent Ava done already" in resumed.stdout
     assert "[fake-model] You said: Hello from onboarding" in resumed.stdout and "live: Ava answers for initech" in resumed.stdout
     assert stripe_fake.requests == []
+
+
+async def test_a_spent_budget_is_explained_not_called_live(config_path: Path, tmp_path: Path, fake_llm: FakeLLM, db: Database) -> None:
+    assert konstruct_in_process("tenant", "create", "Initech", config=config_path).returncode == 0
+    assert (
+        konstruct_in_process("budget", "set", "--tenant", "initech", "--usd", "0.0001", "--action", "block", config=config_path).returncode
+        == 0
+    )
+    initech = await get_tenant(db, "initech")
+    async with db.tenant(tenant_id=initech.id) as session:
+        await budget.account(session, initech.id, Decimal("0.0002"), None, None)  # this month's calls so far: over the limit
+    flags = ["--tenant", "initech", "--channel", "skip", "--agent-name", "Ava", "--role", "Support", "--persona", "Brief.",
+             "--model", "openai/gpt-4o-mini", "--test-message", "Hello from onboarding"]  # fmt: skip  # a priced model
+    worker = Proc("worker", ["worker"], config=config_path, log_dir=tmp_path)
+    try:
+        worker.wait_for_log(" ready: ")
+        blocked = konstruct_in_process("onboard", *flags, config=config_path)
+    finally:
+        worker.stop()
+    assert blocked.returncode == 1 and "live" not in blocked.stdout, blocked.stdout
+    error = blocked.stderr.strip()
+    assert len(error.splitlines()) == 1 and "Traceback" not in error, blocked.stderr
+    assert "initech's monthly LLM budget is used up" in error and "konstruct budget set --tenant initech --usd N" in error
+    assert not any(r.body["messages"][-1]["content"] == "Hello from onboarding" for r in fake_llm.requests)  # never reached the model
 
 
 async def test_missing_answers_and_a_refused_user_are_clear_errors(config_path: Path, tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ mid-stream. The gateway, worker, fake Slack and fake LLM (streaming at a fixed t
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from sqlalchemy import select
@@ -202,11 +201,14 @@ async def test_a_stream_slack_refuses_at_start_is_sent_whole(slack_system: Slack
     assert reply.external_id == shown["ts"] and reply.status == "sent"
 
 
-async def test_channel_mentions_and_plain_dms_keep_the_placeholder(slack_system: SlackSystem) -> None:
-    """Where Slack's status does not apply (channels) or there is no thread, nothing streams: placeholder, then update."""
+async def test_where_there_is_a_placeholder_nothing_streams(slack_system: SlackSystem) -> None:
+    """A channel mention, or a DM whose status Slack refused (an app without the scope): placeholder, then update."""
     slack_system.llm.stream_delay = 0.01
-    slack_system.post(slack_system.event(message(new_ts(), "hello in a DM", channel=DM, channel_type="im")))
-    await slack_system.wait_finished(1)
-    assert calls(slack_system, "chat.startStream") == [] and len(calls(slack_system, "chat.update")) == 1
-    assert [r.body.get("stream") for r in slack_system.llm.requests] == [None]
-    assert uuid.UUID(str((await stored_replies(slack_system))[0].id))
+    slack_system.post(slack_system.event(test_slack.mention(new_ts())))
+    slack_system.slack.refuse["assistant.threads.setStatus"] = "missing_scope"
+    in_dm_thread(slack_system, "hello without a status")
+    await slack_system.wait_finished(2)
+    assert calls(slack_system, "chat.startStream") == [] and len(calls(slack_system, "chat.update")) == 2
+    assert [r.body.get("stream") for r in slack_system.llm.requests] == [None, None]
+    texts = sorted(r.text for r in await stored_replies(slack_system))
+    assert texts == ["[fake-model] You said: hello without a status", "[fake-model] You said: what is our refund policy?"]

@@ -59,7 +59,9 @@ class Site:
 
     def __init__(self, root: Path, llm: FakeLLM) -> None:
         self.root = root
-        self.config = write_config(root, None, llm.url, up={"standby": True})
+        # A secret nothing here uses, whose variable is missing: `up` runs, and says so at once.
+        smtp = {"password": {"$env": "KONSTRUCT_TEST_UNSET_SMTP_PASSWORD"}}
+        self.config = write_config(root, None, llm.url, up={"standby": True}, smtp=smtp)
         for name in SHADOWED:
             (root / f"{name}.py").write_text(f"raise RuntimeError('the current folder shadowed {name}')\n")
         self.up = Up(root, root)
@@ -130,6 +132,8 @@ def test_the_banner_names_the_configured_address(site: Site) -> None:
     assert port != 8080
     banner = next(line for line in site.up.log().splitlines() if "Konstruct is up" in line)
     assert f"gateway http://127.0.0.1:{port} " in banner, banner
+    warned = [line for line in site.up.log().splitlines() if "warning:" in line]
+    assert len(warned) == 1 and "smtp.password: environment variable KONSTRUCT_TEST_UNSET_SMTP_PASSWORD is not set" in warned[0], warned
     assert site.state()["gateway"] == f"http://127.0.0.1:{port}"
 
 

@@ -17,6 +17,8 @@ from konstruct.errors import ConflictError, ValidationError
 from konstruct.tenancy.tenants import TenantInfo, agent_not_found
 
 MAX_PERSONA = 20_000
+MAX_PROMPTS = 4  # Slack shows at most four suggested prompts
+MAX_PROMPT = 2_000  # characters of one suggested prompt (what it sends when clicked)
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,12 @@ class AgentInfo:
     settings: dict[str, Any]
     created_at: datetime
     updated_at: datetime
+    suggested_prompts: tuple[str, ...] = ()  # offered when a person opens the agent's Messages tab in Slack
 
     @classmethod
     def from_row(cls, row: Agent) -> AgentInfo:
-        return cls(row.id, row.tenant_id, row.name, row.role, row.persona, row.model, dict(row.settings), row.created_at, row.updated_at)
+        return cls(row.id, row.tenant_id, row.name, row.role, row.persona, row.model, dict(row.settings), row.created_at, row.updated_at,
+                   tuple(row.suggested_prompts or ()))  # fmt: skip
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -44,6 +48,7 @@ class AgentInfo:
             "persona": self.persona,
             "model": self.model,
             "settings": self.settings,
+            "suggested_prompts": list(self.suggested_prompts),
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
         }
@@ -62,13 +67,44 @@ def _check(name: str | None = None, role: str | None = None, persona: str | None
         raise ValidationError("--model must not be empty (leave it out to use llm.model from the config)")
 
 
-async def create_agent(db: Database, tenant: TenantInfo, *, name: str, role: str, persona: str, model: str | None, actor: str) -> AgentInfo:
+def check_prompts(prompts: list[str]) -> list[str]:
+    """Suggested prompts as Slack takes them: at most four, none empty or too long (surrounding spaces dropped)."""
+    cleaned = [p.strip() for p in prompts]
+    if len(cleaned) > MAX_PROMPTS:
+        raise ValidationError(f"{len(cleaned)} suggested prompts: Slack shows at most {MAX_PROMPTS}")
+    for prompt in cleaned:
+        if not prompt:
+            raise ValidationError("a suggested prompt must not be empty (use --clear-suggested-prompts to remove them all)")
+        if len(prompt) > MAX_PROMPT:
+            raise ValidationError(f"a suggested prompt is {len(prompt)} characters; the limit is {MAX_PROMPT}")
+    return cleaned
+
+
+async def create_agent(
+    db: Database,
+    tenant: TenantInfo,
+    *,
+    name: str,
+    role: str,
+    persona: str,
+    model: str | None,
+    actor: str,
+    suggested_prompts: list[str] | None = None,
+) -> AgentInfo:
     _check(name, role, persona, model)
+    prompts = check_prompts(suggested_prompts or [])
     try:
         async with db.tenant(tenant_id=tenant.id) as session:
             row = await session.scalar(
                 insert(Agent)
-                .values(tenant_id=tenant.id, name=name.strip(), role=role.strip(), persona=persona.strip(), model=model)
+                .values(
+                    tenant_id=tenant.id,
+                    name=name.strip(),
+                    role=role.strip(),
+                    persona=persona.strip(),
+                    model=model,
+                    suggested_prompts=prompts,
+                )
                 .returning(Agent)
             )
             assert row is not None
@@ -78,7 +114,7 @@ async def create_agent(db: Database, tenant: TenantInfo, *, name: str, role: str
                 actor=actor,
                 action="agent.created",
                 target=row.name,
-                detail={"role": row.role, "model": model},
+                detail={"role": row.role, "model": model, **({"suggested_prompts": prompts} if prompts else {})},
             )
             return AgentInfo.from_row(row)
     except IntegrityError:
@@ -129,13 +165,16 @@ async def update_agent(db: Database, tenant: TenantInfo, name: str, *, changes: 
     changes = {key: value for key, value in changes.items() if value is not None}
     if not changes:
         raise ValidationError(
-            "nothing to change: pass at least one of --name, --role, --persona, --persona-file, --model, --fallbacks, --tools, --escalation-rule"
+            "nothing to change: pass at least one of --name, --role, --persona, --persona-file, --model, --fallbacks, --tools, "
+            "--escalation-rule, --suggested-prompt, --clear-suggested-prompts"
         )
     _check(**{key: changes.get(key) for key in ("name", "role", "persona", "model")})
     if "tools" in changes:
         changes["tools"] = check_tools(changes["tools"])
     if "escalation_rules" in changes:
         changes["escalation_rules"] = check_rules(changes["escalation_rules"])
+    if "suggested_prompts" in changes:
+        changes["suggested_prompts"] = check_prompts(changes["suggested_prompts"])
     if "fallbacks" in changes:
         for fallback in changes["fallbacks"]:
             if not fallback or len(fallback) > 200 or any(c.isspace() for c in fallback):

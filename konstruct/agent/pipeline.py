@@ -294,7 +294,7 @@ class Pipeline:
             counted = select(func.count()).select_from(InboundMessage).where(InboundMessage.conversation_id == inbound.conversation_id)
             turns = int(await session.scalar(counted) or 0)
         target = Target(inbound.tenant_id, inbound.conversation_id, context.external_id, inbound.external_id, dict(inbound.payload),
-                        inbound.reply_ref, retry=inbound.attempts > 1)  # fmt: skip
+                        inbound.reply_ref, retry=inbound.attempts > 1, question=inbound.text)  # fmt: skip
         return Turn(
             inbound, agent, context.name, context.status, tuple(context.allowed_hosts or ()), context.state, context.summary,
             context.summary_until, history, previous, billing, rules, turns, self.channels.get(inbound.channel), target,
@@ -338,6 +338,13 @@ class Pipeline:
         except Exception as exc:  # streaming is a nicety: the answer still goes out whole
             log.warning("message %s: %s cannot stream: %s", turn.inbound_id, channel.name, type(exc).__name__)
             return None
+
+    async def working(self, turn: Turn, what: str) -> None:
+        """Let the channel say what the agent is doing (best effort: it never costs the answer)."""
+        try:
+            await turn.through.working(turn.target, what)
+        except Exception as exc:
+            log.warning("message %s: %s could not show %r: %s", turn.inbound_id, turn.through.name, what, type(exc).__name__)
 
     async def compose(self, turn: Turn) -> tuple[str, list[dict[str, Any]]]:
         """The model to ask and the messages to send it: persona, memories, summary, recent history, the message."""
@@ -530,6 +537,7 @@ class ToolRun:
                 if remaining <= 0:
                     output = "error: the time for tools is up; answer with what you have"
                 else:
+                    await self.pipeline.working(self.turn, f"calling {call.name}…")
                     outcome = await self.registry.call(call.name, call.arguments, self.ctx, timeout=remaining)
                     output = outcome.output
                     await self._audit(call.name, outcome)

@@ -88,6 +88,9 @@ class TerminalChannel:
     async def prepare(self, target: Target) -> str | None:
         return None  # `konstruct chat` shows its own waiting state
 
+    async def working(self, target: Target, what: str) -> None:
+        return None  # nowhere to show it: `konstruct chat` waits for the reply row
+
     async def attachments(self, target: Target) -> list[dict[str, Any]]:
         return []  # the terminal sends text only
 

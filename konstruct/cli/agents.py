@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from konstruct.agent import agents as service
 from konstruct.cli.common import (
@@ -23,6 +24,8 @@ from konstruct.cli.common import (
 from konstruct.errors import ValidationError
 
 app = typer.Typer(help="Create, list, change and delete a tenant's agents.", no_args_is_help=True)
+
+PROMPT_HELP = "A prompt Slack suggests when a person opens the agent's Messages tab (repeat, up to 4)."
 
 
 def persona_text(text: str | None, file: Path | None, *, required: bool) -> str | None:
@@ -48,6 +51,7 @@ def create(
     persona: str | None = typer.Option(None, "--persona", help="Who it is and how it works, as text."),
     persona_file: Path | None = typer.Option(None, "--persona-file", help="The persona from a file."),
     model: str | None = typer.Option(None, "--model", "-m", help="litellm model (default: llm.model from the config)."),
+    prompts: list[str] | None = typer.Option(None, "--suggested-prompt", help=PROMPT_HELP),
     as_json: bool = JsonOption,
 ) -> None:
     """Create an agent for a tenant."""
@@ -57,7 +61,9 @@ def create(
         ctx,
         tenant,
         "agent.write",
-        lambda db, t: service.create_agent(db, t, name=name, role=role, persona=text, model=model, actor=actor()),
+        lambda db, t: service.create_agent(
+            db, t, name=name, role=role, persona=text, model=model, actor=actor(), suggested_prompts=list(prompts or [])
+        ),
     )
     if as_json:
         print_json(agent.as_json())
@@ -99,6 +105,7 @@ def show(
                 "model": agent.model or "(default)",
                 "id": agent.id,
                 "created": agent.created_at,
+                "suggested prompts": escape(" | ".join(agent.suggested_prompts)) or "(none)",
                 "persona": "",
             }
         )
@@ -124,9 +131,11 @@ def update(
     rules: list[str] | None = typer.Option(
         None, "--escalation-rule", help='A rule handing the conversation to a human, e.g. "refund OR lawyer" (repeat; "" clears).'
     ),
+    prompts: list[str] | None = typer.Option(None, "--suggested-prompt", help=PROMPT_HELP + " Replaces the agent's list."),
+    clear_prompts: bool = typer.Option(False, "--clear-suggested-prompts", help="Remove the agent's suggested prompts."),
     as_json: bool = JsonOption,
 ) -> None:
-    """Change an agent's name, role, persona, model, fallback models, tools or escalation rules."""
+    """Change an agent's name, role, persona, model, fallback models, tools, escalation rules or suggested prompts."""
     text = persona_text(persona, persona_file, required=False)
     changes: dict[str, Any] = {"name": new_name, "role": role, "persona": text, "model": model}
     if fallbacks is not None:
@@ -135,6 +144,10 @@ def update(
         changes["tools"] = comma_list(tools)
     if rules is not None:
         changes["escalation_rules"] = [r for r in rules if r.strip()]
+    if clear_prompts and prompts:
+        raise ValidationError("give --suggested-prompt or --clear-suggested-prompts, not both")
+    if clear_prompts or prompts:
+        changes["suggested_prompts"] = [] if clear_prompts else list(prompts or [])
     agent = with_tenant(ctx, tenant, "agent.write", lambda db, t: service.update_agent(db, t, name, changes=changes, actor=actor()))
     if as_json:
         print_json(agent.as_json())

@@ -17,7 +17,7 @@ from konstruct.cli.common import JsonOption, database, err, out, prepare_databas
 from konstruct.config import CONFIG_FILENAME, Settings, render_config, secret_key_in_environment
 from konstruct.db import migrate
 from konstruct.db.models import WorkerHeartbeat
-from konstruct.db.urls import resolve_urls
+from konstruct.db.urls import DatabaseURLs, resolve_urls
 from konstruct.errors import ConfigError, KonstructError
 from konstruct.llm import probe
 from konstruct.secrets import create_secret_key_file, master_keys, secret_key_path
@@ -62,7 +62,7 @@ def init(
     llm = model_setup.llm_values(llm_model, llm_api_base, llm_api_key_env, model_setup.current_llm(path) if update else {})
     values: dict[str, dict[str, Any]] = {"llm": llm} if llm else {}
     if port:
-        values["gateway"] = {"port": port, "public_url": f"http://127.0.0.1:{port}"}
+        values["gateway"] = {"port": port}  # public_url left unset follows the port (and a later change of it)
     if update:
         if not values:
             raise ConfigError(f"{path} exists already: pass --force to overwrite it, or --llm-model … to change only the model")
@@ -78,7 +78,7 @@ def init(
     out.print(
         "Next: [bold]konstruct up[/bold]  (then `konstruct tenant create NAME` and `konstruct agent create …`)"
         if not update
-        else "If `konstruct up` runs, it must read the change: `konstruct doctor` shows whether its worker did"
+        else "A running `konstruct up` applies the change by itself; `konstruct doctor` shows whether its worker did"
     )
 
 
@@ -165,20 +165,41 @@ def doctor(ctx: typer.Context, as_json: bool = JsonOption) -> None:
 
 async def _doctor_database(cfg: Settings, add: Any) -> list[WorkerHeartbeat]:
     """The database checks; returns the live workers' heartbeats, newest first."""
-    workers: list[WorkerHeartbeat] = []
+    urls = await _doctor_schema(cfg, add)
+    workers = await _doctor_role_and_workers(cfg, add) if urls is not None else None
+    if urls is None or workers is None:
+        return []
+    await _doctor_queue(cfg, urls, add)
+    if workers:
+        add("workers", "ok", f"{len(workers)} worker(s) alive")
+    else:
+        add("workers", "fail", "no worker has sent a heartbeat lately: start `konstruct up` or `konstruct worker`")
+    status, lines = summarise(read_state(cfg.data_dir))
+    add("supervisor", status, "; ".join(lines))
+    await _doctor_messages(cfg, add)
+    return workers
+
+
+async def _doctor_schema(cfg: Settings, add: Any) -> DatabaseURLs | None:
+    """Reachable and migrated to head (the embedded database set up first, as for any command): its URLs, or None."""
     try:
         await asyncio.to_thread(prepare_database, cfg)
         urls = resolve_urls(cfg)
         current = await asyncio.to_thread(migrate.current_revision, urls)
     except KonstructError as exc:
         add("database", "fail", str(exc))
-        return workers
+        return None
     add("database", "ok", "embedded PostgreSQL in " + str(cfg.data_dir / "pg") if cfg.embedded_database else "reachable as the owner role")
     head = migrate.head_revision()
     if current != head:
         add("migrations", "fail", f"database at {current or 'empty'}, code at {head}: run `konstruct db upgrade`")
-        return workers
+        return None
     add("migrations", "ok", f"at head ({head})")
+    return urls
+
+
+async def _doctor_role_and_workers(cfg: Settings, add: Any) -> list[WorkerHeartbeat] | None:
+    """Whether the app role is subject to RLS; the live workers' heartbeats, newest first (None: no connection)."""
     try:
         async with database(cfg) as db, db.system() as session:
             row = (await session.execute(text("select rolsuper, rolbypassrls from pg_roles where rolname = current_user"))).one()
@@ -187,18 +208,14 @@ async def _doctor_database(cfg: Settings, add: Any) -> list[WorkerHeartbeat]:
             else:
                 add("row-level security", "ok", "app role konstruct_app is subject to RLS")
             cutoff = func.now() - text(f"interval '{int(cfg.worker.stale_after)} seconds'")
-            workers = list(
-                (
-                    await session.execute(
-                        select(WorkerHeartbeat).where(WorkerHeartbeat.seen_at > cutoff).order_by(WorkerHeartbeat.started_at.desc())
-                    )
-                )
-                .scalars()
-                .all()
-            )
+            alive = select(WorkerHeartbeat).where(WorkerHeartbeat.seen_at > cutoff).order_by(WorkerHeartbeat.started_at.desc())
+            return list((await session.execute(alive)).scalars().all())
     except KonstructError as exc:
         add("row-level security", "fail", str(exc))
-        return workers
+        return None
+
+
+async def _doctor_queue(cfg: Settings, urls: DatabaseURLs, add: Any) -> None:
     try:
         queue = make_queue(cfg, urls)
         pending = await asyncio.to_thread(queue.pending)
@@ -206,18 +223,15 @@ async def _doctor_database(cfg: Settings, add: Any) -> list[WorkerHeartbeat]:
         add("queue", "ok", f"{pending} task(s) waiting")
     except KonstructError as exc:
         add("queue", "fail", str(exc))
-    if workers:
-        add("workers", "ok", f"{len(workers)} worker(s) alive")
-    else:
-        add("workers", "fail", "no worker has sent a heartbeat lately: start `konstruct up` or `konstruct worker`")
-    status, lines = summarise(read_state(cfg.data_dir))
-    add("supervisor", status, "; ".join(lines))
+
+
+async def _doctor_messages(cfg: Settings, add: Any) -> None:
     try:
         async with database(cfg) as db:
             inbox = await inbox_health(db)
     except KonstructError as exc:
         add("messages", "fail", str(exc))
-        return workers
+        return
     waiting = f"{inbox.received} waiting, {inbox.processing} being answered" + (
         f", {inbox.suspect} to be retried alone" if inbox.suspect else ""
     )
@@ -226,7 +240,6 @@ async def _doctor_database(cfg: Settings, add: Any) -> list[WorkerHeartbeat]:
                                 f"see the status page's last errors); {waiting}")  # fmt: skip
     else:
         add("messages", "ok", waiting)
-    return workers
 
 
 def _check_llm(cfg: Settings, add: Any) -> None:

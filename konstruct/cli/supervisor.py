@@ -333,6 +333,8 @@ class Supervisor:
             self.announced = True
             took = time.perf_counter() - self.started
             out.print(f"[green bold]Konstruct is up[/green bold] in {took:.2f}s — gateway {address(self.cfg)}  (Ctrl-C to stop)")
+            for problem in self.cfg.unreadable_references():  # what will fail when used: said now, not at the first message
+                out.print(f"[yellow]warning:[/yellow] {escape(problem)}", highlight=False)
 
     # -- edits of konstruct.toml --
 

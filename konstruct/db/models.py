@@ -58,6 +58,7 @@ class Agent(Base):
     persona: Mapped[str] = mapped_column(Text)
     model: Mapped[str | None] = mapped_column(Text)
     settings: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=sql_text("'{}'::jsonb"))
+    suggested_prompts: Mapped[list[str]] = mapped_column(JSONB, server_default=sql_text("'[]'::jsonb"))
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _created()
 

@@ -10,12 +10,16 @@ Only the methods konstruct uses are implemented: `auth.test`, `oauth.v2.access`,
 at most 50 blocks, at most 12,000 characters of markdown text in one message; `context_actions` feedback buttons shaped
 as Slack's reference has them), `chat.update`, `conversations.replies` and `conversations.history` (metadata
 only with `include_all_metadata`, as Slack does), `apps.connections.open` (an app-level token's Socket Mode URL,
-served by tests/fakes/slack_socket.py), and the streaming methods: `chat.startStream` (in a thread; outside a DM only
-with `recipient_user_id` and `recipient_team_id`), `chat.appendStream` (`markdown_text` required, at most 12,000
-characters a call, only while the message streams) and `chat.stopStream` (a last `markdown_text`, `blocks` shown under
-the streamed text, `metadata`); the message's text is what was appended, in order (`streams` keeps each call's piece).
-Where Slack's behaviour is not documented the fake is strict: a message still streaming cannot be `chat.update`d
-(stop it first), and a stream with no append for `stream_expiry` seconds stops streaming, as Slack's do. Anything else answers `{"ok": false, "error": "unknown_method"}`.
+served by tests/fakes/slack_socket.py), and the agent-thread methods `assistant.threads.setStatus` (status and
+up to 10 loading messages; cleared, as Slack does, when the app posts in that thread), `setSuggestedPrompts` (up
+to 4 prompts, each with a title and a message; a thread_ts is accepted and, as for an agent_view app, sets
+nothing) and `setTitle`, each checking its arguments as Slack's reference has them. The streaming methods: `chat.startStream` (in a
+thread; outside a DM only with `recipient_user_id` and `recipient_team_id`; it clears the thread's status, as a post
+does), `chat.appendStream` (`markdown_text` required, at most 12,000 characters a call, only while the message
+streams) and `chat.stopStream` (a last `markdown_text`, `blocks` shown under the streamed text, `metadata`); the
+message's text is what was appended, in order (`streams` keeps each call's piece). Where Slack's behaviour is not
+documented the fake is strict: a message still streaming cannot be `chat.update`d (stop it first), and a stream with
+no append for `stream_expiry` seconds stops streaming, as Slack's do. Anything else answers `{"ok": false, "error": "unknown_method"}`.
 Like real Slack, every answer except a rate limit is HTTP 200 with `"ok"` telling success from failure.
 """
 
@@ -64,6 +68,8 @@ def sign(body: bytes, secret: str, timestamp: int | None = None) -> dict[str, st
 
 
 MAX_BLOCKS = 50
+MAX_LOADING_MESSAGES = 10  # assistant.threads.setStatus rotates through at most 10
+MAX_SUGGESTED_PROMPTS = 4
 MARKDOWN_LIMIT = 12_000  # characters of markdown-block text per message, all its markdown blocks together
 
 
@@ -126,13 +132,15 @@ class FakeSlack:
     tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
     oauth_codes: dict[str, dict[str, Any]] = field(default_factory=dict)
     rate_limit: dict[str, int] = field(default_factory=dict)
-    refuse: dict[str, str] = field(default_factory=dict)  # method -> the error its next call gets (once), as a workspace
-    # that has a feature off does ("feature_disabled"), then the method works again
+    refuse: dict[str, str] = field(default_factory=dict)  # method -> the error Slack answers it with (e.g. missing_scope)
     calls: list[Call] = field(default_factory=list)
     messages: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     files: dict[str, tuple[dict[str, Any], bytes]] = field(default_factory=dict)  # file id -> (file object, bytes)
     downloads: list[tuple[str, str | None]] = field(default_factory=list)  # (path, bearer token) of every GET /files-pri/...
     app_tokens: dict[str, str] = field(default_factory=dict)  # app-level token (xapp-…) -> team id, for Socket Mode
+    statuses: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (channel, thread_ts) -> status shown now
+    suggested_prompts: dict[str, dict[str, Any]] = field(default_factory=dict)  # channel -> the prompts its Messages tab offers
+    titles: dict[tuple[str, str], str] = field(default_factory=dict)  # (channel, thread_ts) -> the thread's title
     socket: FakeSocketMode | None = None  # the websocket server `apps.connections.open` points to
     streams: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (channel, ts) -> state, pieces
     stream_expiry: float = 300.0
@@ -164,12 +172,21 @@ class FakeSlack:
             self.app_tokens.clear()
             self.streams.clear()
             self.stream_expiry = 300.0
+            self.statuses.clear()
+            self.suggested_prompts.clear()
+            self.titles.clear()
         if self.socket is not None:
             self.socket.reset()
 
     def calls_to(self, method: str) -> list[Call]:
         with self._lock:
             return [call for call in self.calls if call.method == method]
+
+    def messages_in(self, channel: str) -> list[dict[str, Any]]:
+        """What the app (a bot) posted in a channel, oldest first."""
+        with self._lock:
+            found = [dict(m) for (c, _), m in self.messages.items() if c == channel and m.get("bot_id")]
+        return sorted(found, key=lambda m: _ts_key(m["ts"]))
 
     def _next(self) -> int:
         self._seq += 1
@@ -276,7 +293,7 @@ class FakeSlack:
             call.rate_limited = True
             return Answer(429, {"ok": False, "error": "ratelimited"}, {"Retry-After": str(self.retry_after)})
         if method in self.refuse:
-            return Answer(200, {"ok": False, "error": self.refuse.pop(method)})
+            return Answer(200, {"ok": False, "error": self.refuse[method]})
         if method == "oauth.v2.access":
             return Answer(200, self._oauth_v2_access(basic, args))
         if method == "apps.connections.open":
@@ -294,6 +311,9 @@ class FakeSlack:
             "chat.startStream": self._chat_start_stream,
             "chat.appendStream": self._chat_append_stream,
             "chat.stopStream": self._chat_stop_stream,
+            "assistant.threads.setStatus": self._set_status,
+            "assistant.threads.setSuggestedPrompts": self._set_suggested_prompts,
+            "assistant.threads.setTitle": self._set_title,
         }
         handler = handlers.get(method)
         if handler is None:
@@ -383,6 +403,8 @@ class FakeSlack:
                 return {"ok": False, "error": "invalid_metadata_format"}
             message["metadata"] = metadata
         self.messages[(str(channel), ts)] = message
+        if message.get("thread_ts"):
+            self.statuses.pop((str(channel), message["thread_ts"]), None)  # Slack clears the status when the app posts there
         return {"ok": True, "channel": channel, "ts": ts, "message": self._shown(message, True)}
 
     @staticmethod
@@ -439,6 +461,7 @@ class FakeSlack:
         message: dict[str, Any] = {"type": "message", "text": text or "", "ts": ts, "user": info["user_id"], "bot_id": info["bot_id"],
                                    "thread_ts": str(thread), "blocks": [{"type": "markdown", "text": text}] if text else []}  # fmt: skip
         self.messages[(channel, ts)] = message
+        self.statuses.pop((channel, str(thread)), None)  # the app posted in the thread: Slack clears its status
         self.streams[(channel, ts)] = {"state": "streaming", "last": time.monotonic(), "pieces": [text] if text else []}
         return {"ok": True, "channel": channel, "ts": ts}
 
@@ -524,6 +547,73 @@ class FakeSlack:
         found.sort(key=lambda message: _ts_key(message["ts"]), reverse=True)
         limit = int(args.get("limit") or 100)
         return {"ok": True, "messages": found[:limit], "has_more": len(found) > limit}
+
+    @staticmethod
+    def _thread_args(args: dict[str, Any], *, thread_required: bool = True) -> tuple[str, str] | str:
+        """(channel_id, thread_ts), or Slack's error for them."""
+        channel, thread = args.get("channel_id"), args.get("thread_ts")
+        if not isinstance(channel, str) or not channel:
+            return "channel_not_found"
+        if thread is None and not thread_required:
+            return channel, ""
+        if not isinstance(thread, str) or not re.fullmatch(r"\d+\.\d+", thread):
+            return "invalid_thread_ts"
+        return channel, thread
+
+    @staticmethod
+    def _json_arg(value: Any) -> Any:
+        if isinstance(value, str):  # form-encoded calls send arrays as JSON text
+            try:
+                return json.loads(value)
+            except ValueError:
+                return None
+        return value
+
+    def _set_status(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        where = self._thread_args(args)
+        if isinstance(where, str):
+            return {"ok": False, "error": where}
+        status = args.get("status")
+        if not isinstance(status, str):
+            return {"ok": False, "error": "invalid_arguments"}
+        loading = self._json_arg(args.get("loading_messages"))
+        if loading is not None and (
+            not isinstance(loading, list) or len(loading) > MAX_LOADING_MESSAGES or not all(isinstance(m, str) and m for m in loading)
+        ):
+            return {"ok": False, "error": "invalid_arguments"}
+        if status:
+            self.statuses[where] = {"status": status, "loading_messages": list(loading or [])}
+        else:
+            self.statuses.pop(where, None)  # an empty status clears it
+        return {"ok": True}
+
+    def _set_suggested_prompts(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        where = self._thread_args(args, thread_required=False)
+        if isinstance(where, str):
+            return {"ok": False, "error": where}
+        prompts = self._json_arg(args.get("prompts"))
+        if not isinstance(prompts, list) or not 0 < len(prompts) <= MAX_SUGGESTED_PROMPTS:
+            return {"ok": False, "error": "invalid_arguments"}
+        for prompt in prompts:
+            if not isinstance(prompt, dict) or not all(isinstance(prompt.get(k), str) and prompt[k] for k in ("title", "message")):
+                return {"ok": False, "error": "invalid_arguments"}
+        title = args.get("title")
+        if title is not None and not isinstance(title, str):
+            return {"ok": False, "error": "invalid_arguments"}
+        channel, thread = where
+        if not thread:  # with a thread_ts an agent_view app's call silently sets nothing (Slack's reference)
+            self.suggested_prompts[channel] = {"prompts": prompts, "title": title}
+        return {"ok": True}
+
+    def _set_title(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        where = self._thread_args(args)
+        if isinstance(where, str):
+            return {"ok": False, "error": where}
+        title = args.get("title")
+        if not isinstance(title, str) or not title.strip():
+            return {"ok": False, "error": "invalid_arguments"}
+        self.titles[where] = title
+        return {"ok": True}
 
     # Private files. Called with the lock held.
 

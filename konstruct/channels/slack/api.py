@@ -12,6 +12,7 @@ from __future__ import annotations
 EVENT_SUBSCRIPTIONS: dict[str, tuple[str, ...]] = {
     "app_mention": ("app_mention",),
     "message": ("message.channels", "message.groups", "message.im", "message.mpim"),
+    "app_home_opened": ("app_home_opened",),  # the Messages tab opened: its suggested prompts are set
     "app_uninstalled": ("app_uninstalled",),
     "tokens_revoked": ("tokens_revoked",),
 }
@@ -23,6 +24,7 @@ SUBSCRIPTION_SCOPES: dict[str, tuple[str, ...]] = {
     "message.groups": ("groups:history",),
     "message.im": ("im:history",),
     "message.mpim": ("mpim:history",),
+    "app_home_opened": (),
     "app_uninstalled": (),
     "tokens_revoked": (),
 }
@@ -42,6 +44,11 @@ METHOD_SCOPES: dict[str, tuple[str, ...]] = {
     "chat.stopStream": ("chat:write",),
     "conversations.replies": _HISTORY,
     "conversations.history": _HISTORY,
+    # Agent threads (the app's Messages tab). setStatus takes chat:write (Slack's reference; it still accepts
+    # assistant:write for now); setSuggestedPrompts and setTitle take assistant:write.
+    "assistant.threads.setStatus": ("chat:write",),
+    "assistant.threads.setSuggestedPrompts": ("assistant:write",),
+    "assistant.threads.setTitle": ("assistant:write",),
 }
 
 # Downloading a message's files (`url_private`) with the bot token.

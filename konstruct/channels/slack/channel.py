@@ -1,5 +1,10 @@
-"""Replying in Slack from the worker: a placeholder at once, then the answer in its place; in DM threads the answer
-is streamed instead, as the model writes it (konstruct.channels.slack.stream).
+"""Replying in Slack from the worker: a thinking status (or a placeholder) at once, then the answer.
+
+In a DM with the app (its Messages tab, where Slack's agent threads are) the thread gets a status — "is
+thinking…" with loading messages saying what the agent does — which Slack clears when the answer is posted;
+a new thread is titled from its first question; the answer is streamed into the thread as the model writes it
+(konstruct.channels.slack.stream). Elsewhere (a mention in a channel) a `_thinking…_` placeholder is posted and
+the answer replaces it.
 
 Posting is paced per channel (Slack allows about one message a second per channel) and every call
 honours 429 Retry-After, so bursts are slowed down, never dropped.
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import time
 import uuid
 from typing import Any
@@ -32,6 +38,8 @@ from konstruct.db.engine import Database
 from konstruct.db.models import ChannelConnection
 from konstruct.messaging import ChannelError, Reply, Target, mark_sent
 
+log = logging.getLogger(__name__)
+
 SLACK_FILE_HOSTS = ("files.slack.com",)
 
 
@@ -46,7 +54,33 @@ def file_host_allowed(settings: Settings, url: str) -> bool:
 
 
 POST_INTERVAL = 1.0  # seconds between posts to one channel
-PLACEHOLDER_EVENT = "konstruct_placeholder"  # message metadata that ties a placeholder to the message it answers
+# Message metadata that ties a placeholder, or the first message of an answer posted without one, to the message it
+# answers: a retry whose earlier attempt died before recording it finds it and answers there, never posting twice.
+PLACEHOLDER_EVENT = "konstruct_placeholder"
+THINKING = "is thinking…"  # the status; its loading messages say what the agent does
+READING = "reading the thread…"
+MAX_LOADING = 150  # characters of one loading message we send (a tool name comes from the model)
+MAX_TITLE = 60  # characters of a thread title taken from its first question
+
+
+def status_thread(target: Target) -> str | None:
+    """The thread whose status can show the agent working: in a DM with the app (its agent threads), the thread the
+    message is in or starts (and is answered in). None elsewhere (a channel mention), where a placeholder does it."""
+    if target.payload.get("channel_type") != "im":
+        return None
+    thread = target.payload.get("thread_ts") or target.payload.get("ts")
+    return str(thread) if thread else None
+
+
+def thread_title(question: str) -> str:
+    """A thread's title from its first question: one line, at most MAX_TITLE characters."""
+    line = " ".join(question.split())
+    return line if len(line) <= MAX_TITLE else line[: MAX_TITLE - 1].rstrip() + "…"
+
+
+def answer_marker(target: Target) -> dict[str, Any]:
+    """The metadata a placeholder, or an answer's first message posted without one, carries (see PLACEHOLDER_EVENT)."""
+    return {"event_type": PLACEHOLDER_EVENT, "event_payload": {"answers": target.inbound_external_id}}
 
 
 class SlackChannel:
@@ -59,19 +93,48 @@ class SlackChannel:
         self._pace: dict[tuple[str, str], tuple[asyncio.Lock, list[float]]] = {}
 
     async def prepare(self, target: Target) -> str | None:
-        """Post the placeholder in the thread; its ts is where the answer will go. It carries the message it
-        answers as metadata, so a retry whose earlier attempt died before recording the ts finds it instead.
-        Where the answer is streamed, nothing is posted: the stream itself shows the agent at work."""
-        if self._streams(target):
-            return None
+        """In an agent thread: set its status (and title a new thread), post nothing, return None. Elsewhere, or
+        when Slack refuses the status: post the placeholder, whose ts is where the answer will go. Either way a
+        retry first looks for what an earlier attempt posted (a placeholder, or an answer, by their metadata)."""
         client = await self._client(target)
         if target.retry:
             found = await self._find_placeholder(client, target)
             if found is not None:
                 return found
-        metadata = {"event_type": PLACEHOLDER_EVENT, "event_payload": {"answers": target.inbound_external_id}}
-        response = await self._post(client, target, self.settings.slack.placeholder, metadata=metadata)
+        thread = status_thread(target)
+        if thread is not None:
+            starts = target.payload.get("thread_ts") in (None, target.payload.get("ts"))
+            if starts and not target.retry and target.question.strip():
+                await self._title(client, target, thread)  # the question starts this thread: name it, once
+            if await self._status(client, target, thread, [READING]):
+                return None
+        response = await self._post(client, target, self.settings.slack.placeholder, metadata=answer_marker(target))
         return str(response["ts"])
+
+    async def working(self, target: Target, what: str) -> None:
+        """Show what the agent does now as the thread's loading message; a placeholder is left as it is."""
+        thread = status_thread(target)
+        if thread is not None and target.reply_ref is None:
+            await self._status(await self._client(target), target, thread, [what[:MAX_LOADING]])
+
+    async def _status(self, client: AsyncWebClient, target: Target, thread: str, loading: list[str]) -> bool:
+        """Set the thread's status; False when Slack refuses it (e.g. an app without the scope)."""
+        try:
+            await client.assistant_threads_setStatus(
+                channel_id=target.payload["channel"], thread_ts=thread, status=THINKING, loading_messages=loading
+            )
+        except SlackApiError as exc:
+            log.warning("Slack refused the thread status: %s", exc.response.get("error"))
+            return False
+        return True
+
+    async def _title(self, client: AsyncWebClient, target: Target, thread: str) -> None:
+        try:
+            await client.assistant_threads_setTitle(
+                channel_id=target.payload["channel"], thread_ts=thread, title=thread_title(target.question)
+            )
+        except SlackApiError as exc:  # a thread without a title still gets its answer
+            log.warning("Slack refused the thread title: %s", exc.response.get("error"))
 
     async def _find_placeholder(self, client: AsyncWebClient, target: Target) -> str | None:
         channel, thread = target.payload["channel"], target.payload.get("thread_ts")
@@ -123,18 +186,18 @@ class SlackChannel:
         return parts
 
     def _streams(self, target: Target) -> bool:
-        """Is this target's answer streamed? In DM threads (the agent's own conversations, where Slack's status shows
-        the agent at work); channels keep the placeholder, which a stream (a new message) cannot replace."""
-        channel = str(target.payload.get("channel") or "")
-        return self.settings.slack.stream and channel.startswith("D") and bool(target.payload.get("thread_ts"))
+        """Is this target's answer streamed? In a DM with the app (its agent threads, where the status shows the agent
+        at work until the stream begins); a channel mention keeps its placeholder, which a stream (a new message)
+        cannot replace."""
+        return self.settings.slack.stream and status_thread(target) is not None
 
     async def stream(self, target: Target) -> SlackStream | None:
         """A sink streaming the answer into the thread; None where it is not streamed, or where an earlier attempt
         already showed something (send() then finishes or replaces that)."""
         if not self._streams(target) or target.reply_ref is not None:
-            return None
-        return SlackStream(await self._client(target), target, self.settings.slack.stream_interval, self._feedback_blocks,
-                           self._replace, self.send)  # fmt: skip
+            return None  # not streamed here, or a placeholder (the status was refused) or an earlier attempt's message
+        return SlackStream(await self._client(target), target, str(status_thread(target)), self.settings.slack.stream_interval,
+                           self._feedback_blocks, self._replace, self.send, answer_marker)  # fmt: skip
 
     async def send(self, reply: Reply) -> str | None:
         """Replace the placeholder (or an earlier attempt's unfinished stream) with the first part of the answer; post
@@ -160,7 +223,8 @@ class SlackChannel:
                 await client.chat_update(channel=target.payload["channel"], ts=ts, **first)
                 first_ts = ts
             else:
-                first_ts = str((await self._post(client, target, **first))["ts"])
+                # Marked like a placeholder, so a retry after a crash before the turn was recorded updates it instead.
+                first_ts = str((await self._post(client, target, **first, metadata=answer_marker(target)))["ts"])
             for message in rest:
                 await self._post(client, target, **message)
         except SlackApiError as exc:

@@ -29,6 +29,7 @@ from konstruct.bodies import parse_json, read_body
 from konstruct.channels.connections import ResolveCache, Resolved, set_status, single_mode_candidates, unseal
 from konstruct.channels.slack.api import EVENT_SUBSCRIPTIONS
 from konstruct.channels.slack.client import web_client
+from konstruct.channels.slack.home import MessagesTab
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.errors import DatabaseUnavailable
@@ -90,7 +91,7 @@ def signature_valid(secret: str, body: bytes, headers: dict[str, str], now: floa
     return hmac.compare_digest(expected.encode(), headers.get("x-slack-signature", "").encode())
 
 
-_EVENT_FIELDS = ("type", "subtype", "user", "text", "ts", "thread_ts", "channel", "channel_type", "bot_id", "event_ts")
+_EVENT_FIELDS = ("type", "subtype", "user", "text", "ts", "thread_ts", "channel", "channel_type", "bot_id", "event_ts", "tab")
 
 
 def sanitized(data: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
@@ -145,10 +146,10 @@ def sanitized(data: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
 
 
 def conversation_key(team_id: str, event: dict[str, Any]) -> tuple[str, str | None]:
-    """(conversation key, thread to reply in). A thread is a conversation; a DM outside threads is one too."""
+    """(conversation key, thread to reply in). A thread is a conversation, in a DM too: Slack's agent messaging
+    experience shows the app's Messages tab as a timeline of threads, each started by a person's message and
+    answered in it (where the thread's status, title and streamed answers live)."""
     channel = event["channel"]
-    if event.get("channel_type") == "im" and not event.get("thread_ts"):
-        return f"{team_id}:{channel}", None
     root = event.get("thread_ts") or event["ts"]
     return f"{team_id}:{channel}:{root}", root
 
@@ -161,6 +162,7 @@ class SlackEvents:
         self.db = db
         self.queue = queue
         self.connections = ResolveCache(db, settings)
+        self.messages_tab = MessagesTab(settings, db)
         self._apps: dict[str, AsyncApp] = {}
         self._singles: tuple[float, list[str]] = (float("-inf"), [])
 
@@ -262,6 +264,9 @@ class SlackEvents:
         async def on_message(event: dict[str, Any], body: dict[str, Any], context: dict[str, Any]) -> None:
             await self._unless_down(context, self._store(event, body, context, mention=False))
 
+        async def on_home_opened(event: dict[str, Any], body: dict[str, Any], context: dict[str, Any]) -> None:
+            self._home_opened(event, body, context)
+
         async def on_uninstalled(context: dict[str, Any]) -> None:
             await self._unless_down(context, self._disconnect(context, "app_uninstalled"))
 
@@ -284,6 +289,7 @@ class SlackEvents:
         listeners = {
             "app_mention": on_mention,
             "message": on_message,
+            "app_home_opened": on_home_opened,
             "app_uninstalled": on_uninstalled,
             "tokens_revoked": on_tokens_revoked,
         }
@@ -311,6 +317,19 @@ class SlackEvents:
             bot_user_id=resolved.details.get("bot_user_id"),
             bot_id=resolved.details.get("bot_id"),
             bot_token=context.get(CREDENTIALS, {}).get("bot_token"),
+        )
+
+    def _home_opened(self, event: dict[str, Any], body: dict[str, Any], context: dict[str, Any]) -> None:
+        """The Messages tab opened (not the Home tab): its suggested prompts are set after the ack (see home.py)."""
+        resolved: Resolved | None = context.get(CONNECTION)
+        token = context.get(CREDENTIALS, {}).get("bot_token")
+        team_id = body.get("team_id") or context.get("team_id")
+        if resolved is None or resolved.status != "connected" or not token or not team_id:
+            return
+        if event.get("tab") != "messages" or not event.get("channel"):
+            return
+        self.messages_tab.opened(
+            tenant_id=resolved.tenant_id, connection_id=resolved.id, team_id=team_id, channel=event["channel"], token=token
         )
 
     async def _disconnect(self, context: dict[str, Any], reason: str) -> None:
@@ -353,6 +372,7 @@ class SlackEvents:
                     payload={
                         "team_id": team_id,
                         "channel": event["channel"],
+                        "channel_type": event.get("channel_type"),  # "im": a DM with the app, where its agent threads are
                         "ts": event["ts"],
                         "thread_ts": thread,
                         "event_id": body.get("event_id"),

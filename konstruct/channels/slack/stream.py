@@ -49,13 +49,15 @@ class SlackStream:
         self,
         client: AsyncWebClient,
         target: Target,
+        thread: str,
         interval: float,
         feedback: Callable[[Target], Awaitable[list[dict[str, Any]]]],
         replace: Callable[[Reply, str], Awaitable[str | None]],
         post: Callable[[Reply], Awaitable[str | None]],
+        marker: Callable[[Target], dict[str, Any]],
     ) -> None:
-        self.client, self.target, self.interval = client, target, interval
-        self._feedback, self._replace, self._post = feedback, replace, post
+        self.client, self.target, self.thread, self.interval = client, target, thread, interval
+        self._feedback, self._replace, self._post, self._marker = feedback, replace, post, marker
         self.channel = str(target.payload["channel"])
         self.shown = ""  # what Slack has been sent
         self.pending = ""  # what the model wrote since
@@ -81,9 +83,7 @@ class SlackStream:
         started, ts = self.ts is None, str(self.ts)
         try:
             if started:
-                response = await self.client.chat_startStream(
-                    channel=self.channel, thread_ts=str(self.target.payload["thread_ts"]), markdown_text=piece
-                )
+                response = await self.client.chat_startStream(channel=self.channel, thread_ts=self.thread, markdown_text=piece)
                 self.ts = ts = str(response["ts"])
             else:
                 await self.client.chat_appendStream(channel=self.channel, ts=ts, markdown_text=piece)
@@ -102,7 +102,8 @@ class SlackStream:
         tail = self.pending.rstrip()
         whole = len(markdown_messages(reply.text)) == 1 and self.shown + tail == reply.text and len(reply.text) <= MARKDOWN_LIMIT
         if whole and not self.broken:
-            extra: dict[str, Any] = {"blocks": await self._feedback(self.target)}
+            # Marked as the answer to its message, as an answer posted whole is: a retry's look-up finds it.
+            extra: dict[str, Any] = {"blocks": await self._feedback(self.target), "metadata": self._marker(self.target)}
             if tail:
                 extra["markdown_text"] = tail
             try:

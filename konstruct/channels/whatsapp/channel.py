@@ -132,6 +132,9 @@ class WhatsAppChannel:
         await self.graph.mark_read(number, token, target.payload.get("wamid") or target.inbound_external_id)
         return None
 
+    async def working(self, target: Target, what: str) -> None:
+        return None  # WhatsApp has the typing indicator prepare() started, and no way to say more
+
     async def attachments(self, target: Target) -> list[dict[str, Any]]:
         """Fetch the message's media into the media store; images become image parts, the rest a short description."""
         media = target.payload.get("media")
