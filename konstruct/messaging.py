@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -115,6 +115,30 @@ class Channel(Protocol):
     async def record_sent(self, session: AsyncSession, message_id: uuid.UUID, external_id: str | None) -> None:
         """Mark the stored reply sent, under the channel's id for it, in the transaction that finishes the
         turn; a channel that reports delivery statuses keeps whatever it reported already."""
+        ...
+
+
+class StreamSink(Protocol):
+    """One answer being shown as the model writes it (see Streaming)."""
+
+    async def append(self, text: str) -> str | None:
+        """Show more of the answer (buffered; sent at a bounded rate). Returns the channel's reference for the message
+        when this append started it, once, so a retry can finish or replace it; None otherwise. Never raises: a
+        failing stream stops showing text, and finish() delivers the reply another way."""
+        ...
+
+    async def finish(self, reply: Reply) -> str | None:
+        """Make what the person sees exactly the reply's full text (which may differ from what was appended) and
+        close the message; return the channel's id for it, as send() does."""
+        ...
+
+
+@runtime_checkable
+class Streaming(Protocol):
+    """A channel that can show an answer while it is written: optional, on top of Channel."""
+
+    async def stream(self, target: Target) -> StreamSink | None:
+        """A sink for this target's answer, or None where it cannot be streamed (then send() delivers it)."""
         ...
 
 

@@ -37,11 +37,19 @@ def thread_calls(system: SlackSystem) -> list[Call]:
     """The calls that show progress or the answer, in the order Slack got them."""
     with system.slack._lock:
         calls = list(system.slack.calls)
-    return [c for c in calls if c.method in (*AGENT_CALLS, "chat.postMessage", "chat.update") and not c.rate_limited]
+    shown = (*AGENT_CALLS, "chat.postMessage", "chat.update", "chat.startStream")
+    return [c for c in calls if c.method in shown and not c.rate_limited]
 
 
 def wait_answer(system: SlackSystem, channel: str, n: int = 1) -> list[dict[str, Any]]:
-    wait_for(lambda: len(system.slack.messages_in(channel)) >= n, 30, f"{n} answer(s) in {channel}; worker log:\n{system.worker.log()}")
+    """Until `n` answers are in the channel, whole: none still streaming (DM answers are streamed)."""
+
+    def whole() -> bool:
+        with system.slack._lock:
+            streaming = any(s["state"] == "streaming" for (c, _), s in system.slack.streams.items() if c == channel)
+        return len(system.slack.messages_in(channel)) >= n and not streaming
+
+    wait_for(whole, 30, f"{n} answer(s) in {channel}; worker log:\n{system.worker.log()}")
     return system.slack.messages_in(channel)
 
 
@@ -55,14 +63,14 @@ async def test_a_dm_shows_a_status_not_a_placeholder_and_is_titled_once(slack_sy
     [answer] = wait_answer(slack_system, DM)
     assert answer["thread_ts"] == root and answer["text"] == "[fake-model] You said: What are your opening hours on Sundays?"
     calls = thread_calls(slack_system)
-    # Title, then status, then the answer in the thread: no `_thinking…_` placeholder, nothing updated.
-    assert [c.method for c in calls] == ["assistant.threads.setTitle", "assistant.threads.setStatus", "chat.postMessage"]
+    # Title, then status, then the answer streamed in the thread: no `_thinking…_` placeholder, nothing updated.
+    assert [c.method for c in calls] == ["assistant.threads.setTitle", "assistant.threads.setStatus", "chat.startStream"]
     title, status, post = (c.args for c in calls)
     assert (title["channel_id"], title["thread_ts"], title["title"]) == (DM, root, "What are your opening hours on Sundays?")
     assert (status["channel_id"], status["thread_ts"], status["status"]) == (DM, root, "is thinking…")
     assert loading(status) == ["reading the thread…"]
-    assert post["thread_ts"] == root and "_thinking" not in post["text"]
-    assert slack_system.slack.statuses == {}  # Slack cleared it when the answer was posted in the thread
+    assert post["thread_ts"] == root and "_thinking" not in post["markdown_text"]
+    assert slack_system.slack.statuses == {}  # Slack cleared it when the answer began in the thread
     # A follow-up in that thread: a status again, but the thread keeps its title (set once, from the first question).
     assert slack_system.post(slack_system.event(dm(new_ts(), "and on holidays?", thread_ts=root))).status_code == 200
     wait_answer(slack_system, DM, 2)
@@ -91,7 +99,7 @@ async def test_a_tool_call_shows_in_the_status(slack_system: SlackSystem) -> Non
         ("assistant.threads.setTitle", None),
         ("assistant.threads.setStatus", ["reading the thread…"]),
         ("assistant.threads.setStatus", ["calling calculator…"]),  # while the tool ran, before the answer
-        ("chat.postMessage", None),
+        ("chat.startStream", None),
     ]
 
 
@@ -168,13 +176,14 @@ async def test_a_retry_after_a_crash_updates_the_answer_it_posted_instead_of_pos
 
 
 async def test_an_answer_posted_without_a_placeholder_is_marked_for_a_retry(slack_system: SlackSystem) -> None:
-    """What the test above relies on: the first message of a DM answer carries the metadata a retry looks for."""
+    """What the test above relies on: the first message of a DM answer carries the metadata a retry looks for (a
+    streamed answer gets it when the stream is stopped; until then the stream's ts is recorded as the reply_ref)."""
     root = new_ts()
     slack_system.post(slack_system.event(dm(root, "hi")))
     wait_answer(slack_system, DM)
     async with slack_system.db.tenant(tenant_id=slack_system.tenant_id) as session:
         external_id = (await session.scalars(select(InboxRow.external_id))).one()
-    [post] = slack_system.slack.calls_to("chat.postMessage")
+    [post] = slack_system.slack.calls_to("chat.stopStream")
     metadata = post.args["metadata"]
     metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
     assert metadata == {"event_type": "konstruct_placeholder", "event_payload": {"answers": external_id}}

@@ -108,7 +108,7 @@ def blocks_of(args: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 async def answered(gateway: httpx.AsyncClient, db: Database, fake: FakeSlack, ws: Workspace, text: str) -> tuple[uuid.UUID, dict[str, Any]]:
-    """Ask the agent in a DM through the gateway; once answered, (the stored reply's id, the answer Slack got: its call's args)."""
+    """Ask the agent in a DM through the gateway; once answered, (the stored reply's id, the answer as Slack shows it)."""
     async with db.tenant(tenant_id=ws.tenant.id) as session:
         before = len(list(await session.scalars(select(InboundMessage.id))))
     ts = f"{time.time():.6f}"
@@ -124,9 +124,10 @@ async def answered(gateway: httpx.AsyncClient, db: Database, fake: FakeSlack, ws
             .where(InboundMessage.external_id == f"{DM}:{ts}", Message.direction == "out")
         )
     assert reply_id is not None
-    # In a DM the answer is posted in the thread (a thinking status stood in for a placeholder); elsewhere it updates one.
-    sent = [c for c in fake.calls if c.method in ("chat.postMessage", "chat.update") and c.token == ws.token and not c.rate_limited]
-    return reply_id, sent[-1].args
+    # In a DM the answer is streamed into the thread the message starts: the message as Slack shows it, now whole.
+    with fake._lock:
+        shown = [m for (c, _), m in fake.messages.items() if c == DM and m.get("thread_ts") == ts and m.get("bot_id")]
+    return reply_id, dict(shown[-1])
 
 
 def click(team: str, block: dict[str, Any], vote: str = "positive", *, user: str = PERSON, channel: str = DM) -> bytes:

@@ -4,6 +4,9 @@ A turn goes through small named steps over one `Turn`:
 
     claim → load → gates → (prepare) → compose → answer → store → deliver → finish
 
+Where the channel streams (the optional `Streaming` capability), `answer` shows the model's text as it comes and
+`deliver` makes the shown message exactly the stored reply; elsewhere `deliver` sends it whole.
+
 Each gate (see GATES) looks at the loaded turn and either lets it go on (None) or decides its
 `Outcome`: finish without a reply (a suspended tenant, an escalated conversation) or send a fixed one
 (billing paused, a rule handing over to a human, a message given up on). Everything channel-specific
@@ -41,7 +44,7 @@ from konstruct.db.models import Agent, Conversation, InboundMessage, Message, Te
 from konstruct.llm.client import Completion, LLMError, supports_vision
 from konstruct.llm.service import BudgetExhausted, CallContext, LLMService
 from konstruct.mail import Notice
-from konstruct.messaging import Channel, Reply, Target
+from konstruct.messaging import Channel, Reply, Streaming, StreamSink, Target
 
 log = logging.getLogger(__name__)
 
@@ -238,12 +241,13 @@ class Pipeline:
             reply_id = turn.previous.id
         else:
             model, messages = await self.compose(turn)
-            answer = await self.answer(turn, model, messages)
+            sink = await self.open_stream(turn)
+            answer = await self.answer(turn, model, messages, sink)
             stored = await self.store(turn, answer.text, answer.model, answer.latency_ms, kind=answer.kind)
             if stored is None:
                 return None  # someone else stored the reply first (unique per inbound message)
             reply_id = stored
-        status = await self.deliver(turn, reply_id, answer.text, answer.status, answer.error)
+        status = await self.deliver(turn, reply_id, answer.text, answer.status, answer.error, sink)
         await self.remember_later(turn)
         return status
 
@@ -315,11 +319,25 @@ class Pipeline:
         except Exception as exc:  # a missing placeholder must not cost the answer
             log.warning("message %s: %s could not show progress: %s", turn.inbound_id, turn.through.name, exc)
             return
-        if ref is None:
-            return
+        if ref is not None:
+            await self.keep_ref(turn, ref)
+
+    async def keep_ref(self, turn: Turn, ref: str) -> None:
+        """Record what the channel showed (a placeholder, a stream's message) before going on: a retry reuses it."""
         async with self.db.tenant(tenant_id=turn.tenant_id) as session:
             await session.execute(update(InboundMessage).where(InboundMessage.id == turn.inbound_id).values(reply_ref=ref))
         turn.target = replace(turn.target, reply_ref=ref)
+
+    async def open_stream(self, turn: Turn) -> StreamSink | None:
+        """A sink to stream the answer into, when the channel streams this target; None: it is sent whole."""
+        channel = turn.through
+        if not isinstance(channel, Streaming):
+            return None
+        try:
+            return await channel.stream(turn.target)
+        except Exception as exc:  # streaming is a nicety: the answer still goes out whole
+            log.warning("message %s: %s cannot stream: %s", turn.inbound_id, channel.name, type(exc).__name__)
+            return None
 
     async def working(self, turn: Turn, what: str) -> None:
         """Let the channel say what the agent is doing (best effort: it never costs the answer)."""
@@ -353,10 +371,19 @@ class Pipeline:
         history = [(row.direction, row.text) for row in window]
         return model, build_messages(agent, turn.tenant_name, history, parts, memories, summary)
 
-    async def answer(self, turn: Turn, model: str, messages: list[dict[str, Any]]) -> Answer:
-        """Ask the model (with the agent's tools); a spent budget or a failing model still gives the person an answer."""
+    async def answer(self, turn: Turn, model: str, messages: list[dict[str, Any]], sink: StreamSink | None = None) -> Answer:
+        """Ask the model (with the agent's tools), streaming its text into `sink` if any; a spent budget or a failing
+        model still gives the person an answer."""
+        show: Callable[[str], Awaitable[None]] | None = None
+        if sink is not None:
+
+            async def show(text: str) -> None:
+                ref = await sink.append(text)
+                if ref is not None:  # the stream's message exists now: a retry must find it
+                    await self.keep_ref(turn, ref)
+
         try:
-            result = await ToolRun(self, turn).answer(model, messages)
+            result = await ToolRun(self, turn).answer(model, messages, show)
         except BudgetExhausted as exc:
             # The operator has been told (once a month); the person hears the agent is unavailable.
             return Answer(self.settings.budget.unavailable, "budget", None, error=f"budget: {exc}", kind=NOTICE)
@@ -414,9 +441,13 @@ class Pipeline:
                 .returning(Message.id)
             )
 
-    async def deliver(self, turn: Turn, reply_id: uuid.UUID, text: str, status: str, error: str | None) -> str:
+    async def deliver(
+        self, turn: Turn, reply_id: uuid.UUID, text: str, status: str, error: str | None, sink: StreamSink | None = None
+    ) -> str:
+        """Send the stored reply (or make the streamed message exactly it), then finish the turn."""
         try:
-            external_id = await turn.through.send(Reply(turn.target, text))
+            reply = Reply(turn.target, text)
+            external_id = await (sink.finish(reply) if sink is not None else turn.through.send(reply))
         except Exception as exc:
             log.error("message %s: delivery through %s failed: %s", turn.inbound_id, turn.through.name, type(exc).__name__)
             error = f"delivery failed: {type(exc).__name__}: {exc}"[:500]
@@ -486,18 +517,21 @@ class ToolRun:
             web_seconds=pipeline.settings.agent.web_fetch_seconds, ca_file=pipeline.settings.agent.web_fetch_ca_file,
         )  # fmt: skip
 
-    async def answer(self, model: str, messages: list[dict[str, Any]]) -> Completion:
+    async def answer(self, model: str, messages: list[dict[str, Any]], show: Callable[[str], Awaitable[None]] | None = None) -> Completion:
+        """The final answer; `show` receives the model's text as it streams, every turn's (tool-call turns' too)."""
         settings = self.pipeline.settings
         specs = self.registry.specs(self.names) if self.registry else []
         deadline = time.monotonic() + settings.agent.tool_seconds
         llm = self.pipeline.llm
         ctx = CallContext(self.ctx.tenant_id, self.agent.id, self.ctx.conversation_id, "reply", f"agent:{self.agent.name}")
         fallbacks = self.agent.settings.get("fallbacks") or None
-        result = await llm.complete(ctx, model=model, messages=messages, tools=specs or None, fallbacks=fallbacks)
+        result = await llm.complete(ctx, model=model, messages=messages, tools=specs or None, fallbacks=fallbacks, on_text=show)
         steps = 0
         while result.tool_calls and self.registry is not None:
             steps += 1
             messages = [*messages, result.assistant_message()]
+            if show is not None and result.text:
+                await show("\n\n")  # what the model said before calling tools stands apart from what follows
             for call in result.tool_calls:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -510,7 +544,8 @@ class ToolRun:
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
             # Out of steps or time: one last turn without tools, so the model answers with what it has.
             exhausted = steps >= settings.agent.tool_steps or time.monotonic() >= deadline
-            result = await llm.complete(ctx, model=model, messages=messages, tools=None if exhausted else specs, fallbacks=fallbacks)
+            tools = None if exhausted else specs
+            result = await llm.complete(ctx, model=model, messages=messages, tools=tools, fallbacks=fallbacks, on_text=show)
             if exhausted:
                 break
         return result

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -179,7 +179,11 @@ class LLMService:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         fallbacks: list[str] | None = None,
+        on_text: Callable[[str], Awaitable[None]] | None = None,
     ) -> Completion:
+        """One call through the tenant's router, budgeted and recorded. With `on_text` the answer is streamed:
+        each piece of text is handed to it as it arrives (tool calls are gathered, not handed on), and the
+        Completion returned, the usage row and the cost are those of the whole stream, as without it."""
         if not _loaded():
             await asyncio.to_thread(load_litellm)  # never block the event loop on the import
         models = [model, *[m for m in (fallbacks if fallbacks is not None else self.settings.llm.fallbacks) if m != model]]
@@ -199,9 +203,12 @@ class LLMService:
         secrets = [d.api_key for d in plan if d.api_key and d.api_key != probe.LOCAL_SERVER_KEY]
         try:
             router = self.router(ctx.tenant_id, plan)
-            response = await router.acompletion(
-                model=models[0], messages=messages, max_tokens=self.settings.llm.max_tokens, **({"tools": tools} if tools else {})
-            )
+            extra: dict[str, Any] = {"tools": tools} if tools else {}
+            if on_text is not None:
+                extra.update(stream=True, stream_options={"include_usage": True})  # usage in the last chunk: the cost
+            response = await router.acompletion(model=models[0], messages=messages, max_tokens=self.settings.llm.max_tokens, **extra)
+            if on_text is not None:
+                response = await self._gather(response, messages, on_text)
             result = self._completion(response, models[0], started)
         except Exception as exc:
             named = probe.describe_failure(
@@ -262,6 +269,26 @@ class LLMService:
             if cheaper:
                 return [cheaper], None
         raise BudgetExhausted(f"the monthly budget of {usd(limit.monthly_usd)} is used up")
+
+    @staticmethod
+    async def _gather(stream: Any, messages: list[dict[str, Any]], on_text: Callable[[str], Awaitable[None]]) -> Any:
+        """Read a stream to its end, handing each text delta on; the whole response, as a non-streamed call gives it.
+        A receiver that fails is dropped (the answer still completes and is recorded); the stream's own failure raises."""
+        chunks: list[Any] = []
+        receiver: Callable[[str], Awaitable[None]] | None = on_text
+        async for chunk in stream:
+            chunks.append(chunk)
+            delta = chunk.choices[0].delta if chunk.choices else None
+            text = getattr(delta, "content", None) if delta is not None else None
+            if text and receiver is not None:
+                try:
+                    await receiver(text)
+                except Exception as exc:
+                    log.warning("a streamed answer's receiver failed, the rest is not streamed: %s", _first_line(exc))
+                    receiver = None
+        if not chunks:
+            raise LLMError("the model's stream ended before it began")
+        return load_litellm().stream_chunk_builder(chunks, messages=messages)
 
     def _completion(self, response: Any, model: str, started: float) -> Completion:
         choice = response.choices[0]

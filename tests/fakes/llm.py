@@ -1,7 +1,10 @@
 """A loopback fake of an OpenAI-compatible chat completions API (what litellm's openai/ provider calls).
 
 A real HTTP server on 127.0.0.1. It records every request, answers with `usage`, and can be told
-to be slow or to fail. Run it alone for benchmarks: `python -m tests.fakes.llm --port 8999 --delay 2`.
+to be slow or to fail. A request with `"stream": true` is answered as OpenAI streams: server-sent events of
+`chat.completion.chunk` objects (text a word at a time, tool calls as `tool_calls` deltas with the arguments in
+pieces), `stream_delay` seconds apart, then `data: [DONE]`; with `stream_options.include_usage` a last chunk with
+no choices carries the usage. Run it alone for benchmarks: `python -m tests.fakes.llm --port 8999 --delay 2`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class Recorded:
 @dataclass
 class FakeLLM:
     delay: float = 0.0
+    stream_delay: float = 0.0  # seconds between two streamed chunks: a fixed token rate
+    tool_text: str | None = None  # text the model writes along with its tool calls ("Let me check."), as some models do
     fail_status: int | None = None
     bad_keys: set[str] = field(default_factory=set)  # bearer tokens answered with 401, as a provider does a revoked key
     fail_models: dict[str, int] = field(default_factory=dict)  # model -> HTTP status: one model is down, others answer
@@ -46,7 +51,7 @@ class FakeLLM:
 
     def reset(self) -> None:
         with self._lock:
-            self.delay, self.fail_status = 0.0, None
+            self.delay, self.stream_delay, self.fail_status, self.tool_text = 0.0, 0.0, None, None
             self.bad_keys.clear()
             self.fail_models.clear()
             self.requests.clear()
@@ -119,18 +124,18 @@ class FakeLLM:
                     if fail:
                         self._send(fail, {"error": {"message": "the fake provider was told to fail", "type": "server_error", "code": None}})
                         return
-                    if body.get("stream"):
-                        self._send(
-                            400, {"error": {"message": "streaming is not implemented by this fake", "type": "invalid_request_error"}}
-                        )
-                        return
                     text = fake.reply_for(body)
                     message: dict[str, Any] = {"role": "assistant", "content": text}
                     calls = fake.tool_calls_for(body)
                     if calls:
-                        message = {"role": "assistant", "content": None, "tool_calls": calls}
+                        message = {"role": "assistant", "content": fake.tool_text, "tool_calls": calls}
                     prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
                     completion_tokens = len(text.split())
+                    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+                    if body.get("stream"):
+                        self._stream(body, fake.tool_text if calls else text, calls, usage)
+                        return
                     self._send(
                         200,
                         {
@@ -139,16 +144,47 @@ class FakeLLM:
                             "created": int(time.time()),
                             "model": body.get("model", "fake"),
                             "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if calls else "stop"}],
-                            "usage": {
-                                "prompt_tokens": prompt_tokens,
-                                "completion_tokens": completion_tokens,
-                                "total_tokens": prompt_tokens + completion_tokens,
-                            },
+                            "usage": usage,
                         },
                     )
                 finally:
                     with fake._lock:
                         fake.in_flight -= 1
+
+            def _stream(self, body: dict[str, Any], text: str | None, calls: list[dict[str, Any]], usage: dict[str, int]) -> None:
+                """Server-sent events as OpenAI sends them, chunked, one chunk every `stream_delay` seconds."""
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk", "created": int(time.time()),
+                        "model": body.get("model", "fake")}  # fmt: skip
+                deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+                if text is not None:
+                    deltas += [{"content": word} for word in re.findall(r"\s*\S+", text)]
+                for n, call in enumerate(calls):
+                    arguments = call["function"]["arguments"]
+                    deltas.append({"tool_calls": [{"index": n, "id": call["id"], "type": "function",
+                                                   "function": {"name": call["function"]["name"], "arguments": ""}}]})  # fmt: skip
+                    deltas += [{"tool_calls": [{"index": n, "function": {"arguments": arguments[i : i + 8]}}]}
+                               for i in range(0, len(arguments), 8)]  # fmt: skip
+                events = [{**head, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+                events.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls" if calls else "stop"}]})
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    events.append({**head, "choices": [], "usage": usage})
+                try:
+                    for n, event in enumerate(events):
+                        if n and fake.stream_delay:
+                            time.sleep(fake.stream_delay)
+                        self._chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
+                    self._chunk(b"data: [DONE]\n\n")
+                    self._chunk(b"")
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the client went away mid-stream (a killed worker)
+
+            def _chunk(self, data: bytes) -> None:
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
 
             def _send(self, status: int, payload: dict[str, Any]) -> None:
                 self.send_bytes(status, "application/json", json.dumps(payload).encode())
@@ -164,8 +200,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run the fake OpenAI-compatible LLM server.")
     parser.add_argument("--port", type=int, default=8999)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds each answer takes")
+    parser.add_argument("--stream-delay", type=float, default=0.0, help="seconds between two streamed chunks")
     args = parser.parse_args()
-    fake = FakeLLM(delay=args.delay).start(args.port)
+    fake = FakeLLM(delay=args.delay, stream_delay=args.stream_delay).start(args.port)
     print(f"fake LLM at {fake.url} (delay {args.delay}s); Ctrl-C to stop", flush=True)
     try:
         threading.Event().wait()

@@ -13,7 +13,13 @@ only with `include_all_metadata`, as Slack does), `apps.connections.open` (an ap
 served by tests/fakes/slack_socket.py), and the agent-thread methods `assistant.threads.setStatus` (status and
 up to 10 loading messages; cleared, as Slack does, when the app posts in that thread), `setSuggestedPrompts` (up
 to 4 prompts, each with a title and a message; a thread_ts is accepted and, as for an agent_view app, sets
-nothing) and `setTitle`, each checking its arguments as Slack's reference has them. Anything else answers `{"ok": false, "error": "unknown_method"}`.
+nothing) and `setTitle`, each checking its arguments as Slack's reference has them. The streaming methods: `chat.startStream` (in a
+thread; outside a DM only with `recipient_user_id` and `recipient_team_id`; it clears the thread's status, as a post
+does), `chat.appendStream` (`markdown_text` required, at most 12,000 characters a call, only while the message
+streams) and `chat.stopStream` (a last `markdown_text`, `blocks` shown under the streamed text, `metadata`); the
+message's text is what was appended, in order (`streams` keeps each call's piece). Where Slack's behaviour is not
+documented the fake is strict: a message still streaming cannot be `chat.update`d (stop it first), and a stream with
+no append for `stream_expiry` seconds stops streaming, as Slack's do. Anything else answers `{"ok": false, "error": "unknown_method"}`.
 Like real Slack, every answer except a rate limit is HTTP 200 with `"ok"` telling success from failure.
 """
 
@@ -44,6 +50,7 @@ class Call:
     token: str | None
     args: dict[str, Any]
     rate_limited: bool = False
+    at: float = field(default_factory=time.monotonic)  # when it arrived: waits (Retry-After) can be measured
 
 
 @dataclass
@@ -135,6 +142,8 @@ class FakeSlack:
     suggested_prompts: dict[str, dict[str, Any]] = field(default_factory=dict)  # channel -> the prompts its Messages tab offers
     titles: dict[tuple[str, str], str] = field(default_factory=dict)  # (channel, thread_ts) -> the thread's title
     socket: FakeSocketMode | None = None  # the websocket server `apps.connections.open` points to
+    streams: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (channel, ts) -> state, pieces
+    stream_expiry: float = 300.0
     _seq: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
@@ -161,6 +170,8 @@ class FakeSlack:
             self.files.clear()
             self.downloads.clear()
             self.app_tokens.clear()
+            self.streams.clear()
+            self.stream_expiry = 300.0
             self.statuses.clear()
             self.suggested_prompts.clear()
             self.titles.clear()
@@ -297,6 +308,9 @@ class FakeSlack:
             "chat.update": self._chat_update,
             "conversations.replies": self._conversations_replies,
             "conversations.history": self._conversations_history,
+            "chat.startStream": self._chat_start_stream,
+            "chat.appendStream": self._chat_append_stream,
+            "chat.stopStream": self._chat_stop_stream,
             "assistant.threads.setStatus": self._set_status,
             "assistant.threads.setSuggestedPrompts": self._set_suggested_prompts,
             "assistant.threads.setTitle": self._set_title,
@@ -405,7 +419,7 @@ class FakeSlack:
         message = self.messages.get((channel, ts))
         if message is None:
             return {"ok": False, "error": "message_not_found"}
-        if message.get("user") != info["user_id"]:
+        if message.get("user") != info["user_id"] or self._streaming(channel, ts):
             return {"ok": False, "error": "cant_update_message"}
         text, blocks = args.get("text"), _blocks(args.get("blocks"))
         if isinstance(blocks, str):
@@ -417,6 +431,93 @@ class FakeSlack:
             message["blocks"] = blocks
         message["edited"] = {"user": info["user_id"], "ts": self._new_ts()}
         return {"ok": True, "channel": channel, "ts": ts, "text": message["text"], "message": dict(message)}
+
+    def _streaming(self, channel: str, ts: str) -> bool:
+        stream = self.streams.get((channel, ts))
+        if stream is None or stream["state"] != "streaming":
+            return False
+        if time.monotonic() - stream["last"] > self.stream_expiry:
+            stream["state"] = "expired"
+            return False
+        return True
+
+    def _chat_start_stream(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        channel, thread = str(args.get("channel") or ""), args.get("thread_ts")
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        if not thread:
+            return {"ok": False, "error": "invalid_arguments"}  # streamed messages are replies to a person
+        if not channel.startswith("D"):
+            if not args.get("recipient_user_id"):
+                return {"ok": False, "error": "missing_recipient_user_id"}
+            if not args.get("recipient_team_id"):
+                return {"ok": False, "error": "missing_recipient_team_id"}
+        text = args.get("markdown_text")
+        if text is not None and args.get("chunks") is not None:
+            return {"ok": False, "error": "invalid_arguments"}
+        if text is not None and (not isinstance(text, str) or len(text) > MARKDOWN_LIMIT):
+            return {"ok": False, "error": "msg_too_long"}
+        ts = self._new_ts()
+        message: dict[str, Any] = {"type": "message", "text": text or "", "ts": ts, "user": info["user_id"], "bot_id": info["bot_id"],
+                                   "thread_ts": str(thread), "blocks": [{"type": "markdown", "text": text}] if text else []}  # fmt: skip
+        self.messages[(channel, ts)] = message
+        self.statuses.pop((channel, str(thread)), None)  # the app posted in the thread: Slack clears its status
+        self.streams[(channel, ts)] = {"state": "streaming", "last": time.monotonic(), "pieces": [text] if text else []}
+        return {"ok": True, "channel": channel, "ts": ts}
+
+    def _stream_piece(self, info: dict[str, Any], args: dict[str, Any], *, required: bool) -> tuple[dict[str, Any], str] | str:
+        """(the stream's message, the text to append) or Slack's error."""
+        channel, ts, text = str(args.get("channel") or ""), str(args.get("ts") or ""), args.get("markdown_text")
+        message = self.messages.get((channel, ts))
+        if message is None:
+            return "message_not_found"
+        if message.get("user") != info["user_id"]:
+            return "cant_update_message"
+        if not self._streaming(channel, ts):
+            return "message_not_in_streaming_state"
+        if required and not text:
+            return "no_text"
+        if text is not None and (not isinstance(text, str) or len(text) > MARKDOWN_LIMIT):
+            return "msg_too_long"
+        if len(message["text"]) + len(text or "") > MARKDOWN_LIMIT:
+            return "msg_too_long"
+        return message, str(text or "")
+
+    def _append(self, channel: str, ts: str, message: dict[str, Any], text: str) -> None:
+        if text:
+            message["text"] += text
+            message["blocks"] = [{"type": "markdown", "text": message["text"]}]
+            self.streams[(channel, ts)]["pieces"].append(text)
+        self.streams[(channel, ts)]["last"] = time.monotonic()
+
+    def _chat_append_stream(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        found = self._stream_piece(info, args, required=True)
+        if isinstance(found, str):
+            return {"ok": False, "error": found}
+        channel, ts = str(args["channel"]), str(args["ts"])
+        self._append(channel, ts, *found)
+        return {"ok": True, "channel": channel, "ts": ts}
+
+    def _chat_stop_stream(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        found = self._stream_piece(info, args, required=False)
+        if isinstance(found, str):
+            return {"ok": False, "error": found}
+        blocks = _blocks(args.get("blocks"))
+        if isinstance(blocks, str):
+            return {"ok": False, "error": blocks}
+        metadata = args.get("metadata")
+        if isinstance(metadata, str):
+            metadata = json.loads(metadata)
+        if metadata and (not isinstance(metadata, dict) or not metadata.get("event_type")):
+            return {"ok": False, "error": "invalid_metadata_format"}
+        channel, ts = str(args["channel"]), str(args["ts"])
+        message, text = found
+        self._append(channel, ts, message, text)
+        message["blocks"] = [*([{"type": "markdown", "text": message["text"]}] if message["text"] else []), *(blocks or [])]
+        if metadata:
+            message["metadata"] = metadata
+        self.streams[(channel, ts)]["state"] = "stopped"
+        return {"ok": True, "channel": channel, "ts": ts, "message": dict(message)}
 
     def _conversations_replies(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
         channel, ts = str(args.get("channel") or ""), str(args.get("ts") or "")

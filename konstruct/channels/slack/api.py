@@ -39,6 +39,9 @@ METHOD_SCOPES: dict[str, tuple[str, ...]] = {
     "apps.connections.open": (),  # the app-level token (APP_TOKEN_SCOPES), not the bot token
     "chat.postMessage": ("chat:write",),
     "chat.update": ("chat:write",),
+    "chat.startStream": ("chat:write",),
+    "chat.appendStream": ("chat:write",),
+    "chat.stopStream": ("chat:write",),
     "conversations.replies": _HISTORY,
     "conversations.history": _HISTORY,
     # Agent threads (the app's Messages tab). setStatus takes chat:write (Slack's reference; it still accepts

@@ -2,8 +2,9 @@
 
 In a DM with the app (its Messages tab, where Slack's agent threads are) the thread gets a status — "is
 thinking…" with loading messages saying what the agent does — which Slack clears when the answer is posted;
-a new thread is titled from its first question. Elsewhere (a mention in a channel) a `_thinking…_`
-placeholder is posted and the answer replaces it.
+a new thread is titled from its first question; the answer is streamed into the thread as the model writes it
+(konstruct.channels.slack.stream). Elsewhere (a mention in a channel) a `_thinking…_` placeholder is posted and
+the answer replaces it.
 
 Posting is paced per channel (Slack allows about one message a second per channel) and every call
 honours 429 Retry-After, so bursts are slowed down, never dropped.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
 import uuid
@@ -30,6 +32,7 @@ from konstruct.channels.connections import SecretCache
 from konstruct.channels.slack.client import web_client
 from konstruct.channels.slack.feedback import feedback_block
 from konstruct.channels.slack.format import SlackMessage, markdown_messages
+from konstruct.channels.slack.stream import SlackStream, stop_stream, stream_ts
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import ChannelConnection
@@ -182,17 +185,43 @@ class SlackChannel:
                 )
         return parts
 
+    def _streams(self, target: Target) -> bool:
+        """Is this target's answer streamed? In a DM with the app (its agent threads, where the status shows the agent
+        at work until the stream begins); a channel mention keeps its placeholder, which a stream (a new message)
+        cannot replace."""
+        return self.settings.slack.stream and status_thread(target) is not None
+
+    async def stream(self, target: Target) -> SlackStream | None:
+        """A sink streaming the answer into the thread; None where it is not streamed, or where an earlier attempt
+        already showed something (send() then finishes or replaces that)."""
+        if not self._streams(target) or target.reply_ref is not None:
+            return None  # not streamed here, or a placeholder (the status was refused) or an earlier attempt's message
+        return SlackStream(await self._client(target), target, str(status_thread(target)), self.settings.slack.stream_interval,
+                           self._feedback_blocks, self._replace, self.send, answer_marker)  # fmt: skip
+
     async def send(self, reply: Reply) -> str | None:
-        """Replace the placeholder with the first part of the answer; post the rest in the thread. The last part
-        carries the thumbs up/down that rate the stored reply."""
+        """Replace the placeholder (or an earlier attempt's unfinished stream) with the first part of the answer; post
+        the rest in the thread. The last part carries the thumbs up/down that rate the stored reply."""
+        client = await self._client(reply.target)
+        ts = stream_ts(reply.target.reply_ref)
+        if ts is not None:  # a stream a dead attempt left open: closed first, then the whole answer goes in its place
+            with contextlib.suppress(SlackApiError):
+                await stop_stream(client, reply.target.payload["channel"], ts)
+            return await self._deliver(client, reply, ts)
+        return await self._deliver(client, reply, reply.target.reply_ref)
+
+    async def _replace(self, reply: Reply, ts: str) -> str | None:
+        """Put the whole reply in the message `ts` (a stopped stream), split as any reply."""
+        return await self._deliver(await self._client(reply.target), reply, ts)
+
+    async def _deliver(self, client: AsyncWebClient, reply: Reply, ts: str | None) -> str | None:
         target = reply.target
-        client = await self._client(target)
         first, *rest = await self._with_feedback(target, markdown_messages(reply.text) or markdown_messages("…"))
         first_ts: str | None = None
         try:
-            if target.reply_ref:
-                await client.chat_update(channel=target.payload["channel"], ts=target.reply_ref, **first)
-                first_ts = target.reply_ref
+            if ts:
+                await client.chat_update(channel=target.payload["channel"], ts=ts, **first)
+                first_ts = ts
             else:
                 # Marked like a placeholder, so a retry after a crash before the turn was recorded updates it instead.
                 first_ts = str((await self._post(client, target, **first, metadata=answer_marker(target)))["ts"])
@@ -205,10 +234,13 @@ class SlackChannel:
     async def _with_feedback(self, target: Target, messages: list[SlackMessage]) -> list[dict[str, Any]]:
         """The reply's messages, the last with the feedback block naming the stored reply (found by the message it answers)."""
         parts: list[dict[str, Any]] = [dict(message) for message in messages]
-        reply_id = await feedback.reply_for(self.db, target.tenant_id, channel=self.name, inbound_external_id=target.inbound_external_id)
-        if reply_id is not None:
-            parts[-1]["blocks"] = [*parts[-1]["blocks"], feedback_block(reply_id)]
+        parts[-1]["blocks"] = [*parts[-1]["blocks"], *await self._feedback_blocks(target)]
         return parts
+
+    async def _feedback_blocks(self, target: Target) -> list[dict[str, Any]]:
+        """The feedback block for the reply stored for this target's message; none when there is no stored reply."""
+        reply_id = await feedback.reply_for(self.db, target.tenant_id, channel=self.name, inbound_external_id=target.inbound_external_id)
+        return [feedback_block(reply_id)] if reply_id is not None else []
 
     async def _post(
         self,
