@@ -60,7 +60,7 @@ class Site:
     def __init__(self, root: Path, llm: FakeLLM) -> None:
         self.root = root
         # A secret nothing here uses, whose variable is missing: `up` runs, and says so at once.
-        smtp = {"password": {"$env": "KONSTRUCT_TEST_UNSET_SMTP_PASSWORD"}}
+        smtp: dict[str, object] = {"password": {"$env": "KONSTRUCT_TEST_UNSET_SMTP_PASSWORD"}}
         self.config = write_config(root, None, llm.url, up={"standby": True}, smtp=smtp)
         for name in SHADOWED:
             (root / f"{name}.py").write_text(f"raise RuntimeError('the current folder shadowed {name}')\n")
