@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from konstruct import inbox
 from konstruct.agent import pipeline as steps
@@ -139,6 +139,25 @@ async def test_a_whole_turn_in_process_is_stored_delivered_finished_and_audited(
 
 def _columns(row: InboxRow) -> dict[str, object]:
     return {a.key: getattr(row, a.key) for a in InboxRow.__mapper__.column_attrs}
+
+
+async def test_a_reply_an_earlier_attempt_stored_is_delivered_without_asking_again(
+    site: tuple[Pipeline, TenantInfo, AgentInfo], fake_llm: FakeLLM
+) -> None:
+    pipeline, tenant, agent = site
+    inbound_id = await message(pipeline, tenant, agent, "still there?")
+    turn = await loaded(pipeline, tenant, inbound_id)  # the attempt that dies: claimed, answered, the reply stored …
+    model, messages = await pipeline.compose(turn)
+    answer = await pipeline.answer(turn, model, messages)
+    assert await pipeline.store(turn, answer.text, answer.model, answer.latency_ms, kind=steps.MESSAGE) is not None
+    async with pipeline.db.tenant(tenant_id=tenant.id) as session:  # … then it dies, and the row is given back
+        await session.execute(update(InboxRow).where(InboxRow.id == inbound_id).values(status="received", worker_id=None))
+    asked = len(fake_llm.requests)
+    assert await pipeline.process(tenant_id=tenant.id, inbound_id=inbound_id) == "replied"
+    assert len(fake_llm.requests) == asked  # delivered, not asked again
+    async with pipeline.db.tenant(tenant_id=tenant.id) as session:
+        replies = list(await session.scalars(select(Message).where(Message.inbound_id == inbound_id, Message.direction == "out")))
+    assert [(r.text, r.status) for r in replies] == [("[fake-model] You said: still there?", "sent")]
 
 
 async def test_a_platform_key_that_cannot_be_read_fails_the_answer_naming_the_variable(

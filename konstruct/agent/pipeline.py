@@ -238,7 +238,7 @@ class Pipeline:
         if turn.previous is not None:
             # An earlier attempt stored the reply and died before finishing: deliver that one, don't ask again.
             answer = Answer(turn.previous.text, turn.previous.model or "", turn.previous.latency_ms)
-            reply_id = turn.previous.id
+            reply_id, sink = turn.previous.id, None  # delivered whole: nothing is streamed again
         else:
             model, messages = await self.compose(turn)
             sink = await self.open_stream(turn)
