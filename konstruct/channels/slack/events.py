@@ -13,7 +13,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -89,6 +90,40 @@ def signature_valid(secret: str, body: bytes, headers: dict[str, str], now: floa
         return False
     expected = "v0=" + hmac.new(secret.encode(), b"v0:" + timestamp.encode() + b":" + body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected.encode(), headers.get("x-slack-signature", "").encode())
+
+
+@dataclass(frozen=True)
+class Signed:
+    """A Slack request whose v0 signature checked out, with what was read to check it."""
+
+    data: dict[str, Any] | None
+    team_id: str | None
+    resolved: Resolved | None
+    credentials: dict[str, str]
+    secret: str
+
+
+SecretFor = Callable[[Resolved | None, dict[str, str], str | None, bytes, dict[str, str]], Awaitable[str | None]]
+
+
+async def verify_request(request: Request, connections: ResolveCache, secret_for: SecretFor) -> Signed | Response:
+    """Read a Slack request (bounded), find the workspace's connection and check the signature over the raw bytes with
+    the secret `secret_for` picks: the Signed request, or the refusal to answer (413, or 401 for a missing, stale or
+    wrong signature — then nothing may be stored, and nothing is told)."""
+    body = await read_body(request)
+    if body is None:
+        return JSONResponse({"error": "payload too large"}, status_code=413)
+    headers = dict(request.headers)
+    if not headers_well_formed(headers):
+        return JSONResponse({"error": "invalid request signature"}, status_code=401)
+    data = parse_request(body, headers.get("content-type"))
+    team_id = team_id_of(data)
+    entry = await connections.get("slack", team_id) if team_id else None
+    resolved, credentials = entry if entry else (None, {})
+    secret = await secret_for(resolved, credentials, team_id, body, headers)
+    if secret is None or not signature_valid(secret, body, headers):
+        return JSONResponse({"error": "invalid request signature"}, status_code=401)
+    return Signed(data, team_id, resolved, credentials, secret)
 
 
 _EVENT_FIELDS = ("type", "subtype", "user", "text", "ts", "thread_ts", "channel", "channel_type", "bot_id", "event_ts", "tab")
@@ -175,27 +210,16 @@ class SlackEvents:
                 self._app(secret)
 
     async def handle(self, request: Request) -> Response:
-        body = await read_body(request)
-        if body is None:
-            return JSONResponse({"error": "payload too large"}, status_code=413)
-        headers = dict(request.headers)
-        if not headers_well_formed(headers):
-            return JSONResponse({"error": "invalid request signature"}, status_code=401)
-        data = parse_request(body, headers.get("content-type"))
-        team_id = team_id_of(data)
-        entry = await self.connections.get("slack", team_id) if team_id else None
-        resolved, credentials = entry if entry else (None, {})
-        secret = await self._signing_secret(resolved, credentials, team_id, body, headers)
-        if secret is None or not signature_valid(secret, body, headers):
-            # No secret can authenticate this request: store nothing, tell nothing.
-            return JSONResponse({"error": "invalid request signature"}, status_code=401)
-        usable, reason = sanitized(data)
+        signed = await verify_request(request, self.connections, self._signing_secret)
+        if isinstance(signed, Response):
+            return signed
+        usable, reason = sanitized(signed.data)
         if usable is None:
             # Authentic but unusable: a 200, so Slack does not retry (or disable the subscription), and nothing stored.
             log.warning("ignoring a signed Slack request: %s", reason)
             return JSONResponse({"ok": False, "ignored": reason})
         # Verified above over the raw bytes; bolt gets the checked fields only (and so does not verify again).
-        response = await self._dispatch(usable, resolved, credentials, secret, dict(request.query_params))
+        response = await self._dispatch(usable, signed.resolved, signed.credentials, signed.secret, dict(request.query_params))
         return Response(content=response.body, status_code=response.status, headers=response.first_headers_without_set_cookie())
 
     async def socket_event(self, payload: Any, team_id: str) -> None:

@@ -16,9 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from konstruct import feedback
-from konstruct.bodies import read_body
 from konstruct.channels.connections import ResolveCache, Resolved
-from konstruct.channels.slack.events import headers_well_formed, parse_request, signature_valid, team_id_of
+from konstruct.channels.slack.events import verify_request
 from konstruct.channels.slack.feedback import MalformedInteraction, feedback_click
 from konstruct.config import Settings
 from konstruct.db.engine import Database
@@ -44,19 +43,10 @@ class SlackInteractions:
         self.connections = ResolveCache(db, settings)
 
     async def handle(self, request: Request) -> Response:
-        body = await read_body(request)
-        if body is None:
-            return JSONResponse({"error": "payload too large"}, status_code=413)
-        headers = dict(request.headers)
-        if not headers_well_formed(headers):
-            return JSONResponse({"error": "invalid request signature"}, status_code=401)
-        data = parse_request(body, headers.get("content-type"))
-        team_id = team_id_of(data)
-        entry = await self.connections.get("slack", team_id) if team_id else None
-        resolved, credentials = entry if entry else (None, {})
-        secret = self._signing_secret(resolved, credentials)
-        if secret is None or not signature_valid(secret, body, headers):
-            return JSONResponse({"error": "invalid request signature"}, status_code=401)
+        signed = await verify_request(request, self.connections, self._signing_secret)
+        if isinstance(signed, Response):
+            return signed
+        data, resolved, team_id = signed.data, signed.resolved, signed.team_id
         outcome = Outcome(400, "not an interaction payload") if data is None else await self.interact(resolved, team_id, data)
         if outcome.error is not None:
             log.warning("signed Slack interaction refused (%s): %s", outcome.status, outcome.error)
@@ -71,7 +61,11 @@ class SlackInteractions:
         if outcome.error is not None:
             log.warning("Socket Mode Slack interaction refused (%s): %s", outcome.status, outcome.error)
 
-    def _signing_secret(self, resolved: Resolved | None, credentials: dict[str, str]) -> str | None:
+    async def _signing_secret(
+        self, resolved: Resolved | None, credentials: dict[str, str], team_id: str | None, body: bytes, headers: dict[str, str]
+    ) -> str | None:
+        """The workspace's own app's secret for a single workspace, else the distributed app's (no guessing among
+        single-workspace secrets for a request without a known team, as url_verification needs on /slack/events)."""
         if resolved is not None and resolved.mode == "single":
             return credentials.get("signing_secret")
         return self.settings.slack.signing_secret.get_secret_value() if self.settings.slack.signing_secret else None
