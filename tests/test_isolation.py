@@ -22,7 +22,17 @@ from konstruct.agent.agents import create_agent
 from konstruct.channels import connections
 from konstruct.config import Settings
 from konstruct.db.engine import Database
-from konstruct.db.models import BudgetReservation, DeliveryStatus, LLMUsage, Memory, Message, Subscription
+from konstruct.db.models import (
+    BudgetReservation,
+    DeliveryStatus,
+    KnowledgeChunk,
+    KnowledgeJob,
+    KnowledgeSource,
+    LLMUsage,
+    Memory,
+    Message,
+    Subscription,
+)
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import TenantNotSetError
 from konstruct.inbox import store
@@ -72,6 +82,11 @@ async def seed(db: Database, slug: str) -> TenantInfo:
         )
         session.add(BudgetReservation(tenant_id=tenant.id, estimate_usd=Decimal("0.02"), expires_at=datetime.now(UTC) + timedelta(hours=1)))
         session.add(Subscription(id=f"sub_{slug}", tenant_id=tenant.id, customer_id=f"cus_{slug}", status="active"))
+        source = KnowledgeSource(id=uuid.uuid4(), tenant_id=tenant.id, uri=f"/docs/{slug}/refunds.md", name="refunds.md", kind="markdown")
+        session.add(source)
+        await session.flush()
+        session.add(KnowledgeChunk(tenant_id=tenant.id, source_id=source.id, ordinal=0, content=f"{slug} refunds", embedding=[0.1] * 384))
+        session.add(KnowledgeJob(tenant_id=tenant.id, kind="add", request={"paths": [f"/docs/{slug}"]}))
     await add_key(db, db.settings, tenant, provider="openai", key=f"sk-{slug}-own-key-1234", api_base=None, actor="test")
     await set_budget(db, tenant, usd=10, alerts=[80], action="block", downgrade_model=None, settings=db.settings, actor="test")
     async with db.tenant(tenant_id=tenant.id) as session:
@@ -161,10 +176,11 @@ def test_a_tenant_sees_and_changes_only_its_own_rows(
         assert row is not None
         forged = dict(row[0])
         forged[column] = str(b.id)
-        identity = {
+        identity = {  # identity and generated columns take no value on insert
             r[0]
             for r in app_conn.execute(
-                "select attname from pg_attribute where attrelid = %s::regclass and attidentity <> ''", (table,)
+                "select attname from pg_attribute where attrelid = %s::regclass and (attidentity <> '' or attgenerated <> '')",
+                (table,),
             ).fetchall()
         }
         if column != "id" and "id" in forged and "id" not in identity:

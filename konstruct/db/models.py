@@ -390,3 +390,57 @@ class ReplyFeedback(Base):
 
 
 TENANT_TABLES = frozenset(table.name for table in Base.metadata.sorted_tables if "tenant_id" in table.c or table.name == "tenants")
+
+
+class KnowledgeSource(Base):
+    """One document (file or URL) a tenant added; its chunks are what agents retrieve. See migration 0017."""
+
+    __tablename__ = "knowledge_sources"
+
+    id: Mapped[uuid.UUID] = _id()
+    tenant_id: Mapped[uuid.UUID] = _tenant_id()
+    uri: Mapped[str] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(Text)  # markdown | text | html | pdf
+    agent_ids: Mapped[list[uuid.UUID]] = mapped_column(ARRAY(UUID(as_uuid=True)), server_default=sql_text("'{}'"))
+    content_hash: Mapped[str | None] = mapped_column(Text)
+    bytes: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    chunks: Mapped[int] = mapped_column(Integer, server_default="0")
+    status: Mapped[str] = mapped_column(Text, server_default="ready")  # ready | failed
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _created()
+
+
+class KnowledgeChunk(Base):
+    """A piece of a source: heading path, text, full-text vector (generated) and embedding (384 dimensions)."""
+
+    __tablename__ = "knowledge_chunks"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = _tenant_id()
+    source_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("knowledge_sources.id", ondelete="CASCADE"))
+    ordinal: Mapped[int] = mapped_column(Integer)
+    heading: Mapped[str] = mapped_column(Text, server_default="")
+    content: Mapped[str] = mapped_column(Text)
+    embedding: Mapped[Any] = mapped_column(Vector(384))
+
+
+class KnowledgeJob(Base):
+    """An ingest (add or sync) queued for the worker, with its progress and per-file results."""
+
+    __tablename__ = "knowledge_jobs"
+
+    id: Mapped[uuid.UUID] = _id()
+    tenant_id: Mapped[uuid.UUID] = _tenant_id()
+    kind: Mapped[str] = mapped_column(Text)  # add | sync
+    request: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=sql_text("'{}'::jsonb"))
+    status: Mapped[str] = mapped_column(Text, server_default="queued")  # queued | running | done | failed
+    total: Mapped[int] = mapped_column(Integer, server_default="0")
+    done: Mapped[int] = mapped_column(Integer, server_default="0")
+    results: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default=sql_text("'[]'::jsonb"))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created()
+    started_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
