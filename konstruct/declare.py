@@ -19,6 +19,8 @@ from konstruct.channels.registry import validate_escalation_target
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.errors import ConfigError, KonstructError, NotFoundError, ValidationError
+from konstruct.knowledge import collect as knowledge_collect
+from konstruct.knowledge import sources as knowledge_service
 from konstruct.llm import budget as budget_service
 from konstruct.tenancy import invitations, users
 from konstruct.tenancy import tenants as tenant_service
@@ -58,6 +60,20 @@ class InviteSpec(_Spec):
     role: str
 
 
+class KnowledgeSpec(_Spec):
+    """A file, folder or URL the tenant's agents answer from (`konstruct knowledge add`); `knowledge sync` refreshes content."""
+
+    path: str | None = None
+    url: str | None = None
+    agents: list[str] = Field(default_factory=list)
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return self.url or self.path or ""
+
+
 class TenantSpec(_Spec):
     slug: str
     name: str
@@ -68,6 +84,7 @@ class TenantSpec(_Spec):
     budget: BudgetSpec | None = None
     routes: list[RouteSpec] = Field(default_factory=list)
     invitations: list[InviteSpec] = Field(default_factory=list)
+    knowledge: list[KnowledgeSpec] = Field(default_factory=list)
 
 
 class Declaration(_Spec):
@@ -118,7 +135,25 @@ def load(path: Path | None, settings: Settings) -> Declaration:
         for invite in tenant.invitations:
             users.check_email(invite.email)
             users.check_role(invite.role)
+        _check_knowledge(tenant, base)
     return declaration
+
+
+def _check_knowledge(tenant: TenantSpec, base: Path) -> None:
+    """Each entry names a path or a URL (not both); paths become absolute (relative to the declaring file)."""
+    for entry in tenant.knowledge:
+        if bool(entry.path) == bool(entry.url):
+            raise ValidationError(f"tenant {tenant.slug}: each knowledge entry needs a path or a url (one of them)")
+        if entry.url:
+            entry.url = knowledge_collect.normalise_url(entry.url)
+        elif entry.path:
+            path = Path(entry.path).expanduser()
+            entry.path = str(path if path.is_absolute() else base / path)
+        unknown = set(entry.agents) - {a.name for a in tenant.agents}
+        if unknown and not tenant.agents:
+            continue  # the agents may exist already; apply checks them
+        if unknown:
+            raise ValidationError(f"tenant {tenant.slug}: knowledge {entry.target}: no agent {sorted(unknown)[0]!r} is declared")
 
 
 @dataclass
@@ -165,6 +200,7 @@ async def plan(db: Database, settings: Settings, declaration: Declaration, *, pr
                 Change("create", "route", spec.slug, f"{r.connection}/{r.channel}", {"agent": (None, r.agent)}, r) for r in spec.routes
             ]
             changes += [Change("create", "invitation", spec.slug, i.email, {"role": (None, i.role)}, i) for i in spec.invitations]
+            changes += [Change("create", "knowledge", spec.slug, k.target, _knowledge_fields(k, set(), {}), k) for k in spec.knowledge]
             continue
         changes += await _tenant_changes(db, settings, tenant, spec, wanted, prune)
     if prune:
@@ -228,6 +264,40 @@ async def _tenant_changes(
     if prune:
         declared_emails = {i.email.strip().lower() for i in spec.invitations}
         changes += [Change("delete", "invitation", spec.slug, email) for email in sorted(pending) if email not in declared_emails]
+    changes += await _knowledge_changes(db, tenant, spec, prune)
+    return changes
+
+
+def _declared_uris(entry: KnowledgeSpec) -> list[str]:
+    """The sources an entry stands for: its URL, or the files of its path (not read, only listed)."""
+    if entry.url:
+        return [entry.url]
+    found = knowledge_collect.collect([entry.target], include=entry.include, exclude=entry.exclude, read=False)
+    return [item["uri"] for item in found.items]
+
+
+def _knowledge_fields(entry: KnowledgeSpec, stored: set[str], agents: dict[str, list[str]]) -> dict[str, tuple[Any, Any]]:
+    """What adding the entry changes: sources it would add, and those whose agents change (names, sorted)."""
+    uris = _declared_uris(entry)
+    new = [u for u in uris if u not in stored]
+    fields: dict[str, tuple[Any, Any]] = {"sources": (None, len(new))} if new else {}
+    moved = [u for u in uris if u in stored and agents.get(u, []) != sorted(entry.agents)]
+    if moved:
+        fields["agents"] = (agents[moved[0]], sorted(entry.agents))
+    return fields
+
+
+async def _knowledge_changes(db: Database, tenant: tenant_service.TenantInfo, spec: TenantSpec, prune: bool) -> list[Change]:
+    sources = await knowledge_service.list_sources(db, tenant)
+    names = {a.id: a.name for a in await agent_service.list_agents(db, tenant)}
+    agents = {s.uri: sorted(names.get(a, str(a)) for a in s.agent_ids) for s in sources}
+    changes = []
+    for entry in spec.knowledge:
+        if fields := _knowledge_fields(entry, set(agents), agents):
+            changes.append(Change("create" if "sources" in fields else "change", "knowledge", spec.slug, entry.target, fields, entry))
+    if prune:
+        declared = {uri for entry in spec.knowledge for uri in _declared_uris(entry)}
+        changes += [Change("delete", "knowledge", spec.slug, s.uri) for s in sources if s.uri not in declared]
     return changes
 
 
@@ -249,14 +319,30 @@ async def _route_changes(db: Database, tenant: tenant_service.TenantInfo, spec: 
 
 
 Made = tuple[Any, invitations.InvitationInfo, str]  # (tenant id, invitation, token)
+Queued = tuple[tenant_service.TenantInfo, knowledge_service.JobInfo]  # a knowledge job written, to queue
 
 
-async def apply(db: Database, settings: Settings, changes: list[Change], *, actor: str) -> list[Made]:
+async def _apply_knowledge(db: Database, change: Change, actor: str, jobs: list[Queued]) -> None:
+    tenant = await tenant_service.get_tenant(db, change.tenant)
+    if change.action == "delete":
+        await knowledge_service.remove_source(db, tenant, change.name, actor=actor)
+        return
+    entry: KnowledgeSpec = change.spec
+    ids = await knowledge_service.agent_ids(db, tenant, entry.agents)
+    found = knowledge_collect.collect([entry.target], agent_ids=ids, include=entry.include, exclude=entry.exclude)
+    jobs += [(tenant, job) for job in await knowledge_service.create_jobs(db, tenant, "add", found, actor=actor)]
+
+
+async def apply(db: Database, settings: Settings, changes: list[Change], *, actor: str, jobs: list[Queued] | None = None) -> list[Made]:
     """Make the planned changes, in order, through the services (each audits itself). Returns the invitations
-    made, with their tokens (emailing them is the caller's choice)."""
+    made, with their tokens (emailing them is the caller's choice); the knowledge jobs written go into ``jobs``
+    (queueing them for a worker is the caller's too)."""
     tokens: list[Made] = []
     for change in changes:
         try:
+            if change.kind == "knowledge":
+                await _apply_knowledge(db, change, actor, jobs if jobs is not None else [])
+                continue
             await _apply_one(db, settings, change, actor, tokens)
         except KonstructError as exc:
             raise type(exc)(f"{change.action} {change.kind} {change.tenant}/{change.name}: {exc}") from None

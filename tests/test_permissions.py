@@ -56,6 +56,8 @@ MATRIX: dict[str, tuple[set[str], Command, tuple[type[KonstructError], ...]]] = 
     "conversation.read": (BOTH, lambda t: ["conversation", "list", "--tenant", t], ()),
     "conversation.read (feedback)": (BOTH, lambda t: ["feedback", "--tenant", t, "--json"], ()),
     "conversation.handle": (BOTH, lambda t: ["conversation", "release", "0000000000", "--tenant", t], (NotFoundError,)),
+    "knowledge.read": (BOTH, lambda t: ["knowledge", "list", "--tenant", t], ()),
+    "knowledge.write": ({ADMIN}, lambda t: ["knowledge", "remove", "nothing.md", "--tenant", t, "--yes"], (NotFoundError,)),
     "memory.read": ({ADMIN}, lambda t: ["memory", "list", "--tenant", t, "--person", "pat"], ()),
     "memory.forget": ({ADMIN}, lambda t: ["memory", "forget", "--tenant", t, "--person", "nobody", "--yes"], ()),
     "audit.read": ({ADMIN}, lambda t: ["audit", "tail", "--tenant", t], ()),

@@ -20,6 +20,7 @@ from konstruct.cli import (
     feedback,
     invitations,
     keys,
+    knowledge,
     memory,
     onboard,
     secrets,
@@ -87,6 +88,7 @@ app.add_typer(agents.app, name="agent")
 app.add_typer(channels.app, name="channel")
 app.add_typer(audit.app, name="audit")
 app.add_typer(memory.app, name="memory")
+app.add_typer(knowledge.app, name="knowledge")
 app.add_typer(conversations.app, name="conversation")
 app.add_typer(escalations.app, name="escalation")
 app.add_typer(keys.app, name="key")

@@ -9,13 +9,14 @@ import typer
 from konstruct import declare
 from konstruct.cli.common import JsonOption, actor, out, platform, print_json, print_table, settings, with_database
 from konstruct.cli.invitations import queue_invitation_email
+from konstruct.cli.knowledge import queue_jobs
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.tenancy import invitations
 
 FileOption = typer.Option(None, "--file", "-f", help="The tenants file (default: [[tenants]] in konstruct.toml).", exists=False)
 PruneOption = typer.Option(
-    False, "--prune", help="Also delete what exists but is not declared (tenants, agents, routes, budgets, invitations)."
+    False, "--prune", help="Also delete what exists but is not declared (tenants, agents, routes, budgets, invitations, knowledge sources)."
 )
 
 SYMBOL = {"create": "[green]+[/green]", "change": "[yellow]~[/yellow]", "delete": "[red]-[/red]"}
@@ -75,18 +76,25 @@ def apply_command(
     cfg = settings(ctx)
     declaration = declare.load(file, cfg)
 
+    jobs: list[declare.Queued] = []
+
     async def go(db: Database) -> tuple[list[declare.Change], list[declare.Made]]:
         changes = await _planned(cfg, declaration, prune, db)
-        return changes, await declare.apply(db, cfg, changes, actor=actor())
+        return changes, await declare.apply(db, cfg, changes, actor=actor(), jobs=jobs)
 
     changes, made = with_database(ctx, go)
     emailed = [queue_invitation_email(cfg, info, tenant_id, token) for tenant_id, info, token in made]
+    for tenant, job in jobs:
+        queue_jobs(cfg, tenant, [job])
     if as_json:
         print_json({"changes": [c.as_json() for c in changes], "invitations": [
             {"email": info.email, "emailed": sent, **({} if sent else {"link": invitations.invite_url(cfg, token)})}
-            for (_, info, token), sent in zip(made, emailed, strict=True)]})  # fmt: skip
+            for (_, info, token), sent in zip(made, emailed, strict=True)],
+            "knowledge_jobs": [{"tenant": t.slug, "id": str(j.id), "status": j.status} for t, j in jobs]})  # fmt: skip
         return
     _show(changes)
+    for tenant, job in jobs:
+        out.print(f"queued knowledge job {job.id}: `konstruct knowledge job {job.id} --tenant {tenant.slug}`")
     for (_, info, token), sent in zip(made, emailed, strict=True):
         if not sent:
             out.print(f"no SMTP server configured: give {info.email} this link: {invitations.invite_url(cfg, token)}")

@@ -46,6 +46,8 @@ TENANT_OPERATIONS: dict[str, frozenset[str]] = {
     "conversation.read": frozenset({ADMIN, OPERATOR}),
     "conversation.handle": frozenset({ADMIN, OPERATOR}),
     "escalation.test": frozenset({ADMIN, OPERATOR}),
+    "knowledge.read": frozenset({ADMIN, OPERATOR}),
+    "knowledge.write": frozenset({ADMIN}),
     "memory.read": frozenset({ADMIN}),
     "memory.forget": frozenset({ADMIN}),
     "audit.read": frozenset({ADMIN}),

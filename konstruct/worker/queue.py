@@ -60,6 +60,11 @@ class Queue:
         def send_invitation(tenant_id: str, invitation_id: str, sealed_token: str) -> None:
             _current_worker().send_invitation(uuid.UUID(tenant_id), uuid.UUID(invitation_id), sealed_token)
 
+        @huey.task(name="ingest_knowledge")
+        def ingest_knowledge(tenant_id: str, job_id: str) -> None:
+            _current_worker().ingest_knowledge(uuid.UUID(tenant_id), uuid.UUID(job_id))
+
+        self._ingest_knowledge: Any = ingest_knowledge
         self._notify_admins: Any = notify_admins
         self._send_invitation: Any = send_invitation
         self._process_message: Any = process_message  # a huey TaskWrapper
@@ -69,6 +74,13 @@ class Queue:
     def enqueue_memory(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
         """Fire and forget: embed what the person said in this message and keep it as a memory."""
         self._remember_message(str(tenant_id), str(inbound_id))
+
+    def enqueue_knowledge(self, tenant_id: uuid.UUID, job_id: uuid.UUID) -> None:
+        """Ring for a knowledge job (its request is in knowledge_jobs; the task carries ids only)."""
+        try:
+            self._ingest_knowledge(str(tenant_id), str(job_id))
+        except Exception as exc:
+            raise QueueError(f"cannot queue the knowledge job: {type(exc).__name__}: {exc}") from None
 
     def enqueue_notice(self, notice: Notice) -> None:
         """Email the tenant's admins about something (a budget alert) from a worker, with retries."""

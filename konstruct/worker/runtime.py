@@ -36,6 +36,7 @@ from konstruct.config import Settings
 from konstruct.db.engine import Database, unavailable
 from konstruct.db.models import Conversation, InboundMessage, WorkerHeartbeat
 from konstruct.db.urls import DatabaseURLs
+from konstruct.knowledge import ingest
 from konstruct.llm import probe
 from konstruct.llm.client import load_litellm
 from konstruct.logs import Throttled
@@ -139,6 +140,12 @@ class WorkerRuntime:
     def remember(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> None:
         """Embed and store one message as a memory (the embedding runs in a thread, off the loop)."""
         self._call(self._remember(tenant_id, inbound_id), timeout=300)
+
+    def ingest_knowledge(self, tenant_id: uuid.UUID, job_id: uuid.UUID) -> None:
+        """Run one knowledge job on the loop (its embedding in a thread); it can take long, so no time limit here."""
+        assert self.db is not None
+        status = self._call(ingest.run_job(self.db, self.settings, tenant_id, job_id), timeout=None)
+        log.info("knowledge job %s %s", job_id, status)
 
     def notify_admins(self, tenant_id: uuid.UUID, kind: str, subject: str, body: str) -> None:
         assert self.db is not None

@@ -102,18 +102,18 @@ async def _send(client: httpx.AsyncClient, url: httpx.URL, addresses: list[IPAdd
     raise ToolError(f"could not connect to {normalise_host(host)}: {failure}")
 
 
-async def fetch(url: str, ctx: ToolContext) -> Page:
-    """GET ``url`` under the rules above; a refusal or failure is a ``ToolError``."""
+async def fetch(url: str, ctx: ToolContext, *, max_bytes: int = MAX_BYTES) -> Page:
+    """GET ``url`` under the rules above (the body cut at ``max_bytes``); a refusal or failure is a ``ToolError``."""
     try:
         async with asyncio.timeout(ctx.web_seconds):
-            return await _fetch(url, ctx)
+            return await _fetch(url, ctx, max_bytes)
     except TimeoutError:
         raise ToolError(f"the fetch took longer than {ctx.web_seconds:g} seconds") from None
     except httpx.HTTPError as exc:
         raise ToolError(f"the fetch failed: {type(exc).__name__}: {exc}") from None
 
 
-async def _fetch(raw_url: str, ctx: ToolContext) -> Page:
+async def _fetch(raw_url: str, ctx: ToolContext, max_bytes: int) -> Page:
     try:
         url = httpx.URL(raw_url.strip())
     except (httpx.InvalidURL, TypeError) as exc:
@@ -135,7 +135,7 @@ async def _fetch(raw_url: str, ctx: ToolContext) -> Page:
                     except httpx.InvalidURL as exc:
                         raise ToolError(f"the redirect to {location!r} is not a valid URL: {exc}") from None
                     continue
-                body, truncated = await _read(response)
+                body, truncated = await _read(response, max_bytes)
                 return Page(
                     str(url), response.status_code, response.headers.get("Content-Type", ""), body, truncated, response.charset_encoding
                 )
@@ -156,15 +156,15 @@ def _trusted(ca_file: str | None) -> ssl.SSLContext | bool:
     return context
 
 
-async def _read(response: httpx.Response) -> tuple[bytes, bool]:
+async def _read(response: httpx.Response, max_bytes: int) -> tuple[bytes, bool]:
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.aiter_bytes():
         chunks.append(chunk)
         size += len(chunk)
-        if size > MAX_BYTES:
+        if size > max_bytes:
             break
-    return b"".join(chunks)[:MAX_BYTES], size > MAX_BYTES
+    return b"".join(chunks)[:max_bytes], size > max_bytes
 
 
 _SKIP = {"script", "style", "noscript", "template", "svg", "iframe", "object", "canvas"}
