@@ -21,7 +21,7 @@ from konstruct.agent.agents import create_agent
 from konstruct.config import load_settings
 from konstruct.db.engine import Database
 from konstruct.db.models import KnowledgeChunk, KnowledgeSource
-from konstruct.knowledge import chunk, extract
+from konstruct.knowledge import chunk, collect, extract
 from konstruct.knowledge.ingest import measure_throughput
 from konstruct.tenancy.tenants import TenantInfo, create_tenant
 from tests.fakes.llm import FakeLLM
@@ -307,3 +307,16 @@ async def test_throughput_is_measured_on_a_real_corpus(tmp_path: Path) -> None:
     figures = await measure_throughput([corpus / "guide.md", corpus / "hours.html"])
     assert figures.files == 2 and figures.chunks == 6 and figures.chunks_per_second > 0
     assert figures.as_json()["chunks"] == 6
+
+
+def test_folders_are_walked_with_patterns_and_large_adds_split_into_jobs(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path)
+    (corpus / ".git").mkdir()
+    (corpus / ".git" / "HEAD.md").write_text("# hidden")
+    found = collect.collect([str(corpus)], include=["*.md", "*.html"], exclude=["drafts/*"])
+    assert [i["name"] for i in found.items] == ["corpus/guide.md", "corpus/hours.html"] and found.skipped == []
+    everything = collect.collect([str(corpus)])
+    assert {s["name"] for s in everything.skipped} == {"corpus/notes.docx"} and len(everything.items) == 5
+    groups = collect.batches(everything.items, limit=400)  # bytes of files per job
+    assert [i["name"] for g in groups for i in g] == [i["name"] for i in everything.items] and len(groups) > 1
+    assert all(sum(collect.item_bytes(i) for i in g) <= 400 or len(g) == 1 for g in groups)
