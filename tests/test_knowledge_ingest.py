@@ -260,6 +260,12 @@ async def test_jobs_no_wait_mistakes_and_agents(site: Site, tmp_path: Path) -> N
     assert listed[0]["agent_ids"] == [str(a) for a in ava or []] and len(ava or []) == 1
     shown = site.cli("knowledge", "show", "a.md", "--tenant", "acme")
     assert shown.returncode == 0 and "Alpha." in shown.stdout
+    (tmp_path / "b.txt").write_text("Beta paragraph.")
+    plain = site.cli("knowledge", "add", "--tenant", "acme", "--agent", "Ava", str(tmp_path / "a.md"), str(tmp_path / "b.txt"))
+    assert plain.returncode == 0 and "2 sources: 1 unchanged, 1 added; 1 chunks stored" in plain.stdout, plain.stdout + plain.stderr
+    for command, seen in (("list", "b.txt"), ("jobs", job_id)):
+        table = site.cli("knowledge", command, "--tenant", "acme")
+        assert table.returncode == 0 and seen in table.stdout, table.stdout
 
     for args, words in [
         (["add", "--tenant", "acme", str(tmp_path / "missing.md")], "no such file or folder"),
