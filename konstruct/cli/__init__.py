@@ -20,6 +20,7 @@ from konstruct.cli import (
     feedback,
     invitations,
     keys,
+    mcp,
     memory,
     onboard,
     secrets,
@@ -95,6 +96,7 @@ app.add_typer(budgets.app, name="budget")
 app.add_typer(billing.app, name="billing")
 app.add_typer(users.app, name="user")
 app.add_typer(invitations.app, name="invite")
+app.add_typer(mcp.app, name="mcp")
 
 
 def main() -> None:
