@@ -20,16 +20,16 @@ from cryptography.fernet import Fernet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from konstruct.agent import mcp_servers  # noqa: E402
-from konstruct.agent.tools import mcp_client  # noqa: E402
-from konstruct.agent.tools.registry import Registry, ToolContext  # noqa: E402
-from konstruct.config import Settings  # noqa: E402
-from tests.fakes.mcp_server import LoopbackMcp  # noqa: E402
+from konstruct.agent import mcp_servers
+from konstruct.agent.tools import mcp_client
+from konstruct.agent.tools.registry import Registry, ToolContext
+from konstruct.config import Settings
+from tests.fakes.mcp_server import LoopbackMcp
 
 
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 async def main(calls: int) -> None:
