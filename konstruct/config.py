@@ -348,6 +348,23 @@ class WebSettings(_Section):
     )
 
 
+class McpSettings(_Section):
+    allow_private: bool = Field(
+        False, description="Let an MCP server's URL be on a private, loopback or link-local address (tests, labs, an internal server)."
+    )
+    connect_seconds: float = Field(10.0, gt=0, le=300, description="Time allowed to connect to an MCP server and list its tools.")
+    call_seconds: float = Field(
+        30.0, gt=0, le=600, description="Default time allowed for one MCP tool call (`mcp add --timeout` per server)."
+    )
+    idle_seconds: float = Field(
+        300.0, gt=0, le=86400, description="A worker closes a connection (or stops a stdio server) unused this long."
+    )
+    max_result_chars: int = Field(8000, ge=100, le=8000, description="An MCP tool's result is cut to this many characters for the model.")
+    max_response_bytes: int = Field(
+        4_000_000, ge=10_000, le=100_000_000, description="An MCP server's HTTP response larger than this is refused (bytes)."
+    )
+
+
 class WorkerSettings(_Section):
     concurrency: int = Field(64, ge=1, le=1000, description="Messages one worker process handles at once.")
     heartbeat_interval: float = Field(5.0, gt=0, le=300, description="Seconds between worker heartbeats.")
@@ -385,6 +402,7 @@ class Settings(BaseSettings):
     smtp: SMTPSettings = SMTPSettings()
     billing: BillingSettings = BillingSettings()
     web: WebSettings = WebSettings()
+    mcp: McpSettings = McpSettings()
     tenants: list[dict[str, Any]] = Field(
         default_factory=list, description="Declared tenants ([[tenants]]), applied with `konstruct apply` (see examples/tenants.toml)."
     )

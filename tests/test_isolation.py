@@ -29,6 +29,7 @@ from konstruct.db.models import (
     KnowledgeJob,
     KnowledgeSource,
     LLMUsage,
+    McpServer,
     Memory,
     Message,
     Subscription,
@@ -87,6 +88,7 @@ async def seed(db: Database, slug: str) -> TenantInfo:
         await session.flush()
         session.add(KnowledgeChunk(tenant_id=tenant.id, source_id=source.id, ordinal=0, content=f"{slug} refunds", embedding=[0.1] * 384))
         session.add(KnowledgeJob(tenant_id=tenant.id, kind="add", request={"paths": [f"/docs/{slug}"]}))
+        session.add(McpServer(tenant_id=tenant.id, name="shop", transport="http", url=f"https://mcp.{slug}.test/mcp", agents=["Ava"]))
     await add_key(db, db.settings, tenant, provider="openai", key=f"sk-{slug}-own-key-1234", api_base=None, actor="test")
     await set_budget(db, tenant, usd=10, alerts=[80], action="block", downgrade_model=None, settings=db.settings, actor="test")
     async with db.tenant(tenant_id=tenant.id) as session:

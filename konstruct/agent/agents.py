@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -138,15 +139,29 @@ async def get_agent(db: Database, tenant: TenantInfo, name: str) -> AgentInfo:
 SETTING_KEYS = ("tools", "escalation_rules", "fallbacks")
 
 
-def check_tools(names: list[str]) -> list[str]:
-    """Tool names an agent may enable: known to this installation (built in or from a plugin)."""
+def check_tools(names: list[str], servers: Sequence[str] = ()) -> list[str]:
+    """Tool names an agent may enable: known to this installation (built in or from a plugin), or naming one of these
+    MCP `servers` (`shop`, `shop__*`, `shop__lookup_order`; update_agent checks MCP names against the tenant's servers)."""
+    from konstruct.agent.mcp_servers import server_of
     from konstruct.agent.tools.registry import default_registry
 
     registry = default_registry()
-    unknown = registry.validate_names(names)
+    unknown = [name for name in registry.validate_names(names) if server_of(name) not in servers]
     if unknown:
         raise ValidationError(f"unknown tool(s) {', '.join(unknown)}: available are {', '.join(registry.names())}")
     return list(dict.fromkeys(names))
+
+
+async def _checked_tools(db: Database, tenant: TenantInfo, agent: str, names: list[str]) -> list[str]:
+    """Built-in and plugin tools, and the tenant's MCP servers' (whole servers or single tools) serving this agent."""
+    from konstruct.agent import mcp_servers
+    from konstruct.agent.tools.registry import default_registry
+
+    names = list(dict.fromkeys(names))
+    unknown = default_registry().validate_names(names)
+    if unknown:
+        await mcp_servers.check_tool_names(db, tenant, agent, unknown)
+    return names
 
 
 def check_rules(rules: list[str]) -> list[str]:
@@ -170,7 +185,7 @@ async def update_agent(db: Database, tenant: TenantInfo, name: str, *, changes: 
         )
     _check(**{key: changes.get(key) for key in ("name", "role", "persona", "model")})
     if "tools" in changes:
-        changes["tools"] = check_tools(changes["tools"])
+        changes["tools"] = await _checked_tools(db, tenant, name, changes["tools"])
     if "escalation_rules" in changes:
         changes["escalation_rules"] = check_rules(changes["escalation_rules"])
     if "suggested_prompts" in changes:

@@ -35,7 +35,7 @@ from konstruct import audit
 from konstruct.agent import escalation, memory
 from konstruct.agent.agents import AgentInfo
 from konstruct.agent.prompt import build_messages
-from konstruct.agent.tools.registry import ToolContext, ToolResult, default_registry
+from konstruct.agent.tools.registry import ProviderRequest, ToolContext, ToolResult, default_registry
 from konstruct.billing.standing import tenant_standing
 from konstruct.billing.state import Standing
 from konstruct.config import Settings
@@ -520,6 +520,9 @@ class ToolRun:
     async def answer(self, model: str, messages: list[dict[str, Any]], show: Callable[[str], Awaitable[None]] | None = None) -> Completion:
         """The final answer; `show` receives the model's text as it streams, every turn's (tool-call turns' too)."""
         settings = self.pipeline.settings
+        if self.registry is not None:  # the agent's MCP servers' tools join the built-ins for this turn
+            request = ProviderRequest(tuple(self.names), self.ctx, self.agent.name, settings, self.pipeline.db)
+            self.registry, self.names = await self.registry.for_turn(self.names, request)
         specs = self.registry.specs(self.names) if self.registry else []
         deadline = time.monotonic() + settings.agent.tool_seconds
         llm = self.pipeline.llm

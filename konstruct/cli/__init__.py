@@ -21,6 +21,7 @@ from konstruct.cli import (
     invitations,
     keys,
     knowledge,
+    mcp,
     memory,
     onboard,
     secrets,
@@ -97,6 +98,7 @@ app.add_typer(budgets.app, name="budget")
 app.add_typer(billing.app, name="billing")
 app.add_typer(users.app, name="user")
 app.add_typer(invitations.app, name="invite")
+app.add_typer(mcp.app, name="mcp")
 
 
 def main() -> None:

@@ -194,6 +194,6 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("huey", "huey.consumer", "huey.consumer.Scheduler"):
+    for noisy in ("huey", "huey.consumer", "huey.consumer.Scheduler", "httpx2", "mcp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     install_outage_filter()

@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from pgvector.sqlalchemy import Vector
-from sqlalchemy import BigInteger, Boolean, Date, ForeignKey, Identity, Integer, LargeBinary, Numeric, SmallInteger, Text
+from sqlalchemy import BigInteger, Boolean, Date, Float, ForeignKey, Identity, Integer, LargeBinary, Numeric, SmallInteger, Text
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -444,3 +444,25 @@ class KnowledgeJob(Base):
     created_at: Mapped[datetime] = _created()
     started_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+
+
+class McpServer(Base):
+    """A tenant's MCP server: streamable HTTP at `url`, or a `command` the worker runs over stdio (platform admins only)."""
+
+    __tablename__ = "mcp_servers"
+
+    id: Mapped[uuid.UUID] = _id()
+    tenant_id: Mapped[uuid.UUID] = _tenant_id()
+    name: Mapped[str] = mapped_column(Text)
+    transport: Mapped[str] = mapped_column(Text)  # http | stdio
+    url: Mapped[str | None] = mapped_column(Text)
+    command: Mapped[list[str] | None] = mapped_column(JSONB(none_as_null=True))
+    secrets: Mapped[bytes | None] = mapped_column(LargeBinary)  # encrypted {"headers": {...}, "env": {...}}
+    secret_hints: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=sql_text("'{}'::jsonb"))
+    agents: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default="{}")
+    timeout_seconds: Mapped[float] = mapped_column(Float, server_default="30")
+    tools: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default=sql_text("'[]'::jsonb"))
+    tools_seen_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    created_by: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _created()

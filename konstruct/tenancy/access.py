@@ -52,6 +52,8 @@ TENANT_OPERATIONS: dict[str, frozenset[str]] = {
     "memory.forget": frozenset({ADMIN}),
     "audit.read": frozenset({ADMIN}),
     "status.view": frozenset({ADMIN, OPERATOR}),
+    "mcp.read": frozenset({ADMIN}),
+    "mcp.write": frozenset({ADMIN}),
 }
 PLATFORM_OPERATIONS = frozenset(
     {
@@ -64,6 +66,7 @@ PLATFORM_OPERATIONS = frozenset(
         "impersonate",
         "apply",  # declarative apply across tenants
         "installation",  # run, configure and migrate the installation itself
+        "mcp.stdio",  # an MCP server the worker runs as a command
     }
 )
 OPERATIONS = frozenset(TENANT_OPERATIONS) | PLATFORM_OPERATIONS

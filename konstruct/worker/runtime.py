@@ -10,10 +10,12 @@ message that kills a worker by itself is charged for it. A message that fails he
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -47,6 +49,7 @@ from konstruct.worker.queue import Queue
 log = logging.getLogger("konstruct.worker")
 outage_log = Throttled(log)
 T = TypeVar("T")
+MCP_CLIENT = "konstruct.agent.tools.mcp_client"
 RETRY_INTERVAL = 0.5  # seconds between attempts to give back messages that failed here
 
 
@@ -187,6 +190,7 @@ class WorkerRuntime:
         )
         # Import litellm (seconds) in the background now, not when the first person is waiting (a standby has it already).
         self._warmup = asyncio.ensure_future(asyncio.to_thread(load_litellm))
+        self._mcp_warmup = asyncio.ensure_future(asyncio.to_thread(importlib.import_module, MCP_CLIENT))  # the SDK takes seconds too
         if self.settings.memory.enabled:
             self._model = asyncio.ensure_future(asyncio.to_thread(_load_embedding_model))
         while True:  # a worker started while the database is down waits for it rather than crash-looping
@@ -208,6 +212,9 @@ class WorkerRuntime:
             close = getattr(channel, "close", None)
             if close is not None:
                 await close()
+        mcp = sys.modules.get(MCP_CLIENT)
+        if mcp is not None:
+            await mcp.close_pool()  # the worker's MCP connections (stdio servers stop)
         await self.db.dispose()
 
     async def _process(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID, *, solo: bool = False) -> None:

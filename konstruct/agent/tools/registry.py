@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 log = logging.getLogger("konstruct.tools")
@@ -27,6 +27,7 @@ MAX_ERROR = 500
 REDACTED = "[redacted]"
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_OPENAI_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what a provided tool (an MCP server's) may be called
 _SECRET_KEY = re.compile(r"(token|secret|password|api[_-]?key|authorization)", re.IGNORECASE)
 
 
@@ -60,9 +61,15 @@ class Tool:
     parameters: dict[str, Any]
     run: Callable[[dict[str, Any], ToolContext], Awaitable[str]]
     secret_args: tuple[str, ...] = ()
+    # Where a provided tool comes from ("mcp:shop"); "" for built-ins and plugins. read_only: whether it only reads
+    # (an MCP server's readOnlyHint); None when nobody said (built-ins and plugins).
+    origin: str = ""
+    read_only: bool | None = None
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
+        if self.origin and not _OPENAI_NAME.match(self.name):
+            raise ValueError(f"invalid tool name {self.name!r}: letters, digits, _ and -, at most 64")
+        if not self.origin and not _NAME.match(self.name):
             raise ValueError(f"invalid tool name {self.name!r}: lower case letters, digits and _, starting with a letter, at most 64")
         if self.parameters.get("type") != "object":
             raise ValueError(f"tool {self.name}: parameters must be a JSON schema of type object")
@@ -81,6 +88,35 @@ class ToolResult:
     arguments: dict[str, Any]
     redacted_arguments: dict[str, Any]
     duration_ms: int
+
+
+@dataclass(frozen=True)
+class ProviderRequest:
+    """What a tool provider is asked for one turn: the enabled names no registered tool has, who the turn is for,
+    and the installation's settings and database (konstruct.config.Settings, konstruct.db.engine.Database)."""
+
+    names: tuple[str, ...]
+    ctx: ToolContext
+    agent_name: str
+    settings: Any
+    db: Any
+
+
+ToolProvider = Callable[[ProviderRequest], Awaitable[Sequence[Tool]]]
+_providers: list[ToolProvider] = []
+
+
+def add_provider(provider: ToolProvider) -> None:
+    """Offer more tools per turn (besides MCP servers'): `provider(request)` returns the tools for `request.names`."""
+    if provider not in _providers:
+        _providers.append(provider)
+
+
+def providers() -> list[ToolProvider]:
+    """Where tools beyond the registered ones come from: a tenant's MCP servers, then any added with add_provider."""
+    from konstruct.agent.tools.mcp_client import provide_tools
+
+    return [provide_tools, *_providers]
 
 
 class Registry:
@@ -105,6 +141,21 @@ class Registry:
     def specs(self, names: Sequence[str]) -> list[dict[str, Any]]:
         """The ``tools`` list for an agent's enabled tools, in the given order; unknown names are skipped."""
         return [self._tools[name].spec() for name in dict.fromkeys(names) if name in self._tools]
+
+    async def for_turn(self, names: Sequence[str], request: ProviderRequest) -> tuple[Registry, list[str]]:
+        """The registry and tool names of one turn: these tools, plus what the providers (MCP servers) offer for the
+        enabled names no tool here has (`shop`, `shop__*`, `shop__lookup_order`). A failing provider costs its tools only."""
+        missing = [name for name in names if name not in self._tools]
+        if not missing:
+            return self, list(names)
+        provided: list[Tool] = []
+        for provider in providers():
+            try:
+                provided += [t for t in await provider(replace(request, names=tuple(missing))) if t.name not in self._tools]
+            except Exception:
+                log.exception("tool provider %s failed; its tools are not offered this turn", getattr(provider, "__name__", provider))
+        turn = Registry([*self._tools.values(), *{t.name: t for t in provided}.values()])
+        return turn, [name for name in names if name in self._tools] + [t.name for t in provided]
 
     def validate_names(self, names: Sequence[str]) -> list[str]:
         """The names that are not registered."""
