@@ -128,7 +128,7 @@ class Outcome:
     status: str  # replied | failed | ignored
     error: str | None = None
     reply: str | None = None
-    model: str = ""  # what the stored fixed reply records as its model: billing, escalation, gave-up
+    model: str = ""  # what the stored fixed reply records as its model: billing, escalation, gave-up, template:NAME
     prepare: bool = False  # show progress first, so an earlier attempt's placeholder becomes this reply
 
 
