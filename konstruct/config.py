@@ -212,6 +212,10 @@ class WhatsAppSettings(_Section):
         description="Approved template sent when a reply falls outside the 24-hour window. Empty: such replies are recorded as failed.",
     )
     template_language: str = Field("en_US", description="Language code of that template.")
+    template_text: str | None = Field(
+        None,
+        description="What that template says (its approved body), recorded in the conversation as what was sent. Empty: its name.",
+    )
     max_media_bytes: int = Field(16_000_000, gt=0, description="Larger media are not downloaded; the model is told they could not be read.")
     number_rate: float = Field(80.0, gt=0, description="Messages per second sent from one business number (Meta's default is 80).")
     recipient_interval: float = Field(6.0, ge=0, description="Seconds between two messages to the same person (Meta's pair rate limit).")

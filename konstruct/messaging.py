@@ -142,6 +142,42 @@ class Streaming(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Template:
+    """A message a channel may send where free-form text may not go (WhatsApp outside its 24-hour window)."""
+
+    name: str
+    text: str  # what the person sees, as the conversation records it
+
+
+@dataclass(frozen=True)
+class Window:
+    """Whether free-form text may go to the person now; where it may not, the template that goes instead (None: none is
+    configured, so nothing can be sent) and why."""
+
+    open: bool
+    template: Template | None = None
+    why: str = ""
+
+
+@runtime_checkable
+class Windowed(Protocol):
+    """A channel that may only send free-form text within a window (WhatsApp's 24 hours): optional, on top of Channel.
+    Where the window is closed, the agent is not asked: the template is what is sent, and what is recorded."""
+
+    async def window(self, target: Target) -> Window:
+        """May free-form text go to this target's person now? (Read from what the channel knows of the conversation.)"""
+        ...
+
+
+async def record_template(session: AsyncSession, message_id: uuid.UUID, template: Template) -> None:
+    """The stored reply did not go out: the template went instead. The conversation records the template as what was
+    sent (a notice, never shown to the model as the agent's words); its delivery status is recorded as any reply's."""
+    await session.execute(
+        update(Message).where(Message.id == message_id).values(text=template.text, kind="notice", model=f"template:{template.name}")
+    )
+
+
 async def mark_sent(session: AsyncSession, message_id: uuid.UUID, external_id: str | None) -> None:
     """record_sent for a channel without delivery statuses."""
     await session.execute(update(Message).where(Message.id == message_id).values(status="sent", external_id=external_id, error=None))

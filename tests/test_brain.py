@@ -199,7 +199,7 @@ async def test_escalation_fires_notifies_silences_and_releases(brain: Brain, sla
     assert len(posts) == 1 and "refund" in posts[0].args["text"] and "conversation" in posts[0].args["text"]
 
     listed = json.loads(brain.cli("conversation", "list", "--tenant", "acme", "--escalated", "--json").stdout)
-    assert len(listed) == 1 and listed[0]["person"] == "quinn"
+    assert len(listed) == 1 and listed[0]["person"] == "quinn" and listed[0]["category"] == "rule"
     # Silent while a human has it, and no second escalation however often the rule would fire.
     for text in ("hello? anyone?", "refund refund refund"):
         silent = brain.chat(text, person="quinn", new=False)
@@ -216,7 +216,7 @@ async def test_escalation_fires_notifies_silences_and_releases(brain: Brain, sla
     brain.cli("agent", "update", "Ava", "--tenant", "acme", "--tools", "escalate_to_human")
     brain.chat('[[call escalate_to_human {"reason": "wants a manager"}]]', person="rory", new=False)
     listed = json.loads(brain.cli("conversation", "list", "--tenant", "acme", "--escalated", "--json").stdout)
-    assert [c["person"] for c in listed] == ["rory"] and "manager" in listed[0]["reason"]
+    assert [c["person"] for c in listed] == ["rory"] and "manager" in listed[0]["reason"] and listed[0]["category"] == "person_asked"
     assert brain.chat("/release", person="rory", new=False)["status"] == "ignored"
     assert json.loads(brain.cli("conversation", "list", "--tenant", "acme", "--escalated", "--json").stdout) == []
     actions = [e.action for e in await audit.events(brain.db, brain.acme.id)]

@@ -292,3 +292,44 @@ def test_a_budget_below_a_cent_is_shown_as_it_is(site: Site) -> None:
         assert site.sign_in(client, site.ann).status_code == 303
         page = client.get(f"/tenants/{site.acme}").text
     assert "Spent <b>$0.00059</b>" in page and "of $0.0005 (117.0%" in page and "$0.00 " not in page, page
+
+
+def test_open_escalations_show_age_owner_category_and_reason_with_a_transcript_link(site: Site) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from konstruct import inbox
+    from konstruct.agent import escalation
+    from konstruct.db.models import Conversation
+    from konstruct.messaging import InboundMessage
+
+    async def escalate() -> str:
+        db = Database(load_settings(site.config))
+        try:
+            acme = await get_tenant(db, site.acme)
+            message = InboundMessage(acme.id, None, "terminal", uuid.uuid4().hex, "session-9", "pat", "where is my parcel?")
+            stored = await inbox.store(db, message)
+            assert stored is not None
+            await escalation.escalate(db, tenant_id=acme.id, conversation_id=stored.conversation_id, reason="rule 'parcel' fired: has parcel",
+                                      category=escalation.RULE, actor="test", link="-", channels={})  # fmt: skip
+            async with db.tenant(tenant_id=acme.id) as session:  # escalated two hours ago
+                since = datetime.now(UTC) - timedelta(hours=2, seconds=5)
+                await session.execute(update(Conversation).where(Conversation.id == stored.conversation_id).values(escalated_at=since))
+            return str(stored.conversation_id)
+        finally:
+            await db.dispose()
+
+    conversation_id = asyncio.run(escalate())
+    with site.client() as client:
+        assert site.sign_in(client, site.ann).status_code == 303
+        page = client.get(f"/tenants/{site.acme}").text
+        table = page[page.index('<table id="escalations">') :]
+        table = table[: table.index("</table>")]
+        assert re.search(r"<td>2 h 0\d min</td>", table) and "<td>terminal</td>" in table and "<td>pat</td>" in table, table
+        assert "<td>—</td>" in table  # nobody has taken it
+        assert "<td>rule</td>" in table and "rule &#39;parcel&#39; fired: has parcel" in table
+        link = f"/tenants/{site.acme}/conversations/{conversation_id}"
+        assert f'href="{link}"' in table
+        transcript = client.get(link)
+        assert transcript.status_code == 200 and "where is my parcel?" in transcript.text and "<b>rule</b>" in transcript.text

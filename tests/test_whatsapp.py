@@ -25,7 +25,7 @@ from sqlalchemy.engine import URL
 from konstruct.agent.agents import create_agent
 from konstruct.config import load_settings
 from konstruct.db.engine import Database
-from konstruct.db.models import DeliveryStatus, Message
+from konstruct.db.models import DeliveryStatus, LLMUsage, Message
 from konstruct.db.models import InboundMessage as InboxRow
 from konstruct.tenancy.tenants import create_tenant
 from tests.fakes import whatsapp as wa
@@ -38,7 +38,8 @@ TOKEN = "EAAG-whatsapp-access-token-5150"
 APP_SECRET = "meta-app-secret-0042"
 VERIFY = "verify-me-please-9911"
 PERSON = "15551234567"
-TEMPLATE = {"template_name": "back_in_touch", "template_language": "en"}
+TEMPLATE_TEXT = "Hello again! Sorry for the wait: reply to this message and we'll pick up where we left off."
+TEMPLATE = {"template_name": "back_in_touch", "template_language": "en", "template_text": TEMPLATE_TEXT}
 
 
 @pytest.fixture(scope="session")
@@ -346,16 +347,38 @@ async def test_graph_errors_are_retried_or_recorded(system: WhatsAppSystem) -> N
 
 
 async def test_outside_the_window_the_template_goes_instead(system: WhatsAppSystem) -> None:
-    old = int(time.time()) - 25 * 3600  # the worker was down for a day: the window has closed
+    old = int(time.time()) - 25 * 3600  # the gateway was down for a day and Meta delivers late: the window has closed
     system.deliver(wa.text(PERSON, "hello from yesterday", timestamp=old))
     sent = system.wait_replies(1)
     assert sent[0]["type"] == "template" and sent[0]["template"]["name"] == "back_in_touch"
     assert sent[0]["template"]["language"] == {"code": "en"}
-    # Meta itself says the window is closed (131047): the template goes instead of the text.
+    # Only a template could go out, so the model was not asked (no call, no usage), and the conversation records the
+    # template as what was sent, under the template's wamid.
+    rows = await system.wait_inbox(lambda rows: rows and rows[0].status == "replied", "the turn finished")
+    assert system.llm.requests == [] and "24 hours" in (rows[0].error or "")
+    template_wamid = next(s.wamid for s in system.graph.sent if s.kind == "template")
+    assert await replies_recorded(system) == [(TEMPLATE_TEXT, "notice", "template:back_in_touch", template_wamid)]
+    async with system.db.tenant(tenant_id=system.tenant_id) as session:
+        assert await session.scalar(select(func.count()).select_from(LLMUsage)) == 0
+    # Meta itself says the window is closed (131047): the model had answered, but the template went instead of its text,
+    # and that is what the conversation keeps.
     system.graph.fail_next(131047, message="Re-engagement message", kinds=("text",))
     system.deliver(wa.text(PERSON, "another one"))
     sent = system.wait_replies(2)
-    assert sent[1]["type"] == "template"
+    assert sent[1]["type"] == "template" and len(system.llm.requests) == 1
+    await system.wait_inbox(lambda rows: len(rows) == 2 and all(r.status == "replied" for r in rows), "both turns finished")
+    second = [s.wamid for s in system.graph.sent if s.kind == "template"][1]
+    recorded = await replies_recorded(system)
+    assert recorded[1] == (TEMPLATE_TEXT, "notice", "template:back_in_touch", second)
+    assert not any("another one" in text for text, *_ in recorded)  # the model's words the person never got are not kept as sent
+
+
+async def replies_recorded(system: WhatsAppSystem) -> list[tuple[str, str, str | None, str | None]]:
+    """The conversation's outgoing rows: (text, kind, model, wamid), oldest first, each recorded as sent."""
+    async with system.db.tenant(tenant_id=system.tenant_id) as session:
+        rows = list(await session.scalars(select(Message).where(Message.direction == "out").order_by(Message.created_at)))
+    assert all(r.status in ("sent", "delivered", "read") for r in rows), [(r.status, r.error) for r in rows]
+    return [(r.text, r.kind, r.model, r.external_id) for r in rows]
 
 
 async def test_outside_the_window_without_a_template_the_failure_is_recorded(
@@ -372,9 +395,10 @@ async def _no_template_failure_is_recorded(system: WhatsAppSystem) -> None:
     rows = await system.wait_inbox(lambda rows: rows and rows[0].status == "failed", "the failure recorded")
     assert "24 hours" in (rows[0].error or "") and "template_name" in (rows[0].error or "")
     assert system.replies() == []
+    # Nothing could go out, so the model was not asked, and no reply is recorded as if it had been said.
+    assert system.llm.requests == []
     async with system.db.tenant(tenant_id=system.tenant_id) as session:
-        reply = await session.scalar(select(Message).where(Message.direction == "out"))
-    assert reply is not None and reply.status == "failed"  # the answer is kept, marked undelivered
+        assert await session.scalar(select(Message).where(Message.direction == "out")) is None
 
 
 async def test_long_answers_are_split_within_whatsapps_limit(system: WhatsAppSystem) -> None:

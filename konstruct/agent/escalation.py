@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Text, cast, select, update
+from sqlalchemy import Text, cast, func, select, update
 
 from konstruct import audit
 from konstruct.agent.rules import Explanation, Rule, first_match, parse
@@ -25,6 +25,13 @@ log = logging.getLogger("konstruct.escalation")
 
 RELEASE_COMMAND = "/release"
 
+# Why a conversation went to a human (conversations.escalation_category; escalation_reason explains it):
+PERSON_ASKED = "person_asked"  # the person asked for a human (the model's escalate_to_human tool)
+RULE = "rule"  # one of the agent's escalation rules fired
+TOOL_FAILURE = "tool_failure"  # the model escalated because a tool it needed failed
+BUDGET = "budget"  # the tenant's monthly LLM budget is spent: a human answers instead
+CATEGORIES = (PERSON_ASKED, RULE, TOOL_FAILURE, BUDGET)
+
 
 @dataclass(frozen=True)
 class EscalationInfo:
@@ -35,6 +42,7 @@ class EscalationInfo:
     status: str
     escalated_at: datetime | None
     reason: str | None
+    category: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -45,6 +53,7 @@ class EscalationInfo:
             "status": self.status,
             "escalated_at": self.escalated_at.isoformat() if self.escalated_at else None,
             "reason": self.reason,
+            "category": self.category,
         }
 
 
@@ -65,25 +74,32 @@ async def escalate(
     tenant_id: uuid.UUID,
     conversation_id: uuid.UUID,
     reason: str,
+    category: str,
     actor: str,
     link: str,
     channels: Mapping[str, Channel],
+    only_with_target: bool = False,
 ) -> bool:
-    """Mark the conversation escalated (once: False when it already was) and notify the tenant's target
-    through its channel (`slack:C…` goes to the Slack channel)."""
+    """Mark the conversation escalated (once: False when it already was) for `reason`, one of CATEGORIES, and
+    notify the tenant's target through its channel (`slack:C…` goes to the Slack channel).
+    only_with_target: escalate only when the tenant has a target (someone to answer); False otherwise."""
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown escalation category {category!r}")  # a bug: every caller names one of CATEGORIES
     async with db.tenant(tenant_id=tenant_id) as session:
+        target = await session.scalar(select(Tenant.escalation_target).where(Tenant.id == tenant_id))
+        if only_with_target and not target:
+            return False
         changed = await session.scalar(
             update(Conversation)
             .where(Conversation.id == conversation_id, Conversation.status != "escalated")
-            .values(status="escalated", escalated_at=datetime.now().astimezone(), escalation_reason=reason[:500])
+            .values(status="escalated", escalated_at=func.now(), escalation_reason=reason[:500], escalation_category=category)
             .returning(Conversation.id)
         )
         if changed is None:
             return False
-        target = await session.scalar(select(Tenant.escalation_target).where(Tenant.id == tenant_id))
         await audit.record(
             session, tenant_id=tenant_id, actor=actor, action="conversation.escalated", target=str(conversation_id),
-            detail={"reason": reason[:500], "notify": target},
+            detail={"reason": reason[:500], "category": category, "notify": target},
         )  # fmt: skip
     if target:
         kind, _, where = target.partition(":")
@@ -92,7 +108,7 @@ async def escalate(
             log.warning("tenant %s: escalation target %r names no channel this worker has", tenant_id, target)
             return True
         try:
-            await channel.notify(tenant_id, where, f":rotating_light: A conversation needs a human: {reason}\n{link}")
+            await channel.notify(tenant_id, where, f":rotating_light: A conversation needs a human ({category}): {reason}\n{link}")
         except ChannelError as exc:
             log.warning("tenant %s: could not notify %s: %s", tenant_id, target, exc)
     return True
@@ -118,7 +134,10 @@ async def list_conversations(db: Database, tenant: TenantInfo, *, escalated_only
         if escalated_only:
             query = query.where(Conversation.status == "escalated")
         rows = await session.scalars(query)
-        return [EscalationInfo(r.id, r.channel, r.external_id, r.person, r.status, r.escalated_at, r.escalation_reason) for r in rows]
+        return [
+            EscalationInfo(r.id, r.channel, r.external_id, r.person, r.status, r.escalated_at, r.escalation_reason, r.escalation_category)
+            for r in rows
+        ]
 
 
 async def find_conversation(db: Database, tenant: TenantInfo, ref: str) -> uuid.UUID:

@@ -44,7 +44,7 @@ from konstruct.db.models import Agent, Conversation, InboundMessage, Message, Te
 from konstruct.llm.client import Completion, LLMError, supports_vision
 from konstruct.llm.service import BudgetExhausted, CallContext, LLMService
 from konstruct.mail import Notice
-from konstruct.messaging import Channel, Reply, Streaming, StreamSink, Target
+from konstruct.messaging import Channel, Reply, Streaming, StreamSink, Target, Windowed
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Outcome:
     status: str  # replied | failed | ignored
     error: str | None = None
     reply: str | None = None
-    model: str = ""  # what the stored fixed reply records as its model: billing, escalation, gave-up
+    model: str = ""  # what the stored fixed reply records as its model: billing, escalation, gave-up, template:NAME
     prepare: bool = False  # show progress first, so an earlier attempt's placeholder becomes this reply
 
 
@@ -189,11 +189,26 @@ async def escalation_rule(pipeline: Pipeline, turn: Turn) -> Outcome | None:
     if fired is None:
         return None
     rule, why = fired
-    await pipeline.escalate(turn, f"rule {rule!r} fired: {'; '.join(why.reasons)}")
+    await pipeline.escalate(turn, f"rule {rule!r} fired: {'; '.join(why.reasons)}", escalation.RULE)
     return Outcome("replied", reply=pipeline.settings.agent.handoff, model="escalation")
 
 
-GATES: tuple[Gate, ...] = (tenant_inactive, no_channel, gave_up, escalated, billing_paused, escalation_rule)
+async def window_closed(pipeline: Pipeline, turn: Turn) -> Outcome | None:
+    """Where the channel may only send a template now (WhatsApp outside its 24-hour window), the model is not asked:
+    the template is the reply, and what the conversation records. With no template nothing can go out."""
+    channel = turn.channel
+    if turn.previous is not None or not isinstance(channel, Windowed):
+        return None
+    window = await channel.window(turn.target)
+    if window.open:
+        return None
+    if window.template is None:
+        return Outcome("failed", f"not answered: {window.why}")
+    template = window.template
+    return Outcome("replied", f"window closed: {window.why}", reply=template.text, model=f"template:{template.name}")
+
+
+GATES: tuple[Gate, ...] = (tenant_inactive, no_channel, gave_up, escalated, billing_paused, escalation_rule, window_closed)
 
 
 async def claim(session: AsyncSession, inbound_id: uuid.UUID, worker_id: str, *, solo: bool) -> InboundMessage | None:
@@ -385,7 +400,9 @@ class Pipeline:
         try:
             result = await ToolRun(self, turn).answer(model, messages, show)
         except BudgetExhausted as exc:
-            # The operator has been told (once a month); the person hears the agent is unavailable.
+            # The operator has been told (once a month); the person hears the agent is unavailable, and where the tenant
+            # has an escalation target a human answers instead.
+            await self.escalate(turn, f"the monthly LLM budget is spent: {exc}", escalation.BUDGET, only_with_target=True)
             return Answer(self.settings.budget.unavailable, "budget", None, error=f"budget: {exc}", kind=NOTICE)
         except LLMError as exc:
             log.warning("message %s: the model failed: %s", turn.inbound_id, exc)
@@ -415,9 +432,11 @@ class Pipeline:
             )
         return result.text[:8000]
 
-    async def escalate(self, turn: Turn, reason: str) -> bool:
+    async def escalate(self, turn: Turn, reason: str, category: str, *, only_with_target: bool = False) -> bool:
+        """Hand the conversation to a human for `reason` (one of escalation.CATEGORIES)."""
         return await escalation.escalate(self.db, tenant_id=turn.tenant_id, conversation_id=turn.conversation_id, reason=reason,
-                                         actor=f"agent:{turn.agent.name}", link=turn.link, channels=self.channels)  # fmt: skip
+                                         category=category, actor=f"agent:{turn.agent.name}", link=turn.link, channels=self.channels,
+                                         only_with_target=only_with_target)  # fmt: skip
 
     async def store(self, turn: Turn, text: str, model: str, latency_ms: int | None, *, kind: str) -> uuid.UUID | None:
         """Keep the reply before sending it (unique per inbound message: None when another attempt stored one).
@@ -510,6 +529,7 @@ class ToolRun:
         self.names = list(self.agent.settings.get("tools") or [])
         self.registry = default_registry() if self.names else None
         services: dict[str, Callable[..., Awaitable[Any]]] = {"memory_search": self._memory_search, "escalate": self._escalate}
+        self.failed: list[str] = []  # the tools that failed in this answer, in order
         self.ctx = ToolContext(
             turn.tenant_id, self.agent.id, turn.conversation_id, turn.inbound.sender, turn.allowed_hosts,
             allow_private=pipeline.settings.agent.web_fetch_private, services=services,
@@ -543,6 +563,8 @@ class ToolRun:
                     await self.pipeline.working(self.turn, f"calling {call.name}…")
                     outcome = await self.registry.call(call.name, call.arguments, self.ctx, timeout=remaining)
                     output = outcome.output
+                    if not outcome.ok:
+                        self.failed.append(call.name)
                     await self._audit(call.name, outcome)
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
             # Out of steps or time: one last turn without tools, so the model answers with what it has.
@@ -565,5 +587,10 @@ class ToolRun:
         return await memory.recall(self.pipeline.db, tenant_id=self.ctx.tenant_id, agent_id=self.agent.id, person=self.ctx.person,
                                    query=query, k=limit)  # fmt: skip
 
-    async def _escalate(self, reason: str) -> bool:
-        return await self.pipeline.escalate(self.turn, f"the agent asked: {reason}")
+    async def _escalate(self, reason: str, category: str | None = None) -> bool:
+        """The model's escalate_to_human: its category if it gave one, else tool_failure after a tool failed in this
+        answer, else person_asked."""
+        if category is None:
+            category = escalation.TOOL_FAILURE if self.failed else escalation.PERSON_ASKED
+        failed = f" (after {', '.join(dict.fromkeys(self.failed))} failed)" if self.failed and category == escalation.TOOL_FAILURE else ""
+        return await self.pipeline.escalate(self.turn, f"the agent asked: {reason}{failed}", category)

@@ -79,6 +79,8 @@ class Conversation(Base):
     summary_until: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
     escalated_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
     escalation_reason: Mapped[str | None] = mapped_column(Text)
+    # person_asked | rule | tool_failure | budget (konstruct.agent.escalation.CATEGORIES); escalation_reason explains it
+    escalation_category: Mapped[str | None] = mapped_column(Text)
 
 
 class InboundMessage(Base):

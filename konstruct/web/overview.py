@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from konstruct import audit, feedback, supervision
+from konstruct import audit, feedback, supervision, transcript
 from konstruct.billing import standing as billing
 from konstruct.config import Settings
 from konstruct.db.engine import Database
@@ -101,21 +102,7 @@ async def tenant_view(db: Database, settings: Settings, tenant: TenantInfo) -> T
         messages_out = await session.scalar(
             select(func.count()).select_from(Message).where(Message.direction == "out", Message.created_at >= today)
         )
-        escalations = [
-            dict(row._mapping)
-            for row in await session.execute(
-                select(
-                    Conversation.id,
-                    Conversation.channel,
-                    Conversation.external_id,
-                    Conversation.escalated_at,
-                    Conversation.escalation_reason,
-                )
-                .where(Conversation.status == "escalated")
-                .order_by(Conversation.escalated_at.desc())
-                .limit(20)
-            )
-        ]
+        escalations = await open_escalations(session)
     info = await budget.get_budget(db, tenant, settings)
     report = await usage_report.report(db, [tenant], since=today - timedelta(days=29), by="day")
     daily = [(day.strftime("%m-%d"), float(cost)) for day, cost in report.daily.items()]
@@ -126,6 +113,18 @@ async def tenant_view(db: Database, settings: Settings, tenant: TenantInfo) -> T
         tenant, agents, connections, int(conversations or 0), int(messages_in or 0), int(messages_out or 0), escalations, info, daily,
         status, list(reversed(events)), votes,
     )  # fmt: skip
+
+
+async def open_escalations(session: AsyncSession, limit: int = 50) -> list[dict[str, Any]]:
+    """The tenant's conversations waiting for a human, oldest first: since when (and how long), who has them (where
+    owners are recorded), why (category and explanation)."""
+    owner = getattr(Conversation, "owner", None)  # who of the team took it, where this installation records that
+    columns = [Conversation.id, Conversation.channel, Conversation.external_id, Conversation.person, Conversation.escalated_at,
+               Conversation.escalation_reason, Conversation.escalation_category, *([owner.label("owner")] if owner is not None else [])]  # fmt: skip
+    query = select(*columns).where(Conversation.status == "escalated").order_by(Conversation.escalated_at.asc().nulls_last()).limit(limit)
+    now = datetime.now(UTC)
+    rows = [dict(row._mapping) for row in await session.execute(query)]
+    return [{"owner": None, **row, "age": transcript.ago(row["escalated_at"], now)} for row in rows]
 
 
 def bar_chart(days: list[tuple[str, float]], width: int = 600, height: int = 140) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,11 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
+from konstruct import transcript
 from konstruct.bodies import read_body
 from konstruct.config import Settings
 from konstruct.db.engine import Database
-from konstruct.errors import KonstructError, PermissionDenied, ValidationError
+from konstruct.errors import KonstructError, NotFoundError, PermissionDenied, ValidationError
 from konstruct.money import usd
 from konstruct.tenancy import access, invitations
 from konstruct.tenancy.access import Principal
@@ -168,6 +170,19 @@ async def tenant_page(request: Request, web_session: WebSession, principal: Prin
 
 
 @signed_in
+async def transcript_page(request: Request, web_session: WebSession, principal: Principal) -> Response:
+    """One conversation, read-only, for the tenant's own people (and a platform admin): checked, read, audited."""
+    db: Database = request.app.state.db
+    tenant = await access.tenant(db, principal, request.path_params["slug"], "conversation.read")
+    try:
+        conversation_id = uuid.UUID(request.path_params["id"])
+    except ValueError:
+        raise NotFoundError("no such conversation: pick one from the tenant's page") from None
+    found = await transcript.read(db, tenant, conversation_id, actor=principal.name, via="web")
+    return _page(request, web_session, principal, "transcript.html", tenant=tenant, t=found)
+
+
+@signed_in
 async def impersonate(request: Request, web_session: WebSession, principal: Principal) -> Response:
     form = await _form(request)
     _check_csrf(web_session, form)
@@ -227,6 +242,7 @@ ROUTES = [
     Route("/login", login, methods=["POST"]),
     Route("/logout", logout, methods=["POST"]),
     Route("/tenants/{slug}", tenant_page),
+    Route("/tenants/{slug}/conversations/{id}", transcript_page),
     Route("/impersonate", impersonate, methods=["POST"]),
     Route("/impersonate/stop", stop_impersonating, methods=["POST"]),
     Route("/invite/{token}", invite_form, methods=["GET"]),

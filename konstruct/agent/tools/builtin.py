@@ -46,7 +46,8 @@ async def _escalate(args: dict[str, Any], ctx: ToolContext) -> str:
     escalate = ctx.services.get("escalate")
     if escalate is None:
         raise ToolError("escalation to a human is not available")
-    reference = await escalate(args["reason"])
+    category = args.get("category")  # person_asked | tool_failure; absent: the pipeline decides
+    reference = await (escalate(args["reason"], category) if category else escalate(args["reason"]))
     done = "The conversation has been handed to a human teammate, who will follow up."
     return f"{done} Reference: {reference}" if isinstance(reference, str) and reference else done
 
@@ -90,7 +91,17 @@ MEMORY_SEARCH = Tool(
 ESCALATE_TO_HUMAN = Tool(
     "escalate_to_human",
     "Hand the conversation to a human teammate when you cannot or should not handle the request yourself.",
-    _object({"reason": {"type": "string", "minLength": 1, "maxLength": 2000, "description": "why a human is needed"}}, ["reason"]),
+    _object(
+        {
+            "reason": {"type": "string", "minLength": 1, "maxLength": 2000, "description": "why a human is needed"},
+            "category": {
+                "type": "string",
+                "enum": ["person_asked", "tool_failure"],
+                "description": "person_asked: the person wants a human; tool_failure: a tool you needed failed",
+            },
+        },
+        ["reason"],
+    ),
     _escalate,
 )
 

@@ -3,6 +3,8 @@
 Free-form text may only go to a person who wrote in the last 24 hours (the customer-service window,
 counted from their latest message in the conversation). Outside it the configured template goes
 instead; with none configured the reply is recorded as failed with that reason, never silently lost.
+The pipeline asks `window()` first and then does not ask the model at all; a reply that still meets a closed
+window (Meta says so, or it closed meanwhile) is recorded as the template that went instead of it.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ from konstruct.channels.whatsapp.graph import OUTSIDE_WINDOW, WHATSAPP_TEXT_LIMI
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import InboundMessage
-from konstruct.messaging import ChannelError, Reply, Target, mark_sent
+from konstruct.messaging import ChannelError, Reply, Target, Template, Window, mark_sent, record_template
 
 log = logging.getLogger("konstruct.whatsapp")
 
 WINDOW = 24 * 3600.0
+OUTSIDE = "the last message from the person is more than 24 hours old"
+ONLY_TEMPLATE = "so WhatsApp only allows a template"
+NO_TEMPLATE = "and no [whatsapp] template_name is configured"
 DESCRIBED = {"audio": "an audio message", "video": "a video", "document": "a document"}
 
 
@@ -125,6 +130,21 @@ class WhatsAppChannel:
         self.media = MediaStore(settings.data_dir / "media")
         self.pacer = Pacer(settings.whatsapp.number_rate, settings.whatsapp.recipient_interval)
         self.tokens = SecretCache(db, settings, "whatsapp", "access_token")
+        self._templated: dict[str, Template] = {}  # wamid -> the template sent in a reply's place, until record_sent
+
+    def template(self) -> Template | None:
+        """The configured template, with the text the conversation records for it."""
+        name = self.config.template_name
+        if not name:
+            return None
+        return Template(name, self.config.template_text or f"[WhatsApp template {name!r} ({self.config.template_language})]")
+
+    async def window(self, target: Target) -> Window:
+        """Free-form text may go now when the person wrote in the last 24 hours; else only the template (if any)."""
+        if await self._in_window(target):
+            return Window(True)
+        template = self.template()
+        return Window(False, template, f"{OUTSIDE}, {ONLY_TEMPLATE}" + ("" if template else f", {NO_TEMPLATE}"))
 
     async def prepare(self, target: Target) -> str | None:
         """Mark the person's message read (blue ticks) with the typing indicator; nothing to replace later."""
@@ -161,7 +181,7 @@ class WhatsAppChannel:
         number, person = target.payload["phone_number_id"], target.payload["wa_id"]
         token = await self._token(target)
         if not await self._in_window(target):
-            return await self._template(number, person, token, "the last message from the person is more than 24 hours old")
+            return await self._template(number, person, token, OUTSIDE)
         first: str | None = None
         for part in split_message(to_whatsapp(reply.text), WHATSAPP_TEXT_LIMIT) or ["…"]:
             body = {"recipient_type": "individual", "to": person, "type": "text", "text": {"body": part, "preview_url": False}}
@@ -175,15 +195,19 @@ class WhatsAppChannel:
         return first
 
     async def _template(self, number: str, person: str, token: str, why: str) -> str:
-        name = self.config.template_name
-        if not name:
-            raise ChannelError(f"not sent: {why}, so WhatsApp only allows a template, and no [whatsapp] template_name is configured")
+        template = self.template()
+        if template is None:
+            raise ChannelError(f"not sent: {why}, {ONLY_TEMPLATE}, {NO_TEMPLATE}")
+        name = template.name
         body = {"to": person, "type": "template", "template": {"name": name, "language": {"code": self.config.template_language}}}
         try:
             wamid = await self._send(number, person, token, body)
         except GraphError as exc:
             raise ChannelError(f"{why}; the template {name!r} was refused: {exc}") from None
         log.info("WhatsApp reply to %s…%s outside the window: sent the template %r instead", person[:3], person[-2:], name)
+        while len(self._templated) >= 1000:  # bounded: entries are taken by record_sent right after the send
+            self._templated.pop(next(iter(self._templated)))
+        self._templated[wamid] = template
         return wamid
 
     async def _send(self, number: str, person: str, token: str, body: dict[str, Any]) -> str:
@@ -239,7 +263,11 @@ class WhatsAppChannel:
         raise ChannelError("WhatsApp cannot carry a free-form notice: an escalation target is slack:CHANNEL or slack:USER")
 
     async def record_sent(self, session: AsyncSession, message_id: uuid.UUID, external_id: str | None) -> None:
+        """The reply's wamid and status; where the template went in its place, the template is what is recorded."""
         if external_id:
             await delivery.record_sent(session, message_id, external_id)
+            template = self._templated.pop(external_id, None)
+            if template is not None:
+                await record_template(session, message_id, template)
         else:
             await mark_sent(session, message_id, external_id)
