@@ -126,8 +126,10 @@ def update(
         None, "--fallbacks", help="Models tried in order when the model fails, comma-separated ('' for the config's list)."
     ),
     tools: str | None = typer.Option(
-        None, "--tools", help="Tools the agent may use, comma-separated ('' for none), e.g. calculator,web_fetch; an MCP server's as "
-        "shop (all its tools) or shop__lookup_order (one)."
+        None,
+        "--tools",
+        help="Tools the agent may use, comma-separated ('' for none), e.g. calculator,web_fetch; an MCP server's as "
+        "shop (all its tools) or shop__lookup_order (one).",
     ),
     rules: list[str] | None = typer.Option(
         None, "--escalation-rule", help='A rule handing the conversation to a human, e.g. "refund OR lawyer" (repeat; "" clears).'
