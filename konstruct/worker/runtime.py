@@ -212,8 +212,11 @@ class WorkerRuntime:
             close = getattr(channel, "close", None)
             if close is not None:
                 await close()
+        warmup = getattr(self, "_mcp_warmup", None)
+        if warmup is not None and not warmup.done():
+            await asyncio.wait([warmup], timeout=10)  # a stop during the background import: let it finish
         mcp = sys.modules.get(MCP_CLIENT)
-        if mcp is not None:
+        if mcp is not None and hasattr(mcp, "close_pool"):
             await mcp.close_pool()  # the worker's MCP connections (stdio servers stop)
         await self.db.dispose()
 
