@@ -78,6 +78,12 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
     return addresses
 
 
+async def private_address(host: str, port: int) -> IPAddress | None:
+    """The first private or reserved address ``host`` resolves to (None: all public); AddressError if it resolves to
+    nothing. For checks made before a URL is stored."""
+    return next((address for address in await resolve(host, port) if not is_public(address)), None)
+
+
 def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

@@ -30,7 +30,7 @@ from konstruct.config import Settings, hint
 from konstruct.db.engine import Database
 from konstruct.db.models import Agent, McpServer
 from konstruct.errors import ConflictError, NotFoundError, ValidationError
-from konstruct.netguard import AddressError, is_public, normalise_host, resolve
+from konstruct.netguard import AddressError, normalise_host, private_address
 from konstruct.secrets import decrypt, encrypt
 from konstruct.tenancy.tenants import TenantInfo
 
@@ -245,13 +245,12 @@ async def check_url(url: str, settings: Settings) -> str:
 
 async def check_public(host: str, port: int) -> None:
     try:
-        addresses = await resolve(host, port)
+        refused = await private_address(host, port)
     except AddressError as exc:
         raise ValidationError(f"--url: {exc}") from None
-    refused = [a for a in addresses if not is_public(a)]
-    if refused:
+    if refused is not None:
         raise ValidationError(
-            f"--url: {host} resolves to a private or reserved address ({refused[0]}); refused (a platform admin can allow "
+            f"--url: {host} resolves to a private or reserved address ({refused}); refused (a platform admin can allow "
             "private MCP servers with [mcp] allow_private = true)"
         )
 

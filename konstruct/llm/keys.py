@@ -20,7 +20,7 @@ from konstruct.config import Settings, hint
 from konstruct.db.engine import Database
 from konstruct.db.models import ChannelConnection, LLMKey
 from konstruct.errors import ConfigError, NotFoundError, ValidationError
-from konstruct.netguard import AddressError, is_public, normalise_host, resolve
+from konstruct.netguard import AddressError, normalise_host, private_address
 from konstruct.secrets import decrypt, encrypt, fernet
 from konstruct.tenancy.tenants import TenantInfo
 
@@ -88,13 +88,12 @@ async def check_api_base(settings: Settings, api_base: str) -> None:
     if settings.agent.tenant_api_base_private:
         return
     try:
-        addresses = await resolve(normalise_host(parts.hostname), parts.port or (443 if parts.scheme == "https" else 80))
+        refused = await private_address(normalise_host(parts.hostname), parts.port or (443 if parts.scheme == "https" else 80))
     except AddressError as exc:
         raise ValidationError(f"the API base cannot be used: {exc}") from None
-    refused = [address for address in addresses if not is_public(address)]
-    if refused:
+    if refused is not None:
         raise ValidationError(
-            f"the API base {parts.hostname} is a private or reserved address ({refused[0]}): refused "
+            f"the API base {parts.hostname} is a private or reserved address ({refused}): refused "
             "(a platform admin may allow it with [agent] tenant_api_base_private)"
         )
 
