@@ -194,7 +194,9 @@ class SlackSettings(_Section):
     authorize_url: str = Field("https://slack.com/oauth/v2/authorize", description="Slack's OAuth v2 authorize page.")
     install_link_ttl: float = Field(86400.0, gt=0, description="Seconds an install link stays valid.")
     placeholder: str = Field("_thinking…_", description="Posted at once while the agent works, then replaced by the answer.")
-    stream: bool = Field(True, description="Stream answers into DM threads (chat.startStream) as the model writes them.")
+    stream: bool = Field(
+        True, description="Stream answers into Slack threads (DMs and channel mentions, chat.startStream) as the model writes them."
+    )
     stream_interval: float = Field(
         0.4, ge=0.05, le=10, description="Seconds between two appends to a streamed answer: text is buffered in between."
     )

@@ -49,12 +49,24 @@ def fake_slack(fake_slack_server: FakeSlack) -> FakeSlack:
     return fake_slack_server
 
 
+# This module is about the answers Slack gets whole (a placeholder replaced, or a post): streaming, which a Slack that
+# refuses it falls back to this from, is off here (streamed answers: tests/test_slack_stream.py, test_slack_agent.py).
+SLACK_STREAM = False
+
+
 @pytest.fixture(scope="module")
 def stack(
-    pg_server: URL, template_db: str, tmp_path_factory: pytest.TempPathFactory, fake_llm_server: FakeLLM, fake_slack_server: FakeSlack
+    request: pytest.FixtureRequest,
+    pg_server: URL,
+    template_db: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    fake_llm_server: FakeLLM,
+    fake_slack_server: FakeSlack,
 ) -> Iterator[SharedStack]:
-    """One gateway and one worker for the module; each test connects a workspace of its own to a tenant of its own."""
+    """One gateway and one worker for the module; each test connects a workspace of its own to a tenant of its own.
+    A module using it streams answers unless it sets SLACK_STREAM = False."""
     slack: dict[str, object] = {
+        "stream": getattr(request.module, "SLACK_STREAM", True),
         "api_url": fake_slack_server.url,
         "authorize_url": f"{fake_slack_server.origin}/oauth/v2/authorize",
         "client_id": fake_slack_server.client_id,
@@ -224,7 +236,7 @@ async def test_thread_follow_ups_dms_and_what_is_never_answered(slack_system: Sl
     # tests/test_slack_agent.py).
     dm = new_ts()
     slack_system.post(slack_system.event(message(dm, "hi in private", channel="D0000000001", channel_type="im")))
-    await slack_system.wait_finished(3)  # the answer is whole (it is streamed in: see tests/test_slack_stream.py)
+    await slack_system.wait_finished(3)  # the answer is whole (posted: streaming is off here, see SLACK_STREAM)
     [answer] = slack_system.slack.messages_in("D0000000001")
     assert answer["thread_ts"] == dm and answer["text"].endswith("hi in private")
     # Never answered: bots (ourselves included), edits, joins, threads the agent is not in, plain channel chatter.

@@ -37,7 +37,7 @@ def thread_calls(system: SlackSystem) -> list[Call]:
     """The calls that show progress or the answer, in the order Slack got them."""
     with system.slack._lock:
         calls = list(system.slack.calls)
-    shown = (*AGENT_CALLS, "chat.postMessage", "chat.update", "chat.startStream")
+    shown = (*AGENT_CALLS, "chat.postMessage", "chat.update", "chat.startStream", "chat.delete")
     return [c for c in calls if c.method in shown and not c.rate_limited]
 
 
@@ -103,26 +103,29 @@ async def test_a_tool_call_shows_in_the_status(slack_system: SlackSystem) -> Non
     ]
 
 
-async def test_a_channel_mention_still_gets_a_placeholder_replaced(slack_system: SlackSystem) -> None:
+async def test_a_channel_mention_gets_a_placeholder_until_its_answer_streams(slack_system: SlackSystem) -> None:
+    """No status outside an agent thread: the placeholder shows the agent working, and goes once the stream shows text
+    (tests/test_slack_stream.py has the details)."""
     ts = new_ts()
     slack_system.post(slack_system.event(mention(ts)))
-    slack_system.wait_updates(1)
+    [shown] = wait_answer(slack_system, "C0000000001")
     calls = thread_calls(slack_system)
-    assert [c.method for c in calls] == ["chat.postMessage", "chat.update"]
-    assert calls[0].args["text"] == "_thinking…_" and calls[0].args["thread_ts"] == ts
-    assert calls[1].args["ts"] == slack_system.slack.messages_in("C0000000001")[0]["ts"]
+    assert [c.method for c in calls] == ["chat.postMessage", "chat.startStream", "chat.delete"]
+    assert calls[0].args["text"] == "_thinking…_" and calls[0].args["thread_ts"] == ts == calls[1].args["thread_ts"]
+    assert shown["text"] == "[fake-model] You said: what is our refund policy?" and shown["ts"] != calls[2].args["ts"]
 
 
 async def test_a_refused_status_falls_back_to_the_placeholder(slack_system: SlackSystem) -> None:
-    """An app installed without the scope (Slack answers missing_scope): the person still sees the agent working."""
+    """An app installed without the scope (Slack answers missing_scope): the person still sees the agent working, as in
+    a channel: a placeholder until the answer streams."""
     slack_system.slack.refuse["assistant.threads.setStatus"] = "missing_scope"
     root = new_ts()
     slack_system.post(slack_system.event(dm(root, "hello there")))
-    slack_system.wait_updates(1)
-    methods = [c.method for c in thread_calls(slack_system)]
-    assert methods == ["assistant.threads.setTitle", "assistant.threads.setStatus", "chat.postMessage", "chat.update"]
     [shown] = wait_answer(slack_system, DM)
+    methods = [c.method for c in thread_calls(slack_system)]
+    assert methods == ["assistant.threads.setTitle", "assistant.threads.setStatus", "chat.postMessage", "chat.startStream", "chat.delete"]
     assert shown["thread_ts"] == root and shown["text"] == "[fake-model] You said: hello there"
+    assert "recipient_user_id" not in slack_system.slack.calls_to("chat.startStream")[0].args  # a DM needs none
 
 
 async def test_suggested_prompts_on_opening_the_messages_tab_not_the_home_tab(slack_system: SlackSystem) -> None:

@@ -53,7 +53,7 @@ def fake_slack(fake_slack_server: FakeSlack) -> FakeSlack:
 def stack(
     pg_server: URL, template_db: str, tmp_path_factory: pytest.TempPathFactory, fake_llm_server: FakeLLM, fake_slack_server: FakeSlack
 ) -> Iterator[SharedStack]:
-    slack: dict[str, object] = {"api_url": fake_slack_server.url}
+    slack: dict[str, object] = {"api_url": fake_slack_server.url, "stream": False}  # the answers are read as chat.update
     with shared_stack(pg_server, template_db, tmp_path_factory.mktemp("slack-socket"), fake_llm_server.url, slack=slack) as shared:
         yield shared
 

@@ -1,12 +1,16 @@
-"""Answers streamed into Slack DM threads: chat.startStream, appendStream at a bounded rate, stopStream with the
-feedback buttons; what Slack shows is exactly the stored reply, after a 429, a tool call or a worker SIGKILLed
-mid-stream. The gateway, worker, fake Slack and fake LLM (streaming at a fixed token rate) are real processes/servers.
+"""Answers streamed into Slack threads (DMs and channel mentions): chat.startStream, appendStream at a bounded rate,
+stopStream with the feedback buttons; in a channel the placeholder shows until the stream does, then goes. What Slack
+shows is exactly the stored reply, after a 429, a tool call, a refused stream or a worker SIGKILLed mid-stream or
+between startStream and recording it. The gateway, worker, fake Slack and fake LLM (streaming at a fixed token rate)
+are real processes/servers.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from konstruct.channels.slack.format import markdown_messages
@@ -22,6 +26,8 @@ fake_slack_server, fake_slack, stack, slack_system = (test_slack.fake_slack_serv
                                                       test_slack.slack_system)  # fmt: skip
 
 DM = "D0000000001"
+CHANNEL = "C0000000001"
+PERSON = "U0000000001"
 INTERVAL = 0.4  # slack.stream_interval's default
 
 
@@ -42,13 +48,26 @@ async def stored_replies(system: SlackSystem) -> list[Message]:
         return list(await session.scalars(select(Message).where(Message.direction == "out")))
 
 
-def bot_messages(system: SlackSystem, thread: str) -> list[dict[str, Any]]:
+def bot_messages(system: SlackSystem, thread: str, where: str = DM) -> list[dict[str, Any]]:
     with system.slack._lock:
         return [
             dict(m)
             for (channel, _), m in system.slack.messages.items()
-            if channel == DM and m.get("thread_ts") == thread and m.get("bot_id")
+            if channel == where and m.get("thread_ts") == thread and m.get("bot_id")
         ]
+
+
+def mention_in_channel(system: SlackSystem, text: str) -> str:
+    """A person mentions the app in a channel; return the message's ts (the thread it is answered in)."""
+    ts = new_ts()
+    assert system.post(system.event(test_slack.mention(ts, f"<@U0000000BOT> {text}"))).status_code == 200
+    return ts
+
+
+def streamed_text(system: SlackSystem) -> str:
+    """What was streamed, in order: startStream's text, every append's, stopStream's last piece."""
+    every = [*calls(system, "chat.startStream"), *calls(system, "chat.appendStream"), *calls(system, "chat.stopStream")]
+    return "".join(c.args.get("markdown_text") or "" for c in every)
 
 
 def words(n: int) -> str:
@@ -201,14 +220,77 @@ async def test_a_stream_slack_refuses_at_start_is_sent_whole(slack_system: Slack
     assert reply.external_id == shown["ts"] and reply.status == "sent"
 
 
-async def test_where_there_is_a_placeholder_nothing_streams(slack_system: SlackSystem) -> None:
-    """A channel mention, or a DM whose status Slack refused (an app without the scope): placeholder, then update."""
+async def test_a_channel_mention_shows_its_placeholder_until_the_stream_does(slack_system: SlackSystem) -> None:
+    slack_system.llm.stream_delay = 0.05
+    thread = mention_in_channel(slack_system, f"please repeat {words(40)}")
+    await slack_system.wait_finished(1)
+    [reply] = await stored_replies(slack_system)
+    [shown] = bot_messages(slack_system, thread, CHANNEL)
+    assert shown["text"] == reply.text == f"[fake-model] You said: please repeat {words(40)}"
+    assert [b["type"] for b in shown["blocks"]] == ["markdown", "context_actions"]
+    # The placeholder first, then the stream in the thread, for the person who asked (Slack requires it in a channel).
+    [placeholder] = calls(slack_system, "chat.postMessage")
+    [start] = calls(slack_system, "chat.startStream")
+    appends = calls(slack_system, "chat.appendStream")
+    assert placeholder.args["text"] == "_thinking…_" and placeholder.args["thread_ts"] == thread
+    assert start.args["channel"] == CHANNEL and start.args["thread_ts"] == thread
+    assert start.args["recipient_user_id"] == PERSON and start.args["recipient_team_id"] == slack_system.team
+    assert streamed_text(slack_system) == reply.text and len(appends) >= 3
+    # The placeholder went as soon as the answer showed (before the next piece): no orphan, nothing updated.
+    [delete] = calls(slack_system, "chat.delete")
+    placeholder_ts = slack_system.slack.deleted[0]["ts"]
+    assert delete.args["ts"] == placeholder_ts and placeholder.at < start.at < delete.at < appends[0].at
+    assert slack_system.slack.deleted[0]["text"] == "_thinking…_" and calls(slack_system, "chat.update") == []
+    async with slack_system.db.tenant(tenant_id=slack_system.tenant_id) as session:
+        inbox = (await session.scalars(select(InboxRow))).one()
+    assert inbox.reply_ref == f"stream:{shown['ts']}" and reply.external_id == shown["ts"] and reply.status == "sent"
+
+
+async def test_a_stream_slack_refuses_in_a_channel_falls_back_to_the_placeholder(slack_system: SlackSystem) -> None:
+    slack_system.slack.refuse = {"chat.startStream": "feature_disabled"}
     slack_system.llm.stream_delay = 0.01
-    slack_system.post(slack_system.event(test_slack.mention(new_ts())))
-    slack_system.slack.refuse["assistant.threads.setStatus"] = "missing_scope"
-    in_dm_thread(slack_system, "hello without a status")
-    await slack_system.wait_finished(2)
-    assert calls(slack_system, "chat.startStream") == [] and len(calls(slack_system, "chat.update")) == 2
-    assert [r.body.get("stream") for r in slack_system.llm.requests] == [None, None]
-    texts = sorted(r.text for r in await stored_replies(slack_system))
-    assert texts == ["[fake-model] You said: hello without a status", "[fake-model] You said: what is our refund policy?"]
+    thread = mention_in_channel(slack_system, f"refused {words(10)}")
+    await slack_system.wait_finished(1)
+    [reply] = await stored_replies(slack_system)
+    [shown] = bot_messages(slack_system, thread, CHANNEL)
+    [placeholder] = calls(slack_system, "chat.postMessage")
+    [update] = calls(slack_system, "chat.update")  # the placeholder became the answer, whole
+    assert placeholder.args["text"] == "_thinking…_" and update.args["ts"] == shown["ts"] == reply.external_id
+    assert shown["blocks"][0] == {"type": "markdown", "text": reply.text} and reply.text.endswith(words(10))
+    assert [b["type"] for b in shown["blocks"]] == ["markdown", "context_actions"]
+    assert calls(slack_system, "chat.delete") == [] and calls(slack_system, "chat.appendStream") == []
+
+
+@pytest.mark.parametrize("where", ["dm", "channel"])
+async def test_a_worker_killed_between_start_stream_and_recording_it_leaves_one_answer(slack_system: SlackSystem, where: str) -> None:
+    """Slack created the stream (its first words show) but the worker died before it wrote the stream's ts down: the
+    pending marker it recorded first sends the retry looking, and the answer replaces that stream."""
+    held = threading.Event()
+    slack_system.slack.hold["chat.startStream"] = held  # the stream is created; its ts reaches the worker only later
+    slack_system.llm.stream_delay = 0.02
+    question = f"in the window {words(20)}"
+    channel = DM if where == "dm" else CHANNEL
+    thread = in_dm_thread(slack_system, question) if where == "dm" else mention_in_channel(slack_system, question)
+    wait_for(lambda: slack_system.slack.streams, 30, f"a stream; worker log:\n{slack_system.worker.log()}")
+    slack_system.worker.kill()  # SIGKILL, inside the window
+    held.set()
+    del slack_system.slack.hold["chat.startStream"]
+    [orphan] = [m for m in bot_messages(slack_system, thread, channel) if m["ts"] in {ts for _, ts in slack_system.slack.streams}]
+    async with slack_system.db.tenant(tenant_id=slack_system.tenant_id) as session:
+        inbox = (await session.scalars(select(InboxRow))).one()
+    assert inbox.status == "processing" and orphan["text"] and not orphan["text"].endswith(words(20))
+    assert inbox.reply_ref is None or orphan["ts"] not in inbox.reply_ref  # the stream's ts was never recorded
+    slack_system.llm.stream_delay = 0.0
+    slack_system.stack.replace_worker()
+    await slack_system.wait_finished(1, timeout=60)
+    [reply] = await stored_replies(slack_system)
+    assert reply.text == f"[fake-model] You said: {question}"
+    # Exactly one answer in the thread, whole, in the stream the dead worker left; nothing still streaming.
+    [shown] = bot_messages(slack_system, thread, channel)
+    assert shown["ts"] == orphan["ts"] == reply.external_id and shown["text"] == reply.text and reply.status == "sent"
+    assert [b["type"] for b in shown["blocks"]] == ["markdown", "context_actions"]
+    with slack_system.slack._lock:
+        assert [s["state"] for s in slack_system.slack.streams.values()] == ["stopped"]
+    assert len(calls(slack_system, "chat.startStream")) == 1  # the retry streamed nothing new
+    if where == "channel":  # the placeholder is gone
+        assert [m["text"] for m in slack_system.slack.deleted] == ["_thinking…_"]

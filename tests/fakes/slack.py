@@ -19,7 +19,10 @@ does), `chat.appendStream` (`markdown_text` required, at most 12,000 characters 
 streams) and `chat.stopStream` (a last `markdown_text`, `blocks` shown under the streamed text, `metadata`); the
 message's text is what was appended, in order (`streams` keeps each call's piece). Where Slack's behaviour is not
 documented the fake is strict: a message still streaming cannot be `chat.update`d (stop it first), and a stream with
-no append for `stream_expiry` seconds stops streaming, as Slack's do. Anything else answers `{"ok": false, "error": "unknown_method"}`.
+no append for `stream_expiry` seconds stops streaming, as Slack's do. `chat.delete` deletes one of the bot's own
+messages (`deleted` keeps what it deleted); `conversations.replies` takes `oldest`/`inclusive` (the thread's parent
+stays first). A test can `hold` a method: its work is done at once (e.g. the stream is created) but its answer waits
+until the test sets the event, so a worker can be killed inside that window. Anything else answers `{"ok": false, "error": "unknown_method"}`.
 Like real Slack, every answer except a rate limit is HTTP 200 with `"ok"` telling success from failure.
 """
 
@@ -144,7 +147,10 @@ class FakeSlack:
     socket: FakeSocketMode | None = None  # the websocket server `apps.connections.open` points to
     streams: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (channel, ts) -> state, pieces
     stream_expiry: float = 300.0
+    deleted: list[dict[str, Any]] = field(default_factory=list)  # messages chat.delete removed, with their channel
+    hold: dict[str, threading.Event] = field(default_factory=dict)  # method -> answered only once the event is set
     _seq: int = 0
+    _last_ts: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
 
@@ -172,6 +178,10 @@ class FakeSlack:
             self.app_tokens.clear()
             self.streams.clear()
             self.stream_expiry = 300.0
+            self.deleted.clear()
+            for held in self.hold.values():
+                held.set()  # a test that held a method and failed lets its caller go
+            self.hold.clear()
             self.statuses.clear()
             self.suggested_prompts.clear()
             self.titles.clear()
@@ -281,7 +291,12 @@ class FakeSlack:
         return f"https://{re.sub(r'[^a-z0-9]+', '-', team.lower()).strip('-') or 'fake'}.slack.com/"
 
     def _new_ts(self) -> str:
-        return f"{int(time.time())}.{self._next():06d}"
+        """A message ts as Slack makes them: the time in microseconds (unique, increasing), so a message posted after
+        a person's (whose ts a test takes from the clock) is newer than it, as `oldest` look-ups need."""
+        self._next()
+        now = max(int(time.time() * 1_000_000), self._last_ts + 1)
+        self._last_ts = now
+        return f"{now // 1_000_000}.{now % 1_000_000:06d}"
 
     # The Web API. Called with the lock held.
 
@@ -306,6 +321,7 @@ class FakeSlack:
         handlers = {
             "chat.postMessage": self._chat_post_message,
             "chat.update": self._chat_update,
+            "chat.delete": self._chat_delete,
             "conversations.replies": self._conversations_replies,
             "conversations.history": self._conversations_history,
             "chat.startStream": self._chat_start_stream,
@@ -432,6 +448,22 @@ class FakeSlack:
         message["edited"] = {"user": info["user_id"], "ts": self._new_ts()}
         return {"ok": True, "channel": channel, "ts": ts, "text": message["text"], "message": dict(message)}
 
+    def _chat_delete(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        """A bot token deletes only that bot's own messages (a streaming one too: its stream ends with it)."""
+        channel, ts = str(args.get("channel") or ""), str(args.get("ts") or "")
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        message = self.messages.get((channel, ts))
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        if message.get("user") != info["user_id"]:
+            return {"ok": False, "error": "cant_delete_message"}
+        del self.messages[(channel, ts)]
+        if (channel, ts) in self.streams:
+            self.streams[(channel, ts)]["state"] = "deleted"
+        self.deleted.append({**message, "channel": channel})
+        return {"ok": True, "channel": channel, "ts": ts}
+
     def _streaming(self, channel: str, ts: str) -> bool:
         stream = self.streams.get((channel, ts))
         if stream is None or stream["state"] != "streaming":
@@ -525,10 +557,15 @@ class FakeSlack:
             return {"ok": False, "error": "channel_not_found"}
         if not ts:
             return {"ok": False, "error": "invalid_arguments"}
+        oldest, inclusive = _ts_key(str(args.get("oldest") or "0")), str(args.get("inclusive")).lower() in ("true", "1")
         thread = [
             self._shown(message, args.get("include_all_metadata"))
             for (in_channel, message_ts), message in self.messages.items()
-            if in_channel == channel and (message_ts == ts or message.get("thread_ts") == ts)
+            if in_channel == channel
+            and (
+                message_ts == ts
+                or (message.get("thread_ts") == ts and (_ts_key(message_ts) > oldest or (inclusive and _ts_key(message_ts) == oldest)))
+            )
         ]
         thread.sort(key=lambda message: _ts_key(message["ts"]))
         return {"ok": True, "messages": thread, "has_more": False}
@@ -649,8 +686,12 @@ class FakeSlack:
                         return
                     if token is None and isinstance(args.get("token"), str):
                         token = args["token"]  # Slack still takes a token in the body
+                    method = parts.path[len("/api/") :].strip("/")
                     with fake._lock:
-                        answer = fake._answer(parts.path[len("/api/") :].strip("/"), token, basic, args)
+                        answer = fake._answer(method, token, basic, args)
+                        held = fake.hold.get(method)
+                    if held is not None:
+                        held.wait(60)  # done, not answered yet: the window a test kills a worker in
                     self._send(answer)
                 elif parts.path.startswith("/files-pri/") and self.command == "GET":
                     with fake._lock:

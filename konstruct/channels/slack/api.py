@@ -39,10 +39,11 @@ METHOD_SCOPES: dict[str, tuple[str, ...]] = {
     "apps.connections.open": (),  # the app-level token (APP_TOKEN_SCOPES), not the bot token
     "chat.postMessage": ("chat:write",),
     "chat.update": ("chat:write",),
+    "chat.delete": ("chat:write",),  # the app's own placeholder, once the streamed answer shows
     "chat.startStream": ("chat:write",),
     "chat.appendStream": ("chat:write",),
     "chat.stopStream": ("chat:write",),
-    "conversations.replies": _HISTORY,
+    "conversations.replies": _HISTORY,  # a retry's look-up: the placeholder, or a stream an attempt left unrecorded
     "conversations.history": _HISTORY,
     # Agent threads (the app's Messages tab). setStatus takes chat:write (Slack's reference; it still accepts
     # assistant:write for now); setSuggestedPrompts and setTitle take assistant:write.

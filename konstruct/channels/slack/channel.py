@@ -2,9 +2,10 @@
 
 In a DM with the app (its Messages tab, where Slack's agent threads are) the thread gets a status — "is
 thinking…" with loading messages saying what the agent does — which Slack clears when the answer is posted;
-a new thread is titled from its first question; the answer is streamed into the thread as the model writes it
-(konstruct.channels.slack.stream). Elsewhere (a mention in a channel) a `_thinking…_` placeholder is posted and
-the answer replaces it.
+a new thread is titled from its first question. Elsewhere (a mention in a channel), or where Slack refuses the status,
+a `_thinking…_` placeholder shows it. The answer is streamed into the thread as the model writes it
+(konstruct.channels.slack.stream), and a placeholder is deleted once the stream shows text; where Slack refuses the
+stream (or streaming is off) the placeholder is replaced by the answer, or the answer is posted whole.
 
 Posting is paced per channel (Slack allows about one message a second per channel) and every call
 honours 429 Retry-After, so bursts are slowed down, never dropped.
@@ -15,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -32,15 +35,25 @@ from konstruct.channels.connections import SecretCache
 from konstruct.channels.slack.client import web_client
 from konstruct.channels.slack.feedback import feedback_block
 from konstruct.channels.slack.format import SlackMessage, markdown_messages
-from konstruct.channels.slack.stream import SlackStream, stop_stream, stream_ts
+from konstruct.channels.slack.stream import (
+    PENDING,
+    SlackStream,
+    delete_message,
+    is_pending,
+    pending_ref,
+    placeholder_ts,
+    stop_stream,
+    stream_ts,
+)
 from konstruct.config import Settings
 from konstruct.db.engine import Database
-from konstruct.db.models import ChannelConnection
+from konstruct.db.models import ChannelConnection, InboundMessage, Message
 from konstruct.messaging import ChannelError, Reply, Target, mark_sent
 
 log = logging.getLogger(__name__)
 
 SLACK_FILE_HOSTS = ("files.slack.com",)
+SLACK_TS = re.compile(r"\d+\.\d+")
 
 
 def file_host_allowed(settings: Settings, url: str) -> bool:
@@ -57,6 +70,8 @@ POST_INTERVAL = 1.0  # seconds between posts to one channel
 # Message metadata that ties a placeholder, or the first message of an answer posted without one, to the message it
 # answers: a retry whose earlier attempt died before recording it finds it and answers there, never posting twice.
 PLACEHOLDER_EVENT = "konstruct_placeholder"
+PART_EVENT = "konstruct_part"  # the later parts of a split answer: every message the app posts is marked (see leftovers)
+ANSWERED_BELOW = "_(answered below)_"  # what a placeholder Slack will not let us delete says instead
 THINKING = "is thinking…"  # the status; its loading messages say what the agent does
 READING = "reading the thread…"
 MAX_LOADING = 150  # characters of one loading message we send (a tool name comes from the model)
@@ -83,6 +98,34 @@ def answer_marker(target: Target) -> dict[str, Any]:
     return {"event_type": PLACEHOLDER_EVENT, "event_payload": {"answers": target.inbound_external_id}}
 
 
+def ts_key(ts: str) -> tuple[int, int]:
+    """A Slack ts (seconds.micro) as numbers, to order messages by."""
+    seconds, _, fraction = ts.partition(".")
+    return int(seconds or 0), int(fraction or 0)
+
+
+def part_marker(target: Target) -> dict[str, Any]:
+    """The metadata of an answer's later parts: no retry answers in them, and a retry's look-up knows them for ours."""
+    return {"event_type": PART_EVENT, "event_payload": {"answers": target.inbound_external_id}}
+
+
+def stream_thread(target: Target) -> str | None:
+    """The thread an answer can be streamed into: a DM's (its agent thread), or the channel thread the message is in
+    or starts, where Slack needs the person it answers (the payload's `user`). None where it cannot be."""
+    thread = status_thread(target)
+    if thread is not None:
+        return thread
+    thread = target.payload.get("thread_ts")
+    return str(thread) if thread and target.payload.get("user") and target.payload.get("team_id") else None
+
+
+def recipient(target: Target) -> tuple[str, str] | None:
+    """startStream's recipient outside a DM (Slack requires it there): the person, and the event's workspace."""
+    if target.payload.get("channel_type") == "im":
+        return None
+    return str(target.payload["user"]), str(target.payload["team_id"])
+
+
 class SlackChannel:
     name = "slack"
 
@@ -99,7 +142,7 @@ class SlackChannel:
         client = await self._client(target)
         if target.retry:
             found = await self._find_placeholder(client, target)
-            if found is not None:
+            if found is not None:  # no stream was started (none starts before the pending marker is recorded): answer there
                 return found
         thread = status_thread(target)
         if thread is not None:
@@ -107,14 +150,19 @@ class SlackChannel:
             if starts and not target.retry and target.question.strip():
                 await self._title(client, target, thread)  # the question starts this thread: name it, once
             if await self._status(client, target, thread, [READING]):
-                return None
+                return self._ref(target, None)
         response = await self._post(client, target, self.settings.slack.placeholder, metadata=answer_marker(target))
-        return str(response["ts"])
+        return self._ref(target, str(response["ts"]))
+
+    def _ref(self, target: Target, placeholder: str | None) -> str | None:
+        """What prepare() records: where the answer will be streamed, the pending marker (one write, before any stream
+        can start, so a retry knows to look for one); else the placeholder's ts (None: a status, nothing posted)."""
+        return pending_ref(placeholder) if self._streams(target) else placeholder
 
     async def working(self, target: Target, what: str) -> None:
         """Show what the agent does now as the thread's loading message; a placeholder is left as it is."""
         thread = status_thread(target)
-        if thread is not None and target.reply_ref is None:
+        if thread is not None and target.reply_ref in (None, PENDING):  # the status shows, not a placeholder or the answer
             await self._status(await self._client(target), target, thread, [what[:MAX_LOADING]])
 
     async def _status(self, client: AsyncWebClient, target: Target, thread: str, loading: list[str]) -> bool:
@@ -137,17 +185,12 @@ class SlackChannel:
             log.warning("Slack refused the thread title: %s", exc.response.get("error"))
 
     async def _find_placeholder(self, client: AsyncWebClient, target: Target) -> str | None:
-        channel, thread = target.payload["channel"], target.payload.get("thread_ts")
-        try:
-            if thread:
-                response = await client.conversations_replies(channel=channel, ts=thread, include_all_metadata=True, limit=200)
-            else:
-                response = await client.conversations_history(
-                    channel=channel, oldest=target.payload.get("ts"), include_all_metadata=True, limit=200
-                )
-        except SlackApiError as exc:
-            raise ChannelError(f"Slack refused to list the thread: {exc.response.get('error')}") from None
-        for message in response.get("messages") or []:
+        return self._marked(await self._listed(client, target), target)
+
+    @staticmethod
+    def _marked(messages: list[dict[str, Any]], target: Target) -> str | None:
+        """The first message marked as answering the target's message (a placeholder, or an answer's first part)."""
+        for message in messages:
             metadata = message.get("metadata") or {}
             if (
                 metadata.get("event_type") == PLACEHOLDER_EVENT
@@ -155,6 +198,78 @@ class SlackChannel:
             ):
                 return str(message["ts"])
         return None
+
+    async def _listed(self, client: AsyncWebClient, target: Target) -> list[dict[str, Any]]:
+        """The messages after the target's message in its thread (or channel), with their metadata, oldest first."""
+        channel, thread, after = target.payload["channel"], target.payload.get("thread_ts"), target.payload.get("ts")
+        try:
+            if thread:
+                response = await client.conversations_replies(
+                    channel=channel, ts=thread, oldest=after, include_all_metadata=True, limit=200
+                )
+            else:
+                response = await client.conversations_history(channel=channel, oldest=after, include_all_metadata=True, limit=200)
+        except SlackApiError as exc:
+            raise ChannelError(f"Slack refused to list the thread: {exc.response.get('error')}") from None
+        messages = [m for m in response.get("messages") or [] if isinstance(m, dict) and SLACK_TS.fullmatch(str(m.get("ts")))]
+        return sorted(messages, key=lambda m: ts_key(m["ts"]))
+
+    async def leftovers(self, client: AsyncWebClient, target: Target) -> tuple[str | None, str | None]:
+        """(the placeholder, a stream left) of an attempt that died after recording the pending marker. The stream is
+        one it started and never recorded: the app's, after the message, unmarked (every other message the app posts
+        is marked) and neither a stored reply nor any turn's recorded reference. It is stopped, and the answer goes in
+        it; the placeholder then goes at once. (A second such stream, which no attempt leaves, is deleted.)"""
+        messages = await self._listed(client, target)
+        placeholder = self._marked(messages, target) or placeholder_ts(target.reply_ref)
+        streams = await self._unrecorded(client, target, messages)
+        channel = str(target.payload["channel"])
+        for ts in streams:
+            with contextlib.suppress(SlackApiError):
+                await stop_stream(client, channel, ts)
+        for extra in streams[1:]:
+            await delete_message(client, channel, extra)
+        if not streams:
+            return placeholder, None
+        if placeholder is not None and placeholder != streams[0]:
+            await self._drop(client, target, placeholder)
+        return None, streams[0]
+
+    async def _unrecorded(self, client: AsyncWebClient, target: Target, messages: list[dict[str, Any]]) -> list[str]:
+        """The ts of the app's unmarked messages after the target's message that no turn recorded (see leftovers)."""
+        me, known = await client.auth_test(), await self._recorded(target)
+        after = ts_key(str(target.payload.get("ts") or "0"))
+        return [
+            str(m["ts"])
+            for m in messages
+            if (m.get("user") == me.get("user_id") or (m.get("bot_id") and m.get("bot_id") == me.get("bot_id")))
+            and ts_key(m["ts"]) > after
+            and (m.get("metadata") or {}).get("event_type") not in (PLACEHOLDER_EVENT, PART_EVENT)
+            and m["ts"] not in known
+        ]
+
+    async def _recorded(self, target: Target) -> set[str]:
+        """The ts of every message this conversation's turns recorded: replies sent, placeholders, streams."""
+        async with self.db.tenant(tenant_id=target.tenant_id) as session:
+            refs = await session.scalars(
+                select(InboundMessage.reply_ref).where(
+                    InboundMessage.conversation_id == target.conversation_id, InboundMessage.reply_ref.is_not(None)
+                )
+            )
+            sent = await session.scalars(
+                select(Message.external_id).where(Message.conversation_id == target.conversation_id, Message.external_id.is_not(None))
+            )
+            known = {ts for ref in refs if (ts := stream_ts(ref) or placeholder_ts(ref))}
+            return known | {str(ts) for ts in sent}
+
+    async def _drop(self, client: AsyncWebClient, target: Target, placeholder: str) -> None:
+        """Delete the placeholder (the answer shows elsewhere); if Slack will not, it stops saying the agent thinks."""
+        channel = str(target.payload["channel"])
+        if await delete_message(client, channel, placeholder):
+            return
+        try:
+            await client.chat_update(channel=channel, ts=placeholder, text=ANSWERED_BELOW)
+        except SlackApiError as exc:
+            log.warning("Slack refused to change the placeholder either (%s)", exc.response.get("error"))
 
     async def attachments(self, target: Target) -> list[dict[str, Any]]:
         """Images (downloaded with the bot token) as image parts; other files named by name and type."""
@@ -186,29 +301,35 @@ class SlackChannel:
         return parts
 
     def _streams(self, target: Target) -> bool:
-        """Is this target's answer streamed? In a DM with the app (its agent threads, where the status shows the agent
-        at work until the stream begins); a channel mention keeps its placeholder, which a stream (a new message)
-        cannot replace."""
-        return self.settings.slack.stream and status_thread(target) is not None
+        """Is this target's answer streamed? In a thread (a DM's, or a channel's, see stream_thread), with streaming on."""
+        return self.settings.slack.stream and stream_thread(target) is not None
 
     async def stream(self, target: Target) -> SlackStream | None:
-        """A sink streaming the answer into the thread; None where it is not streamed, or where an earlier attempt
-        already showed something (send() then finishes or replaces that)."""
-        if not self._streams(target) or target.reply_ref is not None:
-            return None  # not streamed here, or a placeholder (the status was refused) or an earlier attempt's message
-        return SlackStream(await self._client(target), target, str(status_thread(target)), self.settings.slack.stream_interval,
-                           self._feedback_blocks, self._replace, self.send, answer_marker)  # fmt: skip
+        """A sink streaming the answer into the thread; None where it is not streamed, or where the pending marker is not
+        recorded (prepare() failed: nothing may start that a retry could not find) or an earlier attempt's recorded
+        stream is there (send() finishes or replaces it). On a retry, what the attempt before left is looked up first."""
+        if not self._streams(target) or not is_pending(target.reply_ref):
+            return None
+        client = await self._client(target)
+        placeholder, left = await self.leftovers(client, target) if target.retry else (placeholder_ts(target.reply_ref), None)
+        started = functools.partial(self._drop, client, target, placeholder) if placeholder is not None else None
+        return SlackStream(client, target, str(stream_thread(target)), self.settings.slack.stream_interval, self._feedback_blocks,
+                           self._replace, self.send, answer_marker, recipient=recipient(target), started=started, left=left)  # fmt: skip
 
     async def send(self, reply: Reply) -> str | None:
         """Replace the placeholder (or an earlier attempt's unfinished stream) with the first part of the answer; post
         the rest in the thread. The last part carries the thumbs up/down that rate the stored reply."""
         client = await self._client(reply.target)
-        ts = stream_ts(reply.target.reply_ref)
+        target = reply.target
+        ts = stream_ts(target.reply_ref)
         if ts is not None:  # a stream a dead attempt left open: closed first, then the whole answer goes in its place
             with contextlib.suppress(SlackApiError):
-                await stop_stream(client, reply.target.payload["channel"], ts)
+                await stop_stream(client, target.payload["channel"], ts)
             return await self._deliver(client, reply, ts)
-        return await self._deliver(client, reply, reply.target.reply_ref)
+        if is_pending(target.reply_ref):  # a stream may have started unrecorded (on a retry), else the placeholder if any
+            placeholder, left = await self.leftovers(client, target) if target.retry else (placeholder_ts(target.reply_ref), None)
+            return await self._deliver(client, reply, left or placeholder)
+        return await self._deliver(client, reply, target.reply_ref)
 
     async def _replace(self, reply: Reply, ts: str) -> str | None:
         """Put the whole reply in the message `ts` (a stopped stream), split as any reply."""
@@ -226,7 +347,7 @@ class SlackChannel:
                 # Marked like a placeholder, so a retry after a crash before the turn was recorded updates it instead.
                 first_ts = str((await self._post(client, target, **first, metadata=answer_marker(target)))["ts"])
             for message in rest:
-                await self._post(client, target, **message)
+                await self._post(client, target, **message, metadata=part_marker(target))
         except SlackApiError as exc:
             raise ChannelError(f"Slack refused the reply: {exc.response.get('error')}") from None
         return first_ts

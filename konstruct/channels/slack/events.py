@@ -398,6 +398,7 @@ class SlackEvents:
                         "channel": event["channel"],
                         "channel_type": event.get("channel_type"),  # "im": a DM with the app, where its agent threads are
                         "ts": event["ts"],
+                        "user": event["user"],  # whom a stream outside a DM is for (startStream's recipient_user_id)
                         "thread_ts": thread,
                         "event_id": body.get("event_id"),
                         "files": files,

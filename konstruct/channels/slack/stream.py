@@ -24,11 +24,30 @@ from konstruct.messaging import Reply, Target
 log = logging.getLogger(__name__)
 
 STREAM_PREFIX = "stream:"  # a reply_ref naming a streamed message (else it names a placeholder)
+PENDING = STREAM_PREFIX + "pending"  # a stream may start, its ts not recorded yet: a retry looks the thread up
+
+
+def is_pending(reply_ref: str | None) -> bool:
+    return reply_ref is not None and (reply_ref == PENDING or reply_ref.startswith(PENDING + ":"))
+
+
+def pending_ref(placeholder: str | None) -> str:
+    """The reference recorded before a stream may start (with the placeholder showing the agent at work, if any)."""
+    return f"{PENDING}:{placeholder}" if placeholder else PENDING
 
 
 def stream_ts(reply_ref: str | None) -> str | None:
     """The ts of a streamed message from its reference; None when the reference is not a stream's."""
-    return reply_ref[len(STREAM_PREFIX) :] if reply_ref and reply_ref.startswith(STREAM_PREFIX) else None
+    if not reply_ref or not reply_ref.startswith(STREAM_PREFIX) or is_pending(reply_ref):
+        return None
+    return reply_ref[len(STREAM_PREFIX) :]
+
+
+def placeholder_ts(reply_ref: str | None) -> str | None:
+    """The placeholder a reference names: a plain ts, or the one in a pending reference; None otherwise."""
+    if is_pending(reply_ref):
+        return str(reply_ref)[len(PENDING) + 1 :] or None
+    return reply_ref if reply_ref and not reply_ref.startswith(STREAM_PREFIX) else None
 
 
 async def stop_stream(client: AsyncWebClient, channel: str, ts: str, **extra: Any) -> bool:
@@ -39,6 +58,18 @@ async def stop_stream(client: AsyncWebClient, channel: str, ts: str, **extra: An
         if exc.response.get("error") in ("message_not_in_streaming_state", "message_not_found"):
             return False
         raise
+    return True
+
+
+async def delete_message(client: AsyncWebClient, channel: str, ts: str) -> bool:
+    """chat.delete of one of the app's own messages; True when it is gone (already, too), False when Slack refuses."""
+    try:
+        await client.chat_delete(channel=channel, ts=ts)
+    except SlackApiError as exc:
+        if exc.response.get("error") == "message_not_found":
+            return True
+        log.warning("Slack refused to delete a message (%s)", exc.response.get("error"))
+        return False
     return True
 
 
@@ -55,14 +86,22 @@ class SlackStream:
         replace: Callable[[Reply, str], Awaitable[str | None]],
         post: Callable[[Reply], Awaitable[str | None]],
         marker: Callable[[Target], dict[str, Any]],
+        *,
+        recipient: tuple[str, str] | None = None,
+        started: Callable[[], Awaitable[None]] | None = None,
+        left: str | None = None,
     ) -> None:
+        """recipient: the person and their workspace (recipient_user_id, _team_id), which Slack needs outside a DM. started: called once the
+        stream shows text (the placeholder goes). left: a stream an earlier attempt started and never recorded, which
+        the answer replaces (nothing more is streamed into it)."""
         self.client, self.target, self.thread, self.interval = client, target, thread, interval
         self._feedback, self._replace, self._post, self._marker = feedback, replace, post, marker
+        self.recipient, self._started = recipient, started
         self.channel = str(target.payload["channel"])
         self.shown = ""  # what Slack has been sent
         self.pending = ""  # what the model wrote since
-        self.ts: str | None = None
-        self.broken = False  # Slack refused a call: nothing more is streamed, finish() delivers another way
+        self.ts: str | None = left
+        self.broken = left is not None  # nothing more is streamed (Slack refused a call): finish() delivers another way
         self._last = 0.0
 
     async def append(self, text: str) -> str | None:
@@ -83,7 +122,10 @@ class SlackStream:
         started, ts = self.ts is None, str(self.ts)
         try:
             if started:
-                response = await self.client.chat_startStream(channel=self.channel, thread_ts=self.thread, markdown_text=piece)
+                user, team = self.recipient or (None, None)
+                response = await self.client.chat_startStream(
+                    channel=self.channel, thread_ts=self.thread, markdown_text=piece, recipient_user_id=user, recipient_team_id=team
+                )
                 self.ts = ts = str(response["ts"])
             else:
                 await self.client.chat_appendStream(channel=self.channel, ts=ts, markdown_text=piece)
@@ -94,6 +136,8 @@ class SlackStream:
         self.shown += piece
         self.pending = self.pending[len(piece) :]
         self._last = time.monotonic()
+        if started and self._started is not None:
+            await self._started()  # the answer shows: the placeholder that stood for it goes
         return STREAM_PREFIX + ts if started else None
 
     async def finish(self, reply: Reply) -> str | None:
