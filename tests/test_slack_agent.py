@@ -42,12 +42,14 @@ def thread_calls(system: SlackSystem) -> list[Call]:
 
 
 def wait_answer(system: SlackSystem, channel: str, n: int = 1) -> list[dict[str, Any]]:
-    """Until `n` answers are in the channel, whole: none still streaming (DM answers are streamed)."""
+    """Until `n` answers are in the channel, whole: none still streaming (DM answers are streamed), and no placeholder
+    left (a channel's shows until the stream has text, and then goes)."""
 
     def whole() -> bool:
         with system.slack._lock:
             streaming = any(s["state"] == "streaming" for (c, _), s in system.slack.streams.items() if c == channel)
-        return len(system.slack.messages_in(channel)) >= n and not streaming
+        shown = system.slack.messages_in(channel)
+        return len(shown) >= n and not streaming and all(m.get("text") != "_thinking…_" for m in shown)
 
     wait_for(whole, 30, f"{n} answer(s) in {channel}; worker log:\n{system.worker.log()}")
     return system.slack.messages_in(channel)
