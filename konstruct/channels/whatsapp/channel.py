@@ -28,7 +28,7 @@ from konstruct.channels.whatsapp.graph import OUTSIDE_WINDOW, WHATSAPP_TEXT_LIMI
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import InboundMessage
-from konstruct.messaging import ChannelError, Reply, Target, mark_sent
+from konstruct.messaging import ChannelError, Reply, Sent, Target, mark_sent
 
 log = logging.getLogger("konstruct.whatsapp")
 
@@ -157,6 +157,10 @@ class WhatsAppChannel:
 
     async def send(self, reply: Reply) -> str | None:
         """Text parts inside the window; the template outside it; Graph errors retried where that helps."""
+        return (await self.deliver(reply)).external_id
+
+    async def deliver(self, reply: Reply) -> Sent:
+        """send(), saying what went out: the text, or (outside the 24-hour window) the template in its place."""
         target = reply.target
         number, person = target.payload["phone_number_id"], target.payload["wa_id"]
         token = await self._token(target)
@@ -172,9 +176,9 @@ class WhatsAppChannel:
                     return await self._template(number, person, token, "WhatsApp says the 24-hour window is closed")
                 raise ChannelError(f"WhatsApp refused the reply: {exc}") from None
             first = first or wamid
-        return first
+        return Sent(first, reply.text)
 
-    async def _template(self, number: str, person: str, token: str, why: str) -> str:
+    async def _template(self, number: str, person: str, token: str, why: str) -> Sent:
         name = self.config.template_name
         if not name:
             raise ChannelError(f"not sent: {why}, so WhatsApp only allows a template, and no [whatsapp] template_name is configured")
@@ -184,7 +188,7 @@ class WhatsAppChannel:
         except GraphError as exc:
             raise ChannelError(f"{why}; the template {name!r} was refused: {exc}") from None
         log.info("WhatsApp reply to %s…%s outside the window: sent the template %r instead", person[:3], person[-2:], name)
-        return wamid
+        return Sent(wamid, f"[template {name}]", f"{why}: WhatsApp only allows a template, so the template {name!r} went instead")
 
     async def _send(self, number: str, person: str, token: str, body: dict[str, Any]) -> str:
         delay = self.config.retry_backoff
