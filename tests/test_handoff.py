@@ -316,7 +316,8 @@ async def test_whatsapp_customer_desk_thread_human_reply_and_the_agent_resuming(
     assert "second, the order is 4411" in prompt  # what the person said meanwhile
 
     listed = json.loads(site.cli("conversation", "list", "--tenant", site.slug, "--escalated", "--ended", "--json").stdout)
-    assert [(r["outcome"], r["owner"]) for r in listed] == [("handed_back", f"slack:{HUMAN}")] and listed[0]["seconds_to_answer"] > 0
+    assert [(r["outcome"], r["owner"], r["status"]) for r in listed] == [("handed_back", f"slack:{HUMAN}", "ended")]
+    assert listed[0]["seconds_to_answer"] > 0 and listed[0]["conversation"] == f"{site.number}:{site.person}"
     assert json.loads(site.cli("conversation", "list", "--tenant", site.slug, "--escalated", "--json").stdout) == []
     metrics = httpx.get(f"{site.stack.base}/metrics", headers={"Authorization": f"Bearer {METRICS}"}, timeout=10).text
     assert 'konstruct_handoffs_total{outcome="handed_back"}' in metrics and "konstruct_handoff_answer_seconds_count" in metrics
@@ -382,7 +383,7 @@ async def test_buttons_take_close_and_an_unsigned_click_refused_from_the_termina
     quoted = site.wait_marked("status:", 1)[0]["text"]
     assert "Your refund is on its way" in quoted and "✓ sent" in quoted
     shown = site.cli("chat", "--tenant", site.slug, "--agent", "Ava", "--person", "tess", "-m", "great, thanks")
-    assert "(human)> Yes, Sam here. Your refund is on its way." in shown.stdout.replace("\n", " ") or "Yes, Sam here" in shown.stdout
+    assert "(human)> Yes, Sam here. Your refund is on its way." in shown.stdout, shown.stdout
     assert len(site.llm.requests) == asked
 
     assert site.click("close").status_code == 200
@@ -447,3 +448,17 @@ async def test_nobody_answering_in_time_tells_the_person_and_reminds_the_desk_on
     async with site.db.tenant(tenant_id=site.tenant_id) as session:
         kinds = list(await session.scalars(select(InboxRow.channel)))
     assert "desk" not in kinds  # no human answered: nothing went through the desk's inbox
+
+
+def test_outcomes() -> None:
+    """How an ending counts: a human's answer makes a close a resolution; nobody after the reminder, abandonment."""
+    from datetime import datetime
+
+    from konstruct.handoff.state import CLOSE, HAND_BACK, outcome_of
+
+    now = datetime.now().astimezone()
+    assert outcome_of(Handoff(first_human_reply_at=now, taken_at=now), CLOSE) == "resolved_by_human"
+    assert outcome_of(Handoff(taken_at=now), CLOSE) == "closed"
+    assert outcome_of(Handoff(), HAND_BACK) == "handed_back"
+    assert outcome_of(Handoff(reminded_at=now), CLOSE) == outcome_of(Handoff(reminded_at=now), HAND_BACK) == "abandoned"
+    assert outcome_of(Handoff(reminded_at=now, taken_at=now), HAND_BACK) == "handed_back"

@@ -126,6 +126,7 @@ class HandoffInfo:
 
     conversation_id: uuid.UUID
     channel: str
+    external_id: str
     person: str
     escalated_at: datetime
     category: str | None
@@ -139,7 +140,8 @@ class HandoffInfo:
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "id": str(self.conversation_id), "channel": self.channel, "person": self.person,
+            "id": str(self.conversation_id), "channel": self.channel, "conversation": self.external_id, "person": self.person,
+            "status": "ended" if self.ended_at else "escalated",
             "escalated_at": self.escalated_at.isoformat(), "category": self.category, "reason": self.reason, "owner": self.owner,
             "seconds_to_take": self.seconds_to_take, "seconds_to_answer": self.seconds_to_answer, "reminded": self.reminded,
             "outcome": self.outcome, "ended_at": self.ended_at.isoformat() if self.ended_at else None,
@@ -154,7 +156,7 @@ async def list_handoffs(db: Database, tenant_id: uuid.UUID, *, ended: bool) -> l
     """The open escalations (and, with ended, the last 500 that ended, with their outcomes), newest first."""
     async with db.tenant(tenant_id=tenant_id) as session:
         query = (
-            select(Handoff, Conversation.channel, Conversation.person, Conversation.escalation_category)
+            select(Handoff, Conversation.channel, Conversation.external_id, Conversation.person, Conversation.escalation_category)
             .join(Conversation, Conversation.id == Handoff.conversation_id)
             .order_by(Handoff.created_at.desc())
             .limit(500)
@@ -164,6 +166,7 @@ async def list_handoffs(db: Database, tenant_id: uuid.UUID, *, ended: bool) -> l
         HandoffInfo(
             h.conversation_id,
             channel,
+            external_id,
             person,
             h.created_at,
             category,
@@ -175,5 +178,5 @@ async def list_handoffs(db: Database, tenant_id: uuid.UUID, *, ended: bool) -> l
             h.outcome,
             h.ended_at,
         )
-        for h, channel, person, category in rows
+        for h, channel, external_id, person, category in rows
     ]

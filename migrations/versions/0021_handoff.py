@@ -67,6 +67,10 @@ CREATE TABLE desk_mirrors (
     UNIQUE (tenant_id, message_id)
 );
 CREATE INDEX desk_mirrors_handoff ON desk_mirrors (handoff_id);
+
+-- Conversations escalated before this revision get their handoff (no desk thread: they were notified the old way).
+INSERT INTO handoffs (tenant_id, conversation_id, reason, created_at)
+SELECT tenant_id, id, escalation_reason, coalesce(escalated_at, now()) FROM conversations WHERE status = 'escalated';
 """
 
 FUNCTION = """
