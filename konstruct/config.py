@@ -271,6 +271,26 @@ class AgentSettings(_Section):
     )
 
 
+class EscalationSettings(_Section):
+    answer_within: float = Field(
+        15.0,
+        gt=0,
+        le=10080,
+        description="Minutes a human has to take or answer an escalated conversation before the person is told and the desk reminded.",
+    )
+    waiting_message: str = Field(
+        "Thanks for waiting: a colleague will answer you here as soon as they can, usually within a few hours.",
+        description="Sent to the person when nobody took or answered their escalated conversation within answer_within.",
+    )
+    check_interval: float = Field(
+        15.0,
+        gt=0,
+        le=3600,
+        description="Seconds between a worker's checks for overdue escalations and new delivery statuses to show the desk.",
+    )
+    last_turns: int = Field(8, ge=0, le=50, description="Turns of the conversation so far quoted in a new desk thread.")
+
+
 class MemorySettings(_Section):
     enabled: bool = Field(True, description="Long-term memory: remember what people say, recall it in later conversations.")
     recall: int = Field(5, ge=1, le=50, description="Memories of the person recalled into the prompt before each answer.")
@@ -401,6 +421,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     llm: LLMSettings = LLMSettings()
     agent: AgentSettings = AgentSettings()
+    escalation: EscalationSettings = EscalationSettings()
     slack: SlackSettings = SlackSettings()
     whatsapp: WhatsAppSettings = WhatsAppSettings()
     memory: MemorySettings = MemorySettings()

@@ -248,3 +248,52 @@ async def live_workers(db: Database, *, within: float) -> int:
             select(func.count()).select_from(WorkerHeartbeat).where(WorkerHeartbeat.seen_at > func.now() - timedelta(seconds=within))
         )
     return int(count or 0)
+
+
+# A message for an existing conversation that is not the person's (a human's reply from the desk): the inbox row and
+# its queue entry, no history row (the worker writes what is delivered), unique on channel + external id as any other.
+_STORE_FOR = """
+WITH inb AS (
+    INSERT INTO inbound_messages (id, tenant_id, conversation_id, channel, external_id, sender, text, payload, status)
+    SELECT CAST(:id AS uuid), CAST(:tenant AS uuid), c.id, :channel, :external_id, :sender, :text, CAST(:payload AS jsonb), 'received'
+    FROM conversations c WHERE c.id = CAST(:conversation AS uuid)
+    ON CONFLICT (tenant_id, channel, external_id) DO NOTHING
+    RETURNING id, conversation_id
+), aud AS (
+    INSERT INTO audit_events (tenant_id, actor, action, target, detail)
+    SELECT CAST(:tenant AS uuid), :sender, 'message.received', id::text,
+           jsonb_build_object('channel', :channel, 'external_id', :external_id, 'conversation_id', conversation_id::text)
+    FROM inb
+), queued AS (
+    {queue_insert}
+)
+SELECT (SELECT id FROM inb) AS inbound_id, (SELECT count(*) FROM queued) AS queued
+"""
+_QUEUE_INSERT_FOR = _QUEUE_INSERT.replace("CAST(:status AS text) = 'received'", "true")
+
+
+async def accept_for(
+    db: Database, queue: Doorbell, *, tenant_id: uuid.UUID, conversation_id: uuid.UUID, channel: str, external_id: str, sender: str,
+    text_: str, payload: dict[str, Any],
+) -> Stored:  # fmt: skip
+    """Store a message for an existing conversation once and ring the doorbell (see _STORE_FOR): a redelivery (the same
+    channel and external id) is found, not stored or queued again."""
+    inbound_id = uuid.uuid4()
+    outbox = queue.outbox(tenant_id, inbound_id)
+    statement = text(_STORE_FOR.format(queue_insert=_QUEUE_INSERT_FOR.format(table=outbox.table) if outbox else _NO_QUEUE))
+    params: dict[str, Any] = {"id": str(inbound_id), "tenant": str(tenant_id), "conversation": str(conversation_id), "channel": channel,
+                              "external_id": external_id, "sender": sender, "text": text_, "payload": json.dumps(payload)}  # fmt: skip
+    if outbox:
+        params.update(queue=outbox.queue, task=outbox.data, notify=outbox.notify_channel)
+    async with db.tenant(tenant_id=tenant_id) as session:
+        row = (await session.execute(statement, params)).one()
+        if row.inbound_id is None:
+            existing = (await session.execute(select(InboundMessage.id, InboundMessage.status).where(
+                InboundMessage.channel == channel, InboundMessage.external_id == external_id))).one()  # fmt: skip
+            return Stored(existing.id, tenant_id, conversation_id, existing.status, duplicate=True)
+    if not row.queued:
+        try:
+            await asyncio.to_thread(queue.enqueue, tenant_id, row.inbound_id)
+        except Exception as exc:
+            log.error("stored message %s but could not queue it (%s); the sweeper will retry", row.inbound_id, type(exc).__name__)
+    return Stored(row.inbound_id, tenant_id, conversation_id, "received", duplicate=False, queued=bool(row.queued))

@@ -8,6 +8,7 @@ message's delivery status) is behind `Channel`; the worker hands the pipeline a 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -181,3 +182,96 @@ async def record_template(session: AsyncSession, message_id: uuid.UUID, template
 async def mark_sent(session: AsyncSession, message_id: uuid.UUID, external_id: str | None) -> None:
     """record_sent for a channel without delivery statuses."""
     await session.execute(update(Message).where(Message.id == message_id).values(status="sent", external_id=external_id, error=None))
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What a channel's `deliver` put out: its id, the text the person actually received (a template's name when only
+    a template could go), and a note for the humans when that differs from what was asked."""
+
+    external_id: str | None
+    text: str
+    note: str | None = None
+
+
+@runtime_checkable
+class Delivering(Protocol):
+    """A channel that may deliver something other than the text it is handed (WhatsApp outside its 24-hour window):
+    optional, on top of Channel; `send` stands in for it elsewhere."""
+
+    async def deliver(self, reply: Reply) -> Sent:
+        """Deliver the reply and say what went out; raise ChannelError when nothing could."""
+        ...
+
+
+async def deliver(channel: Channel, reply: Reply) -> Sent:
+    """The reply through the channel, saying what went out (see Delivering)."""
+    if isinstance(channel, Delivering):
+        return await channel.deliver(reply)
+    return Sent(await channel.send(reply), reply.text)
+
+
+# The human desk (issue 17): a thread per escalation in a channel humans work in (Slack), where the person's messages
+# are mirrored and from which humans answer. Built by konstruct.handoff; drawn by the channel.
+
+
+@dataclass(frozen=True)
+class DeskThread:
+    """A desk thread: the workspace, the room (the escalation target's part after the colon) and its root message."""
+
+    team: str
+    where: str
+    ts: str
+
+
+@dataclass(frozen=True)
+class DeskCard:
+    """The root message of a desk thread: who, where, why, the conversation so far, and who has it now."""
+
+    handoff_id: uuid.UUID
+    person: str
+    channel: str
+    category: str | None
+    reason: str
+    summary: str | None
+    turns: tuple[tuple[str, str], ...]  # (who, what), oldest first
+    owner: str | None = None
+    outcome: str | None = None
+    ended_by: str | None = None
+    link: str | None = None
+
+
+@dataclass(frozen=True)
+class DeskFile:
+    """A file the person sent, for the desk: its bytes to upload, or a link to it."""
+
+    name: str
+    mime_type: str
+    data: bytes | None = None
+    url: str | None = None
+
+
+@runtime_checkable
+class Desk(Protocol):
+    """A channel humans answer escalated conversations from: optional, on top of Channel (Slack has it)."""
+
+    async def open_desk(self, tenant_id: uuid.UUID, where: str, card: DeskCard, *, search_since: float | None) -> DeskThread:
+        """Post the card as a new thread's root; with search_since (a Unix time) first look for the card an earlier
+        attempt posted since then, and return that thread instead of posting again. ChannelError when it cannot."""
+        ...
+
+    async def update_card(self, tenant_id: uuid.UUID, thread: DeskThread, card: DeskCard) -> None:
+        """Redraw the thread's root (its owner, its end)."""
+        ...
+
+    async def desk_post(self, tenant_id: uuid.UUID, thread: DeskThread, text: str, *, marker: str, files: Sequence[DeskFile] = ()) -> str:
+        """Post in the thread (the files after the text), tagged with `marker`; return the posted message's id."""
+        ...
+
+    async def desk_markers(self, tenant_id: uuid.UUID, thread: DeskThread) -> dict[str, str]:
+        """The markers of what was posted in the thread so far, with each message's id (to not post anything twice)."""
+        ...
+
+    async def desk_edit(self, tenant_id: uuid.UUID, thread: DeskThread, ts: str, text: str) -> None:
+        """Replace the text of a message posted in the thread (a status line)."""
+        ...

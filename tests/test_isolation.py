@@ -25,6 +25,8 @@ from konstruct.db.engine import Database
 from konstruct.db.models import (
     BudgetReservation,
     DeliveryStatus,
+    DeskMirror,
+    Handoff,
     KnowledgeChunk,
     KnowledgeJob,
     KnowledgeSource,
@@ -89,6 +91,10 @@ async def seed(db: Database, slug: str) -> TenantInfo:
         session.add(KnowledgeChunk(tenant_id=tenant.id, source_id=source.id, ordinal=0, content=f"{slug} refunds", embedding=[0.1] * 384))
         session.add(KnowledgeJob(tenant_id=tenant.id, kind="add", request={"paths": [f"/docs/{slug}"]}))
         session.add(McpServer(tenant_id=tenant.id, name="shop", transport="http", url=f"https://mcp.{slug}.test/mcp", agents=["Ava"]))
+        handoff = Handoff(id=uuid.uuid4(), tenant_id=tenant.id, conversation_id=first.conversation_id, reason=f"{slug} asked")
+        session.add(handoff)
+        await session.flush()
+        session.add(DeskMirror(tenant_id=tenant.id, handoff_id=handoff.id, message_id=reply.id, desk_ts="1700000000.000100"))
     await add_key(db, db.settings, tenant, provider="openai", key=f"sk-{slug}-own-key-1234", api_base=None, actor="test")
     await set_budget(db, tenant, usd=10, alerts=[80], action="block", downgrade_model=None, settings=db.settings, actor="test")
     async with db.tenant(tenant_id=tenant.id) as session:

@@ -18,6 +18,7 @@ from konstruct.agent.rules import Explanation, Rule, first_match, parse
 from konstruct.db.engine import Database
 from konstruct.db.models import Conversation, Tenant
 from konstruct.errors import NotFoundError, ValidationError
+from konstruct.handoff import desk, state
 from konstruct.messaging import Channel, ChannelError
 from konstruct.tenancy.tenants import TenantInfo
 
@@ -79,9 +80,11 @@ async def escalate(
     link: str,
     channels: Mapping[str, Channel],
     only_with_target: bool = False,
+    last_turns: int = 8,
 ) -> bool:
-    """Mark the conversation escalated (once: False when it already was) for `reason`, one of CATEGORIES, and
-    notify the tenant's target through its channel (`slack:C…` goes to the Slack channel).
+    """Mark the conversation escalated (once: False when it already was) for `reason`, one of CATEGORIES, start its
+    handoff, and open its desk thread in the tenant's target (`slack:C…`: a thread in that Slack channel); a target
+    whose channel has no desk is notified.
     only_with_target: escalate only when the tenant has a target (someone to answer); False otherwise."""
     if category not in CATEGORIES:
         raise ValueError(f"unknown escalation category {category!r}")  # a bug: every caller names one of CATEGORIES
@@ -101,6 +104,13 @@ async def escalate(
             session, tenant_id=tenant_id, actor=actor, action="conversation.escalated", target=str(conversation_id),
             detail={"reason": reason[:500], "category": category, "notify": target},
         )  # fmt: skip
+        handoff_id = await state.begin(session, tenant_id=tenant_id, conversation_id=conversation_id, reason=reason, target=target)
+    try:
+        if await desk.open_thread(db, channels, tenant_id=tenant_id, handoff_id=handoff_id, last_turns=last_turns, link=link, search=False):
+            return True
+    except ChannelError as exc:  # the worker's periodic check posts it later
+        log.warning("tenant %s: could not open the desk thread in %s: %s", tenant_id, target, exc)
+        return True
     if target:
         kind, _, where = target.partition(":")
         channel = channels.get(kind)
@@ -114,16 +124,15 @@ async def escalate(
     return True
 
 
-async def release(db: Database, *, tenant_id: uuid.UUID, conversation_id: uuid.UUID, actor: str) -> bool:
-    """Hand the conversation back to the agent. False when it was not escalated."""
+async def release(db: Database, *, tenant_id: uuid.UUID, conversation_id: uuid.UUID, actor: str, note: str | None = None) -> bool:
+    """Hand the conversation back to the agent (ending its handoff; a note is kept for the agent). False when it was not
+    escalated."""
     async with db.tenant(tenant_id=tenant_id) as session:
         changed = await session.scalar(
-            update(Conversation)
-            .where(Conversation.id == conversation_id, Conversation.status == "escalated")
-            .values(status="open")
-            .returning(Conversation.id)
+            select(Conversation.id).where(Conversation.id == conversation_id, Conversation.status == "escalated").with_for_update()
         )
         if changed is not None:
+            await state.end_in(session, tenant_id=tenant_id, conversation_id=conversation_id, how=state.HAND_BACK, actor=actor, note=note)
             await audit.record(session, tenant_id=tenant_id, actor=actor, action="conversation.released", target=str(conversation_id))
     return changed is not None
 

@@ -41,6 +41,8 @@ from konstruct.billing.state import Standing
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import Agent, Conversation, InboundMessage, Message, Tenant
+from konstruct.handoff import desk, replies
+from konstruct.handoff import state as handoff
 from konstruct.llm.client import Completion, LLMError, supports_vision
 from konstruct.llm.service import BudgetExhausted, CallContext, LLMService
 from konstruct.mail import Notice
@@ -72,6 +74,17 @@ def split_history(newest_first: Sequence[Any], max_messages: int, max_tokens: in
 # Kinds of history rows (messages.kind): what someone said, or a fixed text sent in the agent's place, which
 # people see but the model is never shown as its own words.
 MESSAGE, NOTICE = "message", "notice"
+
+
+def as_turn(row: Any) -> tuple[str, str]:
+    """A history row as the prompt has it: the person ('in'), the agent ('out'), or what a human colleague said to the
+    person or noted for the agent while they had the conversation (shown to the model as such, never as its own words)."""
+    if row.kind == handoff.HUMAN:
+        return "human", f"While the conversation was with a human colleague, {row.author} wrote to the person: {row.text}"
+    if row.kind == handoff.NOTE:
+        return "human", f"{row.author}, a human colleague, handed the conversation back to you with this note: {row.text}"
+    return row.direction, row.text
+
 
 NO_VISION = "(The person sent an image, but this model cannot see images: say so if it matters.)"
 
@@ -150,6 +163,14 @@ async def tenant_inactive(pipeline: Pipeline, turn: Turn) -> Outcome | None:
     return Outcome("ignored", f"tenant is {turn.tenant_status}") if turn.tenant_status != "active" else None
 
 
+async def desk_reply(pipeline: Pipeline, turn: Turn) -> Outcome | None:
+    """A human's answer from the desk (not the person's message): delivered to the person; the agent stays silent."""
+    if turn.inbound.channel != handoff.DESK:
+        return None
+    status, error = await replies.deliver_reply(pipeline.db, pipeline.channels, turn.inbound, retry=turn.target.retry)
+    return Outcome(status, error)
+
+
 async def no_channel(pipeline: Pipeline, turn: Turn) -> Outcome | None:
     return Outcome("failed", f"no {turn.inbound.channel!r} channel on this worker") if turn.channel is None else None
 
@@ -170,6 +191,11 @@ async def escalated(pipeline: Pipeline, turn: Turn) -> Outcome | None:
     if turn.state != "escalated" or turn.previous is not None:
         return None
     if turn.inbound.text.strip().lower() != escalation.RELEASE_COMMAND:
+        try:  # the humans see it in the desk thread (in order, once); the agent does not answer
+            await desk.mirror(pipeline.db, pipeline.channels, tenant_id=turn.tenant_id, conversation_id=turn.conversation_id,
+                              search=turn.target.retry)  # fmt: skip
+        except Exception as exc:  # the worker's periodic check mirrors it later
+            log.warning("message %s: not mirrored to the desk yet: %s", turn.inbound_id, type(exc).__name__)
         return Outcome("ignored", "escalated: a human is handling this conversation")
     actor = f"{turn.inbound.channel}:{turn.inbound.sender}"
     await escalation.release(pipeline.db, tenant_id=turn.tenant_id, conversation_id=turn.conversation_id, actor=actor)
@@ -208,7 +234,7 @@ async def window_closed(pipeline: Pipeline, turn: Turn) -> Outcome | None:
     return Outcome("replied", f"window closed: {window.why}", reply=template.text, model=f"template:{template.name}")
 
 
-GATES: tuple[Gate, ...] = (tenant_inactive, no_channel, gave_up, escalated, billing_paused, escalation_rule, window_closed)
+GATES: tuple[Gate, ...] = (tenant_inactive, desk_reply, no_channel, gave_up, escalated, billing_paused, escalation_rule, window_closed)
 
 
 async def claim(session: AsyncSession, inbound_id: uuid.UUID, worker_id: str, *, solo: bool) -> InboundMessage | None:
@@ -290,12 +316,12 @@ class Pipeline:
         since = [Message.created_at > context.summary_until] if context.summary_until is not None else []
         history = (
             await session.execute(
-                select(Message.direction, Message.text, Message.created_at)
+                select(Message.direction, Message.text, Message.created_at, Message.kind, Message.author)
                 .where(
                     Message.conversation_id == inbound.conversation_id,
                     Message.created_at <= inbound.received_at,
                     Message.status != "failed",
-                    Message.kind == MESSAGE,  # an apology or a notice is not the agent's own words
+                    Message.kind.in_((MESSAGE, handoff.HUMAN, handoff.NOTE)),  # an apology or a notice is not the agent's own words
                     *since,
                 )
                 .order_by(Message.created_at.desc(), Message.direction.desc())
@@ -306,7 +332,11 @@ class Pipeline:
         rules = list(agent.settings.get("escalation_rules") or [])
         turns = 0
         if rules:  # `count` in a rule: the person's turns in this conversation
-            counted = select(func.count()).select_from(InboundMessage).where(InboundMessage.conversation_id == inbound.conversation_id)
+            counted = (
+                select(func.count())
+                .select_from(InboundMessage)
+                .where(InboundMessage.conversation_id == inbound.conversation_id, InboundMessage.channel != handoff.DESK)
+            )
             turns = int(await session.scalar(counted) or 0)
         target = Target(inbound.tenant_id, inbound.conversation_id, context.external_id, inbound.external_id, dict(inbound.payload),
                         inbound.reply_ref, retry=inbound.attempts > 1, question=inbound.text)  # fmt: skip
@@ -383,7 +413,7 @@ class Pipeline:
         summary = turn.summary
         if older:
             summary = await self.summarise(turn, model, older) or summary
-        history = [(row.direction, row.text) for row in window]
+        history = [as_turn(row) for row in window]
         return model, build_messages(agent, turn.tenant_name, history, parts, memories, summary)
 
     async def answer(self, turn: Turn, model: str, messages: list[dict[str, Any]], sink: StreamSink | None = None) -> Answer:
@@ -436,7 +466,7 @@ class Pipeline:
         """Hand the conversation to a human for `reason` (one of escalation.CATEGORIES)."""
         return await escalation.escalate(self.db, tenant_id=turn.tenant_id, conversation_id=turn.conversation_id, reason=reason,
                                          category=category, actor=f"agent:{turn.agent.name}", link=turn.link, channels=self.channels,
-                                         only_with_target=only_with_target)  # fmt: skip
+                                         only_with_target=only_with_target, last_turns=self.settings.escalation.last_turns)  # fmt: skip
 
     async def store(self, turn: Turn, text: str, model: str, latency_ms: int | None, *, kind: str) -> uuid.UUID | None:
         """Keep the reply before sending it (unique per inbound message: None when another attempt stored one).

@@ -32,13 +32,14 @@ def build_messages(
     memories: Sequence[str] = (),
     summary: str | None = None,
 ) -> list[dict[str, Any]]:
-    """history: (direction, text) pairs, oldest first; 'in' is the person, 'out' the agent.
+    """history: (direction, text) pairs, oldest first; 'in' is the person, 'out' the agent, 'human' what a human
+    colleague said or noted (a system message: the model reads it as context, not as its own words).
 
     attachments (image_url parts, text notes) join the newest message from the person.
     """
     messages: list[dict[str, Any]] = [{"role": "system", "content": system_prompt(agent, tenant_name, memories, summary)}]
     for direction, text in history:
-        messages.append({"role": "user" if direction == "in" else "assistant", "content": text})
+        messages.append({"role": {"in": "user", "out": "assistant"}.get(direction, "system"), "content": text})
     if attachments and messages[-1]["role"] == "user":
         text = messages[-1]["content"]
         messages[-1]["content"] = ([{"type": "text", "text": text}] if text else []) + list(attachments)

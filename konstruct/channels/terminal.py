@@ -22,6 +22,7 @@ from konstruct.db.engine import Database
 from konstruct.db.models import Conversation, Message
 from konstruct.db.models import InboundMessage as InboxRow
 from konstruct.errors import ConflictError, ValidationError, WorkerUnavailableError
+from konstruct.handoff.state import HUMAN, NOTE
 from konstruct.messaging import ChannelError, InboundMessage, Reply, Target, mark_sent
 from konstruct.tenancy.tenants import TenantInfo
 
@@ -52,6 +53,8 @@ class PastTurn:
     direction: str
     text: str
     at: datetime
+    author: str = ""
+    human: bool = False  # a human colleague's answer while the conversation was escalated (konstruct.handoff)
 
 
 async def recent_turns(db: Database, tenant: TenantInfo, agent_id: uuid.UUID, conversation: str, *, exchanges: int) -> list[PastTurn]:
@@ -75,11 +78,27 @@ async def recent_turns(db: Database, tenant: TenantInfo, agent_id: uuid.UUID, co
         if since is None:
             return []
         rows = await session.execute(
-            select(Message.direction, Message.text, Message.created_at)
-            .where(Message.conversation_id == ours, Message.created_at >= since, Message.status != "failed")
+            select(Message.direction, Message.text, Message.created_at, Message.author, Message.kind)
+            .where(Message.conversation_id == ours, Message.created_at >= since, Message.status != "failed", Message.kind != NOTE)
             .order_by(Message.created_at, Message.direction)
         )
-        return [PastTurn(r.direction, r.text, r.created_at) for r in rows]
+        return [PastTurn(r.direction, r.text, r.created_at, r.author, r.kind == HUMAN) for r in rows]
+
+
+async def human_answers(
+    db: Database, tenant: TenantInfo, agent_id: uuid.UUID, conversation: str, *, after: datetime | None
+) -> list[PastTurn]:
+    """What human colleagues answered in this terminal conversation after `after` (while it was escalated), oldest first:
+    they come when they come, not as the answer to a message, so `konstruct chat` shows them as they arrive."""
+    async with db.tenant(tenant_id=tenant.id) as session:
+        rows = await session.execute(
+            select(Message.text, Message.created_at, Message.author)
+            .join(Conversation, Conversation.id == Message.conversation_id)
+            .where(Conversation.channel == "terminal", Conversation.external_id == conversation, Conversation.agent_id == agent_id,
+                   Message.kind == HUMAN, Message.status != "failed", *([Message.created_at > after] if after else []))
+            .order_by(Message.created_at)
+        )  # fmt: skip
+        return [PastTurn("out", r.text, r.created_at, r.author, True) for r in rows]
 
 
 class TerminalChannel:

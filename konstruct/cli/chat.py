@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import typer
 from rich.markup import escape
 
 from konstruct.agent.agents import AgentInfo, get_agent
-from konstruct.channels.terminal import ChatResult, chat, clean_input, recent_turns
+from konstruct.channels.terminal import ChatResult, chat, clean_input, human_answers, recent_turns
 from konstruct.cli.common import TenantOption, err, out, print_json, settings, tenant_for, with_database
 from konstruct.config import Settings
 from konstruct.db.engine import Database
@@ -64,7 +65,10 @@ def chat_command(
     async def session(db: Database) -> int:
         async with open_line(db, cfg, tenant, agent, person=person, conversation=key, timeout=timeout) as line:
             if message is not None:
+                seen = await line.last_said()
                 result = await line.send(message, message_id)
+                if not as_json:
+                    await line.show_human_answers(seen)
                 print_result(line.agent.name, result, as_json, plain=True)
                 return 0 if result.status == "replied" else 1
             return await _talk(line, cfg.data_dir / HISTORY_FILE, resume=not new)
@@ -89,6 +93,18 @@ class Line:
     conversation: str
     wait: float
     worker_within: float
+
+    async def last_said(self) -> datetime | None:
+        """When the person last wrote in this conversation (None: never): what humans answered since is news to them."""
+        turns = await recent_turns(self.db, self.tenant, self.agent.id, self.conversation, exchanges=1)
+        said = [t.at for t in turns if t.direction == "in"]
+        return said[-1] if said else None
+
+    async def show_human_answers(self, after: datetime | None) -> datetime | None:
+        """Print what human colleagues answered after `after` (an escalated conversation); the latest one's time."""
+        for turn in (answers := await human_answers(self.db, self.tenant, self.agent.id, self.conversation, after=after)):
+            out.print(f"[bold magenta]{escape(turn.author)} (human)>[/bold magenta] {escape(turn.text)}")
+        return answers[-1].at if answers else after
 
     async def send(self, text: str, message_id: str | None = None) -> ChatResult:
         """Send one message through the inbox and the queue, and wait for the worker's answer."""
@@ -119,14 +135,16 @@ async def _talk(line: Line, history: Path | None, *, resume: bool) -> int:
               "Ctrl-D or Ctrl-C to leave.[/dim]")  # fmt: skip
     if resume:
         await _show_earlier(line)
+    seen = await line.last_said()
     with line_editing(history if sys.stdin.isatty() else None):
         while True:
+            seen = await line.show_human_answers(seen)  # an escalated conversation: what the humans said meanwhile
             text = _read_line("you> ")
             if isinstance(text, int):
                 out.print()
                 return text
             if not clean_input(text):
-                continue
+                continue  # Enter on an empty line shows what humans answered meanwhile
             try:
                 with out.status(f"{escape(line.agent.name)} is thinking…") if terminal else nullcontext():
                     result = await line.send(text)
@@ -164,7 +182,7 @@ async def _show_earlier(line: Line) -> None:
         return
     out.print(f"[dim]Earlier in this conversation (the last {SHOWN_EXCHANGES} exchanges at most; --new for a fresh one):[/dim]")
     for turn in turns:
-        who = "you" if turn.direction == "in" else line.agent.name
+        who = "you" if turn.direction == "in" else (f"{turn.author} (human)" if turn.human else line.agent.name)
         out.print(f"[dim]{escape(who)}> {escape(turn.text)}[/dim]")
 
 

@@ -468,3 +468,41 @@ class McpServer(Base):
     created_by: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _created()
+
+
+class Handoff(Base):
+    """One escalation of a conversation to humans: its desk thread, owner, times and outcome (see konstruct.handoff)."""
+
+    __tablename__ = "handoffs"
+
+    id: Mapped[uuid.UUID] = _id()
+    tenant_id: Mapped[uuid.UUID] = _tenant_id()
+    conversation_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("conversations.id", ondelete="CASCADE"))
+    reason: Mapped[str | None] = mapped_column(Text)
+    desk_kind: Mapped[str | None] = mapped_column(Text)  # the channel the desk thread is in: slack
+    desk_team: Mapped[str | None] = mapped_column(Text)
+    desk_where: Mapped[str | None] = mapped_column(Text)
+    desk_ts: Mapped[str | None] = mapped_column(Text)  # the thread's root message; None until it is posted
+    owner: Mapped[str | None] = mapped_column(Text)
+    taken_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    first_human_reply_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    reminded_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    outcome: Mapped[str | None] = mapped_column(Text)  # resolved_by_human | handed_back | closed | abandoned
+    ended_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    ended_by: Mapped[str | None] = mapped_column(Text)
+    card_dirty: Mapped[bool] = mapped_column(Boolean, server_default=sql_text("false"))  # the desk card needs redrawing
+    created_at: Mapped[datetime] = _created()
+
+
+class DeskMirror(Base):
+    """What a desk thread shows for one history row (a person's message, the status line under a human's reply)."""
+
+    __tablename__ = "desk_mirrors"
+
+    id: Mapped[uuid.UUID] = _id()
+    tenant_id: Mapped[uuid.UUID] = _tenant_id()
+    handoff_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("handoffs.id", ondelete="CASCADE"))
+    message_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("messages.id", ondelete="CASCADE"))
+    desk_ts: Mapped[str] = mapped_column(Text)
+    shown_status: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created()

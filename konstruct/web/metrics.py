@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from starlette.requests import Request
@@ -59,6 +59,22 @@ class Snapshot:
         yield GaugeMetricFamily(
             "konstruct_workers_alive", "Workers seen in the last minute", value=dict(self._values("workers_alive")).get("", 0.0)
         )
+        yield from self._handoffs()
+
+    def _handoffs(self) -> Iterator[Metric]:
+        """Escalations to humans by outcome (open ones: "open"), and the time humans took to take and to answer them."""
+        handoffs = CounterMetricFamily("konstruct_handoffs", "Escalations to humans, by outcome", labels=["outcome"])
+        for outcome, value in self._values("handoffs"):
+            handoffs.add_metric([outcome], value)
+        yield handoffs
+        for what, help_ in (
+            ("take", "Seconds from an escalation to a human taking it"),
+            ("answer", "Seconds from an escalation to the first human answer"),
+        ):
+            figures = dict(self._values(f"handoff_{what}_seconds_sum")), dict(self._values(f"handoff_{what}_seconds_count"))
+            summary = SummaryMetricFamily(f"konstruct_handoff_{what}_seconds", help_)
+            summary.add_metric([], int(figures[1].get("", 0.0)), figures[0].get("", 0.0))
+            yield summary
 
 
 async def metrics(request: Request) -> Response:
@@ -71,6 +87,7 @@ async def metrics(request: Request) -> Response:
         return PlainTextResponse("a valid bearer token is needed\n", status_code=401, headers={"WWW-Authenticate": "Bearer"})
     async with request.app.state.db.system() as session:
         rows: list[Any] = list(await session.execute(text("select name, label, value from konstruct_metrics()")))
+        rows += list(await session.execute(text("select name, label, value from konstruct_handoff_metrics()")))
     try:
         depth: int | None = await asyncio.wait_for(asyncio.to_thread(request.app.state.queue.pending), timeout=5)
     except Exception:

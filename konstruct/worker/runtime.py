@@ -38,6 +38,7 @@ from konstruct.config import Settings
 from konstruct.db.engine import Database, unavailable
 from konstruct.db.models import Conversation, InboundMessage, WorkerHeartbeat
 from konstruct.db.urls import DatabaseURLs
+from konstruct.handoff import sweep as handoff_sweep
 from konstruct.knowledge import ingest
 from konstruct.llm import probe
 from konstruct.llm.client import load_litellm
@@ -72,6 +73,7 @@ class WorkerRuntime:
         self._db_down = False
         self._heartbeat: Future[None] | None = None
         self._retrier: Future[None] | None = None
+        self._desk: Future[None] | None = None
         self.db: Database | None = None
         self.pipeline: Pipeline | None = None
         self.stopping: Any = None  # the consumer's stop flag (a threading.Event), once it runs
@@ -84,6 +86,7 @@ class WorkerRuntime:
         self._call(self._startup(), timeout=None)
         self._heartbeat = asyncio.run_coroutine_threadsafe(self._heartbeat_loop(), self.loop)
         self._retrier = asyncio.run_coroutine_threadsafe(self._retry_loop(), self.loop)
+        self._desk = asyncio.run_coroutine_threadsafe(self._desk_loop(), self.loop)
         self.sweep()
 
     def stop(self, timeout: float) -> None:
@@ -93,7 +96,7 @@ class WorkerRuntime:
             time.sleep(0.05)
         if self.in_flight:
             log.warning("stopping with %d message(s) in flight; the sweeper will re-queue them", self.in_flight)
-        for task in (self._heartbeat, self._retrier):
+        for task in (self._heartbeat, self._retrier, self._desk):
             if task is not None:
                 task.cancel()
         if self._thread.is_alive():
@@ -293,6 +296,16 @@ class WorkerRuntime:
                     await self._sweep()
                 except Exception as exc:
                     log.warning("sweep after the outage failed: %s", type(exc).__name__)
+
+    async def _desk_loop(self) -> None:
+        """The handoff check (konstruct.handoff.sweep) every escalation.check_interval seconds."""
+        while True:
+            await asyncio.sleep(self.settings.escalation.check_interval)
+            assert self.db is not None and self.pipeline is not None
+            try:
+                await handoff_sweep.sweep(self.db, self.settings, self.pipeline.channels)
+            except Exception as exc:
+                outage_log.warning("handoff", f"handoff check failed: {type(exc).__name__}")
 
     async def _sweep(self) -> None:
         assert self.db is not None

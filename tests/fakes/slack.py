@@ -10,7 +10,9 @@ Only the methods konstruct uses are implemented: `auth.test`, `oauth.v2.access`,
 at most 50 blocks, at most 12,000 characters of markdown text in one message; `context_actions` feedback buttons shaped
 as Slack's reference has them), `chat.update`, `conversations.replies` and `conversations.history` (metadata
 only with `include_all_metadata`, as Slack does), `apps.connections.open` (an app-level token's Socket Mode URL,
-served by tests/fakes/slack_socket.py), and the agent-thread methods `assistant.threads.setStatus` (status and
+served by tests/fakes/slack_socket.py), `views.open` (a modal, kept in `views`), the external file upload
+(`files.getUploadURLExternal`, a POST of the bytes to the URL it gives, `files.completeUploadExternal` sharing them in a
+channel or thread as a message of the bot's with `files`), and the agent-thread methods `assistant.threads.setStatus` (status and
 up to 10 loading messages; cleared, as Slack does, when the app posts in that thread), `setSuggestedPrompts` (up
 to 4 prompts, each with a title and a message; a thread_ts is accepted and, as for an agent_view app, sets
 nothing) and `setTitle`, each checking its arguments as Slack's reference has them. The streaming methods: `chat.startStream` (in a
@@ -149,6 +151,8 @@ class FakeSlack:
     stream_expiry: float = 300.0
     deleted: list[dict[str, Any]] = field(default_factory=list)  # messages chat.delete removed, with their channel
     hold: dict[str, threading.Event] = field(default_factory=dict)  # method -> answered only once the event is set
+    views: list[dict[str, Any]] = field(default_factory=list)  # modals opened (views.open): the view and its trigger_id
+    uploads: dict[str, dict[str, Any]] = field(default_factory=dict)  # file id -> name, length, bytes (files.getUploadURLExternal)
     _seq: int = 0
     _last_ts: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -185,6 +189,8 @@ class FakeSlack:
             self.statuses.clear()
             self.suggested_prompts.clear()
             self.titles.clear()
+            self.views.clear()
+            self.uploads.clear()
         if self.socket is not None:
             self.socket.reset()
 
@@ -330,6 +336,9 @@ class FakeSlack:
             "assistant.threads.setStatus": self._set_status,
             "assistant.threads.setSuggestedPrompts": self._set_suggested_prompts,
             "assistant.threads.setTitle": self._set_title,
+            "views.open": self._views_open,
+            "files.getUploadURLExternal": self._get_upload_url,
+            "files.completeUploadExternal": self._complete_upload,
         }
         handler = handlers.get(method)
         if handler is None:
@@ -652,6 +661,58 @@ class FakeSlack:
         self.titles[where] = title
         return {"ok": True}
 
+    def _views_open(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        """A modal, opened with the trigger_id of an interaction (Slack's expire in 3 s; the fake keeps them all)."""
+        view = self._json_arg(args.get("view"))
+        if not isinstance(args.get("trigger_id"), str) or not args["trigger_id"]:
+            return {"ok": False, "error": "invalid_trigger_id"}
+        if not isinstance(view, dict) or view.get("type") != "modal" or not isinstance(view.get("title"), dict):
+            return {"ok": False, "error": "invalid_arguments"}
+        self.views.append({"trigger_id": args["trigger_id"], "view": view})
+        return {"ok": True, "view": {"id": f"V{self._next():010d}", **view}}
+
+    def _get_upload_url(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        """Step 1 of Slack's external upload: a URL to POST the bytes to, and the file's id."""
+        name, length = args.get("filename"), str(args.get("length") or "")
+        if not isinstance(name, str) or not name or not length.isdigit():
+            return {"ok": False, "error": "invalid_arguments"}
+        file_id = f"F{self._next():010d}"
+        self.uploads[file_id] = {"name": name, "length": int(length), "data": None}
+        return {"ok": True, "upload_url": f"{self.origin}/upload/v1/{file_id}", "file_id": file_id}
+
+    def _complete_upload(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        """Step 3: share the uploaded files in a channel (a thread), as one message from the bot carrying them."""
+        files = self._json_arg(args.get("files"))
+        channel = args.get("channel_id")
+        if not isinstance(files, list) or not files or not all(isinstance(f, dict) and f.get("id") in self.uploads for f in files):
+            return {"ok": False, "error": "invalid_arguments"}
+        if any(self.uploads[f["id"]]["data"] is None for f in files):
+            return {"ok": False, "error": "file_not_found"}  # never uploaded
+        shared = [{"id": f["id"], "name": self.uploads[f["id"]]["name"], "title": f.get("title") or "", "size": len(self.uploads[f["id"]]["data"])}
+                  for f in files]  # fmt: skip
+        if channel:
+            ts = self._new_ts()
+            message: dict[str, Any] = {
+                "type": "message",
+                "text": "",
+                "ts": ts,
+                "user": info["user_id"],
+                "bot_id": info["bot_id"],
+                "files": shared,
+            }
+            if args.get("thread_ts"):
+                message["thread_ts"] = str(args["thread_ts"])
+            self.messages[(str(channel), ts)] = message
+        return {"ok": True, "files": [{"id": f["id"], "title": f["title"]} for f in shared]}
+
+    def _upload(self, path: str, data: bytes) -> int:
+        """Step 2: the bytes of a file, POSTed to the URL step 1 gave; its length must be the one announced."""
+        upload = self.uploads.get(path.rsplit("/", 1)[-1])
+        if upload is None or len(data) != upload["length"]:
+            return 400
+        upload["data"] = data
+        return 200
+
     # Private files. Called with the lock held.
 
     def _download(self, path: str, token: str | None) -> tuple[int, str, bytes]:
@@ -700,6 +761,10 @@ class FakeSlack:
                         self.send_bytes(302, "", b"", {"Location": f"{fake.origin}/signin"})
                     else:
                         self.send_bytes(status, content_type, data)
+                elif parts.path.startswith("/upload/v1/") and self.command == "POST":
+                    with fake._lock:
+                        status = fake._upload(parts.path, raw)
+                    self.send_bytes(status, "text/plain", f"OK - {len(raw)}".encode() if status == 200 else b"bad upload")
                 elif parts.path == "/signin" and self.command == "GET":
                     page = b"<!DOCTYPE html><html><head><title>Sign in | Slack</title></head><body>Sign in to your workspace</body></html>"
                     self.send_bytes(200, "text/html; charset=utf-8", page)

@@ -21,6 +21,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from konstruct import feedback
 from konstruct.channels.connections import SecretCache
+from konstruct.channels.slack import desk
 from konstruct.channels.slack.client import web_client
 from konstruct.channels.slack.feedback import feedback_block
 from konstruct.channels.slack.format import SlackMessage, markdown_messages
@@ -48,7 +50,7 @@ from konstruct.channels.slack.stream import (
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import ChannelConnection, InboundMessage, Message
-from konstruct.messaging import ChannelError, Reply, Target, mark_sent
+from konstruct.messaging import ChannelError, DeskCard, DeskFile, DeskThread, Reply, Target, mark_sent
 
 log = logging.getLogger(__name__)
 
@@ -424,3 +426,47 @@ class SlackChannel:
 
     async def record_sent(self, session: AsyncSession, message_id: uuid.UUID, external_id: str | None) -> None:
         await mark_sent(session, message_id, external_id)
+
+    # -- the human desk (konstruct.messaging.Desk; drawn in channels/slack/desk.py) --
+
+    async def _first_team(self, tenant_id: uuid.UUID) -> str:
+        async with self.db.tenant(tenant_id=tenant_id) as session:
+            team = await session.scalar(
+                select(ChannelConnection.external_id)
+                .where(ChannelConnection.kind == "slack", ChannelConnection.status == "connected")
+                .order_by(ChannelConnection.created_at)
+                .limit(1)
+            )
+        if team is None:
+            raise ChannelError("the tenant has no connected Slack workspace")
+        return str(team)
+
+    async def _desk_client(self, tenant_id: uuid.UUID, team: str) -> AsyncWebClient:
+        return web_client(self.settings, await self.tokens.get(tenant_id, team))
+
+    async def _paced(self, team: str, channel: str) -> None:
+        """Wait for this channel's next posting slot (about one message a second per channel)."""
+        lock, last = self._pace.setdefault((team, channel), (asyncio.Lock(), [0.0]))
+        async with lock:
+            wait = last[0] + POST_INTERVAL - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            last[0] = time.monotonic()
+
+    async def open_desk(self, tenant_id: uuid.UUID, where: str, card: DeskCard, *, search_since: float | None) -> DeskThread:
+        team = await self._first_team(tenant_id)
+        await self._paced(team, where)
+        return await desk.open_desk(await self._desk_client(tenant_id, team), team, where, card, search_since)
+
+    async def update_card(self, tenant_id: uuid.UUID, thread: DeskThread, card: DeskCard) -> None:
+        await desk.update_card(await self._desk_client(tenant_id, thread.team), thread, card)
+
+    async def desk_post(self, tenant_id: uuid.UUID, thread: DeskThread, text: str, *, marker: str, files: Sequence[DeskFile] = ()) -> str:
+        await self._paced(thread.team, thread.where)
+        return await desk.post(await self._desk_client(tenant_id, thread.team), thread, text, marker, list(files))
+
+    async def desk_markers(self, tenant_id: uuid.UUID, thread: DeskThread) -> dict[str, str]:
+        return await desk.markers(await self._desk_client(tenant_id, thread.team), thread)
+
+    async def desk_edit(self, tenant_id: uuid.UUID, thread: DeskThread, ts: str, text: str) -> None:
+        await desk.edit(await self._desk_client(tenant_id, thread.team), thread, ts, text)

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from konstruct import inbox
 from konstruct.bodies import parse_json, read_body
 from konstruct.channels.connections import ResolveCache, Resolved, set_status, single_mode_candidates, unseal
+from konstruct.channels.slack import desk
 from konstruct.channels.slack.api import EVENT_SUBSCRIPTIONS
 from konstruct.channels.slack.client import web_client
 from konstruct.channels.slack.home import MessagesTab
@@ -373,6 +374,8 @@ class SlackEvents:
             return  # bots (ourselves included), edits, deletions, joins: never answered, so no loops
         if "channel" not in event or "ts" not in event:
             return
+        if await desk.thread_reply(self.db, self.queue, resolved, team_id, event):
+            return  # a human answering an escalated person from the desk: not a conversation with the agent
         text = event.get("text") or ""
         key, thread = conversation_key(team_id, event)
         is_dm = event.get("channel_type") == "im"

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from konstruct import feedback
 from konstruct.channels.connections import ResolveCache, Resolved
+from konstruct.channels.slack.desk import DeskClicks, is_desk
 from konstruct.channels.slack.events import verify_request
 from konstruct.channels.slack.feedback import MalformedInteraction, feedback_click
 from konstruct.config import Settings
@@ -41,6 +42,7 @@ class SlackInteractions:
         self.settings = settings
         self.db = db
         self.connections = ResolveCache(db, settings)
+        self.desk = DeskClicks(settings, db, self.connections)
 
     async def handle(self, request: Request) -> Response:
         signed = await verify_request(request, self.connections, self._signing_secret)
@@ -72,6 +74,8 @@ class SlackInteractions:
 
     async def interact(self, resolved: Resolved | None, team_id: str | None, payload: dict[str, Any]) -> Outcome:
         """Act on a verified interaction from workspace `team_id` (its connection: `resolved`)."""
+        if is_desk(payload):  # the human desk's buttons and hand-back modal (channels/slack/desk.py)
+            return Outcome(*await self.desk.interact(resolved, team_id, payload))
         try:
             click = feedback_click(payload)
         except MalformedInteraction as exc:

@@ -30,7 +30,7 @@ from konstruct.channels.whatsapp.graph import OUTSIDE_WINDOW, WHATSAPP_TEXT_LIMI
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import InboundMessage
-from konstruct.messaging import ChannelError, Reply, Target, Template, Window, mark_sent, record_template
+from konstruct.messaging import ChannelError, Reply, Sent, Target, Template, Window, mark_sent, record_template
 
 log = logging.getLogger("konstruct.whatsapp")
 
@@ -177,6 +177,10 @@ class WhatsAppChannel:
 
     async def send(self, reply: Reply) -> str | None:
         """Text parts inside the window; the template outside it; Graph errors retried where that helps."""
+        return (await self.deliver(reply)).external_id
+
+    async def deliver(self, reply: Reply) -> Sent:
+        """send(), saying what went out: the text, or (outside the 24-hour window) the template in its place."""
         target = reply.target
         number, person = target.payload["phone_number_id"], target.payload["wa_id"]
         token = await self._token(target)
@@ -192,9 +196,9 @@ class WhatsAppChannel:
                     return await self._template(number, person, token, "WhatsApp says the 24-hour window is closed")
                 raise ChannelError(f"WhatsApp refused the reply: {exc}") from None
             first = first or wamid
-        return first
+        return Sent(first, reply.text)
 
-    async def _template(self, number: str, person: str, token: str, why: str) -> str:
+    async def _template(self, number: str, person: str, token: str, why: str) -> Sent:
         template = self.template()
         if template is None:
             raise ChannelError(f"not sent: {why}, {ONLY_TEMPLATE}, {NO_TEMPLATE}")
@@ -208,7 +212,7 @@ class WhatsAppChannel:
         while len(self._templated) >= 1000:  # bounded: entries are taken by record_sent right after the send
             self._templated.pop(next(iter(self._templated)))
         self._templated[wamid] = template
-        return wamid
+        return Sent(wamid, template.text, f"{why}: WhatsApp only allows a template, so the template {name!r} went instead")
 
     async def _send(self, number: str, person: str, token: str, body: dict[str, Any]) -> str:
         delay = self.config.retry_backoff
