@@ -341,10 +341,10 @@ async def test_outside_the_window_the_template_goes_and_a_failure_is_said_in_the
     sent = site.wait_to_person(2)
     assert sent[-1]["type"] == "template" and sent[-1]["template"]["name"] == TEMPLATE
     line = site.wait_marked("status:", 1)[0]["text"]
-    assert "what went out instead: [template back_in_touch]" in line
+    assert "what went out instead: [WhatsApp template 'back_in_touch' (en)]" in line
     conversation = await site.conversation()
     human = [m for m in await site.history(conversation.id) if m.kind == "human"]
-    assert [m.text for m in human] == ["[template back_in_touch]"]  # what the person received, not what was typed
+    assert [m.text for m in human] == ["[WhatsApp template 'back_in_touch' (en)]"]  # what the person received, not what was typed
 
     site.graph.fail_next(131026, status=400, kinds=("template",))
     site.say_in_desk("Second try")

@@ -75,8 +75,8 @@ async def deliver_reply(db: Database, channels: Mapping[str, Channel], row: Inbo
         return "failed", f"delivery failed: {exc}"[:500]
     async with db.tenant(tenant_id=row.tenant_id) as session:
         await channel.record_sent(session, message_id, sent.external_id)
-        if sent.text != text:  # what the person received (a template), not what was asked
-            await session.execute(update(Message).where(Message.id == message_id).values(text=sent.text))
+        if sent.text != text:  # what the person received (a template), not what was asked; still the human's turn
+            await session.execute(update(Message).where(Message.id == message_id).values(text=sent.text, kind="human"))
     await _status_line(db, channels, row, handoff_id, message_id, conversation_channel)
     return "replied", None
 
