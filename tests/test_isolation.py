@@ -32,6 +32,7 @@ from konstruct.db.models import (
     Memory,
     Message,
     Subscription,
+    ToolApproval,
 )
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import TenantNotSetError
@@ -87,6 +88,9 @@ async def seed(db: Database, slug: str) -> TenantInfo:
         await session.flush()
         session.add(KnowledgeChunk(tenant_id=tenant.id, source_id=source.id, ordinal=0, content=f"{slug} refunds", embedding=[0.1] * 384))
         session.add(KnowledgeJob(tenant_id=tenant.id, kind="add", request={"paths": [f"/docs/{slug}"]}))
+        session.add(ToolApproval(tenant_id=tenant.id, agent_id=agent.id, conversation_id=first.conversation_id, inbound_id=first.id,
+                                 tool_call_id=f"call_{slug}", tool="web_fetch", arguments={"url": f"https://{slug}.test"},
+                                 approver="person", channel="terminal", person="someone", expires_at=datetime.now(UTC) + timedelta(hours=1)))  # fmt: skip
     await add_key(db, db.settings, tenant, provider="openai", key=f"sk-{slug}-own-key-1234", api_base=None, actor="test")
     await set_budget(db, tenant, usd=10, alerts=[80], action="block", downgrade_model=None, settings=db.settings, actor="test")
     async with db.tenant(tenant_id=tenant.id) as session:

@@ -135,7 +135,7 @@ async def get_agent(db: Database, tenant: TenantInfo, name: str) -> AgentInfo:
         return AgentInfo.from_row(row)
 
 
-SETTING_KEYS = ("tools", "escalation_rules", "fallbacks")
+SETTING_KEYS = ("tools", "escalation_rules", "fallbacks", "tool_policy")
 
 
 def check_tools(names: list[str]) -> list[str]:
@@ -147,6 +147,15 @@ def check_tools(names: list[str]) -> list[str]:
     if unknown:
         raise ValidationError(f"unknown tool(s) {', '.join(unknown)}: available are {', '.join(registry.names())}")
     return list(dict.fromkeys(names))
+
+
+def check_tool_policy(given: dict[str, str]) -> dict[str, str]:
+    """Approval policies (tool name → allow | ask | ask:operators | deny) for tools this installation has."""
+    from konstruct.agent.tools.policy import check_policies
+    from konstruct.agent.tools.registry import default_registry
+
+    registry = default_registry()
+    return check_policies(given, lambda name: registry.get(name) is not None)
 
 
 def check_rules(rules: list[str]) -> list[str]:
@@ -166,11 +175,13 @@ async def update_agent(db: Database, tenant: TenantInfo, name: str, *, changes: 
     if not changes:
         raise ValidationError(
             "nothing to change: pass at least one of --name, --role, --persona, --persona-file, --model, --fallbacks, --tools, "
-            "--escalation-rule, --suggested-prompt, --clear-suggested-prompts"
+            "--tool-policy, --escalation-rule, --suggested-prompt, --clear-suggested-prompts"
         )
     _check(**{key: changes.get(key) for key in ("name", "role", "persona", "model")})
     if "tools" in changes:
         changes["tools"] = check_tools(changes["tools"])
+    if "tool_policy" in changes:
+        changes["tool_policy"] = check_tool_policy(changes["tool_policy"])
     if "escalation_rules" in changes:
         changes["escalation_rules"] = check_rules(changes["escalation_rules"])
     if "suggested_prompts" in changes:
@@ -180,6 +191,10 @@ async def update_agent(db: Database, tenant: TenantInfo, name: str, *, changes: 
             if not fallback or len(fallback) > 200 or any(c.isspace() for c in fallback):
                 raise ValidationError(f"--fallbacks: {fallback!r} is not a model name, e.g. anthropic/claude-3-5-haiku-20241022")
     agent = await get_agent(db, tenant, name)
+    if "tool_policy_updates" in changes:  # `--tool-policy NAME=…`: some tools' policies change, None drops one
+        updates = changes.pop("tool_policy_updates")
+        merged = {**(agent.settings.get("tool_policy") or {}), **updates}
+        changes["tool_policy"] = check_tool_policy({key: value for key, value in merged.items() if value is not None})
     new_settings = {**agent.settings, **{key: changes.pop(key) for key in SETTING_KEYS if key in changes}}
     try:
         async with db.tenant(tenant_id=tenant.id) as session:

@@ -60,6 +60,10 @@ class Tool:
     parameters: dict[str, Any]
     run: Callable[[dict[str, Any], ToolContext], Awaitable[str]]
     secret_args: tuple[str, ...] = ()
+    # Where it comes from ("builtin", "plugin", "mcp") and whether it only reads (an MCP server's readOnlyHint; None:
+    # not said): the default approval policy is a function of these (konstruct.agent.tools.policy.default_policy).
+    source: str = "builtin"
+    read_only: bool | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
