@@ -291,6 +291,13 @@ class EscalationSettings(_Section):
     last_turns: int = Field(8, ge=0, le=50, description="Turns of the conversation so far quoted in a new desk thread.")
 
 
+class ApprovalSettings(_Section):
+    expire_after: float = Field(
+        60.0, gt=0, le=43_200, description="Minutes a tool call waits for approval; then it is denied and the model is told."
+    )
+    check_interval: float = Field(15.0, gt=0, le=3600, description="Seconds between the worker's looks for approvals past their expiry.")
+
+
 class MemorySettings(_Section):
     enabled: bool = Field(True, description="Long-term memory: remember what people say, recall it in later conversations.")
     recall: int = Field(5, ge=1, le=50, description="Memories of the person recalled into the prompt before each answer.")
@@ -422,6 +429,7 @@ class Settings(BaseSettings):
     llm: LLMSettings = LLMSettings()
     agent: AgentSettings = AgentSettings()
     escalation: EscalationSettings = EscalationSettings()
+    approvals: ApprovalSettings = ApprovalSettings()
     slack: SlackSettings = SlackSettings()
     whatsapp: WhatsAppSettings = WhatsAppSettings()
     memory: MemorySettings = MemorySettings()

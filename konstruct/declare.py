@@ -37,6 +37,7 @@ class AgentSpec(_Spec):
     persona_file: str | None = None
     model: str | None = None
     tools: list[str] = Field(default_factory=list)
+    tool_policy: dict[str, str] = Field(default_factory=dict)  # tool → allow | ask | ask:operators | deny
     escalation_rules: list[str] = Field(default_factory=list)
     fallbacks: list[str] = Field(default_factory=list)
     suggested_prompts: list[str] = Field(default_factory=list)  # at most 4 (check_prompts)
@@ -128,6 +129,7 @@ def load(path: Path | None, settings: Settings) -> Declaration:
             if not agent.persona:
                 raise ValidationError(f"tenant {tenant.slug}, agent {agent.name}: give persona or persona_file")
             agent_service.check_tools(agent.tools)
+            agent.tool_policy = agent_service.check_tool_policy_form(agent.tool_policy)
             agent_service.check_rules(agent.escalation_rules)
             agent_service.check_prompts(agent.suggested_prompts)
         if tenant.escalation_target:
@@ -220,12 +222,14 @@ async def _tenant_changes(
     agents = {a.name: a for a in await agent_service.list_agents(db, tenant)}
     for a in spec.agents:
         agent = agents.get(a.name)
-        then = {"role": a.role, "persona": a.persona, "model": a.model, "tools": a.tools, "escalation_rules": a.escalation_rules,
+        then = {"role": a.role, "persona": a.persona, "model": a.model, "tools": a.tools, "tool_policy": a.tool_policy,
+                "escalation_rules": a.escalation_rules,
                 "fallbacks": a.fallbacks, "suggested_prompts": [p.strip() for p in a.suggested_prompts]}  # fmt: skip
         if agent is None:
             changes.append(Change("create", "agent", spec.slug, a.name, spec=a))
             continue
         have = {"role": agent.role, "persona": agent.persona, "model": agent.model, "tools": agent.settings.get("tools") or [],
+                "tool_policy": agent.settings.get("tool_policy") or {},
                 "escalation_rules": agent.settings.get("escalation_rules") or [], "fallbacks": agent.settings.get("fallbacks") or [],
                 "suggested_prompts": list(agent.suggested_prompts)}  # fmt: skip
         if fields := _diff(have, then):
@@ -373,7 +377,8 @@ async def _apply_one(db: Database, settings: Settings, change: Change, actor: st
             await agent_service.create_agent(db, tenant, name=a.name, role=a.role, persona=a.persona or "", model=a.model, actor=actor)
         await agent_service.update_agent(
             db, tenant, a.name, actor=actor,
-            changes={"role": a.role, "persona": a.persona, "model": a.model, "tools": a.tools, "escalation_rules": a.escalation_rules,
+            changes={"role": a.role, "persona": a.persona, "model": a.model, "tools": a.tools, "tool_policy": a.tool_policy,
+                     "escalation_rules": a.escalation_rules,
                      "fallbacks": a.fallbacks, "suggested_prompts": a.suggested_prompts},
         )  # fmt: skip
     elif change.kind == "budget":

@@ -77,6 +77,25 @@ class Reply:
     text: str
 
 
+@dataclass(frozen=True)
+class ApprovalRequest:
+    """A yes/no question to whoever may approve one tool call (konstruct.approvals): shown with two buttons where the
+    channel has them. A click names the approval by `approval_id`; the channel hands it to konstruct.approvals.decide."""
+
+    approval_id: uuid.UUID
+    target: Target  # the conversation the call is for
+    agent: str
+    tool: str
+    arguments: dict[str, Any]  # redacted
+    approver: str  # person | operators
+    expires_minutes: float
+
+    def question(self) -> str:
+        """One line: who wants to call what, with which arguments."""
+        shown = ", ".join(f"{key}={value!r}" for key, value in self.arguments.items())
+        return f"{self.agent} wants to call {self.tool}({shown[:600]})"
+
+
 class ChannelError(Exception):
     """Delivery through a channel failed; the message says why, without secrets."""
 
@@ -116,6 +135,12 @@ class Channel(Protocol):
     async def record_sent(self, session: AsyncSession, message_id: uuid.UUID, external_id: str | None) -> None:
         """Mark the stored reply sent, under the channel's id for it, in the transaction that finishes the
         turn; a channel that reports delivery statuses keeps whatever it reported already."""
+        ...
+
+    async def ask(self, request: ApprovalRequest, where: str | None) -> str | None:
+        """Ask for an approval: in the request's conversation (where=None), or in one of the tenant's rooms (an
+        escalation target's part after the colon, for operators). Returns a reference to what was shown (None: the
+        channel shows nothing itself, e.g. the terminal, whose `konstruct chat` asks). ChannelError when it cannot."""
         ...
 
 

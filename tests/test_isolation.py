@@ -35,6 +35,7 @@ from konstruct.db.models import (
     Memory,
     Message,
     Subscription,
+    ToolApproval,
 )
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import TenantNotSetError
@@ -95,6 +96,9 @@ async def seed(db: Database, slug: str) -> TenantInfo:
         session.add(handoff)
         await session.flush()
         session.add(DeskMirror(tenant_id=tenant.id, handoff_id=handoff.id, message_id=reply.id, desk_ts="1700000000.000100"))
+        session.add(ToolApproval(tenant_id=tenant.id, agent_id=agent.id, conversation_id=first.conversation_id, inbound_id=first.id,
+                                 tool_call_id=f"call_{slug}", tool="web_fetch", arguments={"url": f"https://{slug}.test"},
+                                 approver="person", channel="terminal", person="someone", expires_at=datetime.now(UTC) + timedelta(hours=1)))  # fmt: skip
     await add_key(db, db.settings, tenant, provider="openai", key=f"sk-{slug}-own-key-1234", api_base=None, actor="test")
     await set_budget(db, tenant, usd=10, alerts=[80], action="block", downgrade_model=None, settings=db.settings, actor="test")
     async with db.tenant(tenant_id=tenant.id) as session:

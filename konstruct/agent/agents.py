@@ -136,7 +136,7 @@ async def get_agent(db: Database, tenant: TenantInfo, name: str) -> AgentInfo:
         return AgentInfo.from_row(row)
 
 
-SETTING_KEYS = ("tools", "escalation_rules", "fallbacks")
+SETTING_KEYS = ("tools", "escalation_rules", "fallbacks", "tool_policy")
 
 
 def check_tools(names: list[str], servers: Sequence[str] = ()) -> list[str]:
@@ -164,6 +164,30 @@ async def _checked_tools(db: Database, tenant: TenantInfo, agent: str, names: li
     return names
 
 
+def check_tool_policy_form(given: dict[str, str]) -> dict[str, str]:
+    """Approval policies (tool name → allow | ask | ask:operators | deny), each valid, for a built-in or plugin tool
+    or an MCP server's (SERVER__TOOL: whether the tenant's server has it is checked against it, check_tool_policy)."""
+    from konstruct.agent.mcp_servers import SEPARATOR
+    from konstruct.agent.tools.policy import check_policies
+    from konstruct.agent.tools.registry import default_registry
+
+    registry = default_registry()
+    return check_policies(given, lambda name: registry.get(name) is not None or SEPARATOR in name)
+
+
+async def check_tool_policy(db: Database, tenant: TenantInfo, agent: str, given: dict[str, str]) -> dict[str, str]:
+    """check_tool_policy_form, and each MCP tool named is one of a tenant's server serving this agent."""
+    from konstruct.agent import mcp_servers
+    from konstruct.agent.tools.registry import default_registry
+
+    checked = check_tool_policy_form(given)
+    registry = default_registry()
+    provided = [name for name in checked if registry.get(name) is None]
+    if provided:
+        await mcp_servers.check_tool_names(db, tenant, agent, provided)
+    return checked
+
+
 def check_rules(rules: list[str]) -> list[str]:
     """Escalation rules, each parsed now so a bad one is refused with the position of the mistake."""
     from konstruct.agent.rules import RuleError, parse
@@ -181,11 +205,13 @@ async def update_agent(db: Database, tenant: TenantInfo, name: str, *, changes: 
     if not changes:
         raise ValidationError(
             "nothing to change: pass at least one of --name, --role, --persona, --persona-file, --model, --fallbacks, --tools, "
-            "--escalation-rule, --suggested-prompt, --clear-suggested-prompts"
+            "--tool-policy, --escalation-rule, --suggested-prompt, --clear-suggested-prompts"
         )
     _check(**{key: changes.get(key) for key in ("name", "role", "persona", "model")})
     if "tools" in changes:
         changes["tools"] = await _checked_tools(db, tenant, name, changes["tools"])
+    if "tool_policy" in changes:
+        changes["tool_policy"] = await check_tool_policy(db, tenant, name, changes["tool_policy"])
     if "escalation_rules" in changes:
         changes["escalation_rules"] = check_rules(changes["escalation_rules"])
     if "suggested_prompts" in changes:
@@ -195,6 +221,12 @@ async def update_agent(db: Database, tenant: TenantInfo, name: str, *, changes: 
             if not fallback or len(fallback) > 200 or any(c.isspace() for c in fallback):
                 raise ValidationError(f"--fallbacks: {fallback!r} is not a model name, e.g. anthropic/claude-3-5-haiku-20241022")
     agent = await get_agent(db, tenant, name)
+    if "tool_policy_updates" in changes:  # `--tool-policy NAME=…`: some tools' policies change, None drops one
+        updates = changes.pop("tool_policy_updates")
+        merged = {**(agent.settings.get("tool_policy") or {}), **updates}
+        changes["tool_policy"] = await check_tool_policy(
+            db, tenant, name, {key: value for key, value in merged.items() if value is not None}
+        )
     new_settings = {**agent.settings, **{key: changes.pop(key) for key in SETTING_KEYS if key in changes}}
     try:
         async with db.tenant(tenant_id=tenant.id) as session:

@@ -12,8 +12,9 @@ Each gate (see GATES) looks at the loaded turn and either lets it go on (None) o
 (billing paused, a rule handing over to a human, a message given up on). Everything channel-specific
 (showing progress, media, delivery, links, notices, delivery statuses) is behind `Channel`.
 
-States of an inbox row: received → processing → replied | failed | ignored. No database connection
-is held while the model thinks, so one worker can keep many conversations in flight.
+States of an inbox row: received → processing → replied | failed | ignored, and processing → waiting → received
+while a tool call waits for a human's approval (konstruct.agent.approval). No database connection is held while the
+model thinks, so one worker can keep many conversations in flight.
 """
 
 from __future__ import annotations
@@ -31,11 +32,21 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from konstruct import audit
-from konstruct.agent import escalation, memory
+from konstruct import approvals, audit
+from konstruct.agent import approval, escalation, memory
 from konstruct.agent.agents import AgentInfo
 from konstruct.agent.prompt import build_messages
-from konstruct.agent.tools.registry import ProviderRequest, ToolContext, ToolResult, default_registry
+from konstruct.agent.tools import policy
+from konstruct.agent.tools.registry import (
+    ProviderRequest,
+    ToolContext,
+    ToolError,
+    ToolResult,
+    default_registry,
+    parse_arguments,
+    redact,
+    validate,
+)
 from konstruct.billing.standing import tenant_standing
 from konstruct.billing.state import Standing
 from konstruct.config import Settings
@@ -43,7 +54,7 @@ from konstruct.db.engine import Database
 from konstruct.db.models import Agent, Conversation, InboundMessage, Message, Tenant
 from konstruct.handoff import desk, replies
 from konstruct.handoff import state as handoff
-from konstruct.llm.client import Completion, LLMError, supports_vision
+from konstruct.llm.client import Completion, LLMError, ToolCall, supports_vision
 from konstruct.llm.service import BudgetExhausted, CallContext, LLMService
 from konstruct.mail import Notice
 from konstruct.messaging import Channel, Reply, Streaming, StreamSink, Target, Windowed
@@ -108,6 +119,7 @@ class Turn:
     turns: int  # the person's turns in this conversation (only counted when there are rules)
     channel: Channel | None
     target: Target
+    resume: approval.Resume | None = None  # the turn paused on an approval before: its decisions and where to go on
 
     @property
     def tenant_id(self) -> uuid.UUID:
@@ -211,7 +223,8 @@ async def billing_paused(pipeline: Pipeline, turn: Turn) -> Outcome | None:
 
 async def escalation_rule(pipeline: Pipeline, turn: Turn) -> Outcome | None:
     """One of the agent's rules hands the conversation to a human: escalate, and say so."""
-    fired = escalation.check(turn.rules, turn.inbound.text, turn.turns) if turn.rules and turn.previous is None else None
+    fresh = turn.previous is None and turn.resume is None  # a resumed turn passed its rules before it paused
+    fired = escalation.check(turn.rules, turn.inbound.text, turn.turns) if turn.rules and fresh else None
     if fired is None:
         return None
     rule, why = fired
@@ -274,6 +287,8 @@ class Pipeline:
             decided = await gate(self, turn)
             if decided is not None:
                 return await self.conclude(turn, decided)
+        if turn.resume is not None and turn.resume.pending and await approval.wait_again(self, turn):
+            return approval.WAITING  # still undecided: parked again (a decision rings for it)
         if turn.target.reply_ref is None:
             await self.prepare(turn)
         if turn.previous is not None:
@@ -281,9 +296,11 @@ class Pipeline:
             answer = Answer(turn.previous.text, turn.previous.model or "", turn.previous.latency_ms)
             reply_id, sink = turn.previous.id, None  # delivered whole: nothing is streamed again
         else:
-            model, messages = await self.compose(turn)
+            model, messages = await self.compose(turn) if turn.resume is None else (turn.resume.state.model, [])
             sink = await self.open_stream(turn)
             answer = await self.answer(turn, model, messages, sink)
+            if answer.status == approval.WAITING:
+                return approval.WAITING  # parked on an approval: the worker slot is free; a decision resumes it
             stored = await self.store(turn, answer.text, answer.model, answer.latency_ms, kind=answer.kind)
             if stored is None:
                 return None  # someone else stored the reply first (unique per inbound message)
@@ -340,9 +357,10 @@ class Pipeline:
             turns = int(await session.scalar(counted) or 0)
         target = Target(inbound.tenant_id, inbound.conversation_id, context.external_id, inbound.external_id, dict(inbound.payload),
                         inbound.reply_ref, retry=inbound.attempts > 1, question=inbound.text)  # fmt: skip
+        resume = await approval.load_resume(session, inbound.id) if inbound.attempts > 1 and previous is None else None
         return Turn(
             inbound, agent, context.name, context.status, tuple(context.allowed_hosts or ()), context.state, context.summary,
-            context.summary_until, history, previous, billing, rules, turns, self.channels.get(inbound.channel), target,
+            context.summary_until, history, previous, billing, rules, turns, self.channels.get(inbound.channel), target, resume,
         )  # fmt: skip
 
     async def conclude(self, turn: Turn, outcome: Outcome) -> str | None:
@@ -428,7 +446,9 @@ class Pipeline:
                     await self.keep_ref(turn, ref)
 
         try:
-            result = await ToolRun(self, turn).answer(model, messages, show)
+            result = await self.run_tools(turn, model, messages, show)
+        except approval.Waiting:
+            return Answer("", model, None, status=approval.WAITING)
         except BudgetExhausted as exc:
             # The operator has been told (once a month); the person hears the agent is unavailable, and where the tenant
             # has an escalation target a human answers instead.
@@ -438,6 +458,18 @@ class Pipeline:
             log.warning("message %s: the model failed: %s", turn.inbound_id, exc)
             return Answer(self.settings.agent.apology, model, None, status="failed", error=str(exc), kind=NOTICE)
         return Answer(result.text, result.model, result.latency_ms)
+
+    async def run_tools(
+        self, turn: Turn, model: str, messages: list[dict[str, Any]], show: Callable[[str], Awaitable[None]] | None
+    ) -> Completion:
+        """The tool loop; a call waiting for approval pauses the turn (approval.Waiting), unless it was decided at once."""
+        while True:
+            try:
+                return await ToolRun(self, turn).answer(model, messages, show)
+            except approval.Paused as paused:
+                if await approval.pause(self, turn, paused):
+                    raise approval.Waiting from None
+                # decided before the row was parked: go on from the stored state with the decision (turn.resume)
 
     async def summarise(self, turn: Turn, model: str, older: list[Any]) -> str | None:
         """Fold the turns that no longer fit the prompt into the conversation's summary (by the model), and keep it."""
@@ -552,12 +584,16 @@ class Pipeline:
 
 class ToolRun:
     """The bounded tool-call loop for one answer: the model may call the agent's tools for up to
-    `agent.tool_steps` turns and `agent.tool_seconds` in all; each call is audited (arguments redacted)."""
+    `agent.tool_steps` turns and `agent.tool_seconds` in all; each call is audited (arguments redacted).
+    A tool with policy `deny` is never offered nor run; one with `ask` runs only once approved (approval.Paused
+    otherwise), and a turn that paused goes on from where it stopped (`turn.resume`)."""
 
     def __init__(self, pipeline: Pipeline, turn: Turn) -> None:
         self.pipeline, self.turn, self.agent = pipeline, turn, turn.agent
         self.names = list(self.agent.settings.get("tools") or [])
         self.registry = default_registry() if self.names else None
+        self._choose()
+        self.decisions = dict(turn.resume.decisions) if turn.resume else {}
         services: dict[str, Callable[..., Awaitable[Any]]] = {"memory_search": self._memory_search, "escalate": self._escalate}
         self.failed: list[str] = []  # the tools that failed in this answer, in order
         self.ctx = ToolContext(
@@ -567,43 +603,89 @@ class ToolRun:
             web_seconds=pipeline.settings.agent.web_fetch_seconds, ca_file=pipeline.settings.agent.web_fetch_ca_file,
         )  # fmt: skip
 
+    def _choose(self) -> None:
+        """Each of the agent's tools' policy (its own choice or the tool's default), and the tools the model is offered
+        (all but `deny`); again once the MCP servers' tools joined for the turn."""
+        self.policies = policy.policies(self.registry, self.names, self.agent.settings) if self.registry else {}
+        self.offered = [name for name, chosen in self.policies.items() if chosen.mode != policy.DENY]
+
     async def answer(self, model: str, messages: list[dict[str, Any]], show: Callable[[str], Awaitable[None]] | None = None) -> Completion:
         """The final answer; `show` receives the model's text as it streams, every turn's (tool-call turns' too)."""
         settings = self.pipeline.settings
         if self.registry is not None:  # the agent's MCP servers' tools join the built-ins for this turn
             request = ProviderRequest(tuple(self.names), self.ctx, self.agent.name, settings, self.pipeline.db)
             self.registry, self.names = await self.registry.for_turn(self.names, request)
-        specs = self.registry.specs(self.names) if self.registry else []
+            self._choose()
+        specs = self.registry.specs(self.offered) if self.registry else []
         deadline = time.monotonic() + settings.agent.tool_seconds
         llm = self.pipeline.llm
         ctx = CallContext(self.ctx.tenant_id, self.agent.id, self.ctx.conversation_id, "reply", f"agent:{self.agent.name}")
         fallbacks = self.agent.settings.get("fallbacks") or None
-        result = await llm.complete(ctx, model=model, messages=messages, tools=specs or None, fallbacks=fallbacks, on_text=show)
-        steps = 0
-        while result.tool_calls and self.registry is not None:
-            steps += 1
-            messages = [*messages, result.assistant_message()]
-            if show is not None and result.text:
-                await show("\n\n")  # what the model said before calling tools stands apart from what follows
-            for call in result.tool_calls:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    output = "error: the time for tools is up; answer with what you have"
-                else:
-                    await self.pipeline.working(self.turn, f"calling {call.name}…")
-                    outcome = await self.registry.call(call.name, call.arguments, self.ctx, timeout=remaining)
-                    output = outcome.output
-                    if not outcome.ok:
-                        self.failed.append(call.name)
-                    await self._audit(call.name, outcome)
+        resumed = self.turn.resume
+        if resumed is not None:
+            messages, steps, calls = list(resumed.state.messages), resumed.state.steps, list(resumed.state.calls)
+        else:
+            result = await llm.complete(ctx, model=model, messages=messages, tools=specs or None, fallbacks=fallbacks, on_text=show)
+            if not result.tool_calls or self.registry is None:
+                return result
+            messages, steps, calls = await self._next(messages, result, show), 1, list(result.tool_calls)
+        while True:
+            for index, call in enumerate(calls):
+                output = await self._output(call, deadline, approval.LoopState(model, messages, steps, calls[index:]))
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
             # Out of steps or time: one last turn without tools, so the model answers with what it has.
             exhausted = steps >= settings.agent.tool_steps or time.monotonic() >= deadline
             tools = None if exhausted else specs
             result = await llm.complete(ctx, model=model, messages=messages, tools=tools, fallbacks=fallbacks, on_text=show)
-            if exhausted:
-                break
-        return result
+            if exhausted or not result.tool_calls:
+                return result
+            messages, steps, calls = await self._next(messages, result, show), steps + 1, list(result.tool_calls)
+
+    @staticmethod
+    async def _next(
+        messages: list[dict[str, Any]], result: Completion, show: Callable[[str], Awaitable[None]] | None
+    ) -> list[dict[str, Any]]:
+        if show is not None and result.text:
+            await show("\n\n")  # what the model said before calling tools stands apart from what follows
+        return [*messages, result.assistant_message()]
+
+    async def _output(self, call: ToolCall, deadline: float, state: approval.LoopState) -> str:
+        """What one call gives the model: its result, or why it was not made. Raises approval.Paused for an `ask`
+        call without a decision (`state`: where the loop stands, this call first)."""
+        remaining = deadline - time.monotonic()
+        if call.name not in self.offered or self.registry is None:
+            return f"error: there is no tool named {call.name!r}"
+        if remaining <= 0:
+            return "error: the time for tools is up; answer with what you have"
+        chosen = self.policies[call.name]
+        if chosen.mode == policy.ASK:
+            refused = self._unapproved(call, chosen, state)
+            if refused is not None:
+                return refused
+        await self.pipeline.working(self.turn, f"calling {call.name}…")
+        outcome = await self.registry.call(call.name, call.arguments, self.ctx, timeout=remaining)
+        if not outcome.ok:
+            self.failed.append(call.name)
+        await self._audit(call.name, outcome)
+        return outcome.output
+
+    def _unapproved(self, call: ToolCall, chosen: policy.Policy, state: approval.LoopState) -> str | None:
+        """None when the call was approved; the error for the model when it was denied, expired or malformed."""
+        decided = self.decisions.get(call.id)
+        if decided == approvals.APPROVED:
+            return None
+        if decided is not None:
+            return approval.refusal(decided, call.name, self.pipeline.settings.approvals.expire_after)
+        tool = self.registry.get(call.name) if self.registry else None
+        assert tool is not None
+        try:  # nobody is asked about a call that could not run anyway
+            arguments = parse_arguments(call.arguments)
+        except ToolError as exc:
+            return f"error: {exc}"
+        problems = validate(dict(arguments), tool.parameters)
+        if problems:
+            return "error: invalid arguments: " + "; ".join(problems)
+        raise approval.Paused(call, chosen, arguments, redact(arguments, tool.secret_args), state)
 
     async def _audit(self, name: str, outcome: ToolResult) -> None:
         async with self.pipeline.db.tenant(tenant_id=self.ctx.tenant_id) as session:

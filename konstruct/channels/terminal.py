@@ -10,6 +10,7 @@ import asyncio
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,13 +18,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from konstruct import inbox
+from konstruct import approvals, inbox
 from konstruct.db.engine import Database
 from konstruct.db.models import Conversation, Message
 from konstruct.db.models import InboundMessage as InboxRow
 from konstruct.errors import ConflictError, ValidationError, WorkerUnavailableError
 from konstruct.handoff.state import HUMAN, NOTE
-from konstruct.messaging import ChannelError, InboundMessage, Reply, Target, mark_sent
+from konstruct.messaging import ApprovalRequest, ChannelError, InboundMessage, Reply, Target, mark_sent
 from konstruct.tenancy.tenants import TenantInfo
 
 FINAL = ("replied", "failed", "ignored")
@@ -126,6 +127,11 @@ class TerminalChannel:
     async def record_sent(self, session: AsyncSession, message_id: uuid.UUID, external_id: str | None) -> None:
         await mark_sent(session, message_id, external_id)
 
+    async def ask(self, request: ApprovalRequest, where: str | None) -> str | None:
+        if where is not None:
+            raise ChannelError("the terminal cannot ask the tenant's operators: an escalation target is slack:CHANNEL")
+        return None  # `konstruct chat` sees its message waiting and asks y/n itself
+
 
 @dataclass(frozen=True)
 class ChatResult:
@@ -149,8 +155,10 @@ async def chat(
     message_id: str | None,
     timeout: float,
     worker_within: float,
+    on_approval: Callable[[approvals.ApprovalInfo], Awaitable[None]] | None = None,
 ) -> ChatResult:
-    """Send one message through the inbox and wait for the worker's answer (escape sequences taken out of it)."""
+    """Send one message through the inbox and wait for the worker's answer (escape sequences taken out of it).
+    When the turn waits for an approval, `on_approval` is called once for it (to ask y/n and decide)."""
     text = clean_input(text)
     if not text:
         raise ValidationError("the message is empty: type some text")
@@ -177,12 +185,20 @@ async def chat(
     assert stored is not None  # the agent was named, so someone answers
     deadline = started + timeout
     delay = 0.01
+    asked: set[uuid.UUID] = set()
     while True:
         async with db.tenant(tenant_id=tenant.id) as session:
             row = (await session.execute(select(InboxRow.status, InboxRow.error).where(InboxRow.id == stored.id))).one()
             if row.status in FINAL:
                 reply = await session.scalar(select(Message.text).where(Message.inbound_id == stored.id, Message.direction == "out"))
                 return ChatResult(stored.id, row.status, reply, row.error, stored.duplicate, time.perf_counter() - started)
+        if row.status == approvals.WAITING and on_approval is not None:
+            pending = await approvals.pending_for(db, tenant.id, stored.id)
+            if pending is not None and pending.id not in asked:
+                asked.add(pending.id)
+                await on_approval(pending)
+                deadline = time.perf_counter() + timeout  # the wait for a human is not the worker's: the answer gets its own
+                continue
         if time.perf_counter() > deadline:
             raise WorkerUnavailableError(
                 f"no answer within {timeout:g}s (message {stored.id} is {row.status}); it stays queued and will be answered — "

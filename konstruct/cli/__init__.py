@@ -9,6 +9,7 @@ import typer
 from konstruct import __version__
 from konstruct.cli import (
     agents,
+    approvals,
     audit,
     billing,
     budgets,
@@ -99,6 +100,7 @@ app.add_typer(billing.app, name="billing")
 app.add_typer(users.app, name="user")
 app.add_typer(invitations.app, name="invite")
 app.add_typer(mcp.app, name="mcp")
+app.add_typer(approvals.app, name="approval")
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from konstruct.agent import agents as service
+from konstruct.agent.tools.policy import parse_assignments
 from konstruct.cli.common import (
     JsonOption,
     TenantOption,
@@ -106,6 +107,8 @@ def show(
                 "id": agent.id,
                 "created": agent.created_at,
                 "suggested prompts": escape(" | ".join(agent.suggested_prompts)) or "(none)",
+                "tools": ", ".join(agent.settings.get("tools") or []) or "(none)",
+                "tool policy": ", ".join(f"{k}={v}" for k, v in (agent.settings.get("tool_policy") or {}).items()) or "(defaults)",
                 "persona": "",
             }
         )
@@ -131,6 +134,12 @@ def update(
         help="Tools the agent may use, comma-separated ('' for none), e.g. calculator,web_fetch; an MCP server's as "
         "shop (all its tools) or shop__lookup_order (one).",
     ),
+    tool_policy: list[str] | None = typer.Option(
+        None,
+        "--tool-policy",
+        help="NAME=allow|ask|ask:operators|deny: may the agent call the tool freely, after the person's "
+        "(or an operator's) approval, or never (repeat; NAME=default for the tool's own default).",
+    ),
     rules: list[str] | None = typer.Option(
         None, "--escalation-rule", help='A rule handing the conversation to a human, e.g. "refund OR lawyer" (repeat; "" clears).'
     ),
@@ -138,13 +147,16 @@ def update(
     clear_prompts: bool = typer.Option(False, "--clear-suggested-prompts", help="Remove the agent's suggested prompts."),
     as_json: bool = JsonOption,
 ) -> None:
-    """Change an agent's name, role, persona, model, fallback models, tools, escalation rules or suggested prompts."""
+    """Change an agent's name, role, persona, model, fallback models, tools (and their approval policies), escalation rules
+    or suggested prompts."""
     text = persona_text(persona, persona_file, required=False)
     changes: dict[str, Any] = {"name": new_name, "role": role, "persona": text, "model": model}
     if fallbacks is not None:
         changes["fallbacks"] = comma_list(fallbacks)
     if tools is not None:
         changes["tools"] = comma_list(tools)
+    if tool_policy:
+        changes["tool_policy_updates"] = parse_assignments(tool_policy)
     if rules is not None:
         changes["escalation_rules"] = [r for r in rules if r.strip()]
     if clear_prompts and prompts:

@@ -19,9 +19,10 @@ from typing import Any
 import typer
 from rich.markup import escape
 
+from konstruct import approvals
 from konstruct.agent.agents import AgentInfo, get_agent
 from konstruct.channels.terminal import ChatResult, chat, clean_input, human_answers, recent_turns
-from konstruct.cli.common import TenantOption, err, out, print_json, settings, tenant_for, with_database
+from konstruct.cli.common import TenantOption, actor, err, out, print_json, settings, tenant_for, who, with_database
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.urls import resolve_urls
@@ -93,6 +94,7 @@ class Line:
     conversation: str
     wait: float
     worker_within: float
+    operator: bool = False  # the acting user may decide approvals for the tenant's operators
 
     async def last_said(self) -> datetime | None:
         """When the person last wrote in this conversation (None: never): what humans answered since is news to them."""
@@ -109,7 +111,29 @@ class Line:
     async def send(self, text: str, message_id: str | None = None) -> ChatResult:
         """Send one message through the inbox and the queue, and wait for the worker's answer."""
         return await chat(self.db, self.queue, self.tenant, self.agent.id, text=text, person=self.person, conversation=self.conversation,
-                          message_id=message_id, timeout=self.wait, worker_within=self.worker_within)  # fmt: skip
+                          message_id=message_id, timeout=self.wait, worker_within=self.worker_within,
+                          on_approval=self.approve)  # fmt: skip
+
+    async def approve(self, pending: approvals.ApprovalInfo) -> None:
+        """The agent waits to call a tool: ask y/n here and decide (as the person, or as an operator for the operators)."""
+        shown = ", ".join(f"{key}={value!r}" for key, value in pending.arguments.items())
+        if pending.approver == approvals.OPERATORS and not self.operator:
+            err.print(
+                f"[yellow]Waiting for an operator[/yellow] to approve {escape(pending.tool)}: `konstruct approval approve {pending.id}`"
+            )
+            return
+        err.print(f"[bold]{escape(self.agent.name)}[/bold] wants to call [bold]{escape(pending.tool)}[/bold]({escape(shown)}).")
+        err.print("Allow it? \\[y/N] ", end="")  # on stderr: stdout keeps only the reply (or its JSON)
+        answer = _read_line("")
+        if isinstance(answer, int):  # no terminal to answer on (or Ctrl-D): someone else decides
+            err.print(f"[dim]Not decided here: `konstruct approval approve|deny {pending.id} --tenant {self.tenant.slug}`[/dim]")
+            return
+        person = pending.approver == approvals.PERSON
+        decider = approvals.Decider(f"terminal:{self.person}", channel="terminal", person=self.person) if person else \
+            approvals.Decider(actor(), operator=True)  # fmt: skip
+        decision = await approvals.decide(self.db, self.queue, tenant_id=self.tenant.id, approval_id=pending.id,
+                                          approve=clean_input(answer).lower() in ("y", "yes"), decider=decider)  # fmt: skip
+        err.print(f"[dim]{decision.approval.status}.[/dim]")
 
 
 @asynccontextmanager
@@ -122,7 +146,8 @@ async def open_line(
         tenant_info = await tenant_for(db, tenant, "agent.test")
         agent_info = await get_agent(db, tenant_info, agent)
         wait = timeout or cfg.llm.timeout * (cfg.llm.retries + 1) + 15
-        yield Line(db, queue, tenant_info, agent_info, person, conversation, wait, cfg.worker.stale_after)
+        operator = (await who(db)).can("approval.decide", tenant_info.id)
+        yield Line(db, queue, tenant_info, agent_info, person, conversation, wait, cfg.worker.stale_after, operator)
     finally:
         queue.close()
 

@@ -506,3 +506,29 @@ class DeskMirror(Base):
     desk_ts: Mapped[str] = mapped_column(Text)
     shown_status: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _created()
+
+
+class ToolApproval(Base):
+    """A call of an `ask` tool waiting for (or given) a human's decision, with what its turn needs to go on. See migration 0021."""
+
+    __tablename__ = "tool_approvals"
+
+    id: Mapped[uuid.UUID] = _id()
+    tenant_id: Mapped[uuid.UUID] = _tenant_id()
+    agent_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("agents.id", ondelete="CASCADE"))
+    conversation_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("conversations.id", ondelete="CASCADE"))
+    inbound_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("inbound_messages.id", ondelete="CASCADE"))
+    tool_call_id: Mapped[str] = mapped_column(Text)
+    tool: Mapped[str] = mapped_column(Text)
+    arguments: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=sql_text("'{}'::jsonb"))  # as the model wrote them
+    shown_arguments: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=sql_text("'{}'::jsonb"))  # secrets redacted
+    approver: Mapped[str] = mapped_column(Text)  # person | operators
+    channel: Mapped[str] = mapped_column(Text)
+    person: Mapped[str] = mapped_column(Text)  # the conversation's person, in the channel's terms
+    resume: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=sql_text("'{}'::jsonb"))
+    status: Mapped[str] = mapped_column(Text, server_default="pending")  # pending | approved | denied | expired
+    requested_at: Mapped[datetime] = _created()
+    expires_at: Mapped[datetime] = mapped_column(TIMESTAMP(timezone=True))
+    request_ref: Mapped[str | None] = mapped_column(Text)  # where the request was shown (a Slack ts, a wamid)
+    decided_by: Mapped[str | None] = mapped_column(Text)
+    decided_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))

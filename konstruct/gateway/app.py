@@ -169,7 +169,7 @@ def create_app(settings: Settings) -> Starlette:
         app.state.db = Database(settings, urls)
         app.state.queue = make_queue(settings, urls)
         app.state.slack = SlackEvents(settings, app.state.db, app.state.queue)
-        app.state.slack_interactions = SlackInteractions(settings, app.state.db)
+        app.state.slack_interactions = SlackInteractions(settings, app.state.db, app.state.queue)
         app.state.whatsapp = WhatsAppWebhook(settings, app.state.db, app.state.queue)
         app.state.health = DatabaseHealth(app.state.db)
         try:  # connections and bolt apps ready before the first webhook, not built while it waits

@@ -2,7 +2,7 @@
 
 Three roles (DESIGN.md): platform_admin (everything, every tenant), customer_admin (its own tenant:
 agents, channels, keys, budgets, billing, invitations, users) and customer_operator (its own tenant:
-read agents and usage, test an agent, handle escalated conversations). The local operator who owns the
+read agents and usage, test an agent, handle escalated conversations, decide tool approvals). The local operator who owns the
 installation is a platform admin; `--as EMAIL` acts with exactly that user's permissions. Row-level
 security backs this up: a tenant's rows are only ever read inside that tenant's transaction.
 """
@@ -45,6 +45,8 @@ TENANT_OPERATIONS: dict[str, frozenset[str]] = {
     "invite.write": frozenset({ADMIN}),
     "conversation.read": frozenset({ADMIN, OPERATOR}),
     "conversation.handle": frozenset({ADMIN, OPERATOR}),
+    "approval.read": frozenset({ADMIN, OPERATOR}),
+    "approval.decide": frozenset({ADMIN, OPERATOR}),  # a tool call waiting for a human's approval
     "escalation.test": frozenset({ADMIN, OPERATOR}),
     "knowledge.read": frozenset({ADMIN, OPERATOR}),
     "knowledge.write": frozenset({ADMIN}),

@@ -29,7 +29,7 @@ import uvloop
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from konstruct import audit, inbox, mail
+from konstruct import approvals, audit, inbox, mail
 from konstruct.agent import memory
 from konstruct.agent.embedding import embedder
 from konstruct.agent.pipeline import Pipeline
@@ -74,6 +74,7 @@ class WorkerRuntime:
         self._heartbeat: Future[None] | None = None
         self._retrier: Future[None] | None = None
         self._desk: Future[None] | None = None
+        self._expirer: Future[None] | None = None
         self.db: Database | None = None
         self.pipeline: Pipeline | None = None
         self.stopping: Any = None  # the consumer's stop flag (a threading.Event), once it runs
@@ -87,6 +88,7 @@ class WorkerRuntime:
         self._heartbeat = asyncio.run_coroutine_threadsafe(self._heartbeat_loop(), self.loop)
         self._retrier = asyncio.run_coroutine_threadsafe(self._retry_loop(), self.loop)
         self._desk = asyncio.run_coroutine_threadsafe(self._desk_loop(), self.loop)
+        self._expirer = asyncio.run_coroutine_threadsafe(self._expiry_loop(), self.loop)
         self.sweep()
 
     def stop(self, timeout: float) -> None:
@@ -96,7 +98,7 @@ class WorkerRuntime:
             time.sleep(0.05)
         if self.in_flight:
             log.warning("stopping with %d message(s) in flight; the sweeper will re-queue them", self.in_flight)
-        for task in (self._heartbeat, self._retrier, self._desk):
+        for task in (self._heartbeat, self._retrier, self._desk, self._expirer):
             if task is not None:
                 task.cancel()
         if self._thread.is_alive():
@@ -258,6 +260,19 @@ class WorkerRuntime:
                         self._retry.pop(inbound_id, None)
                     break  # the database is still away: try again later
                 self._retry.pop(inbound_id, None)
+
+    async def _expiry_loop(self) -> None:
+        """Deny the approvals nobody decided in time (every worker looks; each expires once): their turns resume."""
+        assert self.db is not None
+        while True:
+            await asyncio.sleep(self.settings.approvals.check_interval)
+            try:
+                expired = await approvals.expire_due(self.db, self.queue)
+            except Exception as exc:
+                outage_log.warning("expiry", f"could not expire approvals: {type(exc).__name__}")
+                continue
+            if expired:
+                log.info("%d approval(s) expired: denied, the model is told", expired)
 
     async def _give_back(self, tenant_id: uuid.UUID, inbound_id: uuid.UUID, *, charge: bool) -> None:
         """Put a message that failed here back to 'received' and ring for it again (a no-op claim if it finished)."""

@@ -7,8 +7,9 @@ a method with HTTP 429 and `Retry-After`.
 
 Only the methods konstruct uses are implemented: `auth.test`, `oauth.v2.access`, `chat.postMessage`
 (with message `metadata`, and `blocks` checked as Slack does for the `markdown` blocks konstruct sends:
-at most 50 blocks, at most 12,000 characters of markdown text in one message; `context_actions` feedback buttons shaped
-as Slack's reference has them), `chat.update`, `conversations.replies` and `conversations.history` (metadata
+at most 50 blocks, at most 12,000 characters of markdown text in one message; `context_actions` feedback buttons and
+`actions` blocks of buttons shaped as Slack's reference has them), `users.info` (users a test registers, with their
+email), `chat.update`, `conversations.replies` and `conversations.history` (metadata
 only with `include_all_metadata`, as Slack does), `apps.connections.open` (an app-level token's Socket Mode URL,
 served by tests/fakes/slack_socket.py), `views.open` (a modal, kept in `views`), the external file upload
 (`files.getUploadURLExternal`, a POST of the bytes to the URL it gives, `files.completeUploadExternal` sharing them in a
@@ -93,6 +94,8 @@ def _blocks(raw: Any) -> list[dict[str, Any]] | str | None:
         return "invalid_blocks"
     if not all(_context_actions_ok(b) for b in raw if b["type"] == "context_actions"):
         return "invalid_blocks"
+    if not all(_actions_ok(b) for b in raw if b["type"] == "actions"):
+        return "invalid_blocks"
     markdown = [b.get("text") for b in raw if b["type"] == "markdown"]
     if not all(isinstance(t, str) and t for t in markdown):
         return "invalid_blocks"
@@ -124,6 +127,32 @@ def _context_actions_ok(block: dict[str, Any]) -> bool:
     return True
 
 
+def _actions_ok(block: dict[str, Any]) -> bool:
+    """An actions block as Slack's reference has it: 1-25 elements; a button with plain_text of at most 75 characters,
+    an action_id of at most 255 (unique in the block), a value of at most 2,000, a style of primary or danger if any."""
+    elements, block_id = block.get("elements"), block.get("block_id")
+    if not isinstance(elements, list) or not 0 < len(elements) <= 25:
+        return False
+    if block_id is not None and not (isinstance(block_id, str) and 0 < len(block_id) <= 255):
+        return False
+    ids = [e.get("action_id") for e in elements if isinstance(e, dict)]
+    if len(ids) != len(set(ids)):
+        return False
+    for element in elements:
+        if not isinstance(element, dict) or element.get("type") != "button":
+            return False
+        text, value = element.get("text"), element.get("value")
+        if not isinstance(text, dict) or text.get("type") != "plain_text" or not 0 < len(str(text.get("text") or "")) <= 75:
+            return False
+        if not isinstance(element.get("action_id"), str) or not 0 < len(element["action_id"]) <= 255:
+            return False
+        if value is not None and not (isinstance(value, str) and len(value) <= 2000):
+            return False
+        if element.get("style") not in (None, "primary", "danger"):
+            return False
+    return True
+
+
 def _ts_key(ts: str) -> tuple[int, int]:
     seconds, _, fraction = ts.partition(".")
     return int(seconds or 0), int(fraction or 0)
@@ -147,6 +176,7 @@ class FakeSlack:
     suggested_prompts: dict[str, dict[str, Any]] = field(default_factory=dict)  # channel -> the prompts its Messages tab offers
     titles: dict[tuple[str, str], str] = field(default_factory=dict)  # (channel, thread_ts) -> the thread's title
     socket: FakeSocketMode | None = None  # the websocket server `apps.connections.open` points to
+    users: dict[str, dict[str, Any]] = field(default_factory=dict)  # user id -> the user object `users.info` returns
     streams: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (channel, ts) -> state, pieces
     stream_expiry: float = 300.0
     deleted: list[dict[str, Any]] = field(default_factory=list)  # messages chat.delete removed, with their channel
@@ -191,6 +221,7 @@ class FakeSlack:
             self.titles.clear()
             self.views.clear()
             self.uploads.clear()
+            self.users.clear()
         if self.socket is not None:
             self.socket.reset()
 
@@ -222,6 +253,12 @@ class FakeSlack:
         with self._lock:
             self.tokens[token] = info
         return info
+
+    def add_user(self, user_id: str, email: str, *, team_id: str = "T0000000001", name: str = "someone") -> None:
+        """A person of a workspace, as `users.info` describes them (the email needs users:read.email, which we have)."""
+        with self._lock:
+            self.users[user_id] = {"id": user_id, "team_id": team_id, "name": name, "is_bot": False,
+                                   "profile": {"email": email, "real_name": name, "display_name": name}}  # fmt: skip
 
     def add_app_token(self, token: str, *, team_id: str = "T0000000001") -> None:
         """Register an app-level token (what `apps.connections.open` accepts)."""
@@ -339,6 +376,7 @@ class FakeSlack:
             "views.open": self._views_open,
             "files.getUploadURLExternal": self._get_upload_url,
             "files.completeUploadExternal": self._complete_upload,
+            "users.info": self._users_info,
         }
         handler = handlers.get(method)
         if handler is None:
@@ -349,6 +387,13 @@ class FakeSlack:
         if info is None:
             return Answer(200, {"ok": False, "error": "invalid_auth"})
         return Answer(200, handler(info, args))
+
+    def _users_info(self, info: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+        """A user of the token's own workspace; anyone else is user_not_found, as Slack answers."""
+        user = self.users.get(str(args.get("user") or ""))
+        if user is None or user["team_id"] != info["team_id"]:
+            return {"ok": False, "error": "user_not_found"}
+        return {"ok": True, "user": dict(user)}
 
     def _apps_connections_open(self, token: str | None) -> dict[str, Any]:
         """A Socket Mode URL for an app-level token; bot tokens are refused as Slack refuses them."""

@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from tests.fakes.server import QuietHandler, serve, shutdown
 
-SEND_KINDS = ("text", "template")
+SEND_KINDS = ("text", "template", "interactive")
 TEXT_LIMIT = 4096  # characters in text.body
 
 # code -> (title, details), as Meta words them
@@ -308,10 +308,35 @@ class FakeGraph:
                 return "The parameter text['body'] is required."
             if len(text) > TEXT_LIMIT:
                 return f"Param text['body'] must be at most {TEXT_LIMIT} characters long."
+        if kind == "interactive":
+            return FakeGraph._invalid_interactive(content)
         if kind == "template":
             language = content.get("language")
             if not isinstance(content.get("name"), str) or not isinstance(language, dict) or not isinstance(language.get("code"), str):
                 return "The parameters template['name'] and template['language']['code'] are required."
+        return None
+
+    @staticmethod
+    def _invalid_interactive(content: dict[str, Any]) -> str | None:
+        """Reply buttons as Meta takes them: body.text of 1-1,024 characters, 1-3 buttons of type reply, each with a
+        unique id of at most 256 characters and a unique title of 1-20."""
+        if content.get("type") != "button":
+            return "interactive['type'] must be button (the fake implements reply buttons only)."
+        body = content.get("body")
+        if not isinstance(body, dict) or not isinstance(body.get("text"), str) or not 0 < len(body["text"]) <= 1024:
+            return "The parameter interactive['body']['text'] is required and at most 1024 characters."
+        buttons = (content.get("action") or {}).get("buttons") if isinstance(content.get("action"), dict) else None
+        if not isinstance(buttons, list) or not 0 < len(buttons) <= 3:
+            return "interactive['action']['buttons'] must hold 1 to 3 buttons."
+        replies = [b.get("reply") if isinstance(b, dict) and b.get("type") == "reply" else None for b in buttons]
+        if not all(isinstance(r, dict) for r in replies):
+            return "Each button must be of type reply with a reply object."
+        ids = [r.get("id") for r in replies if isinstance(r, dict)]
+        titles = [r.get("title") for r in replies if isinstance(r, dict)]
+        if not all(isinstance(i, str) and 0 < len(i) <= 256 for i in ids) or len(set(ids)) != len(ids):
+            return "Button ids must be unique, 1 to 256 characters."
+        if not all(isinstance(t, str) and 0 < len(t) <= 20 for t in titles) or len(set(titles)) != len(titles):
+            return "Button titles must be unique, 1 to 20 characters."
         return None
 
     def _answer(self, method: str, path: str, token: str | None, body: dict[str, Any] | None) -> Answer:

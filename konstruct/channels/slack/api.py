@@ -50,6 +50,8 @@ METHOD_SCOPES: dict[str, tuple[str, ...]] = {
     "assistant.threads.setStatus": ("chat:write",),
     "assistant.threads.setSuggestedPrompts": ("assistant:write",),
     "assistant.threads.setTitle": ("assistant:write",),
+    # Who clicked Approve on a tool call for operators: their email, matched to the tenant's users.
+    "users.info": ("users:read", "users:read.email"),
 }
 
 # Downloading a message's files (`url_private`) with the bot token.

@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from konstruct import feedback
 from konstruct.channels.connections import SecretCache
 from konstruct.channels.slack import desk
+from konstruct.channels.slack.approvals import request_blocks
 from konstruct.channels.slack.client import web_client
 from konstruct.channels.slack.feedback import feedback_block
 from konstruct.channels.slack.format import SlackMessage, markdown_messages
@@ -50,7 +51,7 @@ from konstruct.channels.slack.stream import (
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import ChannelConnection, InboundMessage, Message
-from konstruct.messaging import ChannelError, DeskCard, DeskFile, DeskThread, Reply, Target, mark_sent
+from konstruct.messaging import ApprovalRequest, ChannelError, DeskCard, DeskFile, DeskThread, Reply, Target, mark_sent
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +411,14 @@ class SlackChannel:
 
     async def notify(self, tenant_id: uuid.UUID, where: str, text: str) -> None:
         """Post to a channel (C…) or person (U…) through the tenant's connected Slack workspace."""
+        client = await self._workspace_client(tenant_id)
+        try:
+            await client.chat_postMessage(channel=where, text=text)
+        except SlackApiError as exc:
+            raise ChannelError(f"Slack refused the notice: {exc.response.get('error')}") from None
+
+    async def _workspace_client(self, tenant_id: uuid.UUID) -> AsyncWebClient:
+        """A client for the tenant's (first) connected Slack workspace."""
         async with self.db.tenant(tenant_id=tenant_id) as session:
             team = await session.scalar(
                 select(ChannelConnection.external_id)
@@ -419,10 +428,22 @@ class SlackChannel:
             )
         if team is None:
             raise ChannelError("the tenant has no connected Slack workspace")
+        return web_client(self.settings, await self.tokens.get(tenant_id, team))
+
+    async def ask(self, request: ApprovalRequest, where: str | None) -> str | None:
+        """The request with Approve/Deny buttons: in the conversation's thread, or in the room `where` (operators)."""
+        text, blocks = request.question(), request_blocks(request)
+        target = request.target
+        if where is None:
+            response = await self._post(await self._client(target), target, text, blocks=blocks)
+            return str(response["ts"])
+        # A Slack conversation's own workspace; for another channel's conversation, the tenant's workspace.
+        client = await (self._client(target) if target.payload.get("team_id") else self._workspace_client(target.tenant_id))
         try:
-            await web_client(self.settings, await self.tokens.get(tenant_id, team)).chat_postMessage(channel=where, text=text)
+            response = await client.chat_postMessage(channel=where, text=text, blocks=blocks)
         except SlackApiError as exc:
-            raise ChannelError(f"Slack refused the notice: {exc.response.get('error')}") from None
+            raise ChannelError(f"Slack refused the approval request: {exc.response.get('error')}") from None
+        return str(response["ts"])
 
     async def record_sent(self, session: AsyncSession, message_id: uuid.UUID, external_id: str | None) -> None:
         await mark_sent(session, message_id, external_id)

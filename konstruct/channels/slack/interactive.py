@@ -1,4 +1,5 @@
-"""Slack's Interactivity request URL (`POST /slack/interactive`): feedback clicks on answers.
+"""Slack's Interactivity request URL (`POST /slack/interactive`): feedback clicks on answers, and Approve/Deny clicks
+on a tool call waiting for approval (konstruct.channels.slack.approvals).
 
 Verified exactly as /slack/events is: the v0 signature over the raw bytes with the signing secret of the workspace's
 connection (its own app's for a single workspace, the distributed app's otherwise), refused with 401 before anything
@@ -15,8 +16,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from konstruct import feedback
+from konstruct import feedback, inbox
 from konstruct.channels.connections import ResolveCache, Resolved
+from konstruct.channels.slack.approvals import SlackApprovals, is_approval
 from konstruct.channels.slack.desk import DeskClicks, is_desk
 from konstruct.channels.slack.events import verify_request
 from konstruct.channels.slack.feedback import MalformedInteraction, feedback_click
@@ -38,11 +40,12 @@ class Outcome:
 class SlackInteractions:
     """The /slack/interactive endpoint; `interact` is the part after verification, for any transport."""
 
-    def __init__(self, settings: Settings, db: Database) -> None:
+    def __init__(self, settings: Settings, db: Database, queue: inbox.Doorbell | None = None) -> None:
         self.settings = settings
         self.db = db
         self.connections = ResolveCache(db, settings)
         self.desk = DeskClicks(settings, db, self.connections)
+        self.approvals = SlackApprovals(settings, db, queue)  # Approve/Deny clicks on a tool call (queue: to resume its turn)
 
     async def handle(self, request: Request) -> Response:
         signed = await verify_request(request, self.connections, self._signing_secret)
@@ -76,6 +79,10 @@ class SlackInteractions:
         """Act on a verified interaction from workspace `team_id` (its connection: `resolved`)."""
         if is_desk(payload):  # the human desk's buttons and hand-back modal (channels/slack/desk.py)
             return Outcome(*await self.desk.interact(resolved, team_id, payload))
+        if is_approval(payload):
+            if team_id is None or resolved is None or resolved.status != "connected":
+                return Outcome(403, "this workspace is not connected")
+            return Outcome(*await self.approvals.interact(resolved, team_id, payload))
         try:
             click = feedback_click(payload)
         except MalformedInteraction as exc:

@@ -26,11 +26,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from konstruct.channels.connections import SecretCache
 from konstruct.channels.text import split_message
 from konstruct.channels.whatsapp import delivery
+from konstruct.channels.whatsapp.approvals import request_body
 from konstruct.channels.whatsapp.graph import OUTSIDE_WINDOW, WHATSAPP_TEXT_LIMIT, Graph, GraphError
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.models import InboundMessage
-from konstruct.messaging import ChannelError, Reply, Sent, Target, Template, Window, mark_sent, record_template
+from konstruct.messaging import ApprovalRequest, ChannelError, Reply, Sent, Target, Template, Window, mark_sent, record_template
 
 log = logging.getLogger("konstruct.whatsapp")
 
@@ -265,6 +266,19 @@ class WhatsAppChannel:
     async def notify(self, tenant_id: uuid.UUID, where: str, text: str) -> None:
         # A business may only start a WhatsApp conversation with an approved template, so there is no free-form notice.
         raise ChannelError("WhatsApp cannot carry a free-form notice: an escalation target is slack:CHANNEL or slack:USER")
+
+    async def ask(self, request: ApprovalRequest, where: str | None) -> str | None:
+        """The request as reply buttons to the person (inside the 24-hour window only); operators are not on WhatsApp."""
+        if where is not None:
+            raise ChannelError("WhatsApp cannot ask the tenant's operators: an escalation target is slack:CHANNEL")
+        target = request.target
+        if not await self._in_window(target):
+            raise ChannelError("the 24-hour window is closed: WhatsApp allows no interactive message now")
+        number, person = target.payload["phone_number_id"], target.payload["wa_id"]
+        try:
+            return await self._send(number, person, await self._token(target), request_body(request, person))
+        except GraphError as exc:
+            raise ChannelError(f"WhatsApp refused the approval request: {exc}") from None
 
     async def record_sent(self, session: AsyncSession, message_id: uuid.UUID, external_id: str | None) -> None:
         """The reply's wamid and status; where the template went in its place, the template is what is recorded."""

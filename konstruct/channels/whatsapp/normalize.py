@@ -41,6 +41,7 @@ class Normalized:
     media: Media | None
     reply_to: str | None  # context.id; for a reaction, the message reacted to
     answer: bool  # False for reactions and system messages: recorded in history, not answered
+    button_id: str | None = None  # the id of the reply button tapped (an interactive button_reply), e.g. an approval's
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,14 @@ def _message(raw: Any, names: dict[str, str]) -> Normalized | None:
         media=media,
         reply_to=reply_to,
         answer=kind not in SILENT_KINDS,
+        button_id=_button_id(message) if kind == "interactive" else None,
     )
+
+
+def _button_id(message: dict[str, Any]) -> str | None:
+    body = _dict(message.get("interactive"))
+    found = _ident(_dict(body.get("button_reply")).get("id")) if body.get("type") == "button_reply" else None
+    return found if found is not None and len(found) <= MAX_ID else None
 
 
 def _content(message: dict[str, Any]) -> tuple[str, str, Media | None]:

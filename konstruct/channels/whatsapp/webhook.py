@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from konstruct import inbox
 from konstruct.bodies import parse_json, read_body
 from konstruct.channels.connections import ResolveCache, Resolved, single_mode_candidates, unseal
-from konstruct.channels.whatsapp import delivery, normalize
+from konstruct.channels.whatsapp import approvals, delivery, normalize
 from konstruct.channels.whatsapp.graph import signature_ok
 from konstruct.config import Settings
 from konstruct.db.engine import Database
@@ -110,6 +110,8 @@ class WhatsAppWebhook:
 
     async def _store(self, resolved: Resolved, value: dict[str, Any], message: normalize.Normalized) -> None:
         number = normalize.phone_number_id(value) or ""
+        if await approvals.decide_tap(self.db, self.queue, resolved.tenant_id, number, message.wa_id, message.button_id):
+            return  # a tap on Approve/Deny: a decision, not a message for the agent
         media = message.media
         # Cleaned, so a NUL byte or a lone surrogate is stored as text instead of failing the insert.
         await inbox.accept(
