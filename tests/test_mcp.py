@@ -22,7 +22,7 @@ from konstruct.agent.tools import mcp_client
 from konstruct.channels.registry import channels
 from konstruct.config import McpSettings, Settings
 from konstruct.db.engine import Database
-from konstruct.db.models import AuditEvent, Message
+from konstruct.db.models import AuditEvent, Message, ToolApproval
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import ValidationError
 from konstruct.messaging import InboundMessage
@@ -65,6 +65,16 @@ async def add(db: Database, settings: Settings, tenant: TenantInfo, spec: mcp_se
 
 
 async def ask(pipeline: Pipeline, tenant: TenantInfo, agent: AgentInfo, text: str) -> str:
+    stored, state = await turn(pipeline, tenant, agent, text)
+    assert state == "replied"
+    async with pipeline.db.tenant(tenant_id=tenant.id) as session:
+        reply = await session.scalar(select(Message.text).where(Message.inbound_id == stored, Message.direction == "out"))
+    assert reply is not None
+    return reply
+
+
+async def turn(pipeline: Pipeline, tenant: TenantInfo, agent: AgentInfo, text: str) -> tuple[uuid.UUID, str | None]:
+    """One person's message through the pipeline: its inbox id and the state the turn ended in."""
     queue = make_queue(pipeline.settings, resolve_urls(pipeline.settings))
     try:
         stored = await inbox.accept(
@@ -73,11 +83,7 @@ async def ask(pipeline: Pipeline, tenant: TenantInfo, agent: AgentInfo, text: st
     finally:
         queue.close()
     assert stored is not None
-    assert await pipeline.process(tenant_id=tenant.id, inbound_id=stored.id) == "replied"
-    async with pipeline.db.tenant(tenant_id=tenant.id) as session:
-        reply = await session.scalar(select(Message.text).where(Message.inbound_id == stored.id, Message.direction == "out"))
-    assert reply is not None
-    return reply
+    return stored.id, await pipeline.process(tenant_id=tenant.id, inbound_id=stored.id)
 
 
 def call(name: str, **arguments: object) -> str:
@@ -104,7 +110,9 @@ async def test_a_call_round_trips_into_the_answer_over_one_reused_session(
     server = await add(pipeline.db, pipeline.settings, tenant, mcp_servers.ServerSpec("shop", "http", shop.url, headers=headers))
     assert server.secret_hints == {"headers": {"Authorization": "…" + TOKEN[-4:]}}
     assert {t.exposed: t.read_only for t in server.tools}["shop__lookup_order"] is True
-    await update_agent(pipeline.db, tenant, "Ava", changes={"tools": ["calculator", "shop"]}, actor="test")
+    await update_agent(
+        pipeline.db, tenant, "Ava", changes={"tools": ["calculator", "shop"], "tool_policy": {"shop__refund": "allow"}}, actor="test"
+    )
     before = shop.handshakes
 
     answer = await ask(pipeline, tenant, agent, "where is it? " + call("shop__lookup_order", order_id="42"))
@@ -126,6 +134,30 @@ async def test_a_call_round_trips_into_the_answer_over_one_reused_session(
     assert TOKEN not in everything  # the header is stored encrypted, never echoed
 
 
+async def test_a_tool_that_changes_things_waits_for_approval_unless_the_agent_allows_it(
+    site: tuple[Pipeline, TenantInfo, AgentInfo], shop: LoopbackMcp
+) -> None:
+    """An MCP tool its server does not mark read-only asks (the person) before it runs; a read-only one runs; the
+    agent's tool_policy names a server's tool, and only one its server has."""
+    pipeline, tenant, agent = site
+    await add(pipeline.db, pipeline.settings, tenant, mcp_servers.ServerSpec("shop", "http", shop.url))
+    await update_agent(pipeline.db, tenant, "Ava", changes={"tools": ["shop"]}, actor="test")
+    calls = len(shop.calls)
+    inbound_id, state = await turn(pipeline, tenant, agent, "refund " + call("shop__refund", order_id="9", amount=3))
+    assert state == "waiting" and len(shop.calls) == calls  # paused before the call: nothing ran
+    async with pipeline.db.tenant(tenant_id=tenant.id) as session:
+        pending = list(await session.scalars(select(ToolApproval).where(ToolApproval.inbound_id == inbound_id)))
+    assert [(a.tool, a.arguments, a.status, a.approver) for a in pending] == [
+        ("shop__refund", {"order_id": "9", "amount": 3}, "pending", "person")
+    ]
+    assert "order 9: shipped" in await ask(pipeline, tenant, agent, call("shop__lookup_order", order_id="9"))  # read-only
+    with pytest.raises(ValidationError, match="has no tool 'shop__nope'"):
+        await update_agent(pipeline.db, tenant, "Ava", changes={"tool_policy": {"shop__nope": "allow"}}, actor="test")
+    allowed = await update_agent(pipeline.db, tenant, "Ava", changes={"tool_policy": {"shop__refund": "allow"}}, actor="test")
+    assert allowed.settings["tool_policy"] == {"shop__refund": "allow"}
+    assert "refunded 3.00 on order 9" in await ask(pipeline, tenant, agent, call("shop__refund", order_id="9", amount=3))
+
+
 async def test_a_slow_and_a_failing_server_become_tool_errors_and_it_reconnects(
     site: tuple[Pipeline, TenantInfo, AgentInfo], fake_llm: FakeLLM
 ) -> None:
@@ -134,7 +166,8 @@ async def test_a_slow_and_a_failing_server_become_tool_errors_and_it_reconnects(
     try:
         spec = mcp_servers.ServerSpec("shop", "http", flaky.url, timeout_seconds=0.5)
         await add(pipeline.db, pipeline.settings, tenant, spec)
-        await update_agent(pipeline.db, tenant, "Ava", changes={"tools": ["shop__*"]}, actor="test")
+        policy = {"shop__refund": "allow", "shop__fail": "allow"}  # they change things: asked for by default
+        await update_agent(pipeline.db, tenant, "Ava", changes={"tools": ["shop__*"], "tool_policy": policy}, actor="test")
         answer = await ask(pipeline, tenant, agent, call("shop__slow", seconds=5))
         assert "error: MCP server shop did not answer slow within 0.5 seconds" in answer
         answer = await ask(pipeline, tenant, agent, call("shop__fail", reason="closed on Sundays"))
