@@ -150,6 +150,7 @@ BAD = (
     ('command = "python x.py"\nheaders = { X-A = "b" }', "headers are for a url server"),
     ('url = "URL"\nagents = ["Zed"]', "no agent 'Zed' is declared"),
     ('url = "URL"\ntimeout = 0', "timeout"),
+    ('url = ""', "give the server's http:// or https:// endpoint"),
     ('url = "URL"\ncolour = "red"', "colour"),
 )
 
