@@ -1,10 +1,13 @@
 """Declarative tenants: a TOML file (or `[[tenants]]` in konstruct.toml) declares tenants, agents, routes,
-budgets and invitations; `plan` shows what would change, `apply` makes it so through the same services
-(and audit events) as the commands. Idempotent; deleting needs `prune`."""
+budgets, invitations, knowledge sources and MCP servers (konstruct/declare_mcp.py); `plan` shows what would
+change, `apply` makes it so through the same services (and audit events) as the commands. Idempotent;
+deleting needs `prune`."""
 
 from __future__ import annotations
 
+import contextlib
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -13,6 +16,7 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from konstruct import declare_mcp
 from konstruct.agent import agents as agent_service
 from konstruct.channels import connections
 from konstruct.channels.registry import validate_escalation_target
@@ -86,6 +90,7 @@ class TenantSpec(_Spec):
     routes: list[RouteSpec] = Field(default_factory=list)
     invitations: list[InviteSpec] = Field(default_factory=list)
     knowledge: list[KnowledgeSpec] = Field(default_factory=list)
+    mcp: list[declare_mcp.McpSpec] = Field(default_factory=list)
 
 
 class Declaration(_Spec):
@@ -128,7 +133,7 @@ def load(path: Path | None, settings: Settings) -> Declaration:
                     raise ConfigError(f"tenant {tenant.slug}, agent {agent.name}: cannot read {file}: {exc.strerror}") from None
             if not agent.persona:
                 raise ValidationError(f"tenant {tenant.slug}, agent {agent.name}: give persona or persona_file")
-            agent_service.check_tools(agent.tools)
+            agent_service.check_tools(agent.tools, [m.name for m in tenant.mcp])
             agent.tool_policy = agent_service.check_tool_policy_form(agent.tool_policy)
             agent_service.check_rules(agent.escalation_rules)
             agent_service.check_prompts(agent.suggested_prompts)
@@ -138,6 +143,7 @@ def load(path: Path | None, settings: Settings) -> Declaration:
             users.check_email(invite.email)
             users.check_role(invite.role)
         _check_knowledge(tenant, base)
+        declare_mcp.check(tenant.slug, tenant.mcp, set(names))
     return declaration
 
 
@@ -161,7 +167,7 @@ def _check_knowledge(tenant: TenantSpec, base: Path) -> None:
 @dataclass
 class Change:
     action: str  # create | change | delete
-    kind: str  # tenant | agent | budget | route | invitation
+    kind: str  # tenant | agent | budget | route | invitation | knowledge | mcp
     tenant: str
     name: str
     fields: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # what changes: (now, then)
@@ -203,6 +209,7 @@ async def plan(db: Database, settings: Settings, declaration: Declaration, *, pr
             ]
             changes += [Change("create", "invitation", spec.slug, i.email, {"role": (None, i.role)}, i) for i in spec.invitations]
             changes += [Change("create", "knowledge", spec.slug, k.target, _knowledge_fields(k, set(), {}), k) for k in spec.knowledge]
+            changes += await _mcp_changes(db, settings, None, spec, prune)
             continue
         changes += await _tenant_changes(db, settings, tenant, spec, wanted, prune)
     if prune:
@@ -269,7 +276,15 @@ async def _tenant_changes(
         declared_emails = {i.email.strip().lower() for i in spec.invitations}
         changes += [Change("delete", "invitation", spec.slug, email) for email in sorted(pending) if email not in declared_emails]
     changes += await _knowledge_changes(db, tenant, spec, prune)
+    changes += await _mcp_changes(db, settings, tenant, spec, prune)
     return changes
+
+
+async def _mcp_changes(
+    db: Database, settings: Settings, tenant: tenant_service.TenantInfo | None, spec: TenantSpec, prune: bool
+) -> list[Change]:
+    planned = await declare_mcp.changes(db, settings, tenant, spec.mcp, prune=prune)
+    return [Change(action, "mcp", spec.slug, name, fields, entry) for action, name, fields, entry in planned]
 
 
 def _declared_uris(entry: KnowledgeSpec) -> list[str]:
@@ -340,17 +355,41 @@ async def _apply_knowledge(db: Database, change: Change, actor: str, jobs: list[
 async def apply(db: Database, settings: Settings, changes: list[Change], *, actor: str, jobs: list[Queued] | None = None) -> list[Made]:
     """Make the planned changes, in order, through the services (each audits itself). Returns the invitations
     made, with their tokens (emailing them is the caller's choice); the knowledge jobs written go into ``jobs``
-    (queueing them for a worker is the caller's too)."""
+    (queueing them for a worker is the caller's too). Agents are created in order (an MCP server may name them)
+    and get their settings last (their tools may name an MCP server made in between)."""
     tokens: list[Made] = []
     for change in changes:
-        try:
+        with _blamed(change):
             if change.kind == "knowledge":
                 await _apply_knowledge(db, change, actor, jobs if jobs is not None else [])
-                continue
-            await _apply_one(db, settings, change, actor, tokens)
-        except KonstructError as exc:
-            raise type(exc)(f"{change.action} {change.kind} {change.tenant}/{change.name}: {exc}") from None
+            elif change.kind == "mcp":
+                tenant = await tenant_service.get_tenant(db, change.tenant)
+                await declare_mcp.apply(db, settings, tenant, change.action, change.name, change.spec, actor=actor)
+            else:
+                await _apply_one(db, settings, change, actor, tokens)
+    for change in changes:
+        if change.kind == "agent" and change.action != "delete":
+            with _blamed(change):
+                await _agent_settings(db, change, actor)
     return tokens
+
+
+@contextlib.contextmanager
+def _blamed(change: Change) -> Iterator[None]:
+    try:
+        yield
+    except KonstructError as exc:
+        raise type(exc)(f"{change.action} {change.kind} {change.tenant}/{change.name}: {exc}") from None
+
+
+async def _agent_settings(db: Database, change: Change, actor: str) -> None:
+    a: AgentSpec = change.spec
+    tenant = await tenant_service.get_tenant(db, change.tenant)
+    await agent_service.update_agent(
+        db, tenant, a.name, actor=actor,
+        changes={"role": a.role, "persona": a.persona, "model": a.model, "tools": a.tools, "tool_policy": a.tool_policy,
+                 "escalation_rules": a.escalation_rules, "fallbacks": a.fallbacks, "suggested_prompts": a.suggested_prompts},
+    )  # fmt: skip
 
 
 async def _apply_one(db: Database, settings: Settings, change: Change, actor: str, tokens: list[Made]) -> None:
@@ -373,14 +412,8 @@ async def _apply_one(db: Database, settings: Settings, change: Change, actor: st
             await agent_service.delete_agent(db, tenant, change.name, actor=actor)
             return
         a: AgentSpec = change.spec
-        if change.action == "create":
+        if change.action == "create":  # its settings: _agent_settings, once the MCP servers are there
             await agent_service.create_agent(db, tenant, name=a.name, role=a.role, persona=a.persona or "", model=a.model, actor=actor)
-        await agent_service.update_agent(
-            db, tenant, a.name, actor=actor,
-            changes={"role": a.role, "persona": a.persona, "model": a.model, "tools": a.tools, "tool_policy": a.tool_policy,
-                     "escalation_rules": a.escalation_rules,
-                     "fallbacks": a.fallbacks, "suggested_prompts": a.suggested_prompts},
-        )  # fmt: skip
     elif change.kind == "budget":
         if change.action == "delete":
             await budget_service.clear_budget(db, tenant, actor=actor)

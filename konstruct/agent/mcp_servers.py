@@ -207,6 +207,11 @@ def parse_assignments(items: Sequence[str], what: str) -> dict[str, str]:
     return out
 
 
+def looks_secret(name: str) -> bool:
+    """A header or variable whose value must come from the environment (Authorization, X-Api-Key, …)."""
+    return bool(_SECRET_LOOKING.search(name))
+
+
 def resolve_value(name: str, value: str, what: str = "header") -> str:
     if value.startswith(":") and _ENV_NAME.match(value[1:]):
         raise ValidationError(f"--{what} {name}: the shell expanded $env; quote it: --{what} '{name}=$env:{value[1:]}'")
@@ -214,7 +219,7 @@ def resolve_value(name: str, value: str, what: str = "header") -> str:
     for ref in refs:
         if not os.environ.get(ref, "").strip():
             raise ValidationError(f"--{what} {name}: environment variable {ref} is not set or empty")
-    if not refs and _SECRET_LOOKING.search(name):
+    if not refs and looks_secret(name):
         raise ValidationError(
             f"--{what} {name}: a secret comes from the environment: --{what} '{name}=Bearer $env:VAR' or '{name}=$env:VAR'"
         )

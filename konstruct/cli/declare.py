@@ -1,4 +1,4 @@
-"""konstruct plan | apply: tenants, agents, routes, budgets and invitations declared in a TOML file."""
+"""konstruct plan | apply: tenants, agents, routes, budgets, invitations, knowledge and MCP servers declared in a TOML file."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from konstruct.tenancy import invitations
 
 FileOption = typer.Option(None, "--file", "-f", help="The tenants file (default: [[tenants]] in konstruct.toml).", exists=False)
 PruneOption = typer.Option(
-    False, "--prune", help="Also delete what exists but is not declared (tenants, agents, routes, budgets, invitations, knowledge sources)."
+    False,
+    "--prune",
+    help="Also delete what exists but is not declared (tenants, agents, routes, budgets, invitations, knowledge sources, MCP servers).",
 )
 
 SYMBOL = {"create": "[green]+[/green]", "change": "[yellow]~[/yellow]", "delete": "[red]-[/red]"}
@@ -72,7 +74,7 @@ def apply_command(
     prune: bool = PruneOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Make tenants, agents, routes, budgets and invitations as declared (idempotent; audited)."""
+    """Make tenants, agents, routes, budgets, invitations, knowledge and MCP servers as declared (idempotent; audited)."""
     cfg = settings(ctx)
     declaration = declare.load(file, cfg)
 

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from konstruct import audit
 from konstruct.config import Settings, hint
 from konstruct.db.engine import Database
-from konstruct.db.models import ChannelConnection, LLMKey
+from konstruct.db.models import ChannelConnection, LLMKey, McpServer
 from konstruct.errors import ConfigError, NotFoundError, ValidationError
 from konstruct.netguard import AddressError, normalise_host, private_address
 from konstruct.secrets import decrypt, encrypt, fernet
@@ -159,14 +159,18 @@ async def tenant_keys(session: AsyncSession, settings: Settings) -> dict[str, Te
 
 
 async def rotate_secrets(db: Database, settings: Settings, tenant_ids: list[uuid.UUID]) -> int:
-    """Re-encrypt every stored secret (channel credentials, LLM keys) under the newest master key.
-    One transaction per tenant; returns how many secrets were rewritten."""
+    """Re-encrypt every stored secret (channel credentials, LLM keys, MCP servers' headers and environment) under the
+    newest master key. One transaction per tenant; returns how many secrets were rewritten."""
     multi = fernet(settings)
     count = 0
+    sealed: tuple[tuple[Any, Any], ...] = (
+        (ChannelConnection, ChannelConnection.credentials), (LLMKey, LLMKey.secret), (McpServer, McpServer.secrets),
+    )  # fmt: skip
     for tenant_id in tenant_ids:
         async with db.tenant(tenant_id=tenant_id) as session:
-            for model, column in ((ChannelConnection, ChannelConnection.credentials), (LLMKey, LLMKey.secret)):
-                for row_id, blob in (await session.execute(select(model.id, column).with_for_update())).all():
+            for model, column in sealed:
+                rows = await session.execute(select(model.id, column).where(column.is_not(None)).with_for_update())
+                for row_id, blob in rows.all():
                     try:
                         rotated = multi.rotate(bytes(blob))
                     except InvalidToken:
