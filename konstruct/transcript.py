@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from konstruct import audit
 from konstruct.db.engine import Database
-from konstruct.db.models import Agent, Conversation, Message
+from konstruct.db.models import Agent, Conversation, Handoff, Message
 from konstruct.errors import NotFoundError
 from konstruct.tenancy.tenants import TenantInfo
 
@@ -49,7 +49,7 @@ class Transcript:
     escalated_at: datetime | None
     reason: str | None
     category: str | None
-    owner: str | None  # who of the team has it, where the installation records owners
+    owner: str | None  # who of the team took it (the open handoff's owner)
     entries: list[Entry]
     earlier: bool  # older entries were left out (see `limit`)
 
@@ -108,6 +108,7 @@ async def read(db: Database, tenant: TenantInfo, conversation_id: uuid.UUID, *, 
                 .limit(limit + 1)
             )
         )
+        owner = await session.scalar(select(Handoff.owner).where(Handoff.conversation_id == conversation_id, Handoff.ended_at.is_(None)))
         await audit.record(session, tenant_id=tenant.id, actor=actor, action="conversation.viewed", target=str(conversation_id),
                            detail={"via": via, "messages": min(len(rows), limit)})  # fmt: skip
     entries = [
@@ -116,5 +117,5 @@ async def read(db: Database, tenant: TenantInfo, conversation_id: uuid.UUID, *, 
     return Transcript(
         conversation.id, conversation.channel, conversation.external_id, conversation.person, agent, conversation.status,
         conversation.created_at, conversation.escalated_at, conversation.escalation_reason, conversation.escalation_category,
-        getattr(conversation, "owner", None), entries[::-1], len(rows) > limit,
+        owner, entries[::-1], len(rows) > limit,
     )  # fmt: skip

@@ -30,6 +30,7 @@ from konstruct.db.engine import Database
 from konstruct.db.models import Conversation, DeskMirror, Handoff, Message
 from konstruct.db.models import InboundMessage as InboxRow
 from konstruct.tenancy.tenants import create_tenant
+from konstruct.web import overview
 from tests.fakes import whatsapp as wa
 from tests.fakes.llm import FakeLLM
 from tests.fakes.slack import FakeSlack, sign
@@ -368,6 +369,12 @@ async def test_buttons_take_close_and_an_unsigned_click_refused_from_the_termina
     wait_for(lambda: f"<@{HUMAN}>" in json.dumps(site.slack.messages[(site.desk, card["ts"])].get("blocks")), 10, "the owner on the card")
     (handoff,) = await site.handoffs()
     assert handoff.owner == f"slack:{HUMAN}" and handoff.taken_at is not None
+    # The owner shows in the transcript and in the status page's open escalations.
+    transcript = json.loads(site.cli("conversation", "show", str(handoff.conversation_id), "--tenant", site.slug, "--json").stdout)
+    assert transcript["owner"] == f"slack:{HUMAN}"
+    async with site.db.tenant(tenant_id=site.tenant_id) as session:
+        [waiting] = await overview.open_escalations(session)
+    assert (waiting["id"], waiting["owner"], waiting["escalation_category"]) == (handoff.conversation_id, f"slack:{HUMAN}", "rule")
 
     # The person writes; a human answers from the CLI; `konstruct chat` shows it.
     silent = json.loads(

@@ -15,7 +15,7 @@ from konstruct import audit, feedback, supervision, transcript
 from konstruct.billing import standing as billing
 from konstruct.config import Settings
 from konstruct.db.engine import Database
-from konstruct.db.models import Agent, ChannelConnection, Conversation, InboundMessage, Message
+from konstruct.db.models import Agent, ChannelConnection, Conversation, Handoff, InboundMessage, Message
 from konstruct.llm import budget
 from konstruct.llm import usage as usage_report
 from konstruct.money import usd
@@ -116,15 +116,20 @@ async def tenant_view(db: Database, settings: Settings, tenant: TenantInfo) -> T
 
 
 async def open_escalations(session: AsyncSession, limit: int = 50) -> list[dict[str, Any]]:
-    """The tenant's conversations waiting for a human, oldest first: since when (and how long), who has them (where
-    owners are recorded), why (category and explanation)."""
-    owner = getattr(Conversation, "owner", None)  # who of the team took it, where this installation records that
+    """The tenant's conversations waiting for a human, oldest first: since when (and how long), who of the team took
+    it (its open handoff's owner), why (category and explanation)."""
     columns = [Conversation.id, Conversation.channel, Conversation.external_id, Conversation.person, Conversation.escalated_at,
-               Conversation.escalation_reason, Conversation.escalation_category, *([owner.label("owner")] if owner is not None else [])]  # fmt: skip
-    query = select(*columns).where(Conversation.status == "escalated").order_by(Conversation.escalated_at.asc().nulls_last()).limit(limit)
+               Conversation.escalation_reason, Conversation.escalation_category, Handoff.owner]  # fmt: skip
+    query = (
+        select(*columns)
+        .outerjoin(Handoff, (Handoff.conversation_id == Conversation.id) & Handoff.ended_at.is_(None))
+        .where(Conversation.status == "escalated")
+        .order_by(Conversation.escalated_at.asc().nulls_last())
+        .limit(limit)
+    )
     now = datetime.now(UTC)
     rows = [dict(row._mapping) for row in await session.execute(query)]
-    return [{"owner": None, **row, "age": transcript.ago(row["escalated_at"], now)} for row in rows]
+    return [{**row, "age": transcript.ago(row["escalated_at"], now)} for row in rows]
 
 
 def bar_chart(days: list[tuple[str, float]], width: int = 600, height: int = 140) -> str:
