@@ -21,13 +21,26 @@ from konstruct.db.embedded import start_embedded
 from konstruct.db.engine import Database
 from konstruct.secrets import create_secret_key_file
 from tests.fakes.llm import FakeLLM
-from tests.helpers import free_port
+from tests.helpers import Proc, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 APP_PASSWORD = "test-app-password"
 TEMPLATE = "konstruct_template"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_process_left() -> Iterator[None]:
+    """After each module, every process its tests started (tests/helpers.py Proc) has stopped: one left running would
+    cost the rest of the suite its CPU. Any left is killed, and the module fails."""
+    yield
+    left = Proc.leftovers()
+    for process in left:
+        process.kill()
+        process.wait()
+    if left:
+        pytest.fail(f"processes left running after the module, killed now: {[str(p.args) for p in left]}")
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,9 @@ async def wait_until(probe: Callable[[], Awaitable[T]], done: Callable[[T], bool
         await asyncio.sleep(interval)
 
 
+STARTED: list[subprocess.Popen[bytes]] = []  # every Proc's process, for the session's end (tests/conftest.py)
+
+
 class Proc:
     """A long-running konstruct process (up, gateway, worker) whose output goes to a log file."""
 
@@ -86,6 +89,12 @@ class Proc:
         self.process = subprocess.Popen(
             [*argv, *args], stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or cli_env(), cwd=cwd
         )
+        STARTED.append(self.process)
+
+    @staticmethod
+    def leftovers() -> list[subprocess.Popen[bytes]]:
+        """The processes tests started that still run (a fixture that lost track of one, e.g. after replacing it)."""
+        return [process for process in STARTED if process.poll() is None]
 
     def log(self) -> str:
         return self.log_path.read_text()

@@ -62,12 +62,12 @@ def shared_worker(pg_server: URL, template_db: str, path: Path, llm_url: str, **
     """A database of its own, a config under `path` and a worker running on both, stopped at the end."""
     with module_database(pg_server, template_db) as database_url:
         config = write_config(path, database_url, llm_url, **sections)
-        worker = Proc("worker", ["worker"], config=config, log_dir=path)
+        shared = SharedWorker(config, database_url, Proc("worker", ["worker"], config=config, log_dir=path))
         try:
-            worker.wait_for_log(" ready: ")
-            yield SharedWorker(config, database_url, worker)
+            shared.worker.wait_for_log(" ready: ")
+            yield shared
         finally:
-            worker.stop()
+            shared.worker.stop()  # the one running now: a test may have replaced a killed one
 
 
 @dataclass
