@@ -39,7 +39,10 @@ KNOWN_EVENTS = [
     "reaction_removed", "team_join", "tokens_revoked", "user_change", "file_shared", "pin_added",
 ]  # fmt: skip
 # slack_sdk helpers that call several methods, not one `api_call`.
-HELPERS = {"chat_stream": ("chat.startStream", "chat.appendStream", "chat.stopStream")}
+HELPERS = {
+    "chat_stream": ("chat.startStream", "chat.appendStream", "chat.stopStream"),
+    "files_upload_v2": ("files.getUploadURLExternal", "files.completeUploadExternal"),
+}
 
 
 def subscription_body(subscription: str) -> dict[str, Any]:

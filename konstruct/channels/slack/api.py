@@ -52,6 +52,10 @@ METHOD_SCOPES: dict[str, tuple[str, ...]] = {
     "assistant.threads.setTitle": ("assistant:write",),
     # Who clicked Approve on a tool call for operators: their email, matched to the tenant's users.
     "users.info": ("users:read", "users:read.email"),
+    # The human desk: the hand-back modal (a trigger id, no scope), a person's image re-uploaded into the desk thread.
+    "views.open": (),
+    "files.getUploadURLExternal": ("files:write",),
+    "files.completeUploadExternal": ("files:write",),
 }
 
 # Downloading a message's files (`url_private`) with the bot token.
