@@ -11,6 +11,11 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+# The CLI's consoles (konstruct.cli.common) take their width from COLUMNS when first imported, which may be before a
+# test's own environment applies (in-process CLI calls; a pytest-xdist worker imports in another order): the same
+# width as cli_env() gives processes, for every way of running the suite.
+os.environ["COLUMNS"] = "200"
+
 import psycopg
 import pytest
 from sqlalchemy.engine import URL, make_url
