@@ -14,16 +14,16 @@ policy says `person`, and only from that conversation's channel (and workspace).
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, cast, func, select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from konstruct import audit, inbox
+from konstruct.db import lookup
 from konstruct.db.engine import Database
 from konstruct.db.models import Agent, InboundMessage, ToolApproval
 from konstruct.errors import NotFoundError, PermissionDenied, ValidationError
@@ -240,15 +240,8 @@ async def list_approvals(db: Database, tenant: TenantInfo, *, status: str | None
 
 async def find(db: Database, tenant: TenantInfo, ref: str) -> uuid.UUID:
     """An approval by its id or the first 8+ characters of it."""
-    if len(ref) < 8 or not re.fullmatch(r"[0-9a-f-]+", ref.lower()):
-        raise ValidationError(f"{ref!r} is not an approval id: give it whole or its first 8 characters")
-    async with db.tenant(tenant_id=tenant.id) as session:
-        found = list(await session.scalars(select(ToolApproval.id).where(cast(ToolApproval.id, Text).like(f"{ref.lower()}%")).limit(2)))
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise ValidationError(f"{ref!r} matches several approvals: give more of the id")
-    raise NotFoundError(f"tenant {tenant.slug!r} has no approval {ref!r}: see `konstruct approval list --tenant {tenant.slug}`")
+    return await lookup.by_id_prefix(db, tenant.id, tenant.slug, ToolApproval.id, ref, what="approval",
+                                     listing=f"konstruct approval list --tenant {tenant.slug}")  # fmt: skip
 
 
 async def pending_for(db: Database, tenant_id: uuid.UUID, inbound_id: uuid.UUID) -> ApprovalInfo | None:

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Text, cast, func, select, update
+from sqlalchemy import func, select, update
 
 from konstruct import audit
 from konstruct.agent.rules import Explanation, Rule, first_match, parse
+from konstruct.db import lookup
 from konstruct.db.engine import Database
 from konstruct.db.models import Conversation, Tenant
-from konstruct.errors import NotFoundError, ValidationError
 from konstruct.handoff import desk, state
 from konstruct.messaging import Channel, ChannelError
 from konstruct.tenancy.tenants import TenantInfo
@@ -151,12 +150,5 @@ async def list_conversations(db: Database, tenant: TenantInfo, *, escalated_only
 
 async def find_conversation(db: Database, tenant: TenantInfo, ref: str) -> uuid.UUID:
     """A conversation by its id or the first 8+ characters of it."""
-    if len(ref) < 8 or not re.fullmatch(r"[0-9a-f-]+", ref.lower()):
-        raise ValidationError(f"{ref!r} is not a conversation id: give it whole or its first 8 characters")
-    async with db.tenant(tenant_id=tenant.id) as session:
-        found = list(await session.scalars(select(Conversation.id).where(cast(Conversation.id, Text).like(f"{ref.lower()}%")).limit(2)))
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise ValidationError(f"{ref!r} matches several conversations: give more of the id")
-    raise NotFoundError(f"tenant {tenant.slug!r} has no conversation {ref!r}: see `konstruct conversation list --tenant {tenant.slug}`")
+    return await lookup.by_id_prefix(db, tenant.id, tenant.slug, Conversation.id, ref, what="conversation",
+                                     listing=f"konstruct conversation list --tenant {tenant.slug}")  # fmt: skip

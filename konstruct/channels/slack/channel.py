@@ -419,16 +419,7 @@ class SlackChannel:
 
     async def _workspace_client(self, tenant_id: uuid.UUID) -> AsyncWebClient:
         """A client for the tenant's (first) connected Slack workspace."""
-        async with self.db.tenant(tenant_id=tenant_id) as session:
-            team = await session.scalar(
-                select(ChannelConnection.external_id)
-                .where(ChannelConnection.kind == "slack", ChannelConnection.status == "connected")
-                .order_by(ChannelConnection.created_at)
-                .limit(1)
-            )
-        if team is None:
-            raise ChannelError("the tenant has no connected Slack workspace")
-        return web_client(self.settings, await self.tokens.get(tenant_id, team))
+        return web_client(self.settings, await self.tokens.get(tenant_id, await self._first_team(tenant_id)))
 
     async def ask(self, request: ApprovalRequest, where: str | None) -> str | None:
         """The request with Approve/Deny buttons: in the conversation's thread, or in the room `where` (operators)."""
