@@ -64,6 +64,7 @@ def chaos(tmp_path_factory: pytest.TempPathFactory, chaos_llm: FakeLLM, chaos_sl
         yield run
 
 
+@pytest.mark.alone  # it measures time: run with nothing beside it (the Makefile's second pass)
 def test_a_killed_worker_is_replaced_and_answers_within_two_seconds(chaos: Chaos) -> None:
     """The warm standby takes over: a message waiting when the worker dies is answered within 2 s of the kill."""
     chaos.llm.delay = 0.0
@@ -80,6 +81,7 @@ def test_a_killed_worker_is_replaced_and_answers_within_two_seconds(chaos: Chaos
     assert "standby: started worker pid" in chaos.up.log()  # type: ignore[union-attr]  # forked, ready, by the spare
 
 
+@pytest.mark.alone  # it measures time: run with nothing beside it (the Makefile's second pass)
 def test_chaos_every_message_answered_exactly_once(chaos: Chaos) -> None:
     """Slack events and terminal chats stream in; the worker is SIGKILLed 10 times and the embedded PostgreSQL once."""
     chaos.llm.delay = 0.3

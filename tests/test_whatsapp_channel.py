@@ -7,6 +7,8 @@ import hashlib
 import hmac
 import time
 
+import pytest
+
 from konstruct.channels.text import split_message as split_text
 from konstruct.channels.whatsapp.channel import Pacer, hex_digest, to_whatsapp
 from konstruct.channels.whatsapp.graph import GraphError, signature_ok
@@ -50,6 +52,7 @@ def test_retryable_graph_errors() -> None:
     assert not GraphError(131026, "undeliverable", http_status=400).retryable and not GraphError(190, "token").retryable
 
 
+@pytest.mark.alone  # it measures time: run with nothing beside it (the Makefile's second pass)
 async def test_pacing_per_person_and_per_number() -> None:
     pacer = Pacer(rate=20.0, interval=0.2)
     start = time.monotonic()
