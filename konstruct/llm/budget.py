@@ -137,6 +137,18 @@ async def admit(session: AsyncSession, tenant_id: uuid.UUID, limit: Limit, estim
     return Admission(False, over_limit=row.spent_usd >= limit.monthly_usd, first_time=first)
 
 
+async def refused(session: AsyncSession, tenant_id: uuid.UUID) -> bool:
+    """A call refused after all (its wait for the calls in flight to leave room ran out): True the first time this
+    month, like admit's first_time, so the operator hears once that the agents stopped, whichever refusal came first."""
+    changed = await session.scalar(
+        update(BudgetMonth)
+        .where(BudgetMonth.month == this_month(), BudgetMonth.limit_notified.is_(False))
+        .values(limit_notified=True)
+        .returning(BudgetMonth.tenant_id)
+    )
+    return changed is not None
+
+
 async def account(
     session: AsyncSession, tenant_id: uuid.UUID, cost: Decimal, reservation: uuid.UUID | None, limit: Limit | None
 ) -> list[int]:

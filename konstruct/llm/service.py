@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from konstruct import audit
 from konstruct.config import Settings
@@ -252,10 +253,7 @@ class LLMService:
             async with self.db.tenant(tenant_id=ctx.tenant_id) as session:
                 admission = await budget.admit(session, ctx.tenant_id, limit, estimate, hold)
                 if admission.first_time:
-                    await audit.record(
-                        session, tenant_id=ctx.tenant_id, actor="konstruct", action="budget.exhausted", target=limit.action,
-                        detail={"monthly_usd": float(limit.monthly_usd), "action": limit.action},
-                    )  # fmt: skip
+                    await self._record_exhausted(session, ctx, limit)
             if admission.allowed:
                 return models, admission.reservation
             if admission.first_time:
@@ -264,6 +262,13 @@ class LLMService:
                 break
             await asyncio.sleep(pause)  # calls in flight hold the rest of the budget: see what they really cost
             pause = min(pause * 2, 1.0)
+        if not admission.over_limit:  # the wait ran out with the rest held by calls in flight: refused all the same
+            async with self.db.tenant(tenant_id=ctx.tenant_id) as session:
+                first = await budget.refused(session, ctx.tenant_id)
+                if first:
+                    await self._record_exhausted(session, ctx, limit)
+            if first:
+                await self._notify_exhausted(ctx.tenant_id, limit)
         if limit.action == "downgrade":
             cheaper = limit.downgrade_model or self.settings.budget.downgrade_model
             if cheaper:
@@ -359,6 +364,13 @@ class LLMService:
                            if limit.action == "block" else "When it is used up, the agents switch to a cheaper model.\n"),
                     )
                 )  # fmt: skip
+
+    @staticmethod
+    async def _record_exhausted(session: AsyncSession, ctx: CallContext, limit: budget.Limit) -> None:
+        await audit.record(
+            session, tenant_id=ctx.tenant_id, actor="konstruct", action="budget.exhausted", target=limit.action,
+            detail={"monthly_usd": float(limit.monthly_usd), "action": limit.action},
+        )  # fmt: skip
 
     async def _notify_exhausted(self, tenant_id: uuid.UUID, limit: budget.Limit) -> None:
         what = (
