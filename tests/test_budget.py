@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -21,14 +22,17 @@ from konstruct import audit
 from konstruct.agent.agents import AgentInfo, create_agent
 from konstruct.config import load_settings
 from konstruct.db.engine import Database
+from konstruct.db.models import BudgetReservation, LLMUsage, Message
 from konstruct.db.models import InboundMessage as InboxRow
-from konstruct.db.models import LLMUsage, Message
 from konstruct.db.urls import resolve_urls
 from konstruct.inbox import accept
 from konstruct.llm import budget
+from konstruct.llm.service import BudgetExhausted, CallContext, LLMService
+from konstruct.mail import Notice
 from konstruct.messaging import InboundMessage
 from konstruct.tenancy.tenants import TenantInfo, create_tenant, update_settings
 from konstruct.worker.queue import Queue, make_queue
+from tests.conftest import write_config
 from tests.fakes.llm import FakeLLM
 from tests.fakes.smtp import FakeSMTP, Mail
 from tests.helpers import Proc, konstruct_in_process, wait_until
@@ -247,3 +251,33 @@ async def test_budget_commands_refuse_bad_input(site: Site) -> None:
     shown = json.loads(site.cli("budget", "show", "--tenant", "acme", "--json").stdout)
     assert shown["monthly_usd"] is None  # nothing was written
     assert site.cli("budget", "clear", "--tenant", "acme", "--yes").returncode != 0
+
+
+async def test_a_call_refused_while_calls_in_flight_hold_the_rest_is_said_once(
+    tmp_path: Path, database_url: str, fake_llm: FakeLLM
+) -> None:
+    """Nothing spent yet, but a call in flight holds the rest of the budget (its reservation): a new call waits up to
+    llm.timeout for room, then is refused. That refusal is the month's first: recorded and told once, like a refusal
+    at the limit (under load every refusal of a burst can come this way)."""
+    config = write_config(tmp_path, database_url, fake_llm.url, llm={"timeout": 0.5})
+    settings = load_settings(config)
+    db = Database(settings)
+    try:
+        tenant = await create_tenant(db, name="Acme", slug="acme-held", actor="test")
+        assert konstruct_in_process("budget", "set", "--tenant", "acme-held", "--usd", "0.05", config=config).returncode == 0
+        async with db.tenant(tenant_id=tenant.id) as session:
+            session.add(
+                BudgetReservation(tenant_id=tenant.id, estimate_usd=Decimal("0.05"), expires_at=datetime.now(UTC) + timedelta(hours=1))
+            )
+        notices: list[Notice] = []
+        service = LLMService(settings, db, notify=notices.append)
+        question = [{"role": "user", "content": "hello"}]
+        for _ in range(2):
+            with pytest.raises(BudgetExhausted):
+                await service.complete(CallContext(tenant.id, purpose="reply"), model="openai/gpt-4", messages=question)
+        assert fake_llm.requests == []  # never asked: the budget had no room
+        actions = [e.action for e in await audit.events(db, tenant.id)]
+        assert actions.count("budget.exhausted") == 1
+        assert [n.kind for n in notices] == ["budget.exhausted"]
+    finally:
+        await db.dispose()
