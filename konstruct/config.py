@@ -304,6 +304,22 @@ class MemorySettings(_Section):
     min_words: int = Field(3, ge=1, le=100, description="Shorter messages (and questions) are not worth remembering.")
 
 
+class KnowledgeSettings(_Section):
+    enabled: bool = Field(True, description="Retrieve from the tenant's documents (`konstruct knowledge add`) before each answer.")
+    passages: int = Field(5, ge=1, le=20, description="Passages put into the prompt before each answer (and knowledge_search's default).")
+    candidates: int = Field(40, ge=5, le=500, description="Candidates each side (vector, full text) gives the fusion of the two rankings.")
+    exact_below: int = Field(
+        2_000,
+        ge=0,
+        description="An agent seeing fewer chunks than this is searched exactly; more, through the HNSW index (bench/knowledge.py).",
+    )
+    ef_search: int = Field(100, ge=10, le=1000, description="HNSW candidate list size for large scopes (higher: better recall, slower).")
+    max_scan_tuples: int = Field(
+        20_000, ge=1000, description="How far an HNSW iterative scan goes for a scope's rows before the exact scan takes over."
+    )
+    footer: bool = Field(True, description="Answers that used the documents end with a short 'Sources:' line naming them.")
+
+
 class BudgetSettings(_Section):
     downgrade_model: str | None = Field(None, description="The cheaper model used by budgets with action 'downgrade' that name none.")
     unavailable: str = Field(
@@ -433,6 +449,7 @@ class Settings(BaseSettings):
     slack: SlackSettings = SlackSettings()
     whatsapp: WhatsAppSettings = WhatsAppSettings()
     memory: MemorySettings = MemorySettings()
+    knowledge: KnowledgeSettings = KnowledgeSettings()
     budget: BudgetSettings = BudgetSettings()
     smtp: SMTPSettings = SMTPSettings()
     billing: BillingSettings = BillingSettings()

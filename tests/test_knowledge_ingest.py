@@ -326,3 +326,53 @@ def test_folders_are_walked_with_patterns_and_large_adds_split_into_jobs(tmp_pat
     groups = collect.batches(everything.items, limit=400)  # bytes of files per job
     assert [i["name"] for g in groups for i in g] == [i["name"] for i in everything.items] and len(groups) > 1
     assert all(sum(collect.item_bytes(i) for i in g) <= 400 or len(g) == 1 for g in groups)
+
+
+def chat(site: Site, tenant: str, text: str) -> str:
+    result = site.cli("chat", "--tenant", tenant, "--agent", "Ava", "--new", "--message", text, "--json", "--timeout", "60")
+    assert result.returncode == 0, result.stderr + result.stdout
+    return str(json.loads(result.stdout)["reply"])
+
+
+def prompt_with(fake: FakeLLM, text: str) -> str:
+    """The system prompt of the last request the model got for a message."""
+    for recorded in reversed(fake.requests):
+        messages = recorded.body.get("messages", [])
+        if any(m.get("role") == "user" and text in str(m.get("content")) for m in messages):
+            return str(messages[0]["content"])
+    raise AssertionError(f"the model never got {text!r}")
+
+
+async def test_answers_come_from_the_tenants_own_documents_and_name_their_sources(
+    site: Site, tmp_path: Path, fake_llm_server: FakeLLM
+) -> None:
+    for tenant, guide in (("acme", GUIDE), ("globex", GUIDE.replace("five working days", "eleven working days"))):
+        (tmp_path / tenant).mkdir()
+        (tmp_path / tenant / "guide.md").write_text(guide)  # the same name, headings and layout in both tenants
+        assert outcomes(site.add(str(tmp_path / tenant / "guide.md"), tenant=tenant)) == {"guide.md": "added"}
+
+    question = "How long until a refund reaches my card?"
+    reply = chat(site, "acme", question)
+    system = prompt_with(fake_llm_server, question)
+    assert "Source: guide.md — Returns > Refunds\nRefunds reach the original card within five working days" in system
+    assert "eleven" not in system and "say that the documents do not cover it" in system and "[guide.md]" in system
+    assert reply.endswith("[guide.md]\n\nSources: guide.md")  # the model cited it: the answer names its source
+    assert chat(site, "globex", question).endswith("Sources: guide.md")
+    assert "eleven working days" in prompt_with(fake_llm_server, question) and "five working days" not in prompt_with(
+        fake_llm_server, question
+    )
+
+    # The model may search again: knowledge_search is offered once the agent has documents.
+    searched = chat(site, "acme", '[[call knowledge_search {"query": "Porto warehouse noon"}]]')
+    assert "Tool said: Source: guide.md — Shipping\nOrders placed before noon ship the same day" in searched
+
+    # `knowledge search` shows what retrieval would put in the prompt, with its scores.
+    dry = site.cli("knowledge", "search", "--tenant", "acme", "--agent", "Ava", question, "--json")
+    assert dry.returncode == 0, dry.stderr
+    found = json.loads(dry.stdout)
+    assert found["method"] == "exact" and found["scope_chunks"] >= 4 and found["passages"][0]["heading"] == "Returns > Refunds"
+    assert all(p["score"] > 0 and p["source"] == "guide.md" for p in found["passages"])
+    table = site.cli("knowledge", "search", "--tenant", "acme", "--agent", "Ava", "refund card")
+    assert table.returncode == 0 and "Returns > Refunds" in table.stdout and "score" in table.stdout
+    missing = site.cli("knowledge", "search", "--tenant", "acme", "--agent", "Nobody", "refund")
+    assert missing.returncode == 1 and "Nobody" in missing.stderr and "Traceback" not in missing.stderr

@@ -5,6 +5,7 @@ crash that posts nothing twice. The gateway, worker and fakes are tests/test_sla
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from slack_sdk.errors import SlackApiError
@@ -82,6 +83,18 @@ async def test_a_dm_shows_a_status_not_a_placeholder_and_is_titled_once(slack_sy
     # The follow-up was answered with the thread's history: the thread is the conversation.
     assert [m["role"] for m in slack_system.llm.requests[-1].body["messages"][1:]] == ["user", "assistant", "user"]
     assert slack_system.updates() == []
+
+
+async def test_an_answer_from_the_documents_names_its_sources_in_slack(slack_system: SlackSystem, tmp_path: Path) -> None:
+    (tmp_path / "returns.md").write_text("# Refunds\n\nRefunds reach the original card within five working days.\n")
+    added = cli(slack_system, "knowledge", "add", "--tenant", slack_system.slug, str(tmp_path / "returns.md"), "--json", "--timeout", "120")
+    assert added.returncode == 0 and json.loads(added.stdout)["results"][0]["status"] == "added", added.stderr + added.stdout
+    root = new_ts()
+    assert slack_system.post(slack_system.event(dm(root, "When is my refund on my card?"))).status_code == 200
+    [answer] = wait_answer(slack_system, DM)
+    assert answer["text"].endswith("[returns.md]\n\nSources: returns.md")  # streamed, then made exactly the stored reply
+    system = slack_system.llm.requests[-1].body["messages"][0]["content"]
+    assert "Source: returns.md — Refunds\nRefunds reach the original card within five working days." in system
 
 
 def loading(args: dict[str, Any]) -> list[str]:

@@ -33,7 +33,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from konstruct import approvals, audit
-from konstruct.agent import approval, escalation, memory
+from konstruct.agent import approval, escalation, grounding, memory
 from konstruct.agent.agents import AgentInfo
 from konstruct.agent.prompt import build_messages
 from konstruct.agent.tools import policy
@@ -120,6 +120,7 @@ class Turn:
     channel: Channel | None
     target: Target
     resume: approval.Resume | None = None  # the turn paused on an approval before: its decisions and where to go on
+    passages: list[grounding.Passage] = field(default_factory=list)  # what was retrieved from the documents for it
 
     @property
     def tenant_id(self) -> uuid.UUID:
@@ -269,6 +270,7 @@ class Pipeline:
     worker_id: str
     remember: Callable[[uuid.UUID, uuid.UUID], None] | None = None  # queues embedding what the person said
     notify: Callable[[Notice], None] | None = None  # queues an email to a tenant's admins
+    retrieve: grounding.Retrieve | None = None  # searches the tenant's documents (konstruct.knowledge.search)
     gates: tuple[Gate, ...] = GATES
     llm: LLMService = field(init=False)
 
@@ -301,6 +303,7 @@ class Pipeline:
             answer = await self.answer(turn, model, messages, sink)
             if answer.status == approval.WAITING:
                 return approval.WAITING  # parked on an approval: the worker slot is free; a decision resumes it
+            answer = await self.cite(turn, answer, sink)
             stored = await self.store(turn, answer.text, answer.model, answer.latency_ms, kind=answer.kind)
             if stored is None:
                 return None  # someone else stored the reply first (unique per inbound message)
@@ -420,19 +423,51 @@ class Pipeline:
         model = agent.model or self.settings.llm.model
         if any(p.get("type") == "image_url" for p in parts) and not await asyncio.to_thread(supports_vision, model):
             parts = [p if p.get("type") != "image_url" else {"type": "text", "text": NO_VISION} for p in parts]
-        memories: list[str] = []
-        if self.settings.memory.enabled:
-            try:
-                memories = await memory.recall(self.db, tenant_id=turn.tenant_id, agent_id=agent.id, person=inbound.sender,
-                                               query=inbound.text, k=self.settings.memory.recall)  # fmt: skip
-            except Exception as exc:  # an answer without memories beats no answer
-                log.warning("message %s: recall failed: %s", turn.inbound_id, type(exc).__name__)
+        memories = await self.recall(turn)
+        turn.passages = await self.look_up(turn, inbound.text, self.settings.knowledge.passages)
+        knowledge = grounding.prompt_section(turn.tenant_name, turn.passages)
         window, older = split_history(turn.history, self.settings.agent.history_messages, self.settings.agent.history_tokens)
         summary = turn.summary
         if older:
             summary = await self.summarise(turn, model, older) or summary
         history = [as_turn(row) for row in window]
-        return model, build_messages(agent, turn.tenant_name, history, parts, memories, summary)
+        return model, build_messages(agent, turn.tenant_name, history, parts, memories, summary, knowledge)
+
+    async def recall(self, turn: Turn) -> list[str]:
+        """What this person told the agent before, closest to the message (none when memory is off or fails)."""
+        if not self.settings.memory.enabled:
+            return []
+        try:
+            return await memory.recall(self.db, tenant_id=turn.tenant_id, agent_id=turn.agent.id, person=turn.inbound.sender,
+                                       query=turn.inbound.text, k=self.settings.memory.recall)  # fmt: skip
+        except Exception as exc:  # an answer without memories beats no answer
+            log.warning("message %s: recall failed: %s", turn.inbound_id, type(exc).__name__)
+            return []
+
+    async def look_up(self, turn: Turn, question: str, k: int) -> list[grounding.Passage]:
+        """The passages of the tenant's documents that best answer `question` (none without knowledge, or on failure)."""
+        if self.retrieve is None or not self.settings.knowledge.enabled or not question.strip():
+            return []
+        try:
+            return list(await self.retrieve(turn.tenant_id, turn.agent.id, question, k))
+        except Exception as exc:  # an answer without the documents beats no answer
+            log.warning("message %s: knowledge retrieval failed: %s", turn.inbound_id, type(exc).__name__)
+            return []
+
+    async def cite(self, turn: Turn, answer: Answer, sink: StreamSink | None) -> Answer:
+        """The model's answer with its sources footer, when it used the documents (stored and sent with it, and
+        streamed after the answer's text where that streams, so the streamed message ends exactly as stored)."""
+        if answer.kind != MESSAGE or answer.status != "replied" or not turn.passages or not self.settings.knowledge.footer:
+            return answer
+        text = grounding.with_sources(answer.text, turn.passages)
+        if sink is not None and text != answer.text and text.startswith(answer.text):
+            await self.stream_text(turn, sink, text[len(answer.text) :])
+        return replace(answer, text=text)
+
+    async def stream_text(self, turn: Turn, sink: StreamSink, text: str) -> None:
+        ref = await sink.append(text)
+        if ref is not None:  # the stream's message exists now: a retry must find it
+            await self.keep_ref(turn, ref)
 
     async def answer(self, turn: Turn, model: str, messages: list[dict[str, Any]], sink: StreamSink | None = None) -> Answer:
         """Ask the model (with the agent's tools), streaming its text into `sink` if any; a spent budget or a failing
@@ -441,9 +476,7 @@ class Pipeline:
         if sink is not None:
 
             async def show(text: str) -> None:
-                ref = await sink.append(text)
-                if ref is not None:  # the stream's message exists now: a retry must find it
-                    await self.keep_ref(turn, ref)
+                await self.stream_text(turn, sink, text)
 
         try:
             result = await self.run_tools(turn, model, messages, show)
@@ -582,6 +615,16 @@ class Pipeline:
             log.warning("message %s: could not queue remembering it: %s", turn.inbound_id, type(exc).__name__)
 
 
+KNOWLEDGE_SEARCH = "knowledge_search"
+
+
+def _has_documents(turn: Turn) -> bool:
+    """Whether the agent read passages for this turn (or, resumed after an approval, had the search offered then)."""
+    if turn.passages:
+        return True
+    return turn.resume is not None and any(call.name == KNOWLEDGE_SEARCH for call in turn.resume.state.calls)
+
+
 class ToolRun:
     """The bounded tool-call loop for one answer: the model may call the agent's tools for up to
     `agent.tool_steps` turns and `agent.tool_seconds` in all; each call is audited (arguments redacted).
@@ -591,10 +634,14 @@ class ToolRun:
     def __init__(self, pipeline: Pipeline, turn: Turn) -> None:
         self.pipeline, self.turn, self.agent = pipeline, turn, turn.agent
         self.names = list(self.agent.settings.get("tools") or [])
+        if KNOWLEDGE_SEARCH not in self.names and _has_documents(turn):
+            self.names.append(KNOWLEDGE_SEARCH)  # offered whenever the agent has documents (policy `deny` turns it off)
         self.registry = default_registry() if self.names else None
         self._choose()
         self.decisions = dict(turn.resume.decisions) if turn.resume else {}
-        services: dict[str, Callable[..., Awaitable[Any]]] = {"memory_search": self._memory_search, "escalate": self._escalate}
+        services: dict[str, Callable[..., Awaitable[Any]]] = {
+            "memory_search": self._memory_search, "escalate": self._escalate, KNOWLEDGE_SEARCH: self._knowledge_search,
+        }  # fmt: skip
         self.failed: list[str] = []  # the tools that failed in this answer, in order
         self.ctx = ToolContext(
             turn.tenant_id, self.agent.id, turn.conversation_id, turn.inbound.sender, turn.allowed_hosts,
@@ -698,6 +745,13 @@ class ToolRun:
     async def _memory_search(self, query: str, limit: int = 5) -> list[str]:
         return await memory.recall(self.pipeline.db, tenant_id=self.ctx.tenant_id, agent_id=self.agent.id, person=self.ctx.person,
                                    query=query, k=limit)  # fmt: skip
+
+    async def _knowledge_search(self, query: str, limit: int | None = None) -> list[grounding.Passage]:
+        """The model searching the documents again; what it finds can be cited (and footed) like the first passages."""
+        found = await self.pipeline.look_up(self.turn, query, limit or self.pipeline.settings.knowledge.passages)
+        known = {p.chunk_id for p in self.turn.passages}
+        self.turn.passages.extend(p for p in found if p.chunk_id not in known)
+        return found
 
     async def _escalate(self, reason: str, category: str | None = None) -> bool:
         """The model's escalate_to_human: its category if it gave one, else tool_failure after a tool failed in this

@@ -15,13 +15,14 @@ AI_DISCLOSURE = (
 )
 
 
-def system_prompt(agent: AgentInfo, tenant_name: str, memories: Sequence[str] = (), summary: str | None = None) -> str:
+def system_prompt(agent: AgentInfo, tenant_name: str, memories: Sequence[str] = (), summary: str | None = None, knowledge: str = "") -> str:
+    """knowledge: the retrieved passages with their instructions (grounding.prompt_section), or empty."""
     earlier = f"Earlier in this conversation (a summary):\n{summary}\n\n" if summary else ""
     remembered = ""
     if memories:
         lines = "\n".join(f"- {m}" for m in memories)
         remembered = f"What this person told you in earlier conversations (use it when it helps):\n{lines}\n\n"
-    return f"You are {agent.name}, {agent.role} at {tenant_name}.\n\n{agent.persona.strip()}\n\n{earlier}{remembered}{AI_DISCLOSURE}"
+    return f"You are {agent.name}, {agent.role} at {tenant_name}.\n\n{agent.persona.strip()}\n\n{earlier}{remembered}{knowledge}{AI_DISCLOSURE}"
 
 
 def build_messages(
@@ -31,13 +32,14 @@ def build_messages(
     attachments: Sequence[dict[str, Any]] = (),
     memories: Sequence[str] = (),
     summary: str | None = None,
+    knowledge: str = "",
 ) -> list[dict[str, Any]]:
     """history: (direction, text) pairs, oldest first; 'in' is the person, 'out' the agent, 'human' what a human
     colleague said or noted (a system message: the model reads it as context, not as its own words).
 
     attachments (image_url parts, text notes) join the newest message from the person.
     """
-    messages: list[dict[str, Any]] = [{"role": "system", "content": system_prompt(agent, tenant_name, memories, summary)}]
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system_prompt(agent, tenant_name, memories, summary, knowledge)}]
     for direction, text in history:
         messages.append({"role": {"in": "user", "out": "assistant"}.get(direction, "system"), "content": text})
     if attachments and messages[-1]["role"] == "user":

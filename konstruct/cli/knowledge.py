@@ -10,6 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import typer
@@ -17,6 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from konstruct import inbox
+from konstruct.agent.agents import get_agent
 from konstruct.cli.common import (
     JsonOption,
     TenantOption,
@@ -36,11 +38,12 @@ from konstruct.db.engine import Database
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import QueueError, WorkerUnavailableError
 from konstruct.knowledge import collect
+from konstruct.knowledge import search as retrieval
 from konstruct.knowledge import sources as service
 from konstruct.tenancy.tenants import TenantInfo
 from konstruct.worker.queue import make_queue
 
-app = typer.Typer(help="A tenant's documents its agents answer from: add, list, show, remove, sync.", no_args_is_help=True)
+app = typer.Typer(help="A tenant's documents its agents answer from: add, list, show, remove, sync, search.", no_args_is_help=True)
 
 NoWaitOption = typer.Option(False, "--no-wait", help="Queue the job and print its id; do not wait for the worker.")
 TimeoutOption = typer.Option(600.0, "--timeout", help="Seconds to wait for the worker before giving up waiting (the job goes on).")
@@ -250,4 +253,33 @@ def job(ctx: typer.Context, job_id: str = typer.Argument(..., help="The job's id
         _summary([info], False)
 
 
-# `konstruct knowledge search` (retrieval, a dry run) lives in its own module and is registered here in one line.
+@app.command("search")
+def search_(
+    ctx: typer.Context,
+    question: str = typer.Argument(..., help="The question, as a person would ask it."),
+    tenant: str = TenantOption,
+    agent: str = typer.Option(..., "--agent", help="The agent whose view of the documents to search (sources can be limited to agents)."),
+    limit: int | None = typer.Option(None, "--limit", "-k", min=1, max=50, help="How many passages (default: knowledge.passages)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Show exactly what retrieval would put into the agent's prompt for a question, with its scores (a dry run)."""
+    cfg = settings(ctx)
+    k = limit or cfg.knowledge.passages
+
+    async def go(db: Database, found: TenantInfo) -> tuple[list[Any], retrieval.Plan]:
+        info = await get_agent(db, found, agent)
+        return await retrieval.search(db, cfg, found.id, info.id, question, k)
+
+    with out.status("searching (the embedding model loads first)…") if not as_json else nullcontext():
+        passages, plan = with_tenant(ctx, tenant, "knowledge.read", go)
+    if as_json:
+        print_json({"question": question, "method": plan.method, "scope_chunks": plan.scope, "full_text_query": plan.words,
+                    "passages": [p.as_json() for p in passages]})  # fmt: skip
+        return
+    if not passages:
+        out.print(f"nothing to retrieve: agent {escape(agent)} of tenant {tenant} has no knowledge (`konstruct knowledge add`)")
+        return
+    out.print(f"[dim]{plan.method} search over {plan.scope} chunks; full text: {escape(plan.words) or '(no content words)'}[/dim]")
+    print_table(None, ["#", "score", "vector", "distance", "text", "source", "heading", "starts"], [
+        (n, f"{p.score:.4f}", p.vector_rank or "", "" if p.distance is None else f"{p.distance:.3f}", p.text_rank or "",
+         escape(p.source), escape(p.heading), escape(" ".join(p.content.split())[:80])) for n, p in enumerate(passages, 1)])  # fmt: skip

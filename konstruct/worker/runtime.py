@@ -39,7 +39,7 @@ from konstruct.db.engine import Database, unavailable
 from konstruct.db.models import Conversation, InboundMessage, WorkerHeartbeat
 from konstruct.db.urls import DatabaseURLs
 from konstruct.handoff import sweep as handoff_sweep
-from konstruct.knowledge import ingest
+from konstruct.knowledge import ingest, search
 from konstruct.llm import probe
 from konstruct.llm.client import load_litellm
 from konstruct.logs import Throttled
@@ -192,6 +192,7 @@ class WorkerRuntime:
             self.worker_id,
             remember=self.queue.enqueue_memory,
             notify=self.queue.enqueue_notice,
+            retrieve=search.retriever(self.db, self.settings),
         )
         # Import litellm (seconds) in the background now, not when the first person is waiting (a standby has it already).
         self._warmup = asyncio.ensure_future(asyncio.to_thread(load_litellm))

@@ -88,7 +88,10 @@ class FakeLLM:
         content = last.get("content", "")
         if isinstance(content, list):
             content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
-        return f"[{body.get('model')}] You said: {content}"
+        # Given passages from the tenant's documents, it cites the first source, as the prompt asks a model to.
+        system = messages[0].get("content", "") if messages and messages[0].get("role") == "system" else ""
+        cited = re.search(r"^Source: (.+?)(?: — .*)?$", str(system), re.M)
+        return f"[{body.get('model')}] You said: {content}" + (f" [{cited[1]}]" if cited else "")
 
     def start(self, port: int = 0) -> FakeLLM:
         fake = self

@@ -1,4 +1,4 @@
-"""The built-in tools: current_time, calculator, web_fetch, memory_search, escalate_to_human."""
+"""The built-in tools: current_time, calculator, web_fetch, memory_search, knowledge_search, escalate_to_human."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from konstruct.agent import grounding
 from konstruct.agent.tools import calculator, web
 from konstruct.agent.tools.registry import Tool, ToolContext, ToolError
 
@@ -40,6 +41,13 @@ async def _memory_search(args: dict[str, Any], ctx: ToolContext) -> str:
     if not found:
         return "No memories matched."
     return "Memories found:\n" + "\n".join(f"{number}. {item}" for number, item in enumerate(found, 1))
+
+
+async def _knowledge_search(args: dict[str, Any], ctx: ToolContext) -> str:
+    search = ctx.services.get("knowledge_search")
+    if search is None:
+        raise ToolError("the documents are not available")
+    return grounding.as_tool_output(await search(args["query"], args.get("limit")))
 
 
 async def _escalate(args: dict[str, Any], ctx: ToolContext) -> str:
@@ -88,6 +96,19 @@ MEMORY_SEARCH = Tool(
     ),
     _memory_search,
 )
+KNOWLEDGE_SEARCH = Tool(
+    "knowledge_search",
+    "Search this organisation's own documents (policies, manuals, FAQs) for passages about a question; returns them "
+    "under their source names, to answer from and cite.",
+    _object(
+        {
+            "query": {"type": "string", "minLength": 1, "maxLength": 1000, "description": "the question or the words to look for"},
+            "limit": {"type": "integer", "minimum": 1, "maximum": 20, "description": "how many passages (1-20, default 5)"},
+        },
+        ["query"],
+    ),
+    _knowledge_search,
+)
 ESCALATE_TO_HUMAN = Tool(
     "escalate_to_human",
     "Hand the conversation to a human teammate when you cannot or should not handle the request yourself.",
@@ -108,4 +129,4 @@ ESCALATE_TO_HUMAN = Tool(
 
 def builtin_tools() -> list[Tool]:
     """The tools every installation has."""
-    return [CURRENT_TIME, CALCULATOR, WEB_FETCH, MEMORY_SEARCH, ESCALATE_TO_HUMAN]
+    return [CURRENT_TIME, CALCULATOR, WEB_FETCH, MEMORY_SEARCH, KNOWLEDGE_SEARCH, ESCALATE_TO_HUMAN]

@@ -1,0 +1,193 @@
+"""Retrieval: the k chunks of a tenant's documents that best answer a question, for one of its agents.
+
+Hybrid, in one statement: a vector ranking (cosine distance to the question's embedding) and a full-text ranking
+(PostgreSQL `simple` configuration: chunks holding every content word of the question, ranked by ts_rank_cd), each
+`knowledge.candidates` deep, fused by reciprocal rank fusion (score = Σ 1 / (60 + rank)).
+
+Correct at any scale under row-level security (bench/knowledge.py measured the choice):
+- an agent that sees fewer than `knowledge.exact_below` chunks is searched exactly: its rows are read through the
+  (tenant_id, source_id) btree index into a materialized scope and every distance computed — a small tenant's
+  answer never depends on what other tenants hold, and costs ~1 ms;
+- a larger scope goes through the HNSW index with pgvector's iterative scan (`relaxed_order`), which keeps walking the
+  graph until enough rows of this tenant (and of the sources this agent may read) came through the filter, re-sorted
+  exactly afterwards. If it still comes back short (the scope is a sliver of the index), the exact scan runs instead,
+  so every query gets min(k, chunks in scope) rows.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+
+from konstruct.agent.embedding import embedder
+from konstruct.agent.grounding import Passage
+from konstruct.config import KnowledgeSettings, Settings
+from konstruct.db.engine import Database
+
+RRF_K = 60  # the usual reciprocal-rank-fusion constant: rank 1 scores 1/61, rank 40 1/100
+MAX_WORDS = 16  # of the question, into the full-text query
+
+# Common English words: OR-ed into the full-text query they would match nearly every chunk and rank nothing.
+_COMMON = """a about above after again against all am an and any are as at be because been before being below between both but
+    by can could did do does doing down during each few for from further had has have having he her here hers herself him
+    himself his how i if in into is it its itself just me more most my myself no nor not now of off on once only or other
+    our ours ourselves out over own same she should so some such than that the their theirs them themselves then there
+    these they this those through to too under until up very was we were what when where which while who whom why will
+    with would you your yours yourself yourselves tell know please thanks thank hi hello hey get got want need"""
+STOPWORDS = frozenset(_COMMON.split())
+
+_SCOPE = text("""
+SELECT coalesce(sum(chunks) FILTER (WHERE visible), 0) AS seen, coalesce(sum(chunks), 0) AS total,
+       coalesce(array_agg(id) FILTER (WHERE visible AND chunks > 0), '{}') AS ids,
+       set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', :ef, true),
+       set_config('hnsw.max_scan_tuples', :max_scan, true), set_config('plan_cache_mode', 'force_custom_plan', true)
+FROM (SELECT id, chunks, (agent_ids = '{}' OR CAST(:agent AS uuid) = ANY(agent_ids)) AS visible
+      FROM knowledge_sources WHERE tenant_id = CAST(:tenant AS uuid)) s
+""")
+
+_WHERE = "tenant_id = CAST(:tenant AS uuid){sources}"
+_EXACT = """scope AS MATERIALIZED (SELECT id, embedding FROM knowledge_chunks WHERE {where}),
+vec AS MATERIALIZED (SELECT id, embedding <=> CAST(:query AS vector) AS d FROM scope ORDER BY d LIMIT :n)"""
+_INDEXED = """vec AS MATERIALIZED (SELECT id, embedding <=> CAST(:query AS vector) AS d FROM knowledge_chunks WHERE {where}
+    ORDER BY embedding <=> CAST(:query AS vector) LIMIT :n)"""
+# Through knowledge_text_matches (migration 0022): the GIN index is out of the app role's reach under row-level security.
+_TEXT = "txt AS MATERIALIZED (SELECT id, s FROM knowledge_text_matches(CAST(:words AS text), CAST(:n AS integer), {sources}))"
+_NO_TEXT = "txt AS (SELECT NULL::bigint AS id, NULL::real AS s WHERE false)"
+_FUSE = f""",
+ranked AS (SELECT id, d, row_number() OVER (ORDER BY d, id) AS vr, NULL::real AS s, NULL::bigint AS tr FROM vec
+           UNION ALL SELECT id, NULL, NULL, s, row_number() OVER (ORDER BY s DESC, id) FROM txt),
+fused AS (SELECT id, min(d) AS d, min(vr) AS vr, max(s) AS s, min(tr) AS tr,
+                 sum(1.0 / ({RRF_K} + coalesce(vr, tr))) AS score FROM ranked GROUP BY id ORDER BY score DESC, id LIMIT :k)
+SELECT f.id, f.d, f.vr, f.s, f.tr, f.score, c.source_id, c.heading, c.content, src.name, src.uri,
+       (SELECT count(*) FROM vec) AS vec_rows
+FROM fused f JOIN knowledge_chunks c ON c.id = f.id JOIN knowledge_sources src ON src.id = c.source_id
+ORDER BY f.score DESC, f.id"""
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The chunks an agent may read: how many, and which sources (None: all of the tenant's)."""
+
+    chunks: int
+    sources: list[uuid.UUID] | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one search ran (for `knowledge search` and the benchmark)."""
+
+    method: str  # exact | hnsw | hnsw→exact (the index came back short) | none (nothing to search)
+    scope: int  # chunks the agent may read
+    words: str  # the full-text query
+
+
+def tsquery(question: str) -> str:
+    """The question without its stopwords (at most MAX_WORDS words), for plainto_tsquery: PostgreSQL's own parser then
+    splits it exactly as it split the chunks ("XK-2291" included), ignores any operator in it, and AND-s the words.
+    AND, not OR: OR-ed, one common word matches most of a large tenant's chunks, and ranking them all cost 150 ms in
+    bench/knowledge.py; AND-ed, the GIN index intersects the words' posting lists."""
+    found = re.finditer(r"[^\W_]+(?:[-.][^\W_]+)*", question)
+    kept = [m for m in found if len(m[0]) > 1 and m[0].casefold() not in STOPWORDS]
+    return " ".join(m[0] for m in kept[:MAX_WORDS])
+
+
+def vector_literal(values: Any) -> str:
+    return "[" + ",".join(f"{float(v):.7g}" for v in values) + "]"
+
+
+def statement(*, exact: bool, sources: bool, words: bool) -> str:
+    where = _WHERE.format(sources=" AND source_id = ANY(CAST(:sources AS uuid[]))" if sources else "")
+    text_leg = _TEXT.format(sources="CAST(:sources AS uuid[])" if sources else "NULL::uuid[]") if words else _NO_TEXT
+    legs = [(_EXACT if exact else _INDEXED).format(where=where), text_leg]
+    return "WITH " + ",\n".join(legs) + _FUSE
+
+
+async def scope(session: Any, tenant_id: uuid.UUID, agent_id: uuid.UUID, config: KnowledgeSettings) -> Scope:
+    """What the agent may read (and the HNSW scan's settings for this transaction, in the same round trip)."""
+    row = (
+        await session.execute(
+            _SCOPE, {"tenant": str(tenant_id), "agent": str(agent_id), "ef": str(config.ef_search), "max_scan": str(config.max_scan_tuples)}
+        )
+    ).one()
+    return Scope(int(row.seen), None if row.seen == row.total else list(row.ids))
+
+
+async def ranked(
+    db: Database, config: KnowledgeSettings, *, tenant_id: uuid.UUID, agent_id: uuid.UUID, question: str, vector: Any, k: int
+) -> tuple[list[Passage], Plan]:
+    """The k best passages for a question already embedded, and how they were found."""
+    words = tsquery(question)
+    async with db.tenant(tenant_id=tenant_id) as session:
+        seen = await scope(session, tenant_id, agent_id, config)
+        if seen.chunks == 0:
+            return [], Plan("none", 0, words)
+        params = _params(tenant_id, seen, words, vector, k, config)
+        method = "exact" if seen.chunks < config.exact_below else "hnsw"
+        rows = await _run(session, method == "exact", seen, params)
+        if method == "hnsw" and (not rows or rows[0].vec_rows < min(params["n"], seen.chunks)):
+            method = "hnsw→exact"  # the iterative scan gave up before it found enough of this scope's rows
+            rows = await _run(session, True, seen, params)
+    return [_passage(row) for row in rows], Plan(method, seen.chunks, words)
+
+
+async def explain(
+    db: Database, config: KnowledgeSettings, *, tenant_id: uuid.UUID, agent_id: uuid.UUID, question: str, vector: Any, k: int
+) -> list[str]:
+    """EXPLAIN ANALYZE of the statement `ranked` runs first for this question (for the benchmark and operators)."""
+    async with db.tenant(tenant_id=tenant_id) as session:
+        seen = await scope(session, tenant_id, agent_id, config)
+        params = _params(tenant_id, seen, tsquery(question), vector, k, config)
+        sql = statement(exact=seen.chunks < config.exact_below, sources=seen.sources is not None, words="words" in params)
+        return [row[0] for row in await session.execute(text("EXPLAIN (ANALYZE, COSTS OFF, SUMMARY OFF) " + sql), params)]
+
+
+def _params(tenant_id: uuid.UUID, seen: Scope, words: str, vector: Any, k: int, config: KnowledgeSettings) -> dict[str, Any]:
+    params: dict[str, Any] = {"tenant": str(tenant_id), "query": vector_literal(vector), "k": k, "n": max(config.candidates, k)}
+    if seen.sources is not None:
+        params["sources"] = seen.sources
+    if words:
+        params["words"] = words
+    return params
+
+
+async def _run(session: Any, exact: bool, seen: Scope, params: dict[str, Any]) -> Sequence[Any]:
+    sql = statement(exact=exact, sources=seen.sources is not None, words="words" in params)
+    return (await session.execute(text(sql), params)).all()
+
+
+def _passage(row: Any) -> Passage:
+    return Passage(
+        chunk_id=int(row.id), source_id=row.source_id, source=row.name, uri=row.uri, heading=row.heading, content=row.content,
+        score=float(row.score), vector_rank=None if row.vr is None else int(row.vr), distance=None if row.d is None else float(row.d),
+        text_rank=None if row.tr is None else int(row.tr), text_score=None if row.s is None else float(row.s),
+    )  # fmt: skip
+
+
+async def has_knowledge(db: Database, tenant_id: uuid.UUID, agent_id: uuid.UUID, config: KnowledgeSettings) -> bool:
+    async with db.tenant(tenant_id=tenant_id) as session:
+        return (await scope(session, tenant_id, agent_id, config)).chunks > 0
+
+
+async def search(
+    db: Database, settings: Settings, tenant_id: uuid.UUID, agent_id: uuid.UUID, question: str, k: int
+) -> tuple[list[Passage], Plan]:
+    """Embed the question (only when the agent has something to search) and retrieve."""
+    config = settings.knowledge
+    if not await has_knowledge(db, tenant_id, agent_id, config):
+        return [], Plan("none", 0, tsquery(question))
+    vector = (await embedder().aembed([question.strip() or " "]))[0]
+    return await ranked(db, config, tenant_id=tenant_id, agent_id=agent_id, question=question, vector=vector, k=k)
+
+
+def retriever(db: Database, settings: Settings) -> Any:
+    """The pipeline's `retrieve`: (tenant_id, agent_id, question, k) → passages."""
+
+    async def retrieve(tenant_id: uuid.UUID, agent_id: uuid.UUID, question: str, k: int) -> list[Passage]:
+        return (await search(db, settings, tenant_id, agent_id, question, k))[0]
+
+    return retrieve

@@ -1,0 +1,51 @@
+"""Knowledge retrieval at scale: the HNSW index for vectors, and full-text matching that can use its GIN index.
+
+The HNSW index serves scopes (a tenant's, or an agent's) of more than `knowledge.exact_below` chunks, through
+pgvector's iterative scan so that the tenant filter cannot starve a query of rows; smaller scopes are searched exactly
+through knowledge_chunks_scope. m and ef_construction are pgvector's defaults (16, 64): bench/knowledge.py measured
+recall@10 with them.
+
+Full text: under row-level security PostgreSQL will not evaluate a non-leakproof operator such as `@@` inside an index
+scan before the policy's filter, so the app role can never use the GIN index: it reads every chunk of the tenant and
+tests each (bench/knowledge.py: ~30 ms at 60,000 chunks, growing with the tenant). knowledge_text_matches runs as
+the migration's owner and filters by exactly what the policies filter by (app.current_tenant, set per transaction by
+the app; unset: no rows), so it shows nothing row-level security would not; where its owner bypasses RLS (a
+superuser, as in the embedded database) the planner can use the GIN index.
+
+Revision ID: 0022
+Revises: 0021
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "0022"
+down_revision = "0021"
+branch_labels = None
+depends_on = None
+
+TEXT_MATCHES = """
+CREATE FUNCTION knowledge_text_matches(words text, n integer, sources uuid[] DEFAULT NULL)
+RETURNS TABLE (id bigint, s real)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+    SELECT c.id, ts_rank_cd(c.tsv, q) FROM knowledge_chunks c, plainto_tsquery('simple', words) q
+    WHERE c.tenant_id = NULLIF(current_setting('app.current_tenant', true), '')::uuid
+      AND c.tsv @@ q AND (sources IS NULL OR c.source_id = ANY(sources))
+    ORDER BY 2 DESC, c.id LIMIT n
+$$
+"""
+SIGNATURE = "knowledge_text_matches(text, integer, uuid[])"
+HNSW = "CREATE INDEX knowledge_chunks_embedding ON knowledge_chunks USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)"
+
+
+def upgrade() -> None:
+    op.execute(TEXT_MATCHES)
+    op.execute(f"REVOKE ALL ON FUNCTION {SIGNATURE} FROM PUBLIC")
+    op.execute(f"GRANT EXECUTE ON FUNCTION {SIGNATURE} TO konstruct_app")
+    op.execute(HNSW)
+
+
+def downgrade() -> None:
+    op.execute("DROP INDEX IF EXISTS knowledge_chunks_embedding")
+    op.execute(f"DROP FUNCTION IF EXISTS {SIGNATURE}")
