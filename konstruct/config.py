@@ -313,7 +313,7 @@ class KnowledgeSettings(_Section):
         ge=0,
         description="An agent seeing fewer chunks than this is searched exactly; more, through the HNSW index (bench/knowledge.py).",
     )
-    ef_search: int = Field(100, ge=10, le=1000, description="HNSW candidate list size for large scopes (higher: better recall, slower).")
+    ef_search: int = Field(200, ge=10, le=1000, description="HNSW candidate list size for large scopes (higher: better recall, slower).")
     max_scan_tuples: int = Field(
         20_000, ge=1000, description="How far an HNSW iterative scan goes for a scope's rows before the exact scan takes over."
     )

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,27 +19,18 @@ from konstruct.db.engine import Database
 from konstruct.db.urls import resolve_urls
 from konstruct.secrets import master_keys
 from konstruct.tenancy.tenants import get_tenant
+from tests import test_mcp
 from tests.conftest import write_config
-from tests.fakes.llm import FakeLLM
 from tests.fakes.mcp_server import LoopbackMcp
 from tests.helpers import cli_env, konstruct_in_process
 
-STDIO = [sys.executable, str(Path(__file__).parent / "fakes" / "mcp_stdio.py")]
+STDIO = list(test_mcp.STDIO)
 TOKEN = "shop-token-1a2b3c4d5e6f"
 OTHER = "shop-token-0000aaaa7777"
 ERP_KEY = "erp-key-5566778899"
 
-
-@pytest.fixture(scope="module")
-def shop() -> Iterator[LoopbackMcp]:
-    fake = LoopbackMcp().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def config_path(tmp_path: Path, database_url: str, fake_llm: FakeLLM) -> Path:
-    return write_config(tmp_path, database_url, fake_llm.url, mcp={"allow_private": True, "connect_seconds": 20})
+# tests/test_mcp.py's fixtures: the loopback MCP server of the module, and a config that may reach it.
+shop, config_path = test_mcp.shop, test_mcp.config_path
 
 
 def run(config: Path, *args: str, **env: str) -> tuple[int, str]:

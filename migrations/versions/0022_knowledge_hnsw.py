@@ -25,14 +25,19 @@ down_revision = "0021"
 branch_labels = None
 depends_on = None
 
+# PL/pgSQL with EXECUTE … USING, so that each call is planned for its own words and tenant: a small tenant's chunks
+# are read by the btree and tested; a large one's rare words are looked up in the GIN index.
 TEXT_MATCHES = """
 CREATE FUNCTION knowledge_text_matches(words text, n integer, sources uuid[] DEFAULT NULL)
 RETURNS TABLE (id bigint, s real)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public AS $$
-    SELECT c.id, ts_rank_cd(c.tsv, q) FROM knowledge_chunks c, plainto_tsquery('simple', words) q
-    WHERE c.tenant_id = NULLIF(current_setting('app.current_tenant', true), '')::uuid
-      AND c.tsv @@ q AND (sources IS NULL OR c.source_id = ANY(sources))
-    ORDER BY 2 DESC, c.id LIMIT n
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+BEGIN
+    RETURN QUERY EXECUTE
+        'SELECT c.id, ts_rank_cd(c.tsv, plainto_tsquery(''simple'', $1)) FROM knowledge_chunks c
+         WHERE c.tenant_id = $2 AND c.tsv @@ plainto_tsquery(''simple'', $1) AND ($3 IS NULL OR c.source_id = ANY($3))
+         ORDER BY 2 DESC, c.id LIMIT $4'
+    USING words, NULLIF(current_setting('app.current_tenant', true), '')::uuid, sources, n;
+END
 $$
 """
 SIGNATURE = "knowledge_text_matches(text, integer, uuid[])"
