@@ -10,9 +10,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
@@ -23,6 +25,38 @@ sys.path.insert(0, str(ROOT))
 from tests.helpers import free_port  # noqa: E402
 
 Request = Callable[[int], tuple[bytes, dict[str, str]]]
+
+
+def dsn(url: Any) -> str:
+    """A SQLAlchemy URL as the libpq string asyncpg and psycopg take."""
+    return str(url.set(drivername="postgresql").render_as_string(hide_password=False))
+
+
+@contextmanager
+def embedded_site(postgresql_conf: str = "") -> Iterator[tuple[Any, Any]]:
+    """(settings, urls) of a fresh `konstruct init` + `db upgrade` in a temporary folder, its embedded PostgreSQL held
+    by this process (with `postgresql_conf` appended to its configuration first) and stopped at the end."""
+    from konstruct.config import load_settings
+    from konstruct.db import embedded
+    from konstruct.db.urls import resolve_urls
+    from tests.helpers import cli_env
+
+    env = cli_env()
+    with tempfile.TemporaryDirectory(prefix="konstruct-bench-") as tmp:
+        site = Path(tmp)
+        cli(site, env, "init")
+        cli(site, env, "db", "upgrade")
+        settings = load_settings(site / "konstruct.toml")
+        pgdata = embedded.pgdata_dir(settings.data_dir).resolve()
+        if postgresql_conf:
+            with (pgdata / "postgresql.conf").open("a") as conf:  # the server stopped with `db upgrade`
+                conf.write("\n" + postgresql_conf + "\n")
+        try:
+            yield settings, resolve_urls(settings)  # starts (holds) the embedded server in this process
+        finally:
+            server = embedded._servers.pop(pgdata, None)
+            if server is not None:
+                server.cleanup()  # stop it before its folder is removed
 
 
 def cli(site: Path, env: dict[str, str], *args: str) -> str:

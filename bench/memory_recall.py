@@ -19,7 +19,6 @@ import asyncio
 import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,8 +33,7 @@ from pgvector.asyncpg import register_vector
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import cli, pct  # noqa: E402
-from tests.helpers import cli_env  # noqa: E402
+from bench.harness import dsn, embedded_site, pct  # noqa: E402
 
 DIMENSIONS = 384
 CHUNK = 25_000  # memories per COPY
@@ -106,10 +104,6 @@ def bench_embedding(rng: numpy.random.Generator) -> None:
 
 
 # --- the database ------------------------------------------------------------------------------------------------
-
-
-def dsn(url: Any) -> str:
-    return str(url.set(drivername="postgresql").render_as_string(hide_password=False))
 
 
 @dataclass
@@ -312,24 +306,8 @@ def main() -> None:
     if args.skip_recall:
         return
 
-    from konstruct.config import load_settings
-    from konstruct.db import embedded
-    from konstruct.db.urls import resolve_urls
-
-    env = cli_env()
-    with tempfile.TemporaryDirectory(prefix="konstruct-bench-") as tmp:
-        site = Path(tmp)
-        cli(site, env, "init")
-        cli(site, env, "db", "upgrade")
-        settings = load_settings(site / "konstruct.toml")
-        pgdata = embedded.pgdata_dir(settings.data_dir).resolve()
-        try:
-            urls = resolve_urls(settings)  # starts (holds) the embedded server in this process
-            asyncio.run(bench_recall(urls, args, rng))
-        finally:
-            server = embedded._servers.pop(pgdata, None)
-            if server is not None:
-                server.cleanup()  # stop it before its folder is removed
+    with embedded_site() as (_, urls):
+        asyncio.run(bench_recall(urls, args, rng))
 
 
 if __name__ == "__main__":

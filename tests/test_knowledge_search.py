@@ -179,7 +179,7 @@ async def test_the_full_text_function_shows_only_the_sessions_tenant(db: Databas
     globex, _ = await org(db, "Globex")
     await store(db, acme, "a.md", ["the blue kettle"], random_vectors(1))
     await store(db, globex, "g.md", ["the blue kettle", "a blue kettle lid"], random_vectors(2))
-    sql = text("SELECT count(*) FROM knowledge_text_matches('blue kettle', 10, NULL)")
+    sql = text("SELECT count(*) FROM knowledge_text_matches('blue kettle', 10, NULL, 50)")
     async with db.tenant(tenant_id=acme.id) as session:
         assert await session.scalar(sql) == 1
     async with db.tenant(tenant_id=globex.id) as session:

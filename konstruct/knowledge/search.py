@@ -56,7 +56,9 @@ vec AS MATERIALIZED (SELECT id, embedding <=> CAST(:query AS vector) AS d FROM s
 _INDEXED = """vec AS MATERIALIZED (SELECT id, embedding <=> CAST(:query AS vector) AS d FROM knowledge_chunks WHERE {where}
     ORDER BY embedding <=> CAST(:query AS vector) LIMIT :n)"""
 # Through knowledge_text_matches (migration 0022): the GIN index is out of the app role's reach under row-level security.
-_TEXT = "txt AS MATERIALIZED (SELECT id, s FROM knowledge_text_matches(CAST(:words AS text), CAST(:n AS integer), {sources}))"
+_TEXT = """txt AS MATERIALIZED (SELECT id, s FROM knowledge_text_matches(CAST(:words AS text), CAST(:n AS integer), {sources},
+    CAST(:scan AS integer)))"""
+TEXT_SCAN = 5  # the full-text side ranks at most TEXT_SCAN × candidates matches (migration 0022)
 _NO_TEXT = "txt AS (SELECT NULL::bigint AS id, NULL::real AS s WHERE false)"
 _FUSE = f""",
 ranked AS (SELECT id, d, row_number() OVER (ORDER BY d, id) AS vr, NULL::real AS s, NULL::bigint AS tr FROM vec
@@ -147,7 +149,8 @@ async def explain(
 
 
 def _params(tenant_id: uuid.UUID, seen: Scope, words: str, vector: Any, k: int, config: KnowledgeSettings) -> dict[str, Any]:
-    params: dict[str, Any] = {"tenant": str(tenant_id), "query": vector_literal(vector), "k": k, "n": max(config.candidates, k)}
+    n = max(config.candidates, k)
+    params: dict[str, Any] = {"tenant": str(tenant_id), "query": vector_literal(vector), "k": k, "n": n, "scan": TEXT_SCAN * n}
     if seen.sources is not None:
         params["sources"] = seen.sources
     if words:

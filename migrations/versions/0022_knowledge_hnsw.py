@@ -26,21 +26,25 @@ branch_labels = None
 depends_on = None
 
 # PL/pgSQL with EXECUTE … USING, so that each call is planned for its own words and tenant: a small tenant's chunks
-# are read by the btree and tested; a large one's rare words are looked up in the GIN index.
+# are read by the btree and tested; a large one's rare words are looked up in the GIN index. At most `scan` matches
+# are ranked: when more chunks than that hold every word of a question, its words are this tenant's common ones and
+# say little (ranking all of a large tenant's matches took 0.8 s in bench/knowledge.py); the vector side decides.
 TEXT_MATCHES = """
-CREATE FUNCTION knowledge_text_matches(words text, n integer, sources uuid[] DEFAULT NULL)
+CREATE FUNCTION knowledge_text_matches(words text, n integer, sources uuid[], scan integer)
 RETURNS TABLE (id bigint, s real)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, public AS $$
 BEGIN
     RETURN QUERY EXECUTE
-        'SELECT c.id, ts_rank_cd(c.tsv, plainto_tsquery(''simple'', $1)) FROM knowledge_chunks c
-         WHERE c.tenant_id = $2 AND c.tsv @@ plainto_tsquery(''simple'', $1) AND ($3 IS NULL OR c.source_id = ANY($3))
-         ORDER BY 2 DESC, c.id LIMIT $4'
-    USING words, NULLIF(current_setting('app.current_tenant', true), '')::uuid, sources, n;
+        'SELECT m.id, ts_rank_cd(m.tsv, plainto_tsquery(''simple'', $1)) AS s FROM (
+             SELECT c.id, c.tsv FROM knowledge_chunks c
+             WHERE c.tenant_id = $2 AND c.tsv @@ plainto_tsquery(''simple'', $1) AND ($3 IS NULL OR c.source_id = ANY($3))
+             LIMIT $5) m
+         ORDER BY 2 DESC, m.id LIMIT $4'
+    USING words, NULLIF(current_setting('app.current_tenant', true), '')::uuid, sources, n, scan;
 END
 $$
 """
-SIGNATURE = "knowledge_text_matches(text, integer, uuid[])"
+SIGNATURE = "knowledge_text_matches(text, integer, uuid[], integer)"
 HNSW = "CREATE INDEX knowledge_chunks_embedding ON knowledge_chunks USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)"
 
 

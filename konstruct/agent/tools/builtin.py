@@ -86,7 +86,7 @@ WEB_FETCH = Tool(
 )
 MEMORY_SEARCH = Tool(
     "memory_search",
-    "Search what is remembered from earlier conversations and documents; returns the closest matches.",
+    "Search what this person told you in earlier conversations; returns the closest matches.",
     _object(
         {
             "query": {"type": "string", "minLength": 1, "description": "what to look for"},
