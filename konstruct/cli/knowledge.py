@@ -248,9 +248,14 @@ def job(ctx: typer.Context, job_id: str = typer.Argument(..., help="The job's id
         print_json(info.as_json())
         return
     print_fields({"id": info.id, "kind": info.kind, "status": info.status, "progress": f"{info.done}/{info.total} chunks",
-                  "error": info.error, "by": info.created_by, "created": info.created_at, "finished": info.finished_at})  # fmt: skip
+                  "attempts": _attempts(info.attempts), "error": info.error, "by": info.created_by, "created": info.created_at,
+                  "finished": info.finished_at})  # fmt: skip
     if info.finished:
         _summary([info], False)
+
+
+def _attempts(attempts: int) -> str:
+    return f"{attempts} (re-queued after its worker died)" if attempts > 1 else str(attempts)
 
 
 @app.command("search")

@@ -446,6 +446,10 @@ class KnowledgeJob(Base):
     created_at: Mapped[datetime] = _created()
     started_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    worker_id: Mapped[str | None] = mapped_column(Text)  # the worker running it (its claim), kept fresh by heartbeat_at
+    heartbeat_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")  # claims so far (worker.max_attempts caps them)
+    requeued_at: Mapped[datetime | None] = mapped_column(TIMESTAMP(timezone=True))  # when the sweeper last rang for it
 
 
 class McpServer(Base):

@@ -5,10 +5,19 @@ Idempotent by content: a source whose extracted text has the same sha256 as stor
 follow the request); a changed one has its chunks replaced in one transaction; an item that fails is reported with
 why, and nothing of it is stored (a source that was good before keeps its last good chunks). Progress (``done`` of
 ``total`` chunks embedded) is written to the job row as it goes, so `knowledge add` can show a bar.
+
+Crash-safe like the inbox: the claim records the worker (``worker_id``) and ``heartbeat_at``, refreshed with every
+progress update and every ``worker.heartbeat_interval`` while a fetch or an embedding runs; konstruct.knowledge.recovery
+(the sweeper) puts a job whose worker died back on the queue. Each item's outcome is saved in ``results`` as soon as it is
+known, so a re-run skips what the killed run finished and reports every item once (a source stored before the kill
+keeps its "added"); what it had not finished is done again, which is safe since each source is stored in one
+transaction and an unchanged one is a no-op.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -37,6 +46,7 @@ from konstruct.knowledge.sources import decode_data
 log = logging.getLogger("konstruct.knowledge")
 EMBED_BATCH = BATCH_SIZE * 4  # chunks per embedding call (and per progress update)
 GONE = (404, 410)  # a URL answering this during sync has disappeared: its source is removed
+STORED = ("added", "replaced")  # outcomes whose chunks count towards a job's progress
 
 
 @dataclass
@@ -109,49 +119,74 @@ async def prepare_item(item: dict[str, Any], ctx: ToolContext) -> Prepared:
 class Job:
     """One knowledge job run by the worker: its rows are read and written in the tenant's transactions."""
 
-    def __init__(self, db: Database, settings: Settings, tenant_id: uuid.UUID, job_id: uuid.UUID) -> None:
-        self.db, self.settings, self.tenant_id, self.job_id = db, settings, tenant_id, job_id
+    def __init__(self, db: Database, settings: Settings, tenant_id: uuid.UUID, job_id: uuid.UUID, worker_id: str = "worker") -> None:
+        self.db, self.settings, self.tenant_id, self.job_id, self.worker_id = db, settings, tenant_id, job_id, worker_id
         self.results: list[dict[str, Any]] = []
         self.actor = "worker"
+        self._saved = 0.0  # when the outcomes were last written to the job row (time.monotonic)
 
     async def run(self) -> str:
         """Run the job once (a job no longer queued is left alone); its final status."""
         request = await self._claim()
         if request is None:
             return "skipped"
+        beating = asyncio.ensure_future(self._heartbeat_loop())
         try:
             await self._run(request)
         except Exception as exc:
             log.exception("knowledge job %s failed", self.job_id)
             await self._finish("failed", f"{type(exc).__name__}: {exc}")
             return "failed"
+        finally:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
         await self._finish("done", None)
         return "done"
 
     async def _claim(self) -> dict[str, Any] | None:
+        """Exactly-once: only a queued job is taken; the claim names this worker and counts an attempt."""
         async with self.db.tenant(tenant_id=self.tenant_id) as session:
             job = (
                 await session.execute(
                     update(KnowledgeJob)
                     .where(KnowledgeJob.id == self.job_id, KnowledgeJob.status == "queued")
-                    .values(status="running", started_at=func.now())
-                    .returning(KnowledgeJob.request, KnowledgeJob.created_by)
+                    .values(status="running", started_at=func.coalesce(KnowledgeJob.started_at, func.now()), worker_id=self.worker_id,
+                            heartbeat_at=func.now(), attempts=KnowledgeJob.attempts + 1)
+                    .returning(KnowledgeJob.request, KnowledgeJob.created_by, KnowledgeJob.results)
                 )
-            ).first()
+            ).first()  # fmt: skip
         if job is None:
             return None
         self.actor = job.created_by or "worker"
+        self.results = list(job.results or [])  # what an earlier, killed run of this job finished
         return dict(job.request)
 
+    async def _heartbeat_loop(self) -> None:
+        """Keep the claim fresh while a long fetch or embedding runs (the sweeper takes a stale one back)."""
+        while True:
+            await asyncio.sleep(self.settings.worker.heartbeat_interval)
+            try:
+                await self._progress()
+            except Exception as exc:
+                log.warning("knowledge job %s: heartbeat failed: %s", self.job_id, type(exc).__name__)
+
     async def _run(self, request: dict[str, Any]) -> None:
-        self.results = list(request.get("skipped") or [])
+        handled = {r["uri"] for r in self.results}
+        if not self.results:
+            self.results = list(request.get("skipped") or [])
+        base = sum(int(r.get("chunks") or 0) for r in self.results if r["status"] in STORED)
         async with self.db.tenant(tenant_id=self.tenant_id) as session:
             hosts = await session.scalar(select(Tenant.allowed_hosts).where(Tenant.id == self.tenant_id))
             stored = {row.uri: row for row in await session.scalars(select(KnowledgeSource))}
         ctx = fetch_context(self.settings, self.tenant_id, list(hosts or []))
-        ready = [p for item in request.get("items") or [] if (p := await self._read(item, ctx, stored)) is not None]
-        await self._progress(total=sum(len(p.chunks) for p in ready))
-        done = 0
+        ready = []
+        for item in request.get("items") or []:
+            if item["uri"] not in handled and (prepared := await self._read(item, ctx, stored)) is not None:
+                ready.append(prepared)
+            await self._checkpoint()
+        await self._progress(total=base + sum(len(p.chunks) for p in ready), done=base)
+        done = base
         for prepared in ready:
             done = await self._embed_and_store(prepared, stored.get(prepared.uri), done)
         for source_id in request.get("remove") or []:
@@ -190,9 +225,11 @@ class Job:
         except Exception as exc:  # nothing of it was stored: the transaction rolled back
             log.warning("knowledge %s: %s: %s", prepared.uri, type(exc).__name__, exc)
             await self._failed(prepared.uri, prepared.name, prepared.kind, f"could not be stored: {type(exc).__name__}: {exc}", existing)
+            await self._progress()
             return done + len(texts)
         self._result(prepared.uri, prepared.name, "replaced" if existing is not None and existing.status == "ready" else "added",
                      chunks=len(prepared.chunks))  # fmt: skip
+        await self._progress()  # its outcome saved: a re-run after a crash does not store or report it again
         return done + len(texts)
 
     def _result(self, uri: str, name: str, status: str, *, chunks: int = 0, error: str | None = None) -> None:
@@ -230,19 +267,30 @@ class Job:
                                detail={"name": row.name, "chunks": row.chunks, "by": "sync"})  # fmt: skip
         self._result(row.uri, row.name, "removed", chunks=row.chunks, error=why)
 
+    def _mine(self) -> Any:
+        """The job row while this worker's claim holds (a claim the sweeper took back is another run's now)."""
+        return update(KnowledgeJob).where(KnowledgeJob.id == self.job_id, KnowledgeJob.status == "running",
+                                          KnowledgeJob.worker_id == self.worker_id)  # fmt: skip
+
+    async def _checkpoint(self) -> None:
+        """The outcomes so far saved, at most once a second (what a crash loses is read again, harmlessly)."""
+        if time.monotonic() - self._saved >= 1.0:
+            await self._progress()
+
     async def _progress(self, **values: int) -> None:
+        """Progress, the outcomes so far and the claim's heartbeat, in one update."""
         async with self.db.tenant(tenant_id=self.tenant_id) as session:
-            await session.execute(update(KnowledgeJob).where(KnowledgeJob.id == self.job_id).values(**values))
+            await session.execute(self._mine().values(results=self.results, heartbeat_at=func.now(), **values))
+        self._saved = time.monotonic()
 
     async def _finish(self, status: str, error: str | None) -> None:
         async with self.db.tenant(tenant_id=self.tenant_id) as session:
-            await session.execute(update(KnowledgeJob).where(KnowledgeJob.id == self.job_id)
-                                  .values(status=status, error=error, results=self.results, finished_at=func.now()))  # fmt: skip
+            await session.execute(self._mine().values(status=status, error=error, results=self.results, finished_at=func.now()))
 
 
-async def run_job(db: Database, settings: Settings, tenant_id: uuid.UUID, job_id: uuid.UUID) -> str:
+async def run_job(db: Database, settings: Settings, tenant_id: uuid.UUID, job_id: uuid.UUID, worker_id: str = "worker") -> str:
     """Run one queued knowledge job (the worker's task); 'done', 'failed', or 'skipped' when it is not queued."""
-    return await Job(db, settings, tenant_id, job_id).run()
+    return await Job(db, settings, tenant_id, job_id, worker_id).run()
 
 
 async def store(db: Database, tenant_id: uuid.UUID, prepared: Prepared, *, actor: str) -> uuid.UUID:

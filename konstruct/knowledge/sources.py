@@ -70,11 +70,12 @@ class JobInfo:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    attempts: int = 0  # claims by a worker: more than 1 when a worker died and the sweeper re-queued it
 
     @classmethod
     def from_row(cls, row: KnowledgeJob) -> JobInfo:
         return cls(row.id, row.kind, row.status, row.total, row.done, list(row.results or []), row.error, row.created_by, row.created_at,
-                   row.started_at, row.finished_at)  # fmt: skip
+                   row.started_at, row.finished_at, row.attempts or 0)  # fmt: skip
 
     @property
     def finished(self) -> bool:
@@ -90,7 +91,7 @@ class JobInfo:
     def as_json(self) -> dict[str, Any]:
         return {"id": str(self.id), "kind": self.kind, "status": self.status, "total": self.total, "done": self.done,
                 "chunks": sum(int(r.get("chunks") or 0) for r in self.results if r["status"] in ("added", "replaced")),
-                "counts": self.counts(), "results": self.results, "error": self.error, "created_by": self.created_by,
+                "counts": self.counts(), "results": self.results, "error": self.error, "attempts": self.attempts, "created_by": self.created_by,
                 "created_at": self.created_at.isoformat(), "started_at": self.started_at.isoformat() if self.started_at else None,
                 "finished_at": self.finished_at.isoformat() if self.finished_at else None}  # fmt: skip
 

@@ -39,7 +39,7 @@ from konstruct.db.engine import Database, unavailable
 from konstruct.db.models import Conversation, InboundMessage, WorkerHeartbeat
 from konstruct.db.urls import DatabaseURLs
 from konstruct.handoff import sweep as handoff_sweep
-from konstruct.knowledge import ingest, search
+from konstruct.knowledge import ingest, recovery, search
 from konstruct.llm import probe
 from konstruct.llm.client import load_litellm
 from konstruct.logs import Throttled
@@ -152,7 +152,7 @@ class WorkerRuntime:
     def ingest_knowledge(self, tenant_id: uuid.UUID, job_id: uuid.UUID) -> None:
         """Run one knowledge job on the loop (its embedding in a thread); it can take long, so no time limit here."""
         assert self.db is not None
-        status = self._call(ingest.run_job(self.db, self.settings, tenant_id, job_id), timeout=None)
+        status = self._call(ingest.run_job(self.db, self.settings, tenant_id, job_id, self.worker_id), timeout=None)
         log.info("knowledge job %s %s", job_id, status)
 
     def notify_admins(self, tenant_id: uuid.UUID, kind: str, subject: str, body: str) -> None:
@@ -331,6 +331,7 @@ class WorkerRuntime:
             stale_after=self.settings.worker.stale_after,
             received_grace=self.settings.worker.received_grace,
         )
+        await recovery.requeue_stuck(self.db, self.queue, self.settings)  # knowledge jobs, by the same rule
         try:  # the audit chain grows here, off the webhooks' path
             sealed = await audit.seal(self.db)
             if sealed:
