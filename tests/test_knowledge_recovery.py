@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 
 import pytest
 from sqlalchemy import func, select, update
-from sqlalchemy.engine import URL
 
 from konstruct import audit
 from konstruct.agent.agents import create_agent
@@ -26,10 +25,10 @@ from konstruct.knowledge import collect, recovery
 from konstruct.knowledge import sources as service
 from konstruct.tenancy.tenants import TenantInfo, create_tenant
 from konstruct.worker.queue import make_queue
-from tests.fakes.llm import FakeLLM
+from tests import test_knowledge_ingest
 from tests.fakes.server import LoopbackServer, QuietHandler, serve, shutdown
 from tests.helpers import Proc, konstruct_in_process, wait_until
-from tests.shared import SharedWorker, shared_worker, unique_slug
+from tests.shared import SharedWorker, unique_slug
 
 
 class Held(QuietHandler):
@@ -54,11 +53,8 @@ def site_server() -> Iterator[LoopbackServer]:
     shutdown(server)
 
 
-@pytest.fixture(scope="module")
-def worker(pg_server: URL, template_db: str, fake_llm_server: FakeLLM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedWorker]:
-    with shared_worker(pg_server, template_db, tmp_path_factory.mktemp("knowledge-recovery"), fake_llm_server.url,
-                       agent={"web_fetch_private_networks": ["127.0.0.1/32"]}) as shared:  # fmt: skip
-        yield shared
+# tests/test_knowledge_ingest.py's module worker (a worker of this module's own: the tests here kill and replace it).
+worker = test_knowledge_ingest.worker
 
 
 @pytest.fixture
