@@ -183,7 +183,11 @@ async def gateway_in_process(settings: Settings, client: tuple[str, int] = ("127
     from konstruct.gateway.app import create_app
 
     app = create_app(settings)
+    before = asyncio.all_tasks()  # another gateway's (a test may nest two)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, client=client)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
             yield http
+    # The lifespan's background loops end with it (a health watcher that outlived it once hung a test session).
+    left = [task for task in asyncio.all_tasks() - before if task.get_coro().__qualname__.startswith(("DatabaseHealth.", "SocketHolder."))]  # type: ignore[union-attr]
+    assert not left, f"the gateway's lifespan ended, these did not: {left}"

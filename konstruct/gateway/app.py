@@ -64,9 +64,12 @@ class DatabaseHealth:
         self.down_since = None
 
     async def watch(self) -> None:
+        """Until cancelled. asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancel that arrives as the
+        ping finishes (gh-86296), and the loop went on pinging after the lifespan ended (a test session hung on it)."""
         while True:
             try:
-                await asyncio.wait_for(self.db.ping(), timeout=max(HEALTH_INTERVAL * 3, 1))
+                async with asyncio.timeout(max(HEALTH_INTERVAL * 3, 1)):
+                    await self.db.ping()
                 self.ok()
             except Exception as exc:
                 self.failed(type(exc.__cause__ or exc).__name__ if not isinstance(exc, KonstructError) else str(exc))
@@ -195,6 +198,8 @@ def create_app(settings: Settings) -> Starlette:
             holder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await holder
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             await app.state.sockets.stop()
             await app.state.db.dispose()
             app.state.queue.close()

@@ -187,8 +187,9 @@ class SocketHolder:
             try:
                 held.client.wss_uri = await held.client.issue_new_wss_url()
                 # slack_sdk retries a websocket that will not open with the same URL, forever: bounded here, and
-                # the next try starts with a fresh URL.
-                await asyncio.wait_for(held.client.connect(), CONNECT_TIMEOUT)
+                # the next try starts with a fresh URL. asyncio.timeout: 3.11's wait_for can drop a cancel (gh-86296).
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await held.client.connect()
                 held.problem = ""
                 return
             except SlackApiError as exc:
