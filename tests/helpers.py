@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
+
+from tests.forkserver import Forked, ForkServer
 
 if TYPE_CHECKING:
     from konstruct.config import Settings
@@ -37,16 +41,47 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+_forkserver: ForkServer | None = None
+_forkserver_lock = threading.Lock()
+
+
+def forkserver() -> ForkServer:
+    """This test process's fork server (tests/forkserver.py), started on first use, stopped at exit."""
+    global _forkserver
+    with _forkserver_lock:
+        if _forkserver is None:
+            _forkserver = ForkServer(Path(tempfile.mkdtemp(prefix="konstruct-fork-")), cli_env())
+            atexit.register(_forkserver.close)
+        return _forkserver
+
+
 def konstruct(
-    *args: str, config: Path | None = None, timeout: float = 60, env: dict[str, str] | None = None, cwd: Path | None = None
+    *args: str,
+    config: Path | None = None,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    cold: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a child process and capture what it prints."""
-    argv = [sys.executable, "-m", "konstruct"]
-    if config is not None:
-        argv += ["--config", str(config)]
-    return subprocess.run(
-        [*argv, *args], capture_output=True, text=True, timeout=timeout, env=env or cli_env(), cwd=cwd, stdin=subprocess.DEVNULL
-    )
+    """Run the real CLI in a child process and capture what it prints: forked from the fork server (its imports done),
+    or with `cold` a new interpreter (what a shell pays for start-up)."""
+    argv = [*(["--config", str(config)] if config is not None else []), *args]
+    if cold:
+        return subprocess.run(
+            [sys.executable, "-m", "konstruct", *argv],
+            capture_output=True, text=True, timeout=timeout, env=env or cli_env(), cwd=cwd, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, open(os.devnull, "rb") as null:
+        child = forkserver().spawn(argv, env or cli_env(), cwd, null.fileno(), out.fileno(), err.fileno())
+        try:
+            code = child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            raise
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(child.args, code, out.read().decode(), err.read().decode())
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -71,28 +106,44 @@ async def wait_until(probe: Callable[[], Awaitable[T]], done: Callable[[T], bool
         await asyncio.sleep(interval)
 
 
-STARTED: list[subprocess.Popen[bytes]] = []  # every Proc's process, for the session's end (tests/conftest.py)
+STARTED: list[subprocess.Popen[bytes] | Forked] = []  # every Proc's process, for the module's end (tests/conftest.py)
 
 
 class Proc:
-    """A long-running konstruct process (up, gateway, worker) whose output goes to a log file."""
+    """A long-running konstruct process (up, gateway, worker) whose output goes to a log file.
+
+    Forked from the fork server (a real process with its imports already done, tests/forkserver.py), except with
+    `cold`, and always for `up`: supervision and start-up are what those tests are about, so they get a new interpreter.
+    """
 
     def __init__(
-        self, name: str, args: list[str], *, config: Path | None, log_dir: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+        self,
+        name: str,
+        args: list[str],
+        *,
+        config: Path | None,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        cold: bool = False,
     ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
-        argv = [sys.executable, "-m", "konstruct"]
-        if config is not None:
-            argv += ["--config", str(config)]
+        argv = [*(["--config", str(config)] if config is not None else []), *args]
         self._log = self.log_path.open("w")
-        self.process = subprocess.Popen(
-            [*argv, *args], stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or cli_env(), cwd=cwd
-        )
+        self.process: subprocess.Popen[bytes] | Forked
+        if cold or args[:1] == ["up"]:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "konstruct", *argv],
+                stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or cli_env(), cwd=cwd,
+            )  # fmt: skip
+        else:
+            with open(os.devnull, "rb") as null:
+                self.process = forkserver().spawn(argv, env or cli_env(), cwd, null.fileno(), self._log.fileno(), self._log.fileno())
         STARTED.append(self.process)
 
     @staticmethod
-    def leftovers() -> list[subprocess.Popen[bytes]]:
+    def leftovers() -> list[subprocess.Popen[bytes] | Forked]:
         """The processes tests started that still run (a fixture that lost track of one, e.g. after replacing it)."""
         return [process for process in STARTED if process.poll() is None]
 
@@ -117,7 +168,7 @@ class Proc:
                 self.process.wait()
                 raise AssertionError(f"{self.name} did not stop within {timeout}s:\n{self.log()}") from None
         self._log.close()
-        return self.process.returncode
+        return self.process.wait()
 
     def kill(self) -> None:
         self.process.kill()

@@ -99,7 +99,7 @@ def test_readme_quick_start_runs_literally_in_a_fresh_folder(tmp_path: Path, fak
             if args == ["up"]:
                 up = Proc("up", args, config=None, log_dir=tmp_path, env=env, cwd=site)
                 wait_ready(up, port)
-                timings.append(f"{time.monotonic() - began:5.1f} s  konstruct up (until /readyz answers)")
+                timings.append(f"{time.monotonic() - began:5.1f} s  konstruct up (until it says it is up)")
                 children = {child.pid for child in psutil.Process(up.process.pid).children(recursive=True)}
                 continue
             result = konstruct(*args, env=env, cwd=site, timeout=120)
@@ -121,17 +121,21 @@ def test_readme_quick_start_runs_literally_in_a_fresh_folder(tmp_path: Path, fak
 
 
 def wait_ready(up: Proc, port: int) -> None:
-    """Until the gateway's /readyz answers 200 (the database and the queue reachable), failing if `up` dies first."""
+    """Until `up` says it is up (what a reader of the quick start waits for before the 2nd terminal: every part ready,
+    the worker included) and the gateway's /readyz answers 200 (the database and the queue reachable), failing if `up`
+    dies first."""
 
     def ready() -> bool:
         if up.process.poll() is not None:
             raise AssertionError(f"konstruct up exited with {up.process.returncode}:\n{up.log()}")
+        if "Konstruct is up" not in up.log():
+            return False
         try:
             return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
-    wait_for(ready, 120, f"/readyz on port {port}", interval=0.2)
+    wait_for(ready, 120, f"`up` to say it is up and /readyz on port {port}", interval=0.2)
 
 
 def check_answer(result: subprocess.CompletedProcess[str], fake_llm: FakeLLM, *, message: str, key: str) -> None:

@@ -19,6 +19,19 @@ from konstruct.worker.runtime import WorkerRuntime
 log = logging.getLogger("konstruct.worker")
 
 
+def warm_up(model: str) -> None:
+    """Do now what the first message would otherwise pay for (~1.5 s of CPU on a small machine): litellm's import,
+    the MCP client's import (the mcp SDK), the tokenizer behind budget estimates, and a Router's first construction.
+    Starts no thread and opens no connection, so the standby can fork after it."""
+    litellm = load_litellm()
+    import konstruct.agent.tools.mcp_client  # noqa: F401  (offered on every turn)
+
+    with contextlib.suppress(Exception):
+        litellm.token_counter(model=model, messages=[{"role": "user", "content": "warm-up"}])
+    with contextlib.suppress(Exception):
+        litellm.Router(model_list=[{"model_name": "warm-up", "litellm_params": {"model": model, "api_key": "warm-up"}}])
+
+
 def serve_as_spare(settings: Settings) -> bool:
     """Do the slow start-up work (imports, litellm) once, then fork a ready worker each time SIGUSR1 asks for one.
 
@@ -28,7 +41,7 @@ def serve_as_spare(settings: Settings) -> bool:
     told to stop (SIGINT/SIGTERM). The spare reaps its children and says how each ended."""
     wanted = {signal.SIGUSR1, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, wanted)  # held until sigwait, so none is lost meanwhile
-    load_litellm()
+    warm_up(settings.llm.model)
     if threading.active_count() > 1:  # forking a process with threads could copy a held lock into the child
         log.error("standby: %d threads after warm-up; cannot fork workers safely", threading.active_count())
         return False
@@ -82,6 +95,8 @@ def run_worker(settings: Settings, *, threads: int = 4, periodic: bool = True, s
     """Run until SIGINT (graceful) or SIGTERM. Blocks. standby: be the spare that forks ready workers (see serve_as_spare)."""
     if standby and not serve_as_spare(settings):
         return
+    if not standby:
+        warm_up(settings.llm.model)  # before "ready": the first message is answered as fast as the next
     urls = resolve_urls(settings)
     queue = make_queue(settings, urls)
     runtime = WorkerRuntime(settings, urls, queue)
