@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +125,7 @@ def _every_command(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[t
     """The command and, for a group, every command under it, depth first, with the words that reach it.
     (Typer ships its own copy of click, so a group is known by its `commands`, not by click.Group.)"""
     yield path, command
-    if isinstance(getattr(command, "commands", None), dict):
+    if isinstance(getattr(command, "commands", None), Mapping):
         for name, sub in sorted(command.commands.items()):
             yield from _every_command(sub, (*path, name))
 
@@ -145,6 +145,35 @@ def test_every_command_has_help() -> None:
         first_words = " ".join(purpose.split()[:4])
         assert first_words in " ".join(result.output.split()), (path, first_words, result.output)
     assert "Usage:" in ok(konstruct("--help"))  # and the real entry point works
+
+
+def test_the_root_knows_every_command_of_every_cli_module_and_imports_only_the_one_used() -> None:
+    """konstruct.cli.COMMANDS (which module makes each root command, imported on use) matches the modules: each
+    `register(app)` adds exactly the commands the table names for it, each module with its own Typer `app` is one
+    group; and a command line imports only its own module."""
+    import importlib
+    import subprocess
+    import sys
+
+    from konstruct import cli
+
+    modules = sorted(path.stem for path in Path(cli.__file__).parent.glob("*.py") if path.stem != "__init__")
+    for name in modules:
+        module = importlib.import_module(f"konstruct.cli.{name}")
+        named = {command for command, made_by in cli.COMMANDS.items() if made_by == name}
+        if hasattr(module, "register"):
+            scratch = typer.Typer()
+            module.register(scratch)
+            assert set(typer.main.get_group(scratch).commands) == named, name
+        elif isinstance(getattr(module, "app", None), typer.Typer):
+            assert len(named) == 1, (name, named)
+        else:
+            assert not named, name  # a helper module (common, supervisor, ...)
+    probe = "import sys; from konstruct.cli import command; command().commands['chat']; " + (
+        "print(sorted(m.rsplit('.', 1)[1] for m in sys.modules if m.startswith('konstruct.cli.')))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "'chat'" in loaded and not any(f"'{module}'" in loaded for module in ("mcp", "billing", "declare", "knowledge")), loaded
 
 
 def test_doctor_reports_what_to_fix(config_path: Path) -> None:

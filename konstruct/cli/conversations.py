@@ -110,4 +110,4 @@ def show(
         out.print("no messages yet")
 
 
-handoff_cli.register(app)
+handoff_cli.register_in_conversation(app)

@@ -27,7 +27,8 @@ RefArgument = typer.Argument(..., help="Conversation id (or its first 8 characte
 FINAL = ("replied", "failed", "ignored")
 
 
-def register(app: typer.Typer) -> None:
+def register_in_conversation(app: typer.Typer) -> None:
+    """`konstruct conversation reply|take|close` (cli/conversations.py adds them to its group)."""
     app.command("reply")(reply)
     app.command("take")(take)
     app.command("close")(close)

@@ -91,6 +91,10 @@ def _ask(value: str | None, prompt: str, flag: str, default: str | None = None) 
     return str(typer.prompt(prompt, default=default))
 
 
+def register(app: typer.Typer) -> None:
+    app.command("onboard")(onboard)
+
+
 def onboard(
     ctx: typer.Context,
     # Not the shared tenant options: here --tenant is one of two answers (an existing tenant, or --new-tenant).

@@ -5,11 +5,8 @@ from __future__ import annotations
 import fcntl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from psycopg import sql
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.engine import make_url
@@ -19,6 +16,11 @@ from konstruct.config import Settings
 from konstruct.db.urls import APP_ROLE, DatabaseURLs, resolve_urls
 from konstruct.errors import DatabaseError
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# alembic is imported where it is used: every CLI command imports this module, few of them migrate.
+
 
 def migrations_dir() -> Path:
     import konstruct.migrations
@@ -27,6 +29,8 @@ def migrations_dir() -> Path:
 
 
 def _alembic_config(connection: Connection | None = None) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.attributes["connection"] = connection
@@ -34,6 +38,8 @@ def _alembic_config(connection: Connection | None = None) -> Config:
 
 
 def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(_alembic_config()).get_current_head()
 
 
@@ -44,6 +50,9 @@ class UpgradeResult:
 
 
 def upgrade(settings: Settings) -> UpgradeResult:
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
     """Create the database if it is embedded, check pgvector, apply migrations, set the app role's password."""
     urls = resolve_urls(settings, create_password=True)
     if settings.embedded_database:
@@ -102,6 +111,8 @@ def _upgraded(settings: Settings) -> bool:
 
 
 def current_revision(urls: DatabaseURLs) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     engine = create_engine(urls.owner_sync())
     try:
         with engine.connect() as conn:
