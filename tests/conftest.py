@@ -31,6 +31,50 @@ from tests.helpers import Proc, free_port
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+# Seconds each module took in one `make test` (tests and their fixtures; 3 processes on 2 cores), for the order only:
+# pytest-xdist hands whole modules (--dist loadfile) to whichever process is free, in collection order, so the longest
+# go first and the short ones fill the gaps at the end (a long module collected last kept one process busy for ~45 s
+# after the others had finished). A module not listed counts as short; a stale figure costs time, never a test.
+MODULE_SECONDS = {
+    "hostile": 77,
+    "up": 65,
+    "crash_safety": 41,
+    "cli": 39,
+    "slack_feedback": 34,
+    "brain": 29,
+    "knowledge_ingest": 28,
+    "model_setup": 28,
+    "readme": 26,
+    "chat_tty": 24,
+    "approvals": 21,
+    "slack_stream": 21,
+    "test_e2e": 21,
+    "handoff": 21,
+    "slack_socket": 21,
+    "slack_agent": 20,
+    "knowledge_search": 17,
+    "billing": 17,
+    "slack": 17,
+    "permissions": 16,
+    "worker": 15,
+    "budget": 15,
+    "embedding": 14,
+    "status_page": 13,
+    "keys": 12,
+    "whatsapp": 12,
+    "knowledge_recovery": 11,
+    "onboard": 11,
+    "mcp": 9,
+    "isolation": 9,
+    "chat": 9,
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest modules first (a stable sort: each module's own tests keep their order)."""
+    items.sort(key=lambda item: -MODULE_SECONDS.get(Path(str(item.path)).stem.removeprefix("test_"), 0))
+
+
 APP_PASSWORD = "test-app-password"
 TEMPLATE = "konstruct_template"
 
