@@ -95,8 +95,8 @@ def run_worker(settings: Settings, *, threads: int = 4, periodic: bool = True, s
     """Run until SIGINT (graceful) or SIGTERM. Blocks. standby: be the spare that forks ready workers (see serve_as_spare)."""
     if standby and not serve_as_spare(settings):
         return
-    if not standby:
-        warm_up(settings.llm.model)  # before "ready": the first message is answered as fast as the next
+    if not standby:  # beside the start-up, not before "ready": `up` is ready as soon, and a first message waits less
+        threading.Thread(target=warm_up, args=(settings.llm.model,), name="warm-up", daemon=True).start()
     urls = resolve_urls(settings)
     queue = make_queue(settings, urls)
     runtime = WorkerRuntime(settings, urls, queue)
