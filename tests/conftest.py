@@ -48,7 +48,7 @@ MODULE_SECONDS = {
     "chat_tty": 24,
     "approvals": 21,
     "slack_stream": 21,
-    "test_e2e": 21,
+    "e2e": 21,
     "handoff": 21,
     "slack_socket": 21,
     "slack_agent": 20,

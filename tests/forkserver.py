@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -168,15 +169,11 @@ def _child(request: dict[str, Any], fds: list[int], server: socket.socket, other
             else:
                 print(exc.code, file=sys.stderr)
         except KeyboardInterrupt:  # as the interpreter does: a traceback, then die of the signal
-            import traceback
-
             traceback.print_exc()
             sys.stderr.flush()
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGINT)
         except BaseException:
-            import traceback
-
             traceback.print_exc()
         # As the interpreter finishes: wait for non-daemon threads, run atexit callbacks, flush.
         with contextlib.suppress(Exception):
@@ -224,10 +221,9 @@ def serve(path: str) -> None:
                     os.close(fd)
                 children[pid] = conn
                 conn.sendall(f"pid {pid}\n".encode())
-            if wake_r in ready:
+            if wake_r in ready:  # a signal's byte: only there to end the select; a byte left over wakes it once more
                 with contextlib.suppress(BlockingIOError):
-                    while wake_r.recv(4096):
-                        pass
+                    wake_r.recv(4096)
             while children:
                 try:
                     pid, status = os.waitpid(-1, os.WNOHANG)

@@ -50,10 +50,10 @@ class UpgradeResult:
 
 
 def upgrade(settings: Settings) -> UpgradeResult:
+    """Create the database if it is embedded, check pgvector, apply migrations, set the app role's password."""
     from alembic import command
     from alembic.runtime.migration import MigrationContext
 
-    """Create the database if it is embedded, check pgvector, apply migrations, set the app role's password."""
     urls = resolve_urls(settings, create_password=True)
     if settings.embedded_database:
         _create_database_if_missing(urls)
