@@ -19,6 +19,9 @@ COPY pyproject.toml README.md ./
 COPY konstruct ./konstruct
 COPY migrations ./migrations
 RUN pip install .
+# The embedding model's ONNX graph, exported from the bundled weights once at build time instead of at each start.
+ENV KONSTRUCT_CACHE_DIR=/opt/konstruct-cache
+RUN python -c "from konstruct.agent.embedding import load_backend; load_backend('onnx')" && chmod -R a+rX /opt/konstruct-cache
 
 # Run unprivileged: the embedded PostgreSQL then runs as this user too, owning only /data.
 RUN useradd --create-home --uid 10001 konstruct && mkdir /data && chown konstruct /data

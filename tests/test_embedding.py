@@ -150,3 +150,73 @@ def test_concurrent_callers_share_one_model_pass() -> None:
         del model._model.encode
     assert all(numpy.allclose(results[n], alone[n], atol=1e-5) for n in range(len(sentences)))
     assert sum(passes) == len(sentences) and len(passes) < len(sentences)  # coalesced into fewer passes
+
+
+def _varied(count: int) -> list[str]:
+    rng = numpy.random.default_rng(7)
+    words = [
+        "refund",
+        "order",
+        "kettle",
+        "Berlin",
+        "invoice",
+        "password",
+        "delivery",
+        "März",
+        "naïve",
+        "東京",
+        "price",
+        "40",
+        "chairs",
+        "✓",
+        "tax",
+    ]
+    return [" ".join(rng.choice(words, int(rng.integers(1, 40)))) for _ in range(count)]
+
+
+def test_onnx_gives_the_vectors_of_sentence_transformers() -> None:
+    """The default backend (ONNX Runtime) against the reference (sentence-transformers on torch): within 1e-3 cosine,
+    for short, empty, non-Latin and over-long texts (cut at the model's 256 tokens by both), in mixed batches."""
+    long = "The customer wrote a very long complaint about the delivery. " * 60  # ~720 tokens: truncated
+    texts = [*SENTENCES, long, *_varied(150)]
+    onnx, reference = embedding.OnnxModel(), embedding.TorchModel()
+    got, want = onnx.encode(texts), reference.encode(texts)
+    assert got.shape == want.shape == (len(texts), DIMENSIONS)
+    assert got.dtype == numpy.float32
+    assert float((1 - (got * want).sum(axis=1)).max()) < 1e-3
+    assert numpy.allclose(numpy.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert embedder()._get_model().name == "onnx"  # what the worker uses
+
+
+def test_the_onnx_graph_is_exported_once_and_again_when_damaged(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KONSTRUCT_CACHE_DIR", str(tmp_path / "cache"))
+    first = embedding.OnnxModel()
+    graph = embedding.onnx_file()
+    assert first.graph == graph and graph.is_file() and graph.parent == tmp_path / "cache"
+    assert list(graph.parent.iterdir()) == [graph]  # no partial file left behind
+    exported = graph.stat().st_mtime_ns
+    second = embedding.OnnxModel()  # from the cache: not exported again
+    assert graph.stat().st_mtime_ns == exported
+    vector = second.encode(["I love my dog"])
+    graph.write_bytes(b"not an onnx graph")  # a damaged cache file (a full disk, a killed export elsewhere)
+    third = embedding.OnnxModel()
+    assert graph.stat().st_size > 1_000_000
+    assert numpy.allclose(third.encode(["I love my dog"]), vector, atol=1e-6)
+
+
+def test_an_unwritable_cache_folder_still_gives_a_model(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("KONSTRUCT_CACHE_DIR", str(blocker / "cache"))  # under a file: cannot be created, even by root
+    model = embedding.OnnxModel()
+    assert model.graph.is_file() and not str(model.graph).startswith(str(blocker))
+    assert model.encode(["hello"]).shape == (1, DIMENSIONS)
+
+
+def test_the_backend_is_chosen_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KONSTRUCT_EMBEDDING_BACKEND", "torch")
+    fresh = Embedder()
+    assert fresh._get_model().name == "torch"
+    assert numpy.allclose(fresh.embed(["I love my dog"]), embedder().embed(["I love my dog"]), atol=1e-4)
+    with pytest.raises(ValueError, match="onnx, torch"):
+        embedding.load_backend("tensorflow")
