@@ -197,6 +197,7 @@ def recall(approximate: Run, exact: Run) -> float:
 
 async def bench_search(settings: Any, urls: Any, corpus: Corpus, args: argparse.Namespace, rng: numpy.random.Generator) -> bool:
     from konstruct.db.engine import Database
+    from konstruct.knowledge import dedicated
 
     db = Database(settings, urls)
     conf = settings.knowledge
@@ -208,6 +209,16 @@ async def bench_search(settings: Any, urls: Any, corpus: Corpus, args: argparse.
             t = int(rng.choice(small))
             await ask(db, conf, corpus, t, *question(rng, corpus.samples[t][0]), Run())
             await ask(db, conf, corpus, 0, *question(rng, corpus.samples[0][0]), Run())
+        if args.dedicated:  # the anchor: the large tenant on the shared indexes, then its own (`knowledge index`)
+            shared = Run()
+            for i in range(args.queries // 2):
+                await ask(db, conf, corpus, 0, *question(rng, corpus.samples[0][i % len(corpus.samples[0])]), shared)
+            print(f"\nthe large tenant on the shared indexes (the anchor): {shared.line(f'{args.queries // 2} questions')}")
+            started = time.perf_counter()
+            await asyncio.to_thread(dedicated.build, urls, corpus.tenants[0], memory="4GB")
+            print(f"its own indexes (`konstruct knowledge index`: partial GIN + HNSW) built in {time.perf_counter() - started:.0f} s")
+            for _ in range(args.warmup // 2):
+                await ask(db, conf, corpus, 0, *question(rng, corpus.samples[0][0]), Run())
         print(f"\nretrieval, k = {K}, as the app role (RLS on), one question at a time; settings: exact_below {conf.exact_below}, "
               f"ef_search {conf.ef_search}, candidates {conf.candidates}, max_scan_tuples {conf.max_scan_tuples}")  # fmt: skip
         runs: dict[str, Run] = {name: Run() for name in ("small", "large", "large exact", "large vector", "large vector exact")}
@@ -282,6 +293,8 @@ def main() -> None:
     parser.add_argument("--skip-ingest", action="store_true")
     parser.add_argument("--warmup", type=int, default=300, help="question pairs (small, large) before measuring")
     parser.add_argument("--shared-buffers", default="8GB", help="PostgreSQL's shared_buffers for the run")
+    parser.add_argument("--no-dedicated", dest="dedicated", action="store_false",
+                        help="keep the large tenant on the shared indexes (default: measure them, then give it its own)")  # fmt: skip
     args = parser.parse_args()
     rng = numpy.random.default_rng(args.seed)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -73,6 +73,7 @@ PLATFORM_ONLY: dict[str, list[str]] = {
     "secrets.rotate": ["secrets", "reencrypt"],
     "installation.config": ["config", "show"],
     "installation.db": ["db", "current"],
+    "installation.knowledge": ["knowledge", "indexes"],  # a large tenant's own indexes: DDL on the shared table
     "apply": ["plan"],  # the declared [[tenants]] of konstruct.toml (none here)
 }
 

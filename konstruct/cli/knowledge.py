@@ -27,23 +27,29 @@ from konstruct.cli.common import (
     confirm_deletion,
     err,
     out,
+    platform,
     print_fields,
     print_json,
     print_table,
     settings,
+    tenant_for,
+    with_database,
     with_tenant,
 )
 from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import QueueError, WorkerUnavailableError
-from konstruct.knowledge import collect
+from konstruct.knowledge import collect, dedicated
 from konstruct.knowledge import search as retrieval
 from konstruct.knowledge import sources as service
 from konstruct.tenancy.tenants import TenantInfo
 from konstruct.worker.queue import make_queue
 
-app = typer.Typer(help="A tenant's documents its agents answer from: add, list, show, remove, sync, search.", no_args_is_help=True)
+app = typer.Typer(
+    help="A tenant's documents its agents answer from: add, list, show, remove, sync, search; a large tenant's own indexes.",
+    no_args_is_help=True,
+)
 
 NoWaitOption = typer.Option(False, "--no-wait", help="Queue the job and print its id; do not wait for the worker.")
 TimeoutOption = typer.Option(600.0, "--timeout", help="Seconds to wait for the worker before giving up waiting (the job goes on).")
@@ -288,3 +294,60 @@ def search_(
     print_table(None, ["#", "score", "vector", "distance", "text", "source", "heading", "starts"], [
         (n, f"{p.score:.4f}", p.vector_rank or "", "" if p.distance is None else f"{p.distance:.3f}", p.text_rank or "",
          escape(p.source), escape(p.heading), escape(" ".join(p.content.split())[:80])) for n, p in enumerate(passages, 1)])  # fmt: skip
+
+
+@app.command("index")
+def index(
+    ctx: typer.Context,
+    tenant: str = TenantOption,
+    drop: bool = typer.Option(False, "--drop", help="Drop the tenant's own indexes instead (searches use the shared ones)."),
+    memory: str | None = typer.Option(None, "--memory", help="maintenance_work_mem for the build, e.g. 2GB (the HNSW graph should fit)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Give a large tenant its own full-text and vector indexes (partial GIN + HNSW on its rows), built concurrently.
+
+    For a tenant holding a large share of all chunks (a tenth or more): its searches stop paying for other tenants'
+    rows. Safe to run again; a build cut short is built again. Platform admins only (it changes the database)."""
+    cfg = settings(ctx)
+
+    async def go(db: Database) -> TenantInfo:
+        await platform(db, "installation")
+        return await tenant_for(db, tenant, "knowledge.write")
+
+    found = with_database(ctx, go)
+    urls = resolve_urls(cfg)
+    if drop:
+        names = dedicated.drop(urls, found.id)
+        if as_json:
+            print_json({"tenant": found.slug, "dropped": names})
+        else:
+            out.print(
+                f"dropped {len(names)} index(es) of tenant {found.slug}" if names else f"tenant {found.slug} has no indexes of its own"
+            )
+        return
+    with (
+        out.status(f"building tenant {found.slug}'s indexes (minutes for a few hundred thousand chunks)…") if not as_json else nullcontext()
+    ):
+        done = dedicated.build(urls, found.id, memory=memory)
+    if as_json:
+        print_json({"tenant": found.slug, "indexes": [{"name": name, "result": what} for name, what in done]})
+        return
+    for name, what in done:
+        out.print(f"[green]{what}[/green] {name}" if what != "present" else f"[dim]present[/dim] {name}")
+
+
+@app.command("indexes")
+def indexes(ctx: typer.Context, as_json: bool = JsonOption) -> None:
+    """The tenants that have their own knowledge indexes (`knowledge index`), with each index's size and state."""
+    cfg = settings(ctx)
+    with_database(ctx, lambda db: platform(db, "installation"))
+    found = dedicated.listing(resolve_urls(cfg))
+    if as_json:
+        print_json([i.as_json() for i in found])
+        return
+    if not found:
+        out.print("no tenant has indexes of its own (`konstruct knowledge index --tenant T`)")
+        return
+    print_table(None, ["tenant id", "kind", "name", "state", "size"], [
+        (str(i.tenant_id), "full text (GIN)" if i.kind == "tsv" else "vectors (HNSW)", i.name,
+         "valid" if i.valid else "[red]invalid: run `knowledge index` again[/red]", f"{i.bytes / 2**20:,.1f} MB") for i in found])  # fmt: skip
