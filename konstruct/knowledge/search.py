@@ -45,7 +45,9 @@ _SCOPE = text("""
 SELECT coalesce(sum(chunks) FILTER (WHERE visible), 0) AS seen, coalesce(sum(chunks), 0) AS total,
        coalesce(array_agg(id) FILTER (WHERE visible AND chunks > 0), '{}') AS ids,
        set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', :ef, true),
-       set_config('hnsw.max_scan_tuples', :max_scan, true), set_config('plan_cache_mode', 'force_custom_plan', true)
+       set_config('hnsw.max_scan_tuples', :max_scan, true),
+       set_config('plan_cache_mode', CASE WHEN coalesce(sum(chunks) FILTER (WHERE visible), 0) < :exact_below THEN 'auto'
+                                          ELSE 'force_custom_plan' END, true)
 FROM (SELECT id, chunks, (agent_ids = '{}' OR CAST(:agent AS uuid) = ANY(agent_ids)) AS visible
       FROM knowledge_sources WHERE tenant_id = CAST(:tenant AS uuid)) s
 """)
@@ -59,9 +61,11 @@ _INDEXED = """vec AS MATERIALIZED (SELECT id, embedding <=> CAST(:query AS vecto
 _TEXT = """txt AS MATERIALIZED (SELECT id, s FROM knowledge_text_matches(CAST(:words AS text), CAST(:n AS integer), {sources},
     CAST(:scan AS integer)))"""
 TEXT_SCAN = 5  # the full-text side ranks at most TEXT_SCAN × candidates matches (migration 0022)
-# A scope small enough to scan exactly is also searched for its words exactly, in the rows already read: through the
-# function the planner would look the words up in the GIN index over every tenant's chunks (bench/knowledge.py: 10-35
-# ms for a 617-chunk tenant among 1,000,000 chunks, where testing its rows takes 0.2 ms).
+# A scope below knowledge.exact_below is also searched for its words exactly, in the rows already read: through the
+# function the planner would look the words up in the GIN index over every tenant's chunks (bench/knowledge.py: 7-24
+# ms p95 for a 617-chunk tenant among 1,000,000 chunks, where testing its rows takes 0.2-0.8 ms). A larger scope's
+# text leg is the function's, whichever way its vectors are ranked (so the exact vector scan, when the index comes
+# back short or as the benchmark's anchor, changes only the vector leg).
 _TEXT_EXACT = """txt AS MATERIALIZED (SELECT id, ts_rank_cd(tsv, q) AS s FROM scope, plainto_tsquery('simple', CAST(:words AS text)) q
     WHERE tsv @@ q ORDER BY s DESC, id LIMIT :n)"""
 _NO_TEXT = "txt AS (SELECT NULL::bigint AS id, NULL::real AS s WHERE false)"
@@ -107,11 +111,13 @@ def vector_literal(values: Any) -> str:
     return "[" + ",".join(f"{float(v):.7g}" for v in values) + "]"
 
 
-def statement(*, exact: bool, sources: bool, words: bool) -> str:
+def statement(*, exact: bool, sources: bool, words: bool, text_in_scope: bool = False) -> str:
+    """The hybrid statement: the vector leg exact (over a materialized scope) or through the HNSW index; the text leg
+    tested in that scope (`text_in_scope`, exact only) or through knowledge_text_matches."""
     where = _WHERE.format(sources=" AND source_id = ANY(CAST(:sources AS uuid[]))" if sources else "")
     if not words:
         text_leg = _NO_TEXT
-    elif exact:
+    elif text_in_scope and exact:
         text_leg = _TEXT_EXACT
     else:
         text_leg = _TEXT.format(sources="CAST(:sources AS uuid[])" if sources else "NULL::uuid[]")
@@ -123,27 +129,44 @@ async def scope(session: Any, tenant_id: uuid.UUID, agent_id: uuid.UUID, config:
     """What the agent may read (and the HNSW scan's settings for this transaction, in the same round trip)."""
     row = (
         await session.execute(
-            _SCOPE, {"tenant": str(tenant_id), "agent": str(agent_id), "ef": str(config.ef_search), "max_scan": str(config.max_scan_tuples)}
+            _SCOPE,
+            {
+                "tenant": str(tenant_id),
+                "agent": str(agent_id),
+                "ef": str(config.ef_search),
+                "max_scan": str(config.max_scan_tuples),
+                "exact_below": config.exact_below,
+            },
         )
     ).one()
     return Scope(int(row.seen), None if row.seen == row.total else list(row.ids))
 
 
 async def ranked(
-    db: Database, config: KnowledgeSettings, *, tenant_id: uuid.UUID, agent_id: uuid.UUID, question: str, vector: Any, k: int
+    db: Database,
+    config: KnowledgeSettings,
+    *,
+    tenant_id: uuid.UUID,
+    agent_id: uuid.UUID,
+    question: str,
+    vector: Any,
+    k: int,
+    exact_vectors: bool = False,
 ) -> tuple[list[Passage], Plan]:
-    """The k best passages for a question already embedded, and how they were found."""
+    """The k best passages for a question already embedded, and how they were found. `exact_vectors`: rank the vectors
+    exactly whatever the scope's size (the benchmark's anchor for recall)."""
     words = tsquery(question)
     async with db.tenant(tenant_id=tenant_id) as session:
         seen = await scope(session, tenant_id, agent_id, config)
         if seen.chunks == 0:
             return [], Plan("none", 0, words)
         params = _params(tenant_id, seen, words, vector, k, config)
-        method = "exact" if seen.chunks < config.exact_below else "hnsw"
-        rows = await _run(session, method == "exact", seen, params)
+        small = seen.chunks < config.exact_below
+        method = "exact" if small or exact_vectors else "hnsw"
+        rows = await _run(session, method == "exact", seen, params, small)
         if method == "hnsw" and (not rows or rows[0].vec_rows < min(params["n"], seen.chunks)):
             method = "hnsw→exact"  # the iterative scan gave up before it found enough of this scope's rows
-            rows = await _run(session, True, seen, params)
+            rows = await _run(session, True, seen, params, small)
     return [_passage(row) for row in rows], Plan(method, seen.chunks, words)
 
 
@@ -154,7 +177,8 @@ async def explain(
     async with db.tenant(tenant_id=tenant_id) as session:
         seen = await scope(session, tenant_id, agent_id, config)
         params = _params(tenant_id, seen, tsquery(question), vector, k, config)
-        sql = statement(exact=seen.chunks < config.exact_below, sources=seen.sources is not None, words="words" in params)
+        small = seen.chunks < config.exact_below
+        sql = statement(exact=small, sources=seen.sources is not None, words="words" in params, text_in_scope=small)
         return [row[0] for row in await session.execute(text("EXPLAIN (ANALYZE, COSTS OFF, SUMMARY OFF) " + sql), params)]
 
 
@@ -168,8 +192,8 @@ def _params(tenant_id: uuid.UUID, seen: Scope, words: str, vector: Any, k: int, 
     return params
 
 
-async def _run(session: Any, exact: bool, seen: Scope, params: dict[str, Any]) -> Sequence[Any]:
-    sql = statement(exact=exact, sources=seen.sources is not None, words="words" in params)
+async def _run(session: Any, exact: bool, seen: Scope, params: dict[str, Any], text_in_scope: bool) -> Sequence[Any]:
+    sql = statement(exact=exact, sources=seen.sources is not None, words="words" in params, text_in_scope=text_in_scope)
     return (await session.execute(text(sql), params)).all()
 
 
