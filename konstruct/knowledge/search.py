@@ -12,6 +12,9 @@ Correct at any scale under row-level security (bench/knowledge.py measured the c
   graph until enough rows of this tenant (and of the sources this agent may read) came through the filter, re-sorted
   exactly afterwards. If it still comes back short (the scope is a sliver of the index), the exact scan runs instead,
   so every query gets min(k, chunks in scope) rows.
+- a tenant holding a large share of all chunks can be given its own partial GIN and HNSW indexes
+  (konstruct.knowledge.dedicated, `konstruct knowledge index`); the same statements then use them, since each search
+  of a large scope is planned for its own tenant.
 """
 
 from __future__ import annotations
