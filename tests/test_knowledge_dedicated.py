@@ -18,7 +18,7 @@ from konstruct.knowledge import search
 from konstruct.knowledge.dedicated import index_name
 from konstruct.tenancy.tenants import delete_tenant
 from tests.helpers import konstruct_in_process
-from tests.test_knowledge_search import config, near, org, random_vectors, store
+from tests.test_knowledge_search import config, near, org, random_vectors, store, without_the_btree
 
 
 def scans(database_url: str, name: str) -> int:
@@ -36,11 +36,7 @@ def indexdef(database_url: str, name: str) -> str | None:
 async def test_a_large_tenants_own_indexes_serve_its_searches(
     db: Database, settings: Settings, config_path: Path, database_url: str
 ) -> None:
-    # As in test_knowledge_search: on tables this small the planner would read any scope through the btree, exactly.
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("DROP INDEX knowledge_chunks_scope")
-        conn.execute("ALTER DATABASE " + conn.info.dbname + " SET enable_seqscan = off")
-    await db.dispose()
+    await without_the_btree(db, database_url)  # else, on tables this small, any scope is read through the btree
     acme, ava = await org(db, "Acme")
     globex, gus = await org(db, "Globex")
     big, other = random_vectors(3000), random_vectors(400)

@@ -67,6 +67,15 @@ async def ranked(db: Database, conf: KnowledgeSettings, tenant: TenantInfo, agen
     return await search.ranked(db, conf, tenant_id=tenant.id, agent_id=agent.id, question=question, vector=vector, k=k)
 
 
+async def without_the_btree(db: Database, database_url: str) -> None:
+    """PostgreSQL's planner reads a scope it estimates small through the btree, exactly, whatever we allow; on tables
+    this small it would always. Without the btree (and with sequential scans discouraged) it must take an index."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DROP INDEX knowledge_chunks_scope")
+        conn.execute("ALTER DATABASE " + conn.info.dbname + " SET enable_seqscan = off")
+    await db.dispose()
+
+
 def test_the_full_text_query_keeps_the_content_words_quoted() -> None:
     assert search.tsquery("What is the refund policy for XK-2291? And the REFUND?") == "refund policy XK-2291 REFUND"
     assert search.tsquery("what is it?") == ""
@@ -136,13 +145,7 @@ async def test_an_agent_reads_only_the_sources_meant_for_it(db: Database, settin
 async def test_a_large_scope_goes_through_the_index_and_a_sliver_of_it_falls_back_to_the_exact_scan(
     db: Database, settings: Settings, database_url: str
 ) -> None:
-    # PostgreSQL's planner reads a scope it estimates small through the btree, exactly, whatever we allow; on tables
-    # this small it would always. Without the btree (and with sequential scans discouraged) it must take the HNSW index,
-    # which is the path under test: how the iterative scan fills a filtered scope, and what happens when it cannot.
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("DROP INDEX knowledge_chunks_scope")
-        conn.execute("ALTER DATABASE " + conn.info.dbname + " SET enable_seqscan = off")
-    await db.dispose()
+    await without_the_btree(db, database_url)  # the path under test: how the iterative scan fills a filtered scope
     acme, ava = await org(db, "Acme")
     globex, _ = await org(db, "Globex")
     bob = await create_agent(db, acme, name="Bob", role="Sales", persona="Sells.", model=None, actor="test")
