@@ -28,6 +28,8 @@ run: install  ## first time: konstruct init (it asks for the model and tests it)
 	$(VENV)/bin/konstruct up
 
 test: test-prereqs install-dev  ## the whole test suite (real PostgreSQL, real processes, loopback fakes)
+	@# The embedding model's ONNX graph, exported once per machine (~5 s) before the processes that use it start
+	$(VPY) -c "from konstruct.agent.embedding import load_backend; load_backend('onnx')"
 ifeq ($(TEST_WORKERS),0)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 else

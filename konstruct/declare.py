@@ -24,6 +24,7 @@ from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.errors import ConfigError, KonstructError, NotFoundError, ValidationError
 from konstruct.knowledge import collect as knowledge_collect
+from konstruct.knowledge import dedicated as knowledge_dedicated
 from konstruct.knowledge import sources as knowledge_service
 from konstruct.llm import budget as budget_service
 from konstruct.tenancy import invitations, users
@@ -394,7 +395,8 @@ async def _agent_settings(db: Database, change: Change, actor: str) -> None:
 
 async def _apply_one(db: Database, settings: Settings, change: Change, actor: str, tokens: list[Made]) -> None:
     if change.kind == "tenant" and change.action == "delete":
-        await tenant_service.delete_tenant(db, change.tenant, actor=actor)
+        gone = await tenant_service.delete_tenant(db, change.tenant, actor=actor)
+        await knowledge_dedicated.deleted_tenant(db.urls, gone.id)
         return
     if change.kind == "tenant" and change.action == "create":
         spec: TenantSpec = change.spec

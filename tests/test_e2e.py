@@ -43,7 +43,7 @@ def test_init_up_chat_on_the_embedded_defaults(tmp_path: Path, fake_llm: FakeLLM
 
         doctor = konstruct("doctor", "--json", env=env, cwd=site)
         assert doctor.returncode == 0, doctor.stdout
-        assert all(c["status"] == "ok" for c in json.loads(doctor.stdout)["checks"])
+        assert all(c["status"] == "ok" for c in json.loads(doctor.stdout)["checks"]), doctor.stdout
 
         # The rows are in the embedded database (read as its superuser, over its unix socket).
         pgdata = site / ".konstruct" / "pg"

@@ -16,7 +16,6 @@ from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.knowledge import search
 from konstruct.knowledge.dedicated import index_name
-from konstruct.tenancy.tenants import delete_tenant
 from tests.helpers import konstruct_in_process
 from tests.test_knowledge_search import config, near, org, random_vectors, store, without_the_btree
 
@@ -103,7 +102,8 @@ async def test_a_large_tenants_own_indexes_serve_its_searches(
     # Deleting a tenant deletes its indexes with its knowledge.
     assert konstruct_in_process("knowledge", "index", "--tenant", globex.slug, config=config_path).returncode == 0
     assert indexdef(database_url, index_name(globex.id, "embedding")) is not None
-    await delete_tenant(db, globex.slug, actor="test")
+    deleted = konstruct_in_process("tenant", "delete", globex.slug, "--yes", config=config_path)
+    assert deleted.returncode == 0, deleted.stderr
     assert indexdef(database_url, index_name(globex.id, "embedding")) is None
     assert indexdef(database_url, index_name(globex.id, "tsv")) is None
     assert json.loads(konstruct_in_process("knowledge", "indexes", "--json", config=config_path).stdout) == []

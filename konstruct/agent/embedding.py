@@ -7,7 +7,7 @@ Two backends give the same vectors (within 1e-6 cosine; tests/test_embedding.py 
   tokenizer.json, and the mean pooling and normalisation are numpy — ~2x torch's sentences/s on 2 cores
   (bench/memory_recall.py), and a worker need not import torch at all. The ONNX graph is exported from the bundled
   weights by torch the first time (~2 s) and cached (``KONSTRUCT_CACHE_DIR``, else ``$XDG_CACHE_HOME/konstruct`` or
-  ``~/.cache/konstruct``), keyed by the weights' size and time and the exporter's versions.
+  ``~/.cache/konstruct``), keyed by the weights package's version and size and the exporter's versions.
 - ``torch``: sentence-transformers itself — the reference, and what exports the graph.
 
 Everything heavy is imported on first use, so importing konstruct stays fast.
@@ -97,12 +97,12 @@ def cache_dir() -> Path:
 
 
 def onnx_file() -> Path:
-    """The cache file for the bundled weights: a new one whenever the weights, torch, onnx or ONNX Runtime change."""
+    """The cache file for the bundled weights: a new one whenever the weights package, torch, onnx or ONNX Runtime change."""
     from importlib.metadata import version
 
-    weights = (model_path() / "model.safetensors").stat()
-    versions = ":".join(version(package) for package in ("torch", "onnx", "onnxruntime"))
-    key = f"{EXPORT_FORMAT}:{weights.st_size}:{weights.st_mtime_ns}:{versions}"
+    weights = (model_path() / "model.safetensors").stat().st_size
+    versions = ":".join(version(package) for package in (WEIGHTS_PACKAGE, "torch", "onnx", "onnxruntime"))
+    key = f"{EXPORT_FORMAT}:{weights}:{versions}"  # not the file's time: a reinstall of the same weights keeps the graph
     return cache_dir() / f"all-MiniLM-L6-v2-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
 
 

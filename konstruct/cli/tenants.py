@@ -23,6 +23,7 @@ from konstruct.cli.common import (
 )
 from konstruct.db.engine import Database
 from konstruct.errors import ValidationError
+from konstruct.knowledge import dedicated
 from konstruct.tenancy import tenants as service
 from konstruct.tenancy.tenants import TenantInfo
 
@@ -144,5 +145,11 @@ def delete(
 ) -> None:
     """Delete a tenant with its agents, conversations and messages (its audit log stays)."""
     confirm_deletion(yes, f"tenant {slug!r}", "all its agents, conversations and messages")
-    tenant = with_tenant(ctx, slug, "tenant.delete", lambda db, _: service.delete_tenant(db, slug, actor=actor()))
+
+    async def go(db: Database, _: TenantInfo) -> TenantInfo:
+        gone = await service.delete_tenant(db, slug, actor=actor())
+        await dedicated.deleted_tenant(db.urls, gone.id)  # its own knowledge indexes, if it had any
+        return gone
+
+    tenant = with_tenant(ctx, slug, "tenant.delete", go)
     out.print(f"[green]deleted[/green] tenant {tenant.slug}")

@@ -15,6 +15,7 @@ index, which the next run drops and builds again. `tenant delete` drops them.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from dataclasses import dataclass
@@ -101,6 +102,11 @@ def build(urls: DatabaseURLs, tenant_id: uuid.UUID, *, memory: str | None = None
         if any(what != "present" for _, what in done):
             conn.execute("ANALYZE knowledge_chunks")
     return done
+
+
+async def deleted_tenant(urls: DatabaseURLs, tenant_id: uuid.UUID) -> list[str]:
+    """After a tenant is deleted (`tenant delete`, `apply --prune`): drop its own indexes, which its rows are gone from."""
+    return await asyncio.to_thread(drop, urls, tenant_id)
 
 
 def drop(urls: DatabaseURLs, tenant_id: uuid.UUID) -> list[str]:

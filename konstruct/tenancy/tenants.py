@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import uuid
 from dataclasses import asdict, dataclass
@@ -110,9 +109,6 @@ async def delete_tenant(db: Database, slug: str, *, actor: str) -> TenantInfo:
     async with db.tenant(tenant_id=tenant.id) as session:
         await audit.record(session, tenant_id=tenant.id, actor=actor, action="tenant.deleted", target=slug)
         await session.execute(delete(Tenant).where(Tenant.id == tenant.id))
-    from konstruct.knowledge import dedicated
-
-    await asyncio.to_thread(dedicated.drop, db.urls, tenant.id)  # its own knowledge indexes, if it had any
     return tenant
 
 
