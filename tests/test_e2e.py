@@ -41,6 +41,7 @@ def test_init_up_chat_on_the_embedded_defaults(tmp_path: Path, fake_llm: FakeLLM
         assert chat.stdout.strip() == "[fake-model] You said: Hello, who are you?"
         assert fake_llm.requests[-1].headers["authorization"] == "Bearer sk-e2e-secret-9876"
 
+        up.wait_for_log("standby: warm", timeout=60)  # else doctor rightly warns that the spare is still starting
         doctor = konstruct("doctor", "--json", env=env, cwd=site)
         assert doctor.returncode == 0, doctor.stdout
         assert all(c["status"] == "ok" for c in json.loads(doctor.stdout)["checks"]), doctor.stdout

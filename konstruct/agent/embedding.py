@@ -183,6 +183,9 @@ def _session(graph: Path) -> Any:
     # Every core this process may use, as torch does; ONNX Runtime's default is the physical cores (1 of 2 here: 550
     # instead of 700 sentences/s).
     options.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # Its threads would otherwise spin on the cores after each batch, taking CPU from the worker's loop and the other
+    # processes on the machine (the gateway, the warm spare) for nothing.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
 
