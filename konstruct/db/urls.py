@@ -25,6 +25,10 @@ class DatabaseURLs:
     def owner_sync(self) -> str:
         return self.owner.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
+    def owner_dsn(self) -> str:
+        """The owner's URL as psycopg.connect takes it (for DDL and the few owner-only writes)."""
+        return self.owner.set(drivername="postgresql").render_as_string(hide_password=False)
+
     def app_async(self) -> URL:
         return self.app.set(drivername="postgresql+asyncpg")
 

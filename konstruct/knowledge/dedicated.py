@@ -10,7 +10,7 @@ and takes the smaller index. Row-level security still filters every row.
 
 They are built by the owner role (DDL), CONCURRENTLY — searches and ingests go on meanwhile — from
 `konstruct knowledge index --tenant T`; a build cut short (a killed command, a database restart) leaves an invalid
-index, which the next run drops and builds again. `tenant delete` drops them.
+index, which the next run drops and builds again. `tenant delete` and `apply --prune` drop them.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _definition(tenant_id: uuid.UUID, kind: str) -> str:
 def _connect(urls: DatabaseURLs) -> Any:
     import psycopg
 
-    return psycopg.connect(urls.owner.set(drivername="postgresql").render_as_string(hide_password=False), autocommit=True)
+    return psycopg.connect(urls.owner_dsn(), autocommit=True)
 
 
 def listing(urls: DatabaseURLs) -> list[DedicatedIndex]:
@@ -80,8 +80,8 @@ def listing(urls: DatabaseURLs) -> list[DedicatedIndex]:
 
 
 def build(urls: DatabaseURLs, tenant_id: uuid.UUID, *, memory: str | None = None) -> list[tuple[str, str]]:
-    """Build the tenant's two indexes where missing (an invalid one is dropped and built again), then ANALYZE.
-    Returns (name, what happened: built | rebuilt | present) for each."""
+    """Build the tenant's two indexes where missing (an invalid one is dropped and built again); no ANALYZE is needed,
+    as indexes on plain columns add no statistics. Returns (name, what happened: built | rebuilt | present) for each."""
     if memory is not None and not _MEMORY.match(memory):
         raise ValidationError(f"--memory must look like 512MB or 2GB, not {memory!r}")
     present = {i.name: i for i in listing(urls) if i.tenant_id == tenant_id}
@@ -99,8 +99,6 @@ def build(urls: DatabaseURLs, tenant_id: uuid.UUID, *, memory: str | None = None
                 conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
             conn.execute(_definition(tenant_id, kind))
             done.append((name, "rebuilt" if index is not None else "built"))
-        if any(what != "present" for _, what in done):
-            conn.execute("ANALYZE knowledge_chunks")
     return done
 
 

@@ -123,7 +123,7 @@ async def _set_platform_admin_as_owner(db: Database, user_id: uuid.UUID, value: 
     import psycopg
 
     def run() -> None:
-        with psycopg.connect(db.urls.owner.set(drivername="postgresql").render_as_string(hide_password=False)) as conn:
+        with psycopg.connect(db.urls.owner_dsn()) as conn:
             conn.execute("update users set platform_admin = %s, updated_at = now() where id = %s", (value, user_id))
 
     await asyncio.to_thread(run)
