@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -86,8 +86,9 @@ class Database:
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @asynccontextmanager
-    async def tenant(self, *, tenant_id: uuid.UUID) -> AsyncIterator[AsyncSession]:
-        """One transaction in which row-level security shows only this tenant's rows."""
+    async def tenant(self, *, tenant_id: uuid.UUID, local: Mapping[str, str] | None = None) -> AsyncIterator[AsyncSession]:
+        """One transaction in which row-level security shows only this tenant's rows. `local`: more settings for this
+        transaction only (e.g. plan_cache_mode), set in the same round trip."""
         if not isinstance(tenant_id, uuid.UUID):
             raise TenantNotSetError(f"tenant_id must be a UUID, got {tenant_id!r}")
         session = self._sessions()
@@ -95,7 +96,12 @@ class Database:
         try:
             conn = await session.connection()
             # Transaction-local (is_local=true) and a bound parameter: nothing leaks to the next user of the connection.
-            await conn.execute(text("select set_config('app.current_tenant', :tenant, true)"), {"tenant": str(tenant_id)})
+            params = {"tenant": str(tenant_id)}
+            sql = "select set_config('app.current_tenant', :tenant, true)"
+            for i, (name, value) in enumerate((local or {}).items()):
+                sql += f", set_config(:name{i}, :value{i}, true)"
+                params |= {f"name{i}": name, f"value{i}": value}
+            await conn.execute(text(sql), params)
             info = conn.sync_connection.info  # type: ignore[union-attr]
             info[_TENANT_KEY] = tenant_id
             yield session

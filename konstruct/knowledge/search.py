@@ -19,12 +19,14 @@ Correct at any scale under row-level security (bench/knowledge.py measured the c
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy
 from sqlalchemy import text
 
 from konstruct.agent.embedding import embedder
@@ -44,20 +46,31 @@ _COMMON = """a about above after again against all am an and any are as at be be
     with would you your yours yourself yourselves tell know please thanks thank hi hello hey get got want need"""
 STOPWORDS = frozenset(_COMMON.split())
 
-_SCOPE = text("""
-SELECT coalesce(sum(chunks) FILTER (WHERE visible), 0) AS seen, coalesce(sum(chunks), 0) AS total,
-       coalesce(array_agg(id) FILTER (WHERE visible AND chunks > 0), '{}') AS ids,
-       set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', :ef, true),
-       set_config('hnsw.max_scan_tuples', :max_scan, true),
-       set_config('plan_cache_mode', CASE WHEN coalesce(sum(chunks) FILTER (WHERE visible), 0) < :exact_below THEN 'auto'
-                                          ELSE 'force_custom_plan' END, true)
-FROM (SELECT id, chunks, (agent_ids = '{}' OR CAST(:agent AS uuid) = ANY(agent_ids)) AS visible
-      FROM knowledge_sources WHERE tenant_id = CAST(:tenant AS uuid)) s
-""")
+# What the agent may read, and the HNSW scan's settings for the rest of the transaction, evaluated once (MATERIALIZED):
+# the start of every search's first statement (`first`), and alone for `has_knowledge` and `explain`.
+_SEEN = """src AS MATERIALIZED (SELECT id, chunks, (agent_ids = '{}' OR CAST(:agent AS uuid) = ANY(agent_ids)) AS visible
+                         FROM knowledge_sources WHERE tenant_id = CAST(:tenant AS uuid)),
+seen AS MATERIALIZED (
+    SELECT coalesce(sum(chunks) FILTER (WHERE visible), 0) AS seen, coalesce(sum(chunks), 0) AS total,
+           coalesce(array_agg(id) FILTER (WHERE visible AND chunks > 0), '{}') AS ids,
+           set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', :ef, true),
+           set_config('hnsw.max_scan_tuples', :max_scan, true), set_config('plan_cache_mode', 'force_custom_plan', true)
+    FROM src)"""
+_SCOPE = text(f"WITH {_SEEN} SELECT seen, total, ids FROM seen")
+# Each search of a large scope is planned for its own tenant (its own indexes, konstruct.knowledge.dedicated; the
+# iterative scan's row estimates), so plan_cache_mode is force_custom_plan after `first`. That one runs as a generic
+# plan: the same plan serves every small tenant, and planning it anew (the planner's 'auto' kept doing so) cost 1 ms a
+# question in bench/knowledge.py, as much as running it.
+GENERIC = {"plan_cache_mode": "force_generic_plan"}
 
 _WHERE = "tenant_id = CAST(:tenant AS uuid){sources}"
-_EXACT = """scope AS MATERIALIZED (SELECT id, embedding, tsv FROM knowledge_chunks WHERE {where}),
-vec AS MATERIALIZED (SELECT id, embedding <=> CAST(:query AS vector) AS d FROM scope ORDER BY d LIMIT :n)"""
+# The exact legs read the scope's rows through the (tenant_id, source_id) btree, each leg on its own (NOT MATERIALIZED:
+# copying 617 rows of vectors into a tuplestore cost 0.7 ms of a 2 ms search in bench/knowledge.py). "+ 0": the sort key
+# is no longer the HNSW index's ordering operator, so the planner can never answer this leg from the index (which
+# filters after the scan). The vector stays CAST(:query AS vector): asyncpg then sends it as a vector parameter, parsed
+# once (a text parameter cast to vector would be parsed again for each row of a generic plan: 16 ms).
+_EXACT = """scope AS NOT MATERIALIZED (SELECT id, embedding, tsv FROM knowledge_chunks WHERE {where}{gate}),
+vec AS MATERIALIZED (SELECT id, (embedding <=> CAST(:query AS vector)) + 0 AS d FROM scope ORDER BY d LIMIT :n)"""
 _INDEXED = """vec AS MATERIALIZED (SELECT id, embedding <=> CAST(:query AS vector) AS d FROM knowledge_chunks WHERE {where}
     ORDER BY embedding <=> CAST(:query AS vector) LIMIT :n)"""
 # Through knowledge_text_matches (migration 0022): the GIN index is out of the app role's reach under row-level security.
@@ -76,11 +89,11 @@ _FUSE = f""",
 ranked AS (SELECT id, d, row_number() OVER (ORDER BY d, id) AS vr, NULL::real AS s, NULL::bigint AS tr FROM vec
            UNION ALL SELECT id, NULL, NULL, s, row_number() OVER (ORDER BY s DESC, id) FROM txt),
 fused AS (SELECT id, min(d) AS d, min(vr) AS vr, max(s) AS s, min(tr) AS tr,
-                 sum(1.0 / ({RRF_K} + coalesce(vr, tr))) AS score FROM ranked GROUP BY id ORDER BY score DESC, id LIMIT :k)
-SELECT f.id, f.d, f.vr, f.s, f.tr, f.score, c.source_id, c.heading, c.content, src.name, src.uri,
-       (SELECT count(*) FROM vec) AS vec_rows
-FROM fused f JOIN knowledge_chunks c ON c.id = f.id JOIN knowledge_sources src ON src.id = c.source_id
-ORDER BY f.score DESC, f.id"""
+                 sum(1.0 / ({RRF_K} + coalesce(vr, tr))) AS score FROM ranked GROUP BY id ORDER BY score DESC, id LIMIT :k),
+found AS (SELECT f.id, f.d, f.vr, f.s, f.tr, f.score, c.source_id, c.heading, c.content, ks.name, ks.uri,
+                 (SELECT count(*) FROM vec) AS vec_rows
+          FROM fused f JOIN knowledge_chunks c ON c.id = f.id JOIN knowledge_sources ks ON ks.id = c.source_id)
+"""
 
 
 @dataclass(frozen=True)
@@ -111,38 +124,47 @@ def tsquery(question: str) -> str:
 
 
 def vector_literal(values: Any) -> str:
-    return "[" + ",".join(f"{float(v):.7g}" for v in values) + "]"
+    """pgvector's text form, exact: each float32 as the shortest decimal that reads back as the same float32's double
+    (the server rounds it to that float32 again). In C: formatting 384 floats one by one cost 0.14 ms a question."""
+    return str(numpy.asarray(values, dtype=numpy.float32).tolist())
 
 
-def statement(*, exact: bool, sources: bool, words: bool, text_in_scope: bool = False) -> str:
-    """The hybrid statement: the vector leg exact (over a materialized scope) or through the HNSW index; the text leg
-    tested in that scope (`text_in_scope`, exact only) or through knowledge_text_matches."""
+def statement(*, exact: bool, sources: bool, words: bool) -> str:
+    """The hybrid statement of a scope of `exact_below` chunks or more: the vector leg exact (over a materialized scope)
+    or through the HNSW index, the text leg through knowledge_text_matches."""
     where = _WHERE.format(sources=" AND source_id = ANY(CAST(:sources AS uuid[]))" if sources else "")
-    if not words:
-        text_leg = _NO_TEXT
-    elif text_in_scope and exact:
-        text_leg = _TEXT_EXACT
-    else:
-        text_leg = _TEXT.format(sources="CAST(:sources AS uuid[])" if sources else "NULL::uuid[]")
-    legs = [(_EXACT if exact else _INDEXED).format(where=where), text_leg]
-    return "WITH " + ",\n".join(legs) + _FUSE
+    text_leg = _TEXT.format(sources="CAST(:sources AS uuid[])" if sources else "NULL::uuid[]") if words else _NO_TEXT
+    legs = [(_EXACT if exact else _INDEXED).format(where=where, gate=""), text_leg]
+    return "WITH " + ",\n".join(legs) + _FUSE + "SELECT * FROM found ORDER BY score DESC, id"
+
+
+@functools.cache
+def first(*, words: bool) -> Any:
+    """The statement each search starts with, one round trip: what the agent may read (_SEEN) and, when that is fewer
+    than `exact_below` chunks, the exact hybrid search of those chunks; for a larger scope the search itself is skipped
+    (a one-time filter) and the one row tells `ranked` where to look next."""
+    where = _WHERE.format(sources=" AND source_id IN (SELECT id FROM src WHERE visible)")
+    legs = [_SEEN, _EXACT.format(where=where, gate=" AND (SELECT seen FROM seen) < :exact_below"), _TEXT_EXACT if words else _NO_TEXT]
+    return text(
+        "WITH "
+        + ",\n".join(legs)
+        + _FUSE
+        + """SELECT seen.seen, seen.total, seen.ids, found.* FROM seen LEFT JOIN found ON true
+ORDER BY found.score DESC, found.id"""
+    )
+
+
+def _seen_params(tenant_id: uuid.UUID, agent_id: uuid.UUID, config: KnowledgeSettings) -> dict[str, Any]:
+    return {"tenant": str(tenant_id), "agent": str(agent_id), "ef": str(config.ef_search), "max_scan": str(config.max_scan_tuples)}
+
+
+def _scope(row: Any) -> Scope:
+    return Scope(int(row.seen), None if row.seen == row.total else list(row.ids))
 
 
 async def scope(session: Any, tenant_id: uuid.UUID, agent_id: uuid.UUID, config: KnowledgeSettings) -> Scope:
     """What the agent may read (and the HNSW scan's settings for this transaction, in the same round trip)."""
-    row = (
-        await session.execute(
-            _SCOPE,
-            {
-                "tenant": str(tenant_id),
-                "agent": str(agent_id),
-                "ef": str(config.ef_search),
-                "max_scan": str(config.max_scan_tuples),
-                "exact_below": config.exact_below,
-            },
-        )
-    ).one()
-    return Scope(int(row.seen), None if row.seen == row.total else list(row.ids))
+    return _scope((await session.execute(_SCOPE, _seen_params(tenant_id, agent_id, config))).one())
 
 
 async def ranked(
@@ -159,30 +181,41 @@ async def ranked(
     """The k best passages for a question already embedded, and how they were found. `exact_vectors`: rank the vectors
     exactly whatever the scope's size (the benchmark's anchor for recall)."""
     words = tsquery(question)
-    async with db.tenant(tenant_id=tenant_id) as session:
-        seen = await scope(session, tenant_id, agent_id, config)
+    async with db.tenant(tenant_id=tenant_id, local=GENERIC) as session:
+        rows = (await session.execute(first(words=bool(words)), _first_params(tenant_id, agent_id, words, vector, k, config))).all()
+        seen = _scope(rows[0])
         if seen.chunks == 0:
             return [], Plan("none", 0, words)
+        if seen.chunks < config.exact_below:
+            return [_passage(row) for row in rows if row.id is not None], Plan("exact", seen.chunks, words)
         params = _params(tenant_id, seen, words, vector, k, config)
-        small = seen.chunks < config.exact_below
-        method = "exact" if small or exact_vectors else "hnsw"
-        rows = await _run(session, method == "exact", seen, params, small)
+        method = "exact" if exact_vectors else "hnsw"
+        rows = await _run(session, exact_vectors, seen, params)
         if method == "hnsw" and (not rows or rows[0].vec_rows < min(params["n"], seen.chunks)):
             method = "hnsw→exact"  # the iterative scan gave up before it found enough of this scope's rows
-            rows = await _run(session, True, seen, params, small)
+            rows = await _run(session, True, seen, params)
     return [_passage(row) for row in rows], Plan(method, seen.chunks, words)
 
 
 async def explain(
     db: Database, config: KnowledgeSettings, *, tenant_id: uuid.UUID, agent_id: uuid.UUID, question: str, vector: Any, k: int
 ) -> list[str]:
-    """EXPLAIN ANALYZE of the statement `ranked` runs first for this question (for the benchmark and operators)."""
+    """EXPLAIN ANALYZE of the statement that searches for this question: the first one for a small scope, the HNSW
+    one for a larger scope (for the benchmark and operators)."""
+    words = tsquery(question)
     async with db.tenant(tenant_id=tenant_id) as session:
         seen = await scope(session, tenant_id, agent_id, config)
-        params = _params(tenant_id, seen, tsquery(question), vector, k, config)
-        small = seen.chunks < config.exact_below
-        sql = statement(exact=small, sources=seen.sources is not None, words="words" in params, text_in_scope=small)
+        if seen.chunks < config.exact_below:
+            sql, params = str(first(words=bool(words))), _first_params(tenant_id, agent_id, words, vector, k, config)
+        else:
+            params = _params(tenant_id, seen, words, vector, k, config)
+            sql = statement(exact=False, sources=seen.sources is not None, words=bool(words))
         return [row[0] for row in await session.execute(text("EXPLAIN (ANALYZE, COSTS OFF, SUMMARY OFF) " + sql), params)]
+
+
+def _first_params(tenant_id: uuid.UUID, agent_id: uuid.UUID, words: str, vector: Any, k: int, config: KnowledgeSettings) -> dict[str, Any]:
+    params = _seen_params(tenant_id, agent_id, config) | {"query": vector_literal(vector), "k": k, "n": max(config.candidates, k)}
+    return params | ({"words": words} if words else {}) | {"exact_below": config.exact_below}
 
 
 def _params(tenant_id: uuid.UUID, seen: Scope, words: str, vector: Any, k: int, config: KnowledgeSettings) -> dict[str, Any]:
@@ -195,8 +228,8 @@ def _params(tenant_id: uuid.UUID, seen: Scope, words: str, vector: Any, k: int, 
     return params
 
 
-async def _run(session: Any, exact: bool, seen: Scope, params: dict[str, Any], text_in_scope: bool) -> Sequence[Any]:
-    sql = statement(exact=exact, sources=seen.sources is not None, words="words" in params, text_in_scope=text_in_scope)
+async def _run(session: Any, exact: bool, seen: Scope, params: dict[str, Any]) -> Sequence[Any]:
+    sql = statement(exact=exact, sources=seen.sources is not None, words="words" in params)
     return (await session.execute(text(sql), params)).all()
 
 
