@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 from psycopg import errors, sql
@@ -276,3 +277,30 @@ async def test_code_touching_tenant_data_without_a_tenant_raises(db: Database) -
     with pytest.raises(TenantNotSetError):
         async with db.tenant(tenant_id="not-a-uuid"):  # type: ignore[arg-type]
             pass
+
+
+async def test_the_driver_connection_path_keeps_the_rules_and_leaves_nothing_behind(two_tenants: Any, db: Database) -> None:
+    alpha, beta = two_tenants
+    async with db.tenant_driver(tenant_id=alpha.id, local={"application_name": "it's mine"}) as conn:
+        assert {row["tenant_id"] for row in await conn.fetch("select tenant_id from knowledge_chunks")} == {alpha.id}
+        assert await conn.fetchval("select current_setting('application_name')") == "it's mine"  # quoted, not injected
+        assert await conn.fetchval("select count(*) from messages where tenant_id = $1", beta.id) == 0
+    with pytest.raises(asyncpg.exceptions.RaiseError):  # a failed statement: the transaction is rolled back, not committed
+        async with db.tenant_driver(tenant_id=alpha.id) as conn:
+            await conn.execute("update knowledge_chunks set content = 'changed'")
+            await conn.execute("do $$ begin raise exception 'boom'; end $$")
+    with pytest.raises(ZeroDivisionError):  # the caller's own error, too
+        async with db.tenant_driver(tenant_id=alpha.id) as conn:
+            await conn.execute("update knowledge_chunks set content = 'changed'")
+            raise ZeroDivisionError
+    async with db.tenant_driver(tenant_id=alpha.id) as conn:
+        assert await conn.fetchval("select content from knowledge_chunks") == "alpha refunds"
+    for _ in range(db.settings.database.pool_size + 1):  # every pooled connection: no tenant, no transaction left over
+        async with db.engine.connect() as pooled:
+            raw = (await pooled.get_raw_connection()).driver_connection
+            assert not raw.is_in_transaction()
+            assert await raw.fetchval("select coalesce(current_setting('app.current_tenant', true), '')") == ""
+            assert await raw.fetchval("select count(*) from knowledge_chunks") == 0
+    with pytest.raises(TenantNotSetError):
+        async with db.tenant_driver(tenant_id="not-a-uuid"):  # type: ignore[arg-type]
+            raise AssertionError("not reached")
