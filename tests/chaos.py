@@ -281,7 +281,9 @@ class Chaos:
             if not delivery.acked:
                 continue
             replies = threads.get((delivery.channel, delivery.ts), [])
-            if not replies or any(m.get("text") == placeholder for m in replies):
+            # The answer itself, not any bot message: a streamed answer is in the thread before its text is complete
+            # (the chaos test once counted a reply still streaming as unanswered).
+            if not any(delivery.text in (m.get("text") or "") for m in replies) or any(m.get("text") == placeholder for m in replies):
                 return False
         return all(c.outcome for c in self.chats)
 
