@@ -298,7 +298,7 @@ async def test_the_driver_connection_path_keeps_the_rules_and_leaves_nothing_beh
     for _ in range(db.settings.database.pool_size + 1):  # every pooled connection: no tenant, no transaction left over
         async with db.engine.connect() as pooled:
             raw = (await pooled.get_raw_connection()).driver_connection
-            assert not raw.is_in_transaction()
+            assert raw is not None and not raw.is_in_transaction()
             assert await raw.fetchval("select coalesce(current_setting('app.current_tenant', true), '')") == ""
             assert await raw.fetchval("select count(*) from knowledge_chunks") == 0
     with pytest.raises(TenantNotSetError):
