@@ -72,6 +72,8 @@ def _die_with_parent() -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+STANDBY_AFTER = 15.0  # seconds after `up` starts its parts: the warm spare starts then even if they are not ready yet
+
 _STARTED = re.compile(r"standby: started worker pid (\d+)")
 _ENDED = re.compile(r"standby: worker pid (\d+) ended with code (-?\d+)")
 
@@ -199,8 +201,13 @@ class Supervisor:
     def run(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stopping.set())
-        for part in self.all_parts():
+        for part in self.parts:
             self._spawn(part)
+        if self.standby is not None:
+            # The spare imports everything and warms up: started beside the others it took a third of two cores from
+            # them while they started (`up` ready in 3.35 s instead of 1.9-2.1 s). It starts once they are ready, or
+            # after STANDBY_AFTER seconds if they are not.
+            self.standby.next_start = time.monotonic() + STANDBY_AFTER
         last_check = 0.0
         try:
             while not self.stopping.wait(0.05):
@@ -331,6 +338,8 @@ class Supervisor:
                 self._dirty = True
         if not self.announced and all(p.ready for p in self.parts):
             self.announced = True
+            if self.standby is not None and self.standby.process is None:
+                self.standby.next_start = min(self.standby.next_start, time.monotonic())
             took = time.perf_counter() - self.started
             out.print(f"[green bold]Konstruct is up[/green bold] in {took:.2f}s — gateway {address(self.cfg)}  (Ctrl-C to stop)")
             for problem in self.cfg.unreadable_references():  # what will fail when used: said now, not at the first message
