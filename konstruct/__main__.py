@@ -1,3 +1,3 @@
-from konstruct.cli import main
+from konstruct.cli import run
 
-main()
+run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import importlib
 import sys
 from collections.abc import Iterator, MutableMapping
@@ -160,6 +161,17 @@ INSTALLATION_COMMANDS = frozenset({"init", "up", "gateway", "worker", "config", 
 def command() -> click.Command:
     """The click command behind `app`, built once per process (typer builds it anew on every call otherwise)."""
     return typer.main.get_command(app)
+
+
+def run() -> None:
+    """The process's entry point (the `konstruct` script, `python -m konstruct`): `main`, then the objects the process
+    made are frozen out of the garbage collector, so the interpreter's shutdown does not walk them all once more
+    (~0.1 s of every command's exit: `chat --message` spent ~0.3 s after its last line). Not in `main` itself, which
+    tests also run inside a long-lived process."""
+    try:
+        main()
+    finally:
+        gc.freeze()
 
 
 def main() -> None:
