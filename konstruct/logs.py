@@ -6,8 +6,6 @@ import logging
 import threading
 import time
 
-from konstruct.db.engine import unavailable
-
 OUTAGE_INTERVAL = 10.0  # seconds between two lines about the same outage from one logger
 
 
@@ -25,7 +23,12 @@ class OutageFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is None or not unavailable(exc):
+        if exc is None:
+            return True
+        # Here, not at the top: the database stack is heavy, and `up`, which installs this filter, does not use it.
+        from konstruct.db.engine import unavailable
+
+        if not unavailable(exc):
             return True
         now = time.monotonic()
         with self._lock:

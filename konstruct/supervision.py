@@ -14,13 +14,15 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from sqlalchemy import text
 
-from konstruct.db.engine import Database
 from konstruct.errors import ConflictError
+
+if TYPE_CHECKING:  # `up` imports this module and needs no database session: the ORM stays out of its start-up
+    from konstruct.db.engine import Database
 
 STATE_FILE = "up.json"
 LOCK_FILE = "up.lock"

@@ -254,9 +254,11 @@ def test_a_killed_up_leaves_its_data_directory_free(tmp_path: Path, database_url
     data = load_settings(config).data_dir
     up = Up(tmp_path, tmp_path)
     up.wait_for_log("Konstruct is up", timeout=90)
+    state = wait_for(lambda: read_state(data), 10, "up's state file")
+    pids = [part["pid"] for part in state["parts"].values() if part["pid"]]
     with pytest.raises(ConflictError, match="another `konstruct up`"):
         hold_up_lock(data)
-    up.kill()
+    up.kill()  # right after ready: the worker is still warming up (CI once left such a worker hanging in its shutdown)
     fd = hold_up_lock(data)  # at once: the parts, still shutting down, never held it
     try:
         assert os.pread(fd, 32, 0).decode().strip() == str(os.getpid())
@@ -264,6 +266,12 @@ def test_a_killed_up_leaves_its_data_directory_free(tmp_path: Path, database_url
             fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         release_up_lock(fd)
+
+    def gone() -> bool:
+        return not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+
+    assert len(pids) >= 2
+    wait_for(gone, 40, f"the parts {pids} of the killed up to end")
 
 
 def test_the_config_watch_names_what_changed_and_keeps_what_up_works_from(tmp_path: Path, llm: FakeLLM) -> None:

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -19,12 +19,13 @@ from rich.table import Table
 
 from konstruct.config import Settings, load_settings, read_secret_from_environment
 from konstruct.db import migrate
-from konstruct.db.engine import Database
 from konstruct.errors import ValidationError
 from konstruct.logs import install_outage_filter
-from konstruct.tenancy import access
-from konstruct.tenancy.access import Principal
-from konstruct.tenancy.tenants import TenantInfo
+
+if TYPE_CHECKING:  # the database stack (SQLAlchemy's ORM, the models) is imported by the commands that use it: not `up`'s
+    from konstruct.db.engine import Database
+    from konstruct.tenancy.access import Principal
+    from konstruct.tenancy.tenants import TenantInfo
 
 T = TypeVar("T")
 
@@ -102,16 +103,22 @@ def actor() -> str:
 
 async def who(db: Database) -> Principal:
     """The acting principal: the local operator (a platform admin), or exactly the user of --as."""
+    from konstruct.tenancy import access
+
     return await access.principal_for(db, _acting_as) if _acting_as else access.local_operator()
 
 
 async def tenant_for(db: Database, slug: str, operation: str) -> TenantInfo:
     """The tenant named by slug, after checking the acting user may do this operation on it."""
+    from konstruct.tenancy import access
+
     return await access.tenant(db, await who(db), slug, operation)
 
 
 async def tenants_for(db: Database, operation: str, slug: str | None = None) -> list[TenantInfo]:
     """The tenant named by slug, or without one every tenant the acting user may do this operation on."""
+    from konstruct.tenancy import access
+
     if slug:
         return [await tenant_for(db, slug, operation)]
     return await access.tenants(db, await who(db), operation)
@@ -140,6 +147,8 @@ def prepare_database(cfg: Settings) -> None:
 @asynccontextmanager
 async def database(cfg: Settings) -> AsyncIterator[Database]:
     """The installation's database as the app role (the embedded one started and migrated when it never was)."""
+    from konstruct.db.engine import Database
+
     await asyncio.to_thread(prepare_database, cfg)
     db = Database(cfg)
     try:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import signal
 import sys
 import time
+from typing import NoReturn
 
 import typer
 from sqlalchemy.engine import make_url
@@ -54,6 +57,21 @@ def worker(
     from konstruct.worker.main import run_worker  # deferred: the worker, its tasks and the agent pipeline load only for this command
 
     run_worker(cfg, threads=threads, periodic=not no_periodic, standby=standby)
+    _exit_without_finalizing()
+
+
+def _exit_without_finalizing() -> NoReturn:
+    """End a stopped worker without the interpreter's shutdown. In it, litellm's HTTP client finalizer imports a
+    module, and an import lock held by a daemon thread the shutdown froze then blocks it forever: twice in CI a worker
+    of a SIGKILLed `up` was still there 6 and 18 minutes later (ppid 1; py-spy: AsyncHTTPHandler.__del__ in
+    _get_module_lock), even once the warm-up thread was joined. The atexit handlers still run (the embedded database's
+    handle is given back there; logging is flushed), and the standard streams are flushed; everything the worker holds
+    was closed by run_worker."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 def up(ctx: typer.Context) -> None:
