@@ -182,7 +182,16 @@ def main() -> None:
                 f"peak {peak} LLM calls in flight, {messages / took:.1f} answers/s "
                 f"(ideal {concurrency / args.delay:.1f}/s)"
             )
+        release_embedded()  # before its folder goes: the in-flight part's Database held the embedded server here too
     fake.stop()
+
+
+def release_embedded() -> None:
+    """Give back this process's handles on embedded servers (the last one stops its server), as up does on exit."""
+    from konstruct.db import embedded
+
+    for pgdata in list(embedded._servers):
+        embedded._servers.pop(pgdata).cleanup()
 
 
 if __name__ == "__main__":
