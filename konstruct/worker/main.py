@@ -19,9 +19,6 @@ from konstruct.worker.runtime import WorkerRuntime
 log = logging.getLogger("konstruct.worker")
 
 
-WARM_UP_WAIT = 30.0  # seconds a stopping worker waits for its warm-up thread (~1.5 s of imports on a small machine)
-
-
 def warm_up(model: str) -> None:
     """Do now what the first message would otherwise pay for (~1.5 s of CPU on a small machine): litellm's import,
     the MCP client's import (the mcp SDK), the tokenizer behind budget estimates, and a Router's first construction.
@@ -98,7 +95,6 @@ def run_worker(settings: Settings, *, threads: int = 4, periodic: bool = True, s
     """Run until SIGINT (graceful) or SIGTERM. Blocks. standby: be the spare that forks ready workers (see serve_as_spare)."""
     if standby and not serve_as_spare(settings):
         return
-    warming: threading.Thread | None = None
     urls = resolve_urls(settings)
     queue = make_queue(settings, urls)
     runtime = WorkerRuntime(settings, urls, queue)
@@ -117,8 +113,7 @@ def run_worker(settings: Settings, *, threads: int = 4, periodic: bool = True, s
         runtime.stopping = consumer.stop_flag  # a graceful stop does not wait for slots to admit more work
         log.info("worker %s ready: %d conversations at once", runtime.worker_id, settings.worker.concurrency)
         if not standby:  # after "ready", not beside the start-up: on the GIL the two took turns, and `up` waited for both
-            warming = threading.Thread(target=warm_up, args=(settings.llm.model,), name="warm-up", daemon=True)
-            warming.start()
+            threading.Thread(target=warm_up, args=(settings.llm.model,), name="warm-up", daemon=True).start()
         consumer.run()
     except KeyboardInterrupt:
         # SIGINT before huey installed its own handler: nothing was admitted yet, so stopping is graceful.
@@ -128,11 +123,4 @@ def run_worker(settings: Settings, *, threads: int = 4, periodic: bool = True, s
         runtime.stop(timeout=grace)
         set_worker(None)
         queue.close()
-        if warming is not None:
-            # Stopped while it still imports (a stop right after start-up): the interpreter's shutdown would freeze it
-            # holding an import lock, and a finalizer that imports (litellm's HTTP client's) would then wait for that
-            # lock forever, a worker outliving `up` (seen in CI: SIGKILLed up, its worker still there minutes later).
-            warming.join(WARM_UP_WAIT)
-            if warming.is_alive():
-                log.warning("worker: the warm-up did not finish within %gs; stopping without it", WARM_UP_WAIT)
         log.info("worker stopped (%d messages handled)", runtime.done)
