@@ -269,6 +269,49 @@ async def test_the_sweeper_does_not_queue_what_is_still_queued(settings: Setting
         queue.close()
 
 
+async def test_webhooks_arriving_together_are_committed_together_and_each_answered_for_itself(settings: Settings, db: Database) -> None:
+    """Group commit: messages stored at the same time share a transaction per tenant (RLS for that tenant only); each
+    caller learns what became of its own message (stored, a redelivery of one stored, or refused), and one message the
+    database refuses does not take the others of its batch down."""
+    acme = await create_tenant(db, name="Acme", slug="acme", actor="test")
+    globex = await create_tenant(db, name="Globex", slug="globex", actor="test")
+    ava = await create_agent(db, acme, name="Ava", role="Support", persona="Brief.", model=None, actor="test")
+    gus = await create_agent(db, globex, name="Gus", role="Support", persona="Brief.", model=None, actor="test")
+    queue: Queue = make_queue(settings, resolve_urls(settings))
+    try:
+        messages = [_message(acme, ava, f"a-{n}", f"acme {n}") for n in range(30)] + [
+            _message(globex, gus, f"g-{n}", f"globex {n}") for n in range(30)
+        ]
+        messages += [_message(acme, ava, "a-3", "acme 3 again"), _message(globex, gus, "g-4", "globex 4 again")]  # redeliveries
+        messages.append(_message(acme, ava, "a-poison", "a NUL \x00 PostgreSQL refuses"))
+        results = await asyncio.gather(*(accept(db, queue, m) for m in messages), return_exceptions=True)
+        poison = results.pop()
+        assert isinstance(poison, Exception) and not isinstance(poison, DatabaseUnavailable), poison
+        assert all(r is not None and not isinstance(r, BaseException) for r in results), results
+        stored = [r for r in results if r is not None and not isinstance(r, BaseException)]
+        first = {m.external_id: s for m, s in zip(messages[:60], stored[:60], strict=True)}
+        assert not any(s.duplicate for s in stored[:60]) and all(s.queued and s.status == "received" for s in stored[:60])
+        again_a, again_g = stored[60:]
+        assert again_a.duplicate and again_a.id == first["a-3"].id and not again_a.queued
+        assert again_g.duplicate and again_g.id == first["g-4"].id and again_g.tenant_id == globex.id
+        assert queue.pending() == 60  # each message queued once, the redeliveries not again
+        with psycopg.connect(_owner(settings), autocommit=True) as conn:
+            by_tenant: dict[uuid.UUID, list[str]] = dict(conn.execute(
+                "select tenant_id, array_agg(distinct xmin::text) from inbound_messages group by tenant_id").fetchall())  # fmt: skip
+            assert conn.execute("select count(*) from inbound_messages where external_id = 'a-poison'").fetchone() == (0,)
+            assert conn.execute("select count(*) from messages where direction = 'in'").fetchone() == (60,)
+            assert conn.execute("select count(*) from audit_events where action = 'message.received'").fetchone() == (60,)
+        # 30 messages of a tenant arrived together: far fewer transactions than messages (Acme's batch was split in halves
+        # down to the refused one: about two per halving), and none shared by two tenants.
+        assert len(by_tenant[globex.id]) <= 2 and len(by_tenant[acme.id]) <= 12, by_tenant
+        assert not set(by_tenant[acme.id]) & set(by_tenant[globex.id])
+        async with db.tenant(tenant_id=acme.id) as session:  # RLS held inside the shared writer: Acme sees only its own
+            rows = (await session.execute(select(InboxRow.external_id))).scalars().all()
+        assert sorted(rows) == sorted(f"a-{n}" for n in range(30))
+    finally:
+        queue.close()
+
+
 def _owner(settings: Settings) -> str:
     return resolve_urls(settings).owner_sync().replace("postgresql+psycopg://", "postgresql://")
 

@@ -219,6 +219,8 @@ class SlackEvents:
             # Authentic but unusable: a 200, so Slack does not retry (or disable the subscription), and nothing stored.
             log.warning("ignoring a signed Slack request: %s", reason)
             return JSONResponse({"ok": False, "ignored": reason})
+        if await self._store_direct(usable, signed.resolved, signed.credentials):
+            return Response(status_code=200)  # bolt's ack of an event: an empty 200
         # Verified above over the raw bytes; bolt gets the checked fields only (and so does not verify again).
         response = await self._dispatch(usable, signed.resolved, signed.credentials, signed.secret, dict(request.query_params))
         return Response(content=response.body, status_code=response.status, headers=response.first_headers_without_set_cookie())
@@ -235,7 +237,20 @@ class SlackEvents:
         if entry is None:
             return
         resolved, credentials = entry
-        await self._dispatch(usable, resolved, credentials, credentials.get("signing_secret") or f"socket:{resolved.id}", {})
+        if not await self._store_direct(usable, resolved, credentials):
+            await self._dispatch(usable, resolved, credentials, credentials.get("signing_secret") or f"socket:{resolved.id}", {})
+
+    async def _store_direct(self, usable: dict[str, Any], resolved: Resolved | None, credentials: dict[str, str]) -> bool:
+        """A person's message or mention (nearly all of the traffic) goes straight to the listener bolt would call: bolt's
+        dispatch (its request and context objects, middleware chain, listener matching, the authorize call and its ack
+        runner) costs more than storing the message, and adds nothing here — the request is verified and sanitized, and
+        _store itself skips bots, ourselves and edits (what bolt's self-event filter would). False for everything else."""
+        event = usable.get("event")
+        if usable.get("type") != "event_callback" or not isinstance(event, dict) or event.get("type") not in ("app_mention", "message"):
+            return False
+        context: dict[str, Any] = {CONNECTION: resolved, CREDENTIALS: credentials, "team_id": usable.get("team_id")}
+        await self._store(event, usable, context, mention=event["type"] == "app_mention")
+        return True
 
     async def _dispatch(
         self, usable: dict[str, Any], resolved: Resolved | None, credentials: dict[str, str], secret: str, query: dict[str, str]
