@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,11 +66,14 @@ def cli(site: Path, env: dict[str, str], *args: str) -> str:
     return result.stdout
 
 
-def spawn(site: Path, env: dict[str, str], name: str, nice: int = 0) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "konstruct", name]
+def spawn(
+    site: Path, env: dict[str, str], name: str, nice: int = 0, *, extra: Sequence[str] = (), log: str = ""
+) -> subprocess.Popen[bytes]:
+    """`konstruct NAME [EXTRA…]` in the site, its output in LOG.log (default NAME.log: what `wait_log` reads)."""
+    argv = [sys.executable, "-m", "konstruct", name, *extra]
     if nice:
         argv = ["nice", "-n", str(nice), *argv]
-    return subprocess.Popen(argv, cwd=site, env=env, stdout=open(site / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(argv, cwd=site, env=env, stdout=open(site / f"{log or name}.log", "wb"), stderr=subprocess.STDOUT)
 
 
 def wait_log(site: Path, name: str, text: str, timeout: float = 60) -> None:
@@ -183,8 +186,9 @@ class Bench:
     setup: list[list[str]]
     path: str  # the webhook path on the gateway
 
-    def run(self, request: Request, answered: Callable[[], int], check: Callable[[int], bool]) -> None:
-        """Load at the steady rate, then wait until `answered()` reaches the number sent; `check(sent)` says exactly once."""
+    def run(self, request: Request, answered: Callable[[], int], check: Callable[[int], bool], *, drain: bool = True) -> Result:
+        """Load at the steady rate, then wait until `answered()` reaches the number sent; `check(sent)` says exactly once.
+        Without `drain` only the load is measured (no worker after it). The measured phase's result."""
         args = self.args
         env = {**self.env, "KONSTRUCT_GATEWAY__WORKERS": str(args.gateway_workers)}
         with tempfile.TemporaryDirectory(prefix="konstruct-bench-") as tmp:
@@ -199,7 +203,7 @@ class Bench:
 
             start_embedded(site / ".konstruct")
             gateway = spawn(site, env, "gateway")
-            worker = spawn(site, env, "worker", nice=args.worker_nice) if args.worker == "during" else None
+            worker = spawn(site, env, "worker", nice=args.worker_nice) if args.worker == "during" and drain else None
             try:
                 wait_log(site, "gateway", "Uvicorn running on")
                 wait_ready(f"http://127.0.0.1:{port}/readyz", args.gateway_workers)
@@ -215,6 +219,8 @@ class Bench:
                     results[0].report(f"warm-up ({args.warmup:g} s at the same rate, not in the figures below)")
                 results[-1].report("measured")
                 sent = sum(len(r.latencies) for r in results)
+                if not drain:
+                    return results[-1]
                 if worker is None:
                     worker = spawn(site, env, "worker", nice=args.worker_nice)
                 started = time.perf_counter()
@@ -222,6 +228,7 @@ class Bench:
                     time.sleep(1)
                 print(f"\nafter the load: {answered()} of {sent} answered in {time.perf_counter() - started:.0f} s more")
                 print(f"every one answered exactly once: {'yes' if check(sent) else 'NO'}")
+                return results[-1]
             finally:
                 for name in ("gateway", "worker"):  # kept for a look after the temporary folder is gone
                     if (site / f"{name}.log").exists():

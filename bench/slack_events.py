@@ -117,11 +117,28 @@ def run_socket_mode(args: argparse.Namespace, env: dict[str, str], llm_url: str,
                 proc.wait(120)
 
 
+def knee(args: argparse.Namespace, env: dict[str, str], llm_url: str, setup: list[list[str]], request: Callable[[int], Any]) -> None:
+    """Ingest alone at rising rates (a fresh site each): where the p99 passes 100 ms is the sustained capacity."""
+    rows = []
+    for rate in [float(r) for r in args.knee.split(",")]:
+        args.rate = rate
+        result = Bench(args, env, llm_url, setup, "/slack/events").run(request, lambda: 0, lambda _: False, drain=False)
+        result.report(f"at {rate:g}/s")
+        rows.append((rate, len(result.latencies) / result.took, pct([x * 1000 for x in result.latencies], 0.99)))
+    print("\nrate (sent/s)  achieved/s  p99 ms")
+    for rate, achieved, p99 in rows:
+        print(f"{rate:13g}  {achieved:10.1f}  {p99:6.1f}")
+    under = [rate for rate, _, p99 in rows if p99 < 100]
+    print(f"knee: {max(under):g}/s is the highest rate with p99 under 100 ms" if under else "knee: below every rate tried")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_load_arguments(parser, "events")
     parser.add_argument("--channels", type=int, default=100, help="Slack channels the events spread over")
     parser.add_argument("--socket-mode", action="store_true", help="send the events over Socket Mode instead (no --warmup)")
+    parser.add_argument("--knee", metavar="RATES", help="comma-separated rates, each its own run of --seconds with no worker: "
+                        "print the highest rate whose p99 stays under 100 ms")  # fmt: skip
     args = parser.parse_args()
 
     llm, slack = FakeLLM().start(), FakeSlack().start()
@@ -142,22 +159,24 @@ def main() -> None:
     def request(n: int) -> tuple[bytes, dict[str, str]]:
         return signed(f"Ev{n:08d}", f"C{n % args.channels:08d}", f"{1_800_000_000 + n}.000100")
 
-    def updates() -> list[Any]:
-        return [c for c in slack.calls_to("chat.update") if not c.rate_limited]
+    def finished() -> list[Any]:
+        """The calls that finished an answer: a stopped stream (a channel mention's answer is streamed into its thread)
+        or, where there was no stream, the placeholder replaced."""
+        return [c for method in ("chat.stopStream", "chat.update") for c in slack.calls_to(method) if not c.rate_limited]
 
     def exactly_once(sent: int) -> bool:
-        questions = [r.body["messages"][-1]["content"] for r in llm.requests]
-        placeholders = {c.args["ts"] for c in updates()}
-        print(
-            f"LLM calls {len(questions)} for {len(set(questions))} distinct questions; {len(placeholders)} distinct placeholders replaced"
-        )
-        return len(updates()) == sent == len(placeholders) == len(questions) == len(set(questions))
+        questions = [q for r in llm.requests if "question Ev" in (q := str(r.body["messages"][-1]["content"]))]  # not init's check
+        answers = {(c.args.get("channel"), c.args.get("ts")) for c in finished()}
+        print(f"LLM calls {len(questions)} for {len(set(questions))} distinct questions; {len(answers)} distinct answers finished")
+        return len(finished()) == sent == len(answers) == len(questions) == len(set(questions))
 
     try:
-        if args.socket_mode:
-            run_socket_mode(args, env, llm.url, setup, slack, lambda: len(updates()), exactly_once)
+        if args.knee:
+            knee(args, env, llm.url, setup, request)
+        elif args.socket_mode:
+            run_socket_mode(args, env, llm.url, setup, slack, lambda: len(finished()), exactly_once)
         else:
-            Bench(args, env, llm.url, setup, "/slack/events").run(request, lambda: len(updates()), exactly_once)
+            Bench(args, env, llm.url, setup, "/slack/events").run(request, lambda: len(finished()), exactly_once)
     finally:
         llm.stop()
         slack.stop()
