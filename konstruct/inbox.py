@@ -155,9 +155,13 @@ class GroupCommit:
         self.db = db
         self._waiting: list[_Waiting] = []
         self._writer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def store(self, message: NewMessage, outbox: OutboxTask | None, inbound_id: uuid.UUID) -> Stored | None:
-        done: asyncio.Future[Stored | None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new event loop (a CLI command's asyncio.run after another): nothing of the old one is kept
+            self._loop, self._waiting, self._writer = loop, [], None
+        done: asyncio.Future[Stored | None] = loop.create_future()
         self._waiting.append(_Waiting(message, outbox, inbound_id, done))
         if self._writer is None:
             self._writer = asyncio.ensure_future(self._write_all())
