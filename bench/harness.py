@@ -85,12 +85,13 @@ def wait_log(site: Path, name: str, text: str, timeout: float = 60) -> None:
     raise SystemExit(f"{name} did not log {text!r}:\n{(site / f'{name}.log').read_text()}")
 
 
-def wait_ready(url: str, processes: int, timeout: float = 60) -> None:
-    """Every gateway process answers /readyz (several in a row, since each connection may land on another)."""
+def wait_ready(url: str, processes: int, timeout: float = 60, ok: tuple[int, ...] = (200,)) -> None:
+    """Every gateway process answers `url` with a status in `ok` (several in a row, since each connection may land on
+    another)."""
     deadline, streak = time.monotonic() + timeout, 0
     while time.monotonic() < deadline and streak < 10 * processes:
         try:
-            streak = streak + 1 if httpx.get(url, timeout=2).status_code == 200 else 0
+            streak = streak + 1 if httpx.get(url, timeout=2).status_code in ok else 0
         except httpx.HTTPError:
             streak = 0
             time.sleep(0.2)

@@ -14,10 +14,12 @@ Slack; latency is the time to each envelope's ack (sent only once the event is s
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import hmac
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import Bench, add_load_arguments, cli, pct, spawn, wait_log  # noqa: E402
+from bench.harness import Bench, add_load_arguments, cli, load, pct, spawn, wait_log, wait_ready  # noqa: E402
 from tests.fakes.llm import FakeLLM  # noqa: E402
 from tests.fakes.slack import FakeSlack  # noqa: E402
 from tests.helpers import cli_env, free_port  # noqa: E402
@@ -132,11 +134,28 @@ def knee(args: argparse.Namespace, env: dict[str, str], llm_url: str, setup: lis
     print(f"knee: {max(under):g}/s is the highest rate with p99 under 100 ms" if under else "knee: below every rate tried")
 
 
+def anchor(args: argparse.Namespace, request: Callable[[int], Any]) -> None:
+    """Bare slack-bolt on Starlette (bench/bare_bolt.py: verify, ack, store nothing), under the same load first."""
+    port = free_port()
+    env = {**os.environ, "BENCH_SIGNING": SECRET}
+    argv = [sys.executable, "-m", "uvicorn", "bench.bare_bolt:app", "--port", str(port), "--workers", str(args.gateway_workers),
+            "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]  # fmt: skip
+    server = subprocess.Popen(argv, cwd=ROOT, env=env)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/slack/events", args.gateway_workers, ok=(405,))  # up: a GET is refused
+        result = asyncio.run(load(f"http://127.0.0.1:{port}/slack/events", args.rate, [args.seconds], request))[0]
+        result.report(f"anchor: bare slack-bolt on Starlette, {args.gateway_workers} uvicorn process(es), storing nothing")
+    finally:
+        server.send_signal(2)
+        server.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_load_arguments(parser, "events")
     parser.add_argument("--channels", type=int, default=100, help="Slack channels the events spread over")
     parser.add_argument("--socket-mode", action="store_true", help="send the events over Socket Mode instead (no --warmup)")
+    parser.add_argument("--no-anchor", action="store_true", help="skip the anchor run (bare slack-bolt under the same load)")
     parser.add_argument("--knee", metavar="RATES", help="comma-separated rates, each its own run of --seconds with no worker: "
                         "print the highest rate whose p99 stays under 100 ms")  # fmt: skip
     args = parser.parse_args()
@@ -176,6 +195,8 @@ def main() -> None:
         elif args.socket_mode:
             run_socket_mode(args, env, llm.url, setup, slack, lambda: len(finished()), exactly_once)
         else:
+            if not args.no_anchor:
+                anchor(args, request)
             Bench(args, env, llm.url, setup, "/slack/events").run(request, lambda: len(finished()), exactly_once)
     finally:
         llm.stop()
