@@ -2,8 +2,10 @@
 reservation) before the call, and the usage row, the month's spending and alerts after it.
 
 A fresh `konstruct init` + `konstruct db upgrade` in a temporary folder (embedded PostgreSQL) and the fake
-OpenAI-compatible LLM (no delay), so what is measured is our overhead, not a model's. Four variants, each
-`--calls` calls sequentially and then `--calls` calls with `--concurrency` in flight:
+OpenAI-compatible LLM (no delay) in a process of its own, as a provider is another machine: so what is measured is
+our overhead, not a model's, and the fake's threads do not share this process's interpreter lock. Every variant is
+warmed first (litellm's first calls are slow ones); then each makes `--calls` calls sequentially and `--calls` calls
+with `--concurrency` in flight:
 
   raw      litellm Router.acompletion alone (the floor)
   service  LLMService.complete: keys + usage metering, no budget
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,8 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import cli, pct  # noqa: E402
-from tests.fakes.llm import FakeLLM  # noqa: E402
-from tests.helpers import cli_env  # noqa: E402
+from tests.helpers import cli_env, free_port  # noqa: E402
 
 MODEL = "openai/gpt-4o-mini"
 MESSAGES = [
@@ -39,9 +42,7 @@ MESSAGES = [
 ]
 
 
-async def measure(name: str, call: Callable[[], Awaitable[Any]], calls: int, concurrency: int) -> None:
-    for _ in range(20):  # warm: connections, the router, the tokenizer
-        await call()
+async def measure(name: str, call: Callable[[], Awaitable[Any]], calls: int, concurrency: int) -> float:
     sequential = []
     for _ in range(calls):
         started = time.perf_counter()
@@ -64,9 +65,10 @@ async def measure(name: str, call: Callable[[], Awaitable[Any]], calls: int, con
         f"{concurrency} in flight: p50 {pct(latencies, 0.50):7.2f} ms  p99 {pct(latencies, 0.99):7.2f} ms  {calls / elapsed:7.1f} calls/s",
         flush=True,
     )
+    return calls / elapsed
 
 
-async def run(site: Path, args: argparse.Namespace, fake: FakeLLM) -> None:
+async def run(site: Path, args: argparse.Namespace) -> None:
     from konstruct.agent.agents import create_agent
     from konstruct.config import load_settings
     from konstruct.db.engine import Database
@@ -107,12 +109,27 @@ async def run(site: Path, args: argparse.Namespace, fake: FakeLLM) -> None:
         "budget": through("limited", limited.id),
         "own-key": through("own", own.id),
     }
-    for name in args.variants.split(","):
-        await measure(name, variants[name], args.calls, args.concurrency)
+    names = args.variants.split(",")
+    for name in names:  # warm: connections, the router, the tokenizer, litellm's first-call work
+        await asyncio.gather(*(variants[name]() for _ in range(100)))
+    rates = {name: await measure(name, variants[name], args.calls, args.concurrency) for name in names}
+    if "raw" in rates:
+        print("\n" + "  ".join(f"{name} {rate / rates['raw']:.2f}x" for name, rate in rates.items() if name != "raw") + " of litellm alone")
     info = await budget.get_budget(db, limited, settings)
     print(f"\nbudgeted tenant: spent ${info.spent_usd:.6f}, reserved ${info.reserved_usd} after the run (must be 0)")
-    print(f"fake LLM saw {len(fake.requests)} requests")
     await db.dispose()
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the fake LLM did not listen on port {port} in {timeout:g} s") from None
+            time.sleep(0.05)
 
 
 def main() -> None:
@@ -121,7 +138,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight in the concurrent mode")
     parser.add_argument("--variants", default="raw,service,budget,own-key", help="which variants, in this order")
     args = parser.parse_args()
-    fake = FakeLLM().start()
+    port = free_port()
+    fake = subprocess.Popen([sys.executable, "-m", "tests.fakes.llm", "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL)
+    wait_port(port)
+    url = f"http://127.0.0.1:{port}/v1"
     from konstruct.db import embedded
 
     env = cli_env()
@@ -130,19 +150,20 @@ def main() -> None:
         cli(site, env, "init")
         cli(site, env, "db", "upgrade")
         os.environ.update(
-            KONSTRUCT_LLM__API_BASE=fake.url, KONSTRUCT_LLM__API_KEY="sk-platform-bench-0001", KONSTRUCT_LLM__MODEL=MODEL,
+            KONSTRUCT_LLM__API_BASE=url, KONSTRUCT_LLM__API_KEY="sk-platform-bench-0001", KONSTRUCT_LLM__MODEL=MODEL,
             KONSTRUCT_LLM__RETRIES="0", LITELLM_LOCAL_MODEL_COST_MAP="True",
         )  # fmt: skip
         from konstruct.config import load_settings
 
         pgdata = embedded.pgdata_dir(load_settings(site / "konstruct.toml").data_dir).resolve()
         try:
-            asyncio.run(run(site, args, fake))
+            asyncio.run(run(site, args))
         finally:
             server = embedded._servers.pop(pgdata, None)
             if server is not None:
                 server.cleanup()
-            fake.stop()
+            fake.terminate()
+            fake.wait()
 
 
 if __name__ == "__main__":

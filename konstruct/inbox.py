@@ -17,7 +17,8 @@ from typing import Any, Protocol
 import psutil
 from sqlalchemy import delete, func, select, text
 
-from konstruct.db.engine import Database, unavailable
+from konstruct.db.batches import Batches
+from konstruct.db.engine import Database
 from konstruct.db.models import InboundMessage, WorkerHeartbeat
 from konstruct.messaging import InboundMessage as NewMessage
 from konstruct.messaging import Routing
@@ -120,14 +121,13 @@ def _store_statement(queue_table: str | None) -> str:
     return statement
 
 
-@dataclass
-class _Waiting:
-    """A message waiting for its batch's commit, and the request waiting on it."""
+@dataclass(frozen=True)
+class _Message:
+    """A message handed to the writer: what to store, and under which id."""
 
     message: NewMessage
     outbox: OutboxTask | None
     inbound_id: uuid.UUID
-    done: asyncio.Future[Stored | None]
 
     def arguments(self) -> tuple[Any, ...]:
         message, routing = self.message, self.message.routing
@@ -143,62 +143,22 @@ class _Waiting:
 
 
 class GroupCommit:
-    """The inbox's writer in one process: messages that arrive while a write is in flight (or in the same turn of the
-    event loop) are stored together, one transaction per tenant and one round trip for all of its statements, and each
-    caller gets its answer only once that transaction has committed. Under load a commit (a WAL flush) and the
-    transaction's round trips are shared by tens of webhooks instead of paid by each; alone, a message waits for
-    nothing (the first write starts at once)."""
+    """The inbox's writer in one process (konstruct.db.batches): messages that arrive while a write is in flight are
+    stored together, one transaction per tenant and one round trip for all of its statements, and each caller gets its
+    answer only once that transaction has committed."""
 
     MAX_ROWS = 200  # per transaction: bounds what one failure retries and how long the others wait
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._waiting: list[_Waiting] = []
-        self._writer: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._batches: Batches[_Message, Stored | None] = Batches(
+            self.write, key=lambda m: (m.message.tenant_id, m.outbox.table if m.outbox else None), max_items=self.MAX_ROWS, what="messages"
+        )
 
     async def store(self, message: NewMessage, outbox: OutboxTask | None, inbound_id: uuid.UUID) -> Stored | None:
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # a new event loop (a CLI command's asyncio.run after another): nothing of the old one is kept
-            self._loop, self._waiting, self._writer = loop, [], None
-        done: asyncio.Future[Stored | None] = loop.create_future()
-        self._waiting.append(_Waiting(message, outbox, inbound_id, done))
-        if self._writer is None:
-            self._writer = asyncio.ensure_future(self._write_all())
-        return await done
+        return await self._batches.submit(_Message(message, outbox, inbound_id))
 
-    async def _write_all(self) -> None:
-        try:
-            await asyncio.sleep(0)  # the requests this turn of the loop has read join the first batch
-            while self._waiting:
-                batch, self._waiting = self._waiting[: self.MAX_ROWS], self._waiting[self.MAX_ROWS :]
-                groups: dict[tuple[uuid.UUID, str | None], list[_Waiting]] = {}
-                for waiting in batch:
-                    groups.setdefault((waiting.message.tenant_id, waiting.outbox.table if waiting.outbox else None), []).append(waiting)
-                await asyncio.gather(*(self._write_group(group) for group in groups.values()))
-        finally:
-            self._writer = None
-
-    async def _write_group(self, group: list[_Waiting]) -> None:
-        try:
-            stored = await self.write(group)
-        except Exception as exc:
-            if len(group) > 1 and not unavailable(exc):
-                # One message the database refuses must not fail the others: each half is written again on its own,
-                # down to the message that fails alone (log2 of the batch more transactions, not one per message).
-                log.warning("a batch of %d messages failed (%s); writing it again in halves", len(group), type(exc).__name__)
-                half = len(group) // 2
-                await asyncio.gather(self._write_group(group[:half]), self._write_group(group[half:]))
-                return
-            for waiting in group:
-                if not waiting.done.done():
-                    waiting.done.set_exception(exc)
-            return
-        for waiting, result in zip(group, stored, strict=True):
-            if not waiting.done.done():  # a caller that gave up (its request was cancelled) is not answered
-                waiting.done.set_result(result)
-
-    async def write(self, group: list[_Waiting]) -> list[Stored | None]:
+    async def write(self, group: list[_Message]) -> list[Stored | None]:
         """Store one tenant's messages in one transaction (RLS for that tenant): what became of each, in order."""
         first = group[0]
         tenant_id = first.message.tenant_id
@@ -257,11 +217,8 @@ async def warm(db: Database, queue: Doorbell, connections: int) -> None:
     connections, so each has it parsed and planned before the first webhook waits on it."""
     nobody = uuid.uuid4()
     message = NewMessage(nobody, None, "warm-up", "warm-up", "warm-up", "warm-up", "", routing=Routing(nobody, "", may_start=False))
-    loop = asyncio.get_running_loop()
     group_commit = writer(db)
-    await asyncio.gather(
-        *(group_commit.write([_Waiting(message, queue.outbox(nobody, nobody), nobody, loop.create_future())]) for _ in range(connections))
-    )
+    await asyncio.gather(*(group_commit.write([_Message(message, queue.outbox(nobody, nobody), nobody)]) for _ in range(connections)))
 
 
 def dead_local_workers(heartbeats: list[tuple[str, str, int]]) -> list[str]:

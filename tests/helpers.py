@@ -23,7 +23,11 @@ import httpx
 from tests.forkserver import Forked, ForkServer
 
 if TYPE_CHECKING:
+    import uuid
+    from decimal import Decimal
+
     from konstruct.config import Settings
+    from konstruct.db.engine import Database
 
 T = TypeVar("T")
 
@@ -92,6 +96,25 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def meter(
+    db: Database,
+    tenant_id: uuid.UUID,
+    cost: Decimal,
+    *,
+    model: str = "openai/gpt-4o-mini",
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    latency_ms: int = 0,
+) -> list[int]:
+    """One LLM call accounted as the LLM service accounts it (its usage row, the month's spending); the alerts it crossed."""
+    from konstruct.llm import ledger
+
+    entry = ledger.Entry(
+        tenant_id, None, None, "reply", "agent", model, "platform", prompt_tokens, completion_tokens, cost, latency_ms, None, None
+    )
+    return await ledger.ledger(db).account(entry)
 
 
 async def wait_until(probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float, what: str, interval: float = 0.05) -> T:

@@ -26,7 +26,7 @@ from konstruct.db.models import BudgetReservation, LLMUsage, Message
 from konstruct.db.models import InboundMessage as InboxRow
 from konstruct.db.urls import resolve_urls
 from konstruct.inbox import accept
-from konstruct.llm import budget
+from konstruct.llm import budget, ledger
 from konstruct.llm.service import BudgetExhausted, CallContext, LLMService
 from konstruct.mail import Notice
 from konstruct.messaging import InboundMessage
@@ -158,15 +158,18 @@ async def test_admission_never_lets_concurrent_calls_overshoot_by_more_than_one(
     admitted: list[int] = []
     alerts: list[int] = []
 
+    books = ledger.ledger(db)
+
     async def caller(n: int) -> None:
-        async with db.tenant(tenant_id=tenant.id) as session:
-            admission = await budget.admit(session, tenant.id, limit, estimate, 60)
+        admission = await books.admit(ledger.Request(tenant.id, limit, estimate, 60))
         if not admission.allowed:
             return
         admitted.append(n)
         await asyncio.sleep(0.01 * (n % 5))  # the "LLM call"
-        async with db.tenant(tenant_id=tenant.id) as session:
-            alerts.extend(await budget.account(session, tenant.id, cost, admission.reservation, limit))
+        entry = ledger.Entry(
+            tenant.id, None, None, "reply", "agent", "openai/gpt-4o-mini", "platform", 10, 10, cost, 5, admission.reservation, limit
+        )
+        alerts.extend(await books.account(entry))
 
     for _ in range(3):  # three waves: later waves find the budget already spent
         await asyncio.gather(*(caller(n) for n in range(20)))

@@ -15,7 +15,7 @@ from typing import Any
 import typer
 from typer.testing import CliRunner
 
-from tests.helpers import cli_env, konstruct
+from tests.helpers import cli_env, konstruct, meter
 from tests.helpers import konstruct_in_process as cli
 
 
@@ -301,18 +301,13 @@ async def test_a_mistyped_tenant_or_agent_gets_a_suggestion_among_what_the_calle
 async def test_money_below_a_cent_and_usage_at_80_columns(config_path: Path, db: Any) -> None:
     from decimal import Decimal
 
-    from konstruct.db.models import LLMUsage
-    from konstruct.llm import budget
     from konstruct.tenancy.tenants import get_tenant
 
     ok(cli("tenant", "create", "Acme Inc", config=config_path))
     assert "$0.0005" in ok(cli("budget", "set", "-t", "acme-inc", "--usd", "0.0005", config=config_path))
     model = "openai/a-very-long-fine-tuned-model-name-for-acme-billing-2026-11-30"
     acme = await get_tenant(db, "acme-inc")
-    async with db.tenant(tenant_id=acme.id) as session:
-        session.add(LLMUsage(tenant_id=acme.id, model=model, prompt_tokens=1200, completion_tokens=300,
-                             cost_usd=Decimal("0.000585"), latency_ms=900))  # fmt: skip
-        await budget.account(session, acme.id, Decimal("0.000585"), None, None)  # as the LLM service meters a call
+    await meter(db, acme.id, Decimal("0.000585"), model=model, prompt_tokens=1200, completion_tokens=300, latency_ms=900)
     shown = ok(cli("budget", "show", "-t", "acme-inc", config=config_path))
     assert "monthly limit  $0.0005\n" in shown and "$0.00059 in" in shown and "117.0%" in shown and "$0.00 in" not in shown
 

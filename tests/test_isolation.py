@@ -41,12 +41,13 @@ from konstruct.db.models import (
 from konstruct.db.urls import resolve_urls
 from konstruct.errors import TenantNotSetError
 from konstruct.inbox import store
-from konstruct.llm.budget import account, set_budget
+from konstruct.llm.budget import set_budget
 from konstruct.llm.keys import add_key
 from konstruct.messaging import InboundMessage
 from konstruct.tenancy import invitations
 from konstruct.tenancy.tenants import TenantInfo, create_tenant
 from konstruct.tenancy.users import add_member, create_user
+from tests.helpers import meter
 
 
 async def seed(db: Database, slug: str) -> TenantInfo:
@@ -102,8 +103,7 @@ async def seed(db: Database, slug: str) -> TenantInfo:
                                  approver="person", channel="terminal", person="someone", expires_at=datetime.now(UTC) + timedelta(hours=1)))  # fmt: skip
     await add_key(db, db.settings, tenant, provider="openai", key=f"sk-{slug}-own-key-1234", api_base=None, actor="test")
     await set_budget(db, tenant, usd=10, alerts=[80], action="block", downgrade_model=None, settings=db.settings, actor="test")
-    async with db.tenant(tenant_id=tenant.id) as session:
-        await account(session, tenant.id, Decimal("0.01"), None, None)
+    await meter(db, tenant.id, Decimal("0.01"))
     user_id = await create_user(db, email=f"someone@{slug}.test", name=slug, password=None, platform_admin=False, actor="test")
     async with db.tenant(tenant_id=tenant.id) as session:
         await add_member(session, tenant.id, user_id, "customer_admin", actor="test")

@@ -12,12 +12,11 @@ from pathlib import Path
 from konstruct import audit
 from konstruct.config import load_settings
 from konstruct.db.engine import Database
-from konstruct.llm import budget
 from konstruct.tenancy.tenants import get_tenant
 from tests.conftest import write_config
 from tests.fakes import stripe as fs
 from tests.fakes.llm import FakeLLM
-from tests.helpers import Proc, cli_env, konstruct, konstruct_in_process
+from tests.helpers import Proc, cli_env, konstruct, konstruct_in_process, meter
 
 FLAGS = ["--new-tenant", "Initech", "--channel", "skip", "--agent-name", "Ava", "--role", "Support", "--persona", "Kind and brief.",
          "--tools", "calculator,current_time", "--test-message", "Hello from onboarding"]  # fmt: skip
@@ -112,8 +111,7 @@ async def test_a_spent_budget_is_explained_not_called_live(config_path: Path, tm
         == 0
     )
     initech = await get_tenant(db, "initech")
-    async with db.tenant(tenant_id=initech.id) as session:
-        await budget.account(session, initech.id, Decimal("0.0002"), None, None)  # this month's calls so far: over the limit
+    await meter(db, initech.id, Decimal("0.0002"))  # this month's calls so far: over the limit
     flags = ["--tenant", "initech", "--channel", "skip", "--agent-name", "Ava", "--role", "Support", "--persona", "Brief.",
              "--model", "openai/gpt-4o-mini", "--test-message", "Hello from onboarding"]  # fmt: skip  # a priced model
     worker = Proc("worker", ["worker"], config=config_path, log_dir=tmp_path)

@@ -31,7 +31,7 @@ from konstruct.tenancy.users import add_member, create_user
 from tests.browser import chromium_page, screenshot
 from tests.conftest import write_config
 from tests.fakes.llm import FakeLLM
-from tests.helpers import Proc, wait_for
+from tests.helpers import Proc, meter, wait_for
 from tests.shared import module_database
 
 PASSWORD = "a long enough password"
@@ -282,8 +282,7 @@ def test_a_budget_below_a_cent_is_shown_as_it_is(site: Site) -> None:
         try:
             acme = await get_tenant(db, site.acme)
             await budget.set_budget(db, acme, usd=0.0005, alerts=[80], action="block", downgrade_model=None, settings=settings, actor="t")
-            async with db.tenant(tenant_id=acme.id) as session:
-                await budget.account(session, acme.id, Decimal("0.000585"), None, None)  # as the LLM service meters a call
+            await meter(db, acme.id, Decimal("0.000585"))
         finally:
             await db.dispose()
 

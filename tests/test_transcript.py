@@ -31,7 +31,7 @@ from konstruct.tenancy.tenants import TenantInfo, create_tenant, update_settings
 from konstruct.tenancy.users import add_member, create_user
 from konstruct.worker.queue import make_queue
 from tests.fakes.llm import FakeLLM
-from tests.helpers import gateway_in_process, konstruct_in_process
+from tests.helpers import gateway_in_process, konstruct_in_process, meter
 
 PASSWORD = "a long enough password"
 
@@ -111,8 +111,7 @@ async def test_the_model_escalating_after_a_tool_failed_is_tool_failure(site: Si
 async def test_a_spent_budget_escalates_where_a_human_can_answer(site: Site, settings: Settings, fake_llm: FakeLLM) -> None:
     await budget.set_budget(site.db, site.acme, usd=0.0005, alerts=[80], action="block", downgrade_model=None, settings=settings,
                             actor="test")  # fmt: skip
-    async with site.db.tenant(tenant_id=site.acme.id) as session:
-        await budget.account(session, site.acme.id, Decimal("0.001"), None, None)  # spent already
+    await meter(site.db, site.acme.id, Decimal("0.001"))  # spent already
     # Without an escalation target nobody could answer: the person hears the agent is unavailable, nothing escalates.
     lone = await site.conversation(await site.say("are you there?"))
     assert lone.status == "open" and lone.escalation_category is None

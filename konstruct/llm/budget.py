@@ -4,18 +4,19 @@ accounting after it, safe under any number of concurrent workers.
 Why a tenant cannot overshoot by more than one call: a call is admitted only while
 ``spent + reserved < limit``, where ``reserved`` holds an upper-bound estimate of every call in
 flight, and admission takes the tenant's month row lock. Every admitted call but the last one
-therefore fits under the limit; only the last can cross it.
+therefore fits under the limit; only the last can cross it. The admission and the accounting themselves are
+konstruct.llm.ledger's (the calls of a tenant asking or finishing together are handled together).
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -86,23 +87,29 @@ async def plan_budget(session: AsyncSession, settings: Settings) -> Decimal | No
     """The monthly budget included in the current tenant's active plan, if billing is on and it has one."""
     if not settings.billing.enabled:
         return None
-    prices = (await session.scalars(select(Subscription.price_id).where(Subscription.status.in_(("active", "trialing", "past_due"))))).all()
+    prices = (await session.scalars(select(Subscription.price_id).where(Subscription.status.in_(LIVE_SUBSCRIPTIONS)))).all()
+    return plan_budget_of(settings, [price for price in prices if price])
+
+
+LIVE_SUBSCRIPTIONS = ("active", "trialing", "past_due")
+
+
+def plan_budget_of(settings: Settings, prices: list[str]) -> Decimal | None:
+    """The largest monthly budget the plans of these subscription prices include."""
     budgets = [Decimal(str(plan.budget_usd)) for price in prices if (plan := settings.billing.plan_for_price(price)) and plan.budget_usd]
     return max(budgets) if budgets else None
 
 
-async def current_limit(session: AsyncSession, settings: Settings) -> Limit | None:
-    """The effective limit of the current tenant: its own budget, capped by its plan's included budget."""
-    own = await session.scalar(select(Budget))
-    plan = await plan_budget(session, settings)
+def limit_of(own: tuple[Decimal, list[int], str, str | None] | None, plan: Decimal | None) -> Limit | None:
+    """The effective limit: the tenant's own budget (monthly_usd, alerts, action, downgrade_model), capped by its plan's."""
     if own is None and plan is None:
         return None
-    limits = [value for value in (own.monthly_usd if own else None, plan) if value is not None]
+    limits = [value for value in (own[0] if own else None, plan) if value is not None]
     return Limit(
         monthly_usd=min(limits),
-        alerts=list(own.alerts) if own else [80],
-        action=own.action if own else "block",
-        downgrade_model=own.downgrade_model if own else None,
+        alerts=list(own[1]) if own else [80],
+        action=own[2] if own else "block",
+        downgrade_model=own[3] if own else None,
     )
 
 
@@ -112,71 +119,6 @@ class Admission:
     reservation: uuid.UUID | None = None
     over_limit: bool = False  # the limit is reached: the caller applies the action
     first_time: bool = False  # the first refusal this month (notify the operator once)
-
-
-async def admit(session: AsyncSession, tenant_id: uuid.UUID, limit: Limit, estimate: Decimal, hold_seconds: float) -> Admission:
-    """Reserve the estimate if the tenant is still under its limit. Takes the month row lock."""
-    month = this_month()
-    await session.execute(pg_insert(BudgetMonth).values(tenant_id=tenant_id, month=month).on_conflict_do_nothing())
-    row = (
-        await session.execute(select(BudgetMonth.spent_usd, BudgetMonth.limit_notified).where(BudgetMonth.month == month).with_for_update())
-    ).one()
-    now = datetime.now(UTC)
-    await session.execute(delete(BudgetReservation).where(BudgetReservation.expires_at < now))
-    reserved = await session.scalar(select(func.coalesce(func.sum(BudgetReservation.estimate_usd), 0))) or Decimal(0)
-    if row.spent_usd + reserved < limit.monthly_usd:
-        reservation = await session.scalar(
-            pg_insert(BudgetReservation)
-            .values(tenant_id=tenant_id, estimate_usd=estimate, expires_at=now + timedelta(seconds=hold_seconds))
-            .returning(BudgetReservation.id)
-        )
-        return Admission(True, reservation)
-    first = not row.limit_notified and row.spent_usd >= limit.monthly_usd
-    if first:
-        await session.execute(update(BudgetMonth).where(BudgetMonth.month == month).values(limit_notified=True))
-    return Admission(False, over_limit=row.spent_usd >= limit.monthly_usd, first_time=first)
-
-
-async def refused(session: AsyncSession, tenant_id: uuid.UUID) -> bool:
-    """A call refused after all (its wait for the calls in flight to leave room ran out): True the first time this
-    month, like admit's first_time, so the operator hears once that the agents stopped, whichever refusal came first."""
-    changed = await session.scalar(
-        update(BudgetMonth)
-        .where(BudgetMonth.month == this_month(), BudgetMonth.limit_notified.is_(False))
-        .values(limit_notified=True)
-        .returning(BudgetMonth.tenant_id)
-    )
-    return changed is not None
-
-
-async def account(
-    session: AsyncSession, tenant_id: uuid.UUID, cost: Decimal, reservation: uuid.UUID | None, limit: Limit | None
-) -> list[int]:
-    """Add a call's cost to the month and release its reservation. Returns the alert thresholds this
-    call crossed for the first time this month (each one is returned to exactly one caller)."""
-    if reservation is not None:
-        await session.execute(delete(BudgetReservation).where(BudgetReservation.id == reservation))
-    month = this_month()
-    row = (
-        await session.execute(
-            pg_insert(BudgetMonth)
-            .values(tenant_id=tenant_id, month=month, spent_usd=cost)
-            .on_conflict_do_update(
-                index_elements=[BudgetMonth.tenant_id, BudgetMonth.month], set_={"spent_usd": BudgetMonth.spent_usd + cost}
-            )
-            .returning(BudgetMonth.spent_usd, BudgetMonth.alerts_sent)
-        )
-    ).one()
-    if limit is None or not limit.monthly_usd:
-        return []
-    used = row.spent_usd / limit.monthly_usd * 100
-    crossed = sorted(p for p in {*limit.alerts, 100} if used >= p and p not in row.alerts_sent)
-    if crossed:
-        # The row is locked by the upsert above until commit: no other caller sees these as unsent.
-        await session.execute(
-            update(BudgetMonth).where(BudgetMonth.month == month).values(alerts_sent=func.array_cat(BudgetMonth.alerts_sent, crossed))
-        )
-    return crossed
 
 
 def check_alerts(alerts: list[int]) -> list[int]:

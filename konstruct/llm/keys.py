@@ -13,7 +13,6 @@ from urllib.parse import urlsplit
 from cryptography.fernet import InvalidToken
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from konstruct import audit
 from konstruct.config import Settings, hint
@@ -144,9 +143,8 @@ async def remove_key(db: Database, tenant: TenantInfo, *, provider: str, actor: 
 _plain: dict[bytes, str] = {}
 
 
-async def tenant_keys(session: AsyncSession, settings: Settings) -> dict[str, TenantKey]:
-    """The current tenant's keys by provider, decrypted (each ciphertext once per process)."""
-    rows = (await session.execute(select(LLMKey.provider, LLMKey.secret, LLMKey.api_base))).all()
+def keys_of(settings: Settings, rows: list[tuple[Any, ...]]) -> dict[str, TenantKey]:
+    """(provider, secret, api_base) rows of llm_keys as the tenant's keys by provider, decrypted."""
     keys: dict[str, TenantKey] = {}
     for provider, secret, api_base in rows:
         blob = bytes(secret)

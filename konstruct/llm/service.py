@@ -17,17 +17,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from konstruct import audit
 from konstruct.config import Settings
 from konstruct.db.engine import Database
-from konstruct.db.models import LLMUsage
 from konstruct.errors import ValidationError
-from konstruct.llm import budget, probe
+from konstruct.llm import budget, ledger, probe
 from konstruct.llm.client import Completion, LLMError, ToolCall, load_litellm
-from konstruct.llm.keys import TenantKey, check_api_base, tenant_keys
+from konstruct.llm.keys import TenantKey, check_api_base
 from konstruct.llm.probe import provider_of
 from konstruct.mail import Notice
 from konstruct.money import usd
@@ -36,6 +31,7 @@ log = logging.getLogger("konstruct.llm")
 
 
 ENDPOINT_RECHECK = 30.0  # seconds a tenant API base's public-address check is trusted
+INLINE_ESTIMATE = 20_000  # characters of prompt up to which its tokens are counted on the event loop
 
 
 class BudgetExhausted(LLMError):
@@ -188,9 +184,7 @@ class LLMService:
         if not _loaded():
             await asyncio.to_thread(load_litellm)  # never block the event loop on the import
         models = [model, *[m for m in (fallbacks if fallbacks is not None else self.settings.llm.fallbacks) if m != model]]
-        async with self.db.tenant(tenant_id=ctx.tenant_id) as session:
-            keys = await tenant_keys(session, self.settings)
-            limit = await budget.current_limit(session, self.settings)
+        keys, limit = await ledger.terms(self.db, self.settings, ctx.tenant_id)
         await self._check_endpoints(keys)
         reservation: uuid.UUID | None = None
         if limit is not None:
@@ -244,16 +238,16 @@ class LLMService:
     ) -> tuple[list[str], uuid.UUID | None]:
         """Hold an estimate against the budget; wait while calls in flight may still leave room.
         Returns the models to use (downgraded at the limit) and the reservation."""
-        estimate = await asyncio.to_thread(self.estimate, models, messages, tools)
+        if sum(len(str(m.get("content") or "")) for m in messages) + len(str(tools or "")) > INLINE_ESTIMATE:
+            estimate = await asyncio.to_thread(self.estimate, models, messages, tools)  # a long prompt's count takes a while
+        else:
+            estimate = self.estimate(models, messages, tools)  # a short one takes less than the trip to a thread (~40 µs)
         llm = self.settings.llm
         hold = llm.timeout * (llm.retries + 1) * len(models) + 60
         deadline = time.monotonic() + llm.timeout
         pause = 0.05
         while True:
-            async with self.db.tenant(tenant_id=ctx.tenant_id) as session:
-                admission = await budget.admit(session, ctx.tenant_id, limit, estimate, hold)
-                if admission.first_time:
-                    await self._record_exhausted(session, ctx, limit)
+            admission = await ledger.ledger(self.db).admit(ledger.Request(ctx.tenant_id, limit, estimate, hold))  # audits the first refusal
             if admission.allowed:
                 return models, admission.reservation
             if admission.first_time:
@@ -262,13 +256,9 @@ class LLMService:
                 break
             await asyncio.sleep(pause)  # calls in flight hold the rest of the budget: see what they really cost
             pause = min(pause * 2, 1.0)
-        if not admission.over_limit:  # the wait ran out with the rest held by calls in flight: refused all the same
-            async with self.db.tenant(tenant_id=ctx.tenant_id) as session:
-                first = await budget.refused(session, ctx.tenant_id)
-                if first:
-                    await self._record_exhausted(session, ctx, limit)
-            if first:
-                await self._notify_exhausted(ctx.tenant_id, limit)
+        # The wait ran out with the rest held by calls in flight: refused all the same.
+        if not admission.over_limit and await ledger.ledger(self.db).refused(ctx.tenant_id, limit):
+            await self._notify_exhausted(ctx.tenant_id, limit)
         if limit.action == "downgrade":
             cheaper = limit.downgrade_model or self.settings.budget.downgrade_model
             if cheaper:
@@ -327,30 +317,15 @@ class LLMService:
         limit: budget.Limit | None,
         error: str | None = None,
     ) -> None:
-        """The usage row, the month's spending, alerts crossed, and (for a failure) an audit event."""
-        latency = int((time.perf_counter() - started) * 1000)
+        """The usage row, the month's spending, alerts crossed, and (for a failure) an audit event (konstruct.llm.ledger)."""
+        entry = ledger.Entry(
+            tenant_id=ctx.tenant_id, agent_id=ctx.agent_id, conversation_id=ctx.conversation_id, purpose=ctx.purpose, actor=ctx.actor,
+            model=model, key_source=source, prompt_tokens=result.prompt_tokens if result else 0,
+            completion_tokens=result.completion_tokens if result else 0, cost=cost,
+            latency_ms=int((time.perf_counter() - started) * 1000), reservation=reservation, limit=limit, error=error,
+        )  # fmt: skip
         try:
-            async with self.db.tenant(tenant_id=ctx.tenant_id) as session:
-                await session.execute(
-                    insert(LLMUsage).values(
-                        tenant_id=ctx.tenant_id, agent_id=ctx.agent_id, conversation_id=ctx.conversation_id, purpose=ctx.purpose,
-                        model=model, prompt_tokens=result.prompt_tokens if result else 0,
-                        completion_tokens=result.completion_tokens if result else 0, cost_usd=cost, latency_ms=latency,
-                        key_source=source, error=error,
-                    )
-                )  # fmt: skip
-                crossed = await budget.account(session, ctx.tenant_id, cost, reservation, limit)
-                for percent in crossed:
-                    await audit.record(
-                        session, tenant_id=ctx.tenant_id, actor="konstruct", action="budget.alert", target=f"{percent}%",
-                        detail={"percent": percent, "monthly_usd": float(limit.monthly_usd) if limit else None},
-                    )  # fmt: skip
-                if error is not None:
-                    await audit.record(
-                        session, tenant_id=ctx.tenant_id, actor=ctx.actor, action="llm.failed", target=model,
-                        detail={"error": error, "key": source, "purpose": ctx.purpose,
-                                "conversation_id": str(ctx.conversation_id) if ctx.conversation_id else None},
-                    )  # fmt: skip
+            crossed = await ledger.ledger(self.db).account(entry)
         except Exception as exc:  # the answer is worth more than its bookkeeping; say so loudly
             log.error("tenant %s: could not record an LLM call: %s", ctx.tenant_id, _first_line(exc))
             return
@@ -364,13 +339,6 @@ class LLMService:
                            if limit.action == "block" else "When it is used up, the agents switch to a cheaper model.\n"),
                     )
                 )  # fmt: skip
-
-    @staticmethod
-    async def _record_exhausted(session: AsyncSession, ctx: CallContext, limit: budget.Limit) -> None:
-        await audit.record(
-            session, tenant_id=ctx.tenant_id, actor="konstruct", action="budget.exhausted", target=limit.action,
-            detail={"monthly_usd": float(limit.monthly_usd), "action": limit.action},
-        )  # fmt: skip
 
     async def _notify_exhausted(self, tenant_id: uuid.UUID, limit: budget.Limit) -> None:
         what = (
