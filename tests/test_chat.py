@@ -95,20 +95,20 @@ async def test_a_gates_fixed_reply_and_a_spent_budget_are_notices(site: Site, fa
     pipeline, tenant, agent = site
     settings = pipeline.settings
     paused_id = await send(pipeline, tenant, agent, "is anyone there?")
-    async with pipeline.db.tenant(tenant_id=tenant.id) as session:
-        row = await steps.claim(session, paused_id, pipeline.worker_id, solo=False)
+    async with pipeline.db.tenant_driver(tenant_id=tenant.id) as conn:
+        row = await steps.claim(conn, paused_id, pipeline.worker_id, solo=False)
         assert row is not None
-        turn = await pipeline.load(session, row)
+        turn = await pipeline.load(conn, row)
     paused = dataclasses.replace(turn, billing=Standing(False, "no subscription", None))
     outcome = await steps.billing_paused(pipeline, paused)
     assert outcome is not None and outcome.reply == settings.billing.paused
     assert await pipeline.conclude(paused, outcome) == "replied"
 
     budget = await send(pipeline, tenant, agent, "what about now?")
-    async with pipeline.db.tenant(tenant_id=tenant.id) as session:
-        row = await steps.claim(session, budget, pipeline.worker_id, solo=False)
+    async with pipeline.db.tenant_driver(tenant_id=tenant.id) as conn:
+        row = await steps.claim(conn, budget, pipeline.worker_id, solo=False)
         assert row is not None
-        turn = await pipeline.load(session, row)
+        turn = await pipeline.load(conn, row)
     # What `answer` returns when the budget is spent, stored the way `process` stores it.
     spent = steps.Answer(settings.budget.unavailable, "budget", None, error="budget: spent", kind=steps.NOTICE)
     stored = await pipeline.store(turn, spent.text, spent.model, spent.latency_ms, kind=spent.kind)

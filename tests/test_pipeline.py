@@ -53,11 +53,11 @@ async def message(pipeline: Pipeline, tenant: TenantInfo, agent: AgentInfo, text
 
 
 async def loaded(pipeline: Pipeline, tenant: TenantInfo, inbound_id: uuid.UUID) -> Turn:
-    async with pipeline.db.tenant(tenant_id=tenant.id) as session:
-        row = await steps.claim(session, inbound_id, pipeline.worker_id, solo=False)
+    async with pipeline.db.tenant_driver(tenant_id=tenant.id) as conn:
+        row = await steps.claim(conn, inbound_id, pipeline.worker_id, solo=False)
         assert row is not None
-        assert await steps.claim(session, inbound_id, "another-worker", solo=False) is None  # claimed once
-        return await pipeline.load(session, row)
+        assert await steps.claim(conn, inbound_id, "another-worker", solo=False) is None  # claimed once
+        return await pipeline.load(conn, row)
 
 
 async def test_every_gate_lets_an_ordinary_turn_through(site: tuple[Pipeline, TenantInfo, AgentInfo]) -> None:

@@ -20,17 +20,17 @@ model thinks, so one worker can keep many conversations in flight.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncSession
+import asyncpg
+from sqlalchemy import text, update
 
 from konstruct import approvals, audit
 from konstruct.agent import approval, escalation, grounding, memory
@@ -51,7 +51,7 @@ from konstruct.billing.standing import tenant_standing
 from konstruct.billing.state import Standing
 from konstruct.config import Settings
 from konstruct.db.engine import Database
-from konstruct.db.models import Agent, Conversation, InboundMessage, Message, Tenant
+from konstruct.db.models import Conversation, InboundMessage, Message
 from konstruct.handoff import desk, replies
 from konstruct.handoff import state as handoff
 from konstruct.llm.client import Completion, LLMError, ToolCall, supports_vision
@@ -120,6 +120,7 @@ class Turn:
     channel: Channel | None
     target: Target
     resume: approval.Resume | None = None  # the turn paused on an approval before: its decisions and where to go on
+    has_memories: bool = True  # the person has memories with this agent (False: recall has nothing to look for)
     passages: list[grounding.Passage] = field(default_factory=list)  # what was retrieved from the documents for it
 
     @property
@@ -251,15 +252,70 @@ async def window_closed(pipeline: Pipeline, turn: Turn) -> Outcome | None:
 GATES: tuple[Gate, ...] = (tenant_inactive, desk_reply, no_channel, gave_up, escalated, billing_paused, escalation_rule, window_closed)
 
 
-async def claim(session: AsyncSession, inbound_id: uuid.UUID, worker_id: str, *, solo: bool) -> InboundMessage | None:
+_INBOUND_COLUMNS = ", ".join(InboundMessage.__table__.columns.keys())
+_MESSAGE_COLUMNS = ", ".join(Message.__table__.columns.keys())
+_CLAIM = f"""
+UPDATE inbound_messages SET status = 'processing', attempts = attempts + 1, worker_id = $2::text, claimed_at = now(), solo = $3::boolean
+WHERE id = $1::uuid AND status = 'received' AND ($3::boolean OR NOT suspect)
+RETURNING {_INBOUND_COLUMNS}
+"""
+# What the steps after the claim read about its conversation, agent and tenant (and whether the person has memories).
+_CONTEXT = """
+SELECT t.name AS tenant_name, t.status AS tenant_status, t.allowed_hosts, c.external_id AS conversation_external_id, c.status AS state,
+       c.summary, c.summary_until, a.id, a.tenant_id, a.name, a.role, a.persona, a.model, a.settings, a.created_at, a.updated_at,
+       a.suggested_prompts,
+       EXISTS (SELECT 1 FROM memories m WHERE m.agent_id = a.id AND m.person = $2::text) AS has_memories
+FROM conversations c JOIN tenants t ON t.id = c.tenant_id JOIN agents a ON a.id = c.agent_id
+WHERE c.id = $1::uuid
+"""
+_PREVIOUS = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE inbound_id = $1::uuid AND direction = 'out'"
+# The conversation's unsummarised history, newest first: $4 the summary's end (NULL: none).
+_HISTORY = """
+SELECT direction, text, created_at, kind, author FROM messages
+WHERE conversation_id = $1::uuid AND created_at <= $2::timestamptz AND status <> 'failed' AND kind = ANY($3::text[])
+  AND ($4::timestamptz IS NULL OR created_at > $4::timestamptz)
+ORDER BY created_at DESC, direction DESC LIMIT $5::int
+"""
+_TURNS = "SELECT count(*) FROM inbound_messages WHERE conversation_id = $1::uuid AND channel <> $2::text"
+
+
+class HistoryRow(NamedTuple):
+    direction: str
+    text: str
+    created_at: datetime
+    kind: str
+    author: str
+
+
+def _json(value: Any) -> Any:
+    """A json/jsonb value as the driver's own connection returns it (text) decoded."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+async def claim(conn: asyncpg.Connection, inbound_id: uuid.UUID, worker_id: str, *, solo: bool) -> InboundMessage | None:
     """Take the row (received → processing), or None when it is not ours: another worker has it, it is
     finished, or it is a suspect only the suspect lane (solo) may take."""
-    return await session.scalar(
-        update(InboundMessage)
-        .where(InboundMessage.id == inbound_id, InboundMessage.status == "received", *([] if solo else [~InboundMessage.suspect]))
-        .values(status="processing", attempts=InboundMessage.attempts + 1, worker_id=worker_id, claimed_at=func.now(), solo=solo)
-        .returning(InboundMessage)
-    )
+    row = await conn.fetchrow(_CLAIM, inbound_id, worker_id, solo)
+    if row is None:
+        return None
+    return InboundMessage(**{**dict(row), "payload": _json(row["payload"])})
+
+
+# The reply, kept before it is sent (once per inbound message: NULL when another attempt stored it first).
+_STORE_REPLY = """
+INSERT INTO messages (tenant_id, conversation_id, inbound_id, direction, author, text, status, kind, model, latency_ms)
+VALUES ($1::uuid, $2::uuid, $3::uuid, 'out', $4::text, $5::text, 'sending', $6::text, $7::text, $8::int)
+ON CONFLICT DO NOTHING RETURNING id
+"""
+# The row closed, the conversation's last activity, and the audit entry: one statement (one round trip).
+_FINISH = text("""
+WITH inbound AS (
+    UPDATE inbound_messages SET status = :status, error = :error, finished_at = now() WHERE id = :inbound
+), conversation AS (
+    UPDATE conversations SET last_message_at = now() WHERE id = :conversation
+)
+INSERT INTO audit_events (tenant_id, actor, action, target, detail) VALUES (:tenant, :actor, :action, :target, CAST(:detail AS jsonb))
+""")
 
 
 @dataclass
@@ -280,11 +336,17 @@ class Pipeline:
     async def process(self, *, tenant_id: uuid.UUID, inbound_id: uuid.UUID, solo: bool = False) -> str | None:
         """Answer one inbox row. Returns its final state, or None when it was not ours to take.
         solo: the worker runs nothing else meanwhile (the suspect lane); a suspect row is only taken that way."""
-        async with self.db.tenant(tenant_id=tenant_id) as session:
-            inbound = await claim(session, inbound_id, self.worker_id, solo=solo)
+        async with self.db.tenant_driver(tenant_id=tenant_id) as conn:
+            inbound = await claim(conn, inbound_id, self.worker_id, solo=solo)
             if inbound is None:
                 return None  # a duplicate doorbell: another worker has it or it is finished
-            turn = await self.load(session, inbound)
+            turn = await self.load(conn, inbound)
+        if self.settings.billing.enabled or (inbound.attempts > 1 and turn.previous is None):
+            async with self.db.tenant(tenant_id=tenant_id) as session:
+                if self.settings.billing.enabled:
+                    turn.billing = await tenant_standing(session, self.settings, inbound.tenant_id)
+                if inbound.attempts > 1 and turn.previous is None:
+                    turn.resume = await approval.load_resume(session, inbound.id)
         for gate in self.gates:
             decided = await gate(self, turn)
             if decided is not None:
@@ -312,58 +374,30 @@ class Pipeline:
         await self.remember_later(turn)
         return status
 
-    async def load(self, session: AsyncSession, inbound: InboundMessage) -> Turn:
-        """Everything the later steps read, in the claim's transaction."""
-        context = (
-            await session.execute(
-                select(
-                    Tenant.name,
-                    Tenant.status,
-                    Tenant.allowed_hosts,
-                    Conversation.external_id,
-                    Conversation.status.label("state"),
-                    Conversation.summary,
-                    Conversation.summary_until,
-                    Agent,
-                )
-                .join(Conversation, Conversation.tenant_id == Tenant.id)
-                .join(Agent, Agent.id == Conversation.agent_id)
-                .where(Conversation.id == inbound.conversation_id)
-            )
-        ).one()
-        agent = AgentInfo.from_row(context.Agent)
-        previous = await session.scalar(select(Message).where(Message.inbound_id == inbound.id, Message.direction == "out"))
-        since = [Message.created_at > context.summary_until] if context.summary_until is not None else []
-        history = (
-            await session.execute(
-                select(Message.direction, Message.text, Message.created_at, Message.kind, Message.author)
-                .where(
-                    Message.conversation_id == inbound.conversation_id,
-                    Message.created_at <= inbound.received_at,
-                    Message.status != "failed",
-                    Message.kind.in_((MESSAGE, handoff.HUMAN, handoff.NOTE)),  # an apology or a notice is not the agent's own words
-                    *since,
-                )
-                .order_by(Message.created_at.desc(), Message.direction.desc())
-                .limit(MAX_UNSUMMARISED)
-            )
-        ).all()
-        billing = await tenant_standing(session, self.settings, inbound.tenant_id) if self.settings.billing.enabled else None
+    async def load(self, conn: asyncpg.Connection, inbound: InboundMessage) -> Turn:
+        """Everything the later steps read, in the claim's transaction (the billing standing and an approval's resume
+        state, when they matter, are read by `process` right after it)."""
+        context = await conn.fetchrow(_CONTEXT, inbound.conversation_id, inbound.sender)
+        assert context is not None  # the conversation, its agent and tenant: foreign keys of the row just claimed
+        agent = AgentInfo(
+            context["id"], context["tenant_id"], context["name"], context["role"], context["persona"], context["model"],
+            dict(_json(context["settings"]) or {}), context["created_at"], context["updated_at"],
+            tuple(_json(context["suggested_prompts"]) or ()),
+        )  # fmt: skip
+        found = await conn.fetchrow(_PREVIOUS, inbound.id)
+        previous = Message(**dict(found)) if found is not None else None
+        kinds = [MESSAGE, handoff.HUMAN, handoff.NOTE]  # an apology or a notice is not the agent's own words
+        rows = await conn.fetch(_HISTORY, inbound.conversation_id, inbound.received_at, kinds, context["summary_until"], MAX_UNSUMMARISED)
+        history = [HistoryRow(*row) for row in rows]
         rules = list(agent.settings.get("escalation_rules") or [])
-        turns = 0
-        if rules:  # `count` in a rule: the person's turns in this conversation
-            counted = (
-                select(func.count())
-                .select_from(InboundMessage)
-                .where(InboundMessage.conversation_id == inbound.conversation_id, InboundMessage.channel != handoff.DESK)
-            )
-            turns = int(await session.scalar(counted) or 0)
-        target = Target(inbound.tenant_id, inbound.conversation_id, context.external_id, inbound.external_id, dict(inbound.payload),
-                        inbound.reply_ref, retry=inbound.attempts > 1, question=inbound.text)  # fmt: skip
-        resume = await approval.load_resume(session, inbound.id) if inbound.attempts > 1 and previous is None else None
+        # `count` in a rule: the person's turns in this conversation
+        turns = int(await conn.fetchval(_TURNS, inbound.conversation_id, handoff.DESK) or 0) if rules else 0
+        target = Target(inbound.tenant_id, inbound.conversation_id, context["conversation_external_id"], inbound.external_id,
+                        dict(inbound.payload), inbound.reply_ref, retry=inbound.attempts > 1, question=inbound.text)  # fmt: skip
         return Turn(
-            inbound, agent, context.name, context.status, tuple(context.allowed_hosts or ()), context.state, context.summary,
-            context.summary_until, history, previous, billing, rules, turns, self.channels.get(inbound.channel), target, resume,
+            inbound, agent, context["tenant_name"], context["tenant_status"], tuple(context["allowed_hosts"] or ()), context["state"],
+            context["summary"], context["summary_until"], history, previous, None, rules, turns, self.channels.get(inbound.channel),
+            target, has_memories=context["has_memories"],
         )  # fmt: skip
 
     async def conclude(self, turn: Turn, outcome: Outcome) -> str | None:
@@ -435,7 +469,7 @@ class Pipeline:
 
     async def recall(self, turn: Turn) -> list[str]:
         """What this person told the agent before, closest to the message (none when memory is off or fails)."""
-        if not self.settings.memory.enabled:
+        if not self.settings.memory.enabled or not turn.has_memories:
             return []
         try:
             return await memory.recall(self.db, tenant_id=turn.tenant_id, agent_id=turn.agent.id, person=turn.inbound.sender,
@@ -536,24 +570,11 @@ class Pipeline:
     async def store(self, turn: Turn, text: str, model: str, latency_ms: int | None, *, kind: str) -> uuid.UUID | None:
         """Keep the reply before sending it (unique per inbound message: None when another attempt stored one).
         kind: MESSAGE for the model's answer, NOTICE for a fixed text in its place (left out of later prompts)."""
-        async with self.db.tenant(tenant_id=turn.tenant_id) as session:
-            return await session.scalar(
-                pg_insert(Message)
-                .values(
-                    tenant_id=turn.tenant_id,
-                    conversation_id=turn.conversation_id,
-                    inbound_id=turn.inbound_id,
-                    direction="out",
-                    author=turn.agent.name,
-                    text=text,
-                    status="sending",
-                    kind=kind,
-                    model=model,
-                    latency_ms=latency_ms,
-                )
-                .on_conflict_do_nothing()
-                .returning(Message.id)
+        async with self.db.tenant_driver(tenant_id=turn.tenant_id) as conn:
+            stored: uuid.UUID | None = await conn.fetchval(
+                _STORE_REPLY, turn.tenant_id, turn.conversation_id, turn.inbound_id, turn.agent.name, text, kind, model, latency_ms
             )
+        return stored
 
     async def deliver(
         self, turn: Turn, reply_id: uuid.UUID, text: str, status: str, error: str | None, sink: StreamSink | None = None
@@ -587,21 +608,15 @@ class Pipeline:
                 await turn.through.record_sent(session, reply_id, external_id)
             elif reply_id is not None:
                 await session.execute(update(Message).where(Message.id == reply_id).values(status="failed", error=error))
-            await session.execute(
-                update(InboundMessage)
-                .where(InboundMessage.id == turn.inbound_id)
-                .values(status=status, error=error, finished_at=func.now())
-            )
-            await session.execute(update(Conversation).where(Conversation.id == turn.conversation_id).values(last_message_at=func.now()))
             action = {"replied": "message.replied", "failed": "message.failed", "ignored": "message.ignored"}[status]
-            await audit.record(
-                session,
-                tenant_id=turn.tenant_id,
-                actor=f"worker:{self.worker_id}",
-                action=action,
-                target=str(turn.inbound_id),
-                detail={"error": error} if error else {"reply_id": str(reply_id)},
-            )
+            await session.execute(
+                _FINISH,
+                {
+                    "inbound": turn.inbound_id, "status": status, "error": error, "conversation": turn.conversation_id,
+                    "tenant": turn.tenant_id, "actor": f"worker:{self.worker_id}", "action": action, "target": str(turn.inbound_id),
+                    "detail": json.dumps({"error": error} if error else {"reply_id": str(reply_id)}),
+                },
+            )  # fmt: skip
 
     async def remember_later(self, turn: Turn) -> None:
         """Queue embedding what the person said, when it is worth remembering (fire and forget)."""
