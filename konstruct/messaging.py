@@ -104,6 +104,9 @@ class Channel(Protocol):
     """How the worker talks back. A channel is handed what to say; it knows nothing of agents."""
 
     name: str
+    # Whether the channel reports delivery statuses (sent, delivered, read) that record_sent must keep; without, a
+    # reply is recorded sent by the worker itself, in the statement that closes the turn.
+    reports_delivery: bool
 
     async def prepare(self, target: Target) -> str | None:
         """Show the person the agent is working (e.g. a placeholder); return a reference send() can use.

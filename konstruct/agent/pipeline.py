@@ -30,7 +30,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import asyncpg
-from sqlalchemy import text, update
+from sqlalchemy import update
 
 from konstruct import approvals, audit
 from konstruct.agent import approval, escalation, grounding, memory
@@ -121,6 +121,7 @@ class Turn:
     target: Target
     resume: approval.Resume | None = None  # the turn paused on an approval before: its decisions and where to go on
     has_memories: bool = True  # the person has memories with this agent (False: recall has nothing to look for)
+    has_knowledge: bool = True  # the agent may read documents with chunks (False: nothing to look up)
     passages: list[grounding.Passage] = field(default_factory=list)  # what was retrieved from the documents for it
 
     @property
@@ -259,12 +260,14 @@ UPDATE inbound_messages SET status = 'processing', attempts = attempts + 1, work
 WHERE id = $1::uuid AND status = 'received' AND ($3::boolean OR NOT suspect)
 RETURNING {_INBOUND_COLUMNS}
 """
-# What the steps after the claim read about its conversation, agent and tenant (and whether the person has memories).
+# What the steps after the claim read about its conversation, agent and tenant, and whether there is anything to recall
+# (the person's memories) or to look up (documents the agent may read): without, neither step costs a transaction.
 _CONTEXT = """
 SELECT t.name AS tenant_name, t.status AS tenant_status, t.allowed_hosts, c.external_id AS conversation_external_id, c.status AS state,
        c.summary, c.summary_until, a.id, a.tenant_id, a.name, a.role, a.persona, a.model, a.settings, a.created_at, a.updated_at,
        a.suggested_prompts,
-       EXISTS (SELECT 1 FROM memories m WHERE m.agent_id = a.id AND m.person = $2::text) AS has_memories
+       EXISTS (SELECT 1 FROM memories m WHERE m.agent_id = a.id AND m.person = $2::text) AS has_memories,
+       EXISTS (SELECT 1 FROM knowledge_sources k WHERE k.chunks > 0 AND (k.agent_ids = '{}' OR a.id = ANY(k.agent_ids))) AS has_knowledge
 FROM conversations c JOIN tenants t ON t.id = c.tenant_id JOIN agents a ON a.id = c.agent_id
 WHERE c.id = $1::uuid
 """
@@ -307,15 +310,18 @@ INSERT INTO messages (tenant_id, conversation_id, inbound_id, direction, author,
 VALUES ($1::uuid, $2::uuid, $3::uuid, 'out', $4::text, $5::text, 'sending', $6::text, $7::text, $8::int)
 ON CONFLICT DO NOTHING RETURNING id
 """
-# The row closed, the conversation's last activity, and the audit entry: one statement (one round trip).
-_FINISH = text("""
+# The row closed, the conversation's last activity, the reply's record (sent under the channel's id, or failed; $10 NULL:
+# none, or the channel records it itself) and the audit entry: one statement, one round trip.
+_FINISH = """
 WITH inbound AS (
-    UPDATE inbound_messages SET status = :status, error = :error, finished_at = now() WHERE id = :inbound
+    UPDATE inbound_messages SET status = $2::text, error = $3::text, finished_at = now() WHERE id = $1::uuid
 ), conversation AS (
-    UPDATE conversations SET last_message_at = now() WHERE id = :conversation
+    UPDATE conversations SET last_message_at = now() WHERE id = $4::uuid
+), reply AS (
+    UPDATE messages SET status = $11::text, external_id = coalesce($12::text, external_id), error = $13::text WHERE id = $10::uuid
 )
-INSERT INTO audit_events (tenant_id, actor, action, target, detail) VALUES (:tenant, :actor, :action, :target, CAST(:detail AS jsonb))
-""")
+INSERT INTO audit_events (tenant_id, actor, action, target, detail) VALUES ($5::uuid, $6::text, $7::text, $8::text, $9::text::jsonb)
+"""
 
 
 @dataclass
@@ -397,7 +403,7 @@ class Pipeline:
         return Turn(
             inbound, agent, context["tenant_name"], context["tenant_status"], tuple(context["allowed_hosts"] or ()), context["state"],
             context["summary"], context["summary_until"], history, previous, None, rules, turns, self.channels.get(inbound.channel),
-            target, has_memories=context["has_memories"],
+            target, has_memories=context["has_memories"], has_knowledge=context["has_knowledge"],
         )  # fmt: skip
 
     async def conclude(self, turn: Turn, outcome: Outcome) -> str | None:
@@ -480,7 +486,7 @@ class Pipeline:
 
     async def look_up(self, turn: Turn, question: str, k: int) -> list[grounding.Passage]:
         """The passages of the tenant's documents that best answer `question` (none without knowledge, or on failure)."""
-        if self.retrieve is None or not self.settings.knowledge.enabled or not question.strip():
+        if self.retrieve is None or not self.settings.knowledge.enabled or not turn.has_knowledge or not question.strip():
             return []
         try:
             return list(await self.retrieve(turn.tenant_id, turn.agent.id, question, k))
@@ -601,22 +607,26 @@ class Pipeline:
         external_id: str | None = None,
         delivered: bool = True,
     ) -> None:
-        """Close the row (and the reply's delivery record) in one transaction, with its audit entry."""
-        async with self.db.tenant(tenant_id=turn.tenant_id) as session:
-            if reply_id is not None and delivered:
-                # The channel may already have reported this message delivered or read: it keeps what it reported.
+        """Close the row (and the reply's delivery record) in one transaction, with its audit entry: one statement, unless
+        the channel reports delivery statuses (it records the reply sent itself, keeping what it reported already)."""
+        own_record = reply_id is not None and delivered and turn.through.reports_delivery
+        reply: tuple[Any, ...] = (None, None, None, None)  # the reply's record left to the channel, or there is none
+        if reply_id is not None and not own_record:
+            reply = (reply_id, "sent", external_id, None) if delivered else (reply_id, "failed", None, error)
+        action = {"replied": "message.replied", "failed": "message.failed", "ignored": "message.ignored"}[status]
+        args = (
+            turn.inbound_id, status, error, turn.conversation_id, turn.tenant_id, f"worker:{self.worker_id}", action, str(turn.inbound_id),
+            json.dumps({"error": error} if error else {"reply_id": str(reply_id)}), *reply,
+        )  # fmt: skip
+        if own_record:
+            assert reply_id is not None
+            async with self.db.tenant(tenant_id=turn.tenant_id) as session:
                 await turn.through.record_sent(session, reply_id, external_id)
-            elif reply_id is not None:
-                await session.execute(update(Message).where(Message.id == reply_id).values(status="failed", error=error))
-            action = {"replied": "message.replied", "failed": "message.failed", "ignored": "message.ignored"}[status]
-            await session.execute(
-                _FINISH,
-                {
-                    "inbound": turn.inbound_id, "status": status, "error": error, "conversation": turn.conversation_id,
-                    "tenant": turn.tenant_id, "actor": f"worker:{self.worker_id}", "action": action, "target": str(turn.inbound_id),
-                    "detail": json.dumps({"error": error} if error else {"reply_id": str(reply_id)}),
-                },
-            )  # fmt: skip
+                raw: asyncpg.Connection = (await (await session.connection()).get_raw_connection()).driver_connection  # type: ignore[assignment]
+                await raw.execute(_FINISH, *args)  # the same transaction
+            return
+        async with self.db.tenant_driver(tenant_id=turn.tenant_id) as conn:
+            await conn.execute(_FINISH, *args)
 
     async def remember_later(self, turn: Turn) -> None:
         """Queue embedding what the person said, when it is worth remembering (fire and forget)."""

@@ -104,6 +104,7 @@ async def human_answers(
 
 class TerminalChannel:
     name = "terminal"
+    reports_delivery = False
 
     async def prepare(self, target: Target) -> str | None:
         return None  # `konstruct chat` shows its own waiting state

@@ -131,6 +131,7 @@ def recipient(target: Target) -> tuple[str, str] | None:
 
 class SlackChannel:
     name = "slack"
+    reports_delivery = False
 
     def __init__(self, settings: Settings, db: Database) -> None:
         self.settings = settings

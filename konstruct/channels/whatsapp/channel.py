@@ -122,6 +122,7 @@ class Pacer:
 
 class WhatsAppChannel:
     name = "whatsapp"
+    reports_delivery = True
 
     def __init__(self, settings: Settings, db: Database) -> None:
         self.settings = settings
