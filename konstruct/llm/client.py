@@ -68,6 +68,11 @@ def load_litellm() -> Any:
     if _litellm is None:
         # Never fetch the price map over the network at import (there is no network here).
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        # litellm caps its connections at 500 per host (1,000 in all), read once at import: a worker at concurrency 1,000
+        # against one provider held only 500 calls in flight. worker.concurrency (1,000 at most) is the limit that counts.
+        # (0 is no better: aiohttp's own default of 100 then applies.)
+        os.environ.setdefault("AIOHTTP_CONNECTOR_LIMIT_PER_HOST", "1000")
+        os.environ.setdefault("AIOHTTP_CONNECTOR_LIMIT", "2000")
         import litellm
 
         _bundled_models = frozenset(litellm.model_cost)
