@@ -7,7 +7,8 @@ our overhead, not a model's, and the fake's threads do not share this process's 
 warmed first (litellm's first calls are slow ones); then each makes `--calls` calls sequentially and `--calls` calls
 with `--concurrency` in flight:
 
-  raw      litellm Router.acompletion alone (the floor)
+  raw      litellm.acompletion alone, the same model, key and options (the floor)
+  router   a litellm Router's acompletion alone (what the service called before it made its own retries)
   service  LLMService.complete: keys + usage metering, no budget
   budget   the same with a monthly budget (admission + reservation + accounting)
   own-key  with a budget and the tenant's own key
@@ -93,10 +94,20 @@ async def run(site: Path, args: argparse.Namespace) -> None:
         )
     await add_key(db, settings, own, provider="openai", key="sk-own-tenant-key-1234", api_base=None, actor="bench")
     service = LLMService(settings, db)
-    router = service.router(plain.id, deployments(settings, {}, [MODEL]))
+    (deployment,) = deployments(settings, {}, [MODEL])
+    litellm = load_litellm()
+    llm = settings.llm
+    params = {"model": MODEL, "api_key": deployment.api_key, "api_base": deployment.api_base, "timeout": llm.timeout, "max_retries": 0}
+    router = litellm.Router(
+        model_list=[{"model_name": MODEL, "litellm_params": params}], num_retries=llm.retries, retry_after=0, timeout=llm.timeout,
+        disable_cooldowns=True,
+    )  # fmt: skip
 
     async def raw() -> Any:
-        return await router.acompletion(model=MODEL, messages=MESSAGES, max_tokens=settings.llm.max_tokens)
+        return await litellm.acompletion(messages=MESSAGES, max_tokens=llm.max_tokens, **params)
+
+    async def routed() -> Any:
+        return await router.acompletion(model=MODEL, messages=MESSAGES, max_tokens=llm.max_tokens)
 
     def through(slug: str, tenant_id: Any) -> Callable[[], Awaitable[Any]]:
         ctx = CallContext(tenant_id, agents[slug].id, None, "bench")
@@ -105,6 +116,7 @@ async def run(site: Path, args: argparse.Namespace) -> None:
     print(f"machine: {os.cpu_count()} cores; fake LLM, no delay\n")
     variants = {
         "raw": raw,
+        "router": routed,
         "service": through("plain", plain.id),
         "budget": through("limited", limited.id),
         "own-key": through("own", own.id),
@@ -136,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=400, help="calls per variant and mode")
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight in the concurrent mode")
-    parser.add_argument("--variants", default="raw,service,budget,own-key", help="which variants, in this order")
+    parser.add_argument("--variants", default="raw,router,service,budget,own-key", help="which variants, in this order")
     args = parser.parse_args()
     port = free_port()
     fake = subprocess.Popen([sys.executable, "-m", "tests.fakes.llm", "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL)

@@ -1,19 +1,24 @@
-"""Answers per second of ONE `konstruct worker` process, and how many conversations it really has in flight.
+"""Answers per second of `konstruct worker` processes (one, or one per core), and how many conversations one really
+has in flight.
 
 A fresh `konstruct init` in a temporary folder (embedded PostgreSQL, the default Postgres queue), one tenant and agent,
 the fake OpenAI-compatible LLM from tests/fakes. For each scenario the inbox is filled first (terminal-channel messages,
-each its own conversation, queued as the gateway queues them) with no worker running; then one worker starts and
-answers them all. Answers/s is the number answered over the time from the first claim to the last answer (from the
+each its own conversation, queued as the gateway queues them) with no worker running; then the workers start and
+answer them all. Answers/s is the number answered over the time from the first claim to the last answer (from the
 inbox rows' claimed_at/finished_at); the peak is the most LLM calls the fake saw at once; CPU-ms per answer is the
-worker's and PostgreSQL's process time over the run.
+workers' (all of them) and PostgreSQL's process time over the run.
 
-Scenarios (each `delay:concurrency:messages`), by default those of the throughput issue:
+Scenarios (each `delay:concurrency:messages[:workers]`, the concurrency each worker's), by default those of the
+throughput issue, with one worker and with two (one per core of the 2-core machine the targets were set on):
   0:64:3000      instant LLM, the default concurrency        (target ≥ 150 answers/s on 2 cores)
+  0:64:3000:2    the same, two worker processes
   2:256:1024     a 2 s LLM, concurrency 256                 (target ≥ 115 answers/s; ideal 128)
-  20:1000:1000   a 20 s LLM, concurrency 1000               (target: 1,000 conversations in flight; with a 2 s LLM the
-                                                             peak is bounded by how fast the worker starts them, not by a cap)
+  2:128:1024:2   two workers at 128: 256 in flight in all
+  20:1000:1000   a 20 s LLM, concurrency 1000               (target: 1,000 conversations in flight in one worker; with
+                                                             a 2 s LLM the peak is bounded by how fast the worker starts
+                                                             them, not by a cap)
 
-    python bench/worker_throughput.py [--scenarios 0:64:3000 2:256:1024 20:1000:1000]
+    python bench/worker_throughput.py [--scenarios 0:64:3000 0:64:3000:2 2:256:1024 2:128:1024:2 20:1000:1000]
 """
 
 from __future__ import annotations
@@ -95,16 +100,21 @@ async def progress(site: Path, run: str) -> tuple[int, int, float | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenarios", nargs="+", default=["0:64:3000", "2:256:1024", "20:1000:1000"], help="delay:concurrency:messages")
+    parser.add_argument(
+        "--scenarios", nargs="+", default=["0:64:3000", "0:64:3000:2", "2:256:1024", "2:128:1024:2", "20:1000:1000"],
+        help="delay:concurrency:messages[:workers]",
+    )  # fmt: skip
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a scenario's answers")
     args = parser.parse_args()
     scenarios = []
     for spec in args.scenarios:
         try:
-            delay, concurrency, messages = spec.split(":")
-            scenarios.append((float(delay), int(concurrency), int(messages)))
+            delay, concurrency, messages, *count = spec.split(":")
+            scenarios.append((float(delay), int(concurrency), int(messages), int(count[0]) if count else 1))
+            if len(count) > 1 or scenarios[-1][3] < 1:
+                raise ValueError
         except ValueError:
-            parser.error(f"a scenario is delay:concurrency:messages (e.g. 0:64:3000), not {spec!r}")
+            parser.error(f"a scenario is delay:concurrency:messages[:workers] (e.g. 0:64:3000 or 0:64:3000:2), not {spec!r}")
 
     fake = FakeLLM().start()
     env = cli_env(BENCH_LLM_KEY="sk-bench-0000")
@@ -120,16 +130,20 @@ def main() -> None:
         database = EmbeddedServer(site / ".konstruct")
         postmaster = database.pid()
         assert postmaster is not None
-        print(f"machine: {os.cpu_count()} cores; one worker process; fake LLM in the bench process\n")
+        print(f"machine: {os.cpu_count()} cores; fake LLM in the bench process\n")
         try:
-            for delay, concurrency, messages in scenarios:
+            for delay, concurrency, messages, count in scenarios:
                 run = uuid.uuid4().hex[:8]
                 asyncio.run(fill(site, messages, run))
                 fake.delay, fake.max_in_flight = delay, 0
-                worker = spawn(site, dict(env, KONSTRUCT_WORKER__CONCURRENCY=str(concurrency)), "worker", log=f"worker-{run}")
-                parts = [Part("worker", [worker.pid]), Part("postgresql", [postmaster])]
+                workers = [
+                    spawn(site, dict(env, KONSTRUCT_WORKER__CONCURRENCY=str(concurrency)), "worker", log=f"worker-{run}-{n}")
+                    for n in range(count)
+                ]
+                parts = [Part("worker", [w.pid for w in workers]), Part("postgresql", [postmaster])]
                 try:
-                    wait_log(site, f"worker-{run}", " ready: ")
+                    for n in range(count):
+                        wait_log(site, f"worker-{run}-{n}", " ready: ")
                     for part in parts:
                         part.mark()
                     deadline = time.monotonic() + args.timeout
@@ -140,16 +154,19 @@ def main() -> None:
                         time.sleep(0.5)
                     cpu = {part.name: part.since_mark() for part in parts}
                 finally:
-                    worker.send_signal(signal.SIGTERM)
-                    try:
-                        worker.wait(30)
-                    except subprocess.TimeoutExpired:
-                        worker.kill()
+                    for worker in workers:
+                        worker.send_signal(signal.SIGTERM)
+                    for worker in workers:
+                        try:
+                            worker.wait(30)
+                        except subprocess.TimeoutExpired:
+                            worker.kill()
                 rate = done / took if took else 0.0
-                ideal = f" (ideal {concurrency / delay:.0f}/s)" if delay else ""
+                ideal = f" (ideal {count * concurrency / delay:.0f}/s)" if delay else ""
+                who = "one worker" if count == 1 else f"{count} workers"
                 per = ", ".join(f"{name} {seconds * 1000 / max(done, 1):.1f}" for name, seconds in cpu.items())
                 print(
-                    f"LLM {delay:g} s, concurrency {concurrency:>4}, {messages} messages: {done} answered, {failed} failed, "
+                    f"{who}, LLM {delay:g} s, concurrency {concurrency:>4}, {messages} messages: {done} answered, {failed} failed, "
                     f"{rate:.1f} answers/s{ideal}, peak {fake.max_in_flight} LLM calls in flight; CPU-ms per answer: {per}",
                     flush=True,
                 )
