@@ -111,7 +111,7 @@ class DatabaseSettings(_Section):
         None, description="Password of the konstruct_app role. Empty: generated once and kept in the data directory."
     )
     pool_size: int = Field(
-        20, ge=1, le=200, description="Most connections one process holds as the app role: opened as needed, then kept (more wait)."
+        10, ge=1, le=200, description="Most connections one process holds as the app role: opened as needed, then kept (more wait)."
     )
     connect_timeout: float = Field(
         5.0, gt=0, le=120, description="Seconds to wait for a new database connection before the database counts as down."

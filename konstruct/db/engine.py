@@ -84,7 +84,7 @@ class Database:
             self.urls.app_async(),
             # Opened as needed and kept: a connection opened for a burst and closed after it (an "overflow" one)
             # cost a PostgreSQL backend's start, asyncpg's type introspection and every statement prepared anew,
-            # ~2 ms of CPU per LLM call at 32 in flight (bench/llm_overhead.py: 0.56x → 0.9x of litellm alone).
+            # ~2 ms of CPU per LLM call at 32 in flight (bench/llm_overhead.py: 0.56x → 0.81x of litellm alone).
             pool_size=settings.database.pool_size,
             max_overflow=0,
             # No ping on every checkout (a round trip per transaction); a dropped connection is detected on

@@ -21,7 +21,7 @@ log = logging.getLogger("konstruct.worker")
 
 def warm_up(model: str) -> None:
     """Do now what the first message would otherwise pay for (~1.5 s of CPU on a small machine): litellm's import,
-    the MCP client's import (the mcp SDK), the tokenizer behind budget estimates, and a Router's first construction.
+    the MCP client's import (the mcp SDK), the tokenizer behind budget estimates, and the model's provider resolved.
     Starts no thread and opens no connection, so the standby can fork after it."""
     litellm = load_litellm()
     import konstruct.agent.tools.mcp_client  # noqa: F401  (offered on every turn)
@@ -29,7 +29,7 @@ def warm_up(model: str) -> None:
     with contextlib.suppress(Exception):
         litellm.token_counter(model=model, messages=[{"role": "user", "content": "warm-up"}])
     with contextlib.suppress(Exception):
-        litellm.Router(model_list=[{"model_name": "warm-up", "litellm_params": {"model": model, "api_key": "warm-up"}}])
+        litellm.get_llm_provider(model=model)
 
 
 def serve_as_spare(settings: Settings) -> bool:
