@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import uuid
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,7 +16,7 @@ from typing import Any, Protocol
 import psutil
 from sqlalchemy import delete, func, select, text
 
-from konstruct.db.batches import Batches
+from konstruct.db.batches import Batches, per_database
 from konstruct.db.engine import Database
 from konstruct.db.models import InboundMessage, WorkerHeartbeat
 from konstruct.messaging import InboundMessage as NewMessage
@@ -178,15 +177,7 @@ class GroupCommit:
         return results
 
 
-_writers: weakref.WeakKeyDictionary[Database, GroupCommit] = weakref.WeakKeyDictionary()
-
-
-def writer(db: Database) -> GroupCommit:
-    """The group-commit writer of this database's connections (one per process and database)."""
-    group_commit = _writers.get(db)
-    if group_commit is None:
-        group_commit = _writers[db] = GroupCommit(db)
-    return group_commit
+writer = per_database(GroupCommit)  # writer(db): the group-commit writer of this database's connections
 
 
 async def store(db: Database, message: NewMessage, outbox: OutboxTask | None = None, inbound_id: uuid.UUID | None = None) -> Stored | None:

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from konstruct.db.engine import unavailable
+
+if TYPE_CHECKING:
+    from konstruct.db.engine import Database
 
 log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+Writer = TypeVar("Writer")
 
 
 @dataclass
@@ -85,3 +90,16 @@ class Batches(Generic[Item, Result]):
         for waiting, result in zip(group, results, strict=True):
             if not waiting.done.done():  # a caller that gave up (its request was cancelled) is not answered
                 waiting.done.set_result(result)
+
+
+def per_database(make: Callable[[Database], Writer]) -> Callable[[Database], Writer]:
+    """One writer per process and database, made on first use (its batches gather that database's callers)."""
+    made: weakref.WeakKeyDictionary[Database, Writer] = weakref.WeakKeyDictionary()
+
+    def get(db: Database) -> Writer:
+        found = made.get(db)
+        if found is None:
+            found = made[db] = make(db)
+        return found
+
+    return get

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import uuid
-import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -19,7 +18,7 @@ from decimal import Decimal
 import asyncpg
 
 from konstruct.config import Settings
-from konstruct.db.batches import Batches
+from konstruct.db.batches import Batches, per_database
 from konstruct.db.engine import Database
 from konstruct.llm import budget
 from konstruct.llm.keys import TenantKey, keys_of
@@ -240,12 +239,4 @@ def _failure_detail(entry: Entry) -> dict[str, str | None]:
     }
 
 
-_ledgers: weakref.WeakKeyDictionary[Database, Ledger] = weakref.WeakKeyDictionary()
-
-
-def ledger(db: Database) -> Ledger:
-    """The accounting writer of this database's connections (one per process and database)."""
-    found = _ledgers.get(db)
-    if found is None:
-        found = _ledgers[db] = Ledger(db)
-    return found
+ledger = per_database(Ledger)  # ledger(db): the accounting writer of this database's connections
