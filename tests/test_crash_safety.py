@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import psutil
 import psycopg
@@ -348,6 +349,7 @@ def test_outage_errors_are_logged_once_per_interval_without_traceback() -> None:
 def test_unavailable_tells_an_outage_from_a_bad_statement() -> None:
     assert unavailable(ConnectionRefusedError())
     assert unavailable(psycopg.OperationalError("connection failed"))
+    assert unavailable(asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already"))  # full for now
     assert not unavailable(ValueError("bad input"))
     assert not unavailable(psycopg.errors.UndefinedTable("no such table"))
 

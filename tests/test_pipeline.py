@@ -180,3 +180,45 @@ async def test_a_platform_key_that_cannot_be_read_fails_the_answer_naming_the_va
     assert answer.status == "failed" and answer.text == settings.agent.apology
     assert answer.error is not None and "llm.api_key: environment variable H_UNSET_LLM_KEY is not set" in answer.error
     assert fake_llm.requests == []
+
+
+async def test_a_database_outage_while_delivering_gives_the_message_back_with_its_reply_kept(
+    site: tuple[Pipeline, TenantInfo, AgentInfo], fake_llm: FakeLLM
+) -> None:
+    """The channel cannot read the workspace's token (its database refuses connections: what 53300 or a restart looks
+    like): nothing went out, so the message is not failed. The worker gives it back uncharged and the next attempt
+    delivers the reply stored before, without asking the model again."""
+    from sqlalchemy import text
+
+    from konstruct.db.engine import unavailable
+    from tests.helpers import free_port
+
+    pipeline, tenant, agent = site
+    urls = resolve_urls(pipeline.settings)
+    refused = Database(pipeline.settings, dataclasses.replace(urls, app=urls.app.set(host="127.0.0.1", port=free_port(), query={})))
+    cut_off = Pipeline(pipeline.settings, pipeline.db, channels(pipeline.settings, refused), worker_id="test-worker")
+    queue = make_queue(pipeline.settings, urls)
+    try:
+        payload = {"team_id": "T0OUTAGE", "channel": "C0OUTAGE", "ts": "1700000000.000100", "user": "U0PERSON"}
+        accepted = await inbox.accept(
+            pipeline.db, queue, InboundMessage(tenant.id, agent.id, "slack", "ev-outage", "C0OUTAGE", "U0PERSON", "are you open?", payload)
+        )
+    finally:
+        queue.close()
+    assert accepted is not None
+    with pytest.raises(Exception) as raised:
+        await cut_off.process(tenant_id=tenant.id, inbound_id=accepted.id)
+    assert unavailable(raised.value)
+    asked = len(fake_llm.requests)
+    async with pipeline.db.tenant(tenant_id=tenant.id) as session:
+        row = await session.get(InboxRow, accepted.id)
+        assert row is not None and row.status == "processing" and row.error is None  # not failed: still this worker's
+        replies = list(await session.scalars(select(Message).where(Message.inbound_id == accepted.id, Message.direction == "out")))
+    assert [(r.text, r.status) for r in replies] == [("[fake-model] You said: are you open?", "sending")]
+    async with pipeline.db.system() as session:  # what the worker's retry loop does with it
+        await session.execute(text("select konstruct_release_claim(:id, 'test-worker', false)"), {"id": accepted.id})
+    turn = await loaded(pipeline, tenant, accepted.id)
+    assert turn.inbound.crashes == 0 and turn.target.retry  # not counted against it; a retry looks for what went out
+    assert turn.previous is not None and turn.previous.id == replies[0].id  # the stored reply is what goes out next
+    assert len(fake_llm.requests) == asked
+    await refused.dispose()

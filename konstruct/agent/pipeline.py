@@ -50,7 +50,7 @@ from konstruct.agent.tools.registry import (
 from konstruct.billing.standing import tenant_standing
 from konstruct.billing.state import Standing
 from konstruct.config import Settings
-from konstruct.db.engine import Database
+from konstruct.db.engine import Database, unavailable
 from konstruct.db.models import Conversation, InboundMessage, Message
 from konstruct.handoff import desk, replies
 from konstruct.handoff import state as handoff
@@ -590,6 +590,11 @@ class Pipeline:
             reply = Reply(turn.target, text)
             external_id = await (sink.finish(reply) if sink is not None else turn.through.send(reply))
         except Exception as exc:
+            if unavailable(exc):
+                # The channels read the database (the workspace's token, the window, the feedback block) before anything
+                # goes out: nothing was sent. Not the message's failure: the worker gives it back and a later attempt
+                # delivers the stored reply (turn.previous), without asking the model again.
+                raise
             log.error("message %s: delivery through %s failed: %s", turn.inbound_id, turn.through.name, type(exc).__name__)
             error = f"delivery failed: {type(exc).__name__}: {exc}"[:500]
             await self.finish(turn, reply_id, status="failed", error=error, delivered=False)

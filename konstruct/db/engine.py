@@ -46,8 +46,9 @@ def _raise_if_unmigrated(exc: BaseException) -> None:
         raise DatabaseError("the database schema is missing or old: run `konstruct db upgrade`") from exc
 
 
-# SQLSTATE class 57 (operator intervention: shutdown, crash shutdown, cannot connect now) and 08 (connection exceptions).
-_UNAVAILABLE_STATES = ("57P01", "57P02", "57P03", "08000", "08001", "08003", "08004", "08006")
+# SQLSTATE class 57 (operator intervention: shutdown, crash shutdown, cannot connect now), 08 (connection exceptions) and
+# 53300 (too many connections: the server is full for now, as when more processes than max_connections allows open pools).
+_UNAVAILABLE_STATES = ("57P01", "57P02", "57P03", "08000", "08001", "08003", "08004", "08006", "53300")
 
 
 def unavailable(exc: BaseException) -> bool:
