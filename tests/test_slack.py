@@ -292,6 +292,18 @@ async def test_image_reaches_the_model_and_other_files_are_named(slack_system: S
     assert [token for _, token in slack_system.slack.downloads] == [slack_system.bot_token]  # downloaded with the bot token, once
 
 
+async def test_the_workers_slack_calls_reuse_kept_alive_connections(slack_system: SlackSystem) -> None:
+    """One HTTP session per worker for the Web API: answers' calls go over the connections it keeps, not one
+    connection (a TCP and, with the real Slack, a TLS handshake) per call."""
+    start = len(slack_system.slack.calls)
+    for n in range(3):
+        slack_system.post(slack_system.event(mention(new_ts(), f"<@U0000000BOT> question {n}")))
+        await slack_system.wait_finished(n + 1)
+    calls = [c for c in slack_system.slack.calls[start:] if c.token == slack_system.bot_token]
+    assert len(calls) >= 6, [c.method for c in calls]  # placeholders and answers, at least
+    assert len({c.peer for c in calls}) <= 2, [(c.method, c.peer) for c in calls]
+
+
 async def test_rate_limits_are_honoured_and_long_answers_split(slack_system: SlackSystem) -> None:
     slack_system.slack.rate_limit = {"chat.postMessage": 1, "chat.update": 1}
     long_question = " ".join(f"word{n}" for n in range(2000))  # the fake echoes it: over 12,000 characters

@@ -57,6 +57,7 @@ class Call:
     args: dict[str, Any]
     rate_limited: bool = False
     at: float = field(default_factory=time.monotonic)  # when it arrived: waits (Retry-After) can be measured
+    peer: tuple[str, int] | None = None  # the client's address and port: the TCP connection it came over
 
 
 @dataclass
@@ -795,6 +796,7 @@ class FakeSlack:
                     method = parts.path[len("/api/") :].strip("/")
                     with fake._lock:
                         answer = fake._answer(method, token, basic, args)
+                        fake.calls[-1].peer = self.client_address[:2]
                         held = fake.hold.get(method)
                     if held is not None:
                         held.wait(60)  # done, not answered yet: the window a test kills a worker in

@@ -35,7 +35,7 @@ from konstruct import feedback
 from konstruct.channels.connections import SecretCache
 from konstruct.channels.slack import desk
 from konstruct.channels.slack.approvals import request_blocks
-from konstruct.channels.slack.client import web_client
+from konstruct.channels.slack.client import PooledSession, web_client
 from konstruct.channels.slack.feedback import feedback_block
 from konstruct.channels.slack.format import SlackMessage, markdown_messages
 from konstruct.channels.slack.stream import (
@@ -138,6 +138,10 @@ class SlackChannel:
         self.db = db
         self.tokens = SecretCache(db, settings, "slack", "bot_token")
         self._pace: dict[tuple[str, str], tuple[asyncio.Lock, list[float]]] = {}
+        self._http = PooledSession()  # every Web API call of this worker over the same keep-alive connections
+
+    async def close(self) -> None:
+        await self._http.close()
 
     async def prepare(self, target: Target) -> str | None:
         """In an agent thread: set its status (and title a new thread), post nothing, return None. Elsewhere, or
@@ -397,7 +401,7 @@ class SlackChannel:
         return response.content
 
     async def _client(self, target: Target) -> AsyncWebClient:
-        return web_client(self.settings, await self._token(target))
+        return web_client(self.settings, await self._token(target), self._http.get())
 
     async def _token(self, target: Target) -> str:
         return await self.tokens.get(target.tenant_id, target.payload.get("team_id", ""))
@@ -420,7 +424,7 @@ class SlackChannel:
 
     async def _workspace_client(self, tenant_id: uuid.UUID) -> AsyncWebClient:
         """A client for the tenant's (first) connected Slack workspace."""
-        return web_client(self.settings, await self.tokens.get(tenant_id, await self._first_team(tenant_id)))
+        return web_client(self.settings, await self.tokens.get(tenant_id, await self._first_team(tenant_id)), self._http.get())
 
     async def ask(self, request: ApprovalRequest, where: str | None) -> str | None:
         """The request with Approve/Deny buttons: in the conversation's thread, or in the room `where` (operators)."""
@@ -455,7 +459,7 @@ class SlackChannel:
         return str(team)
 
     async def _desk_client(self, tenant_id: uuid.UUID, team: str) -> AsyncWebClient:
-        return web_client(self.settings, await self.tokens.get(tenant_id, team))
+        return web_client(self.settings, await self.tokens.get(tenant_id, team), self._http.get())
 
     async def _paced(self, team: str, channel: str) -> None:
         """Wait for this channel's next posting slot (about one message a second per channel)."""

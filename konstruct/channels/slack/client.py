@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 
+import aiohttp
 from slack_sdk.http_retry.async_handler import AsyncRetryHandler
 from slack_sdk.http_retry.builtin_async_handlers import AsyncConnectionErrorRetryHandler
 from slack_sdk.http_retry.request import HttpRequest
@@ -48,11 +49,33 @@ class RetryAfterHandler(AsyncRetryHandler):
         state.increment_current_attempt()
 
 
-def web_client(settings: Settings, token: str | None = None) -> AsyncWebClient:
-    """A client for one bot token; rate-limited calls wait for Retry-After and are retried, never dropped."""
+def web_client(settings: Settings, token: str | None = None, session: aiohttp.ClientSession | None = None) -> AsyncWebClient:
+    """A client for one bot token; rate-limited calls wait for Retry-After and are retried, never dropped. Without a
+    `session` slack_sdk opens (and closes) an HTTP session, and so a connection, for every call."""
     return AsyncWebClient(
         token=token,
         base_url=settings.slack.api_url,
         timeout=15,
+        session=session,
         retry_handlers=[AsyncConnectionErrorRetryHandler(max_retry_count=2), RetryAfterHandler(max_retry_count=10)],
     )
+
+
+class PooledSession:
+    """One aiohttp session per event loop for a long-lived owner (the worker's Slack channel): its keep-alive connections
+    are reused by every call instead of a TCP connection (and TLS handshake) opened per call. `close()` when done."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def get(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:  # a session is bound to its loop
+            self._session, self._loop = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)), loop
+        return self._session
+
+    async def close(self) -> None:
+        session, loop, self._session, self._loop = self._session, self._loop, None, None
+        if session is not None and not session.closed and loop is asyncio.get_running_loop():
+            await session.close()
