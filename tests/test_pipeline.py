@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from konstruct import inbox
 from konstruct.agent import pipeline as steps
@@ -20,7 +20,7 @@ from konstruct.agent.pipeline import Outcome, Pipeline, Turn
 from konstruct.billing.state import Standing
 from konstruct.channels.registry import channels
 from konstruct.config import Settings
-from konstruct.db.engine import Database
+from konstruct.db.engine import Database, unavailable
 from konstruct.db.models import AuditEvent, Conversation, Message
 from konstruct.db.models import InboundMessage as InboxRow
 from konstruct.db.urls import resolve_urls
@@ -28,6 +28,7 @@ from konstruct.messaging import InboundMessage
 from konstruct.tenancy.tenants import TenantInfo, create_tenant
 from konstruct.worker.queue import make_queue
 from tests.fakes.llm import FakeLLM
+from tests.helpers import free_port
 
 
 @pytest.fixture
@@ -38,13 +39,15 @@ async def site(db: Database, settings: Settings, fake_llm: FakeLLM) -> AsyncIter
     yield pipeline, tenant, agent
 
 
-async def message(pipeline: Pipeline, tenant: TenantInfo, agent: AgentInfo, text: str) -> uuid.UUID:
+async def message(
+    pipeline: Pipeline, tenant: TenantInfo, agent: AgentInfo, text: str, *, channel: str = "terminal", payload: dict[str, str] | None = None
+) -> uuid.UUID:
     queue = make_queue(pipeline.settings, resolve_urls(pipeline.settings))
     try:
         stored = await inbox.accept(
             pipeline.db,
             queue,
-            InboundMessage(tenant.id, agent.id, "terminal", uuid.uuid4().hex, "session-1", "pat", text),
+            InboundMessage(tenant.id, agent.id, channel, uuid.uuid4().hex, "session-1", "pat", text, payload or {}),
         )
     finally:
         queue.close()
@@ -188,37 +191,27 @@ async def test_a_database_outage_while_delivering_gives_the_message_back_with_it
     """The channel cannot read the workspace's token (its database refuses connections: what 53300 or a restart looks
     like): nothing went out, so the message is not failed. The worker gives it back uncharged and the next attempt
     delivers the reply stored before, without asking the model again."""
-    from sqlalchemy import text
-
-    from konstruct.db.engine import unavailable
-    from tests.helpers import free_port
-
     pipeline, tenant, agent = site
     urls = resolve_urls(pipeline.settings)
     refused = Database(pipeline.settings, dataclasses.replace(urls, app=urls.app.set(host="127.0.0.1", port=free_port(), query={})))
     cut_off = Pipeline(pipeline.settings, pipeline.db, channels(pipeline.settings, refused), worker_id="test-worker")
-    queue = make_queue(pipeline.settings, urls)
+    payload = {"team_id": "T0OUTAGE", "channel": "C0OUTAGE", "ts": "1700000000.000100", "user": "U0PERSON"}
+    inbound_id = await message(pipeline, tenant, agent, "are you open?", channel="slack", payload=payload)
     try:
-        payload = {"team_id": "T0OUTAGE", "channel": "C0OUTAGE", "ts": "1700000000.000100", "user": "U0PERSON"}
-        accepted = await inbox.accept(
-            pipeline.db, queue, InboundMessage(tenant.id, agent.id, "slack", "ev-outage", "C0OUTAGE", "U0PERSON", "are you open?", payload)
-        )
+        with pytest.raises(Exception) as raised:
+            await cut_off.process(tenant_id=tenant.id, inbound_id=inbound_id)
     finally:
-        queue.close()
-    assert accepted is not None
-    with pytest.raises(Exception) as raised:
-        await cut_off.process(tenant_id=tenant.id, inbound_id=accepted.id)
+        await refused.dispose()
     assert unavailable(raised.value)
     asked = len(fake_llm.requests)
     async with pipeline.db.tenant(tenant_id=tenant.id) as session:
-        row = await session.get(InboxRow, accepted.id)
+        row = await session.get(InboxRow, inbound_id)
         assert row is not None and row.status == "processing" and row.error is None  # not failed: still this worker's
-        replies = list(await session.scalars(select(Message).where(Message.inbound_id == accepted.id, Message.direction == "out")))
+        replies = list(await session.scalars(select(Message).where(Message.inbound_id == inbound_id, Message.direction == "out")))
     assert [(r.text, r.status) for r in replies] == [("[fake-model] You said: are you open?", "sending")]
     async with pipeline.db.system() as session:  # what the worker's retry loop does with it
-        await session.execute(text("select konstruct_release_claim(:id, 'test-worker', false)"), {"id": accepted.id})
-    turn = await loaded(pipeline, tenant, accepted.id)
+        await session.execute(text("select konstruct_release_claim(:id, 'test-worker', false)"), {"id": inbound_id})
+    turn = await loaded(pipeline, tenant, inbound_id)
     assert turn.inbound.crashes == 0 and turn.target.retry  # not counted against it; a retry looks for what went out
     assert turn.previous is not None and turn.previous.id == replies[0].id  # the stored reply is what goes out next
     assert len(fake_llm.requests) == asked
-    await refused.dispose()
