@@ -362,7 +362,8 @@ class Supervisor:
         if change is None:
             return
         self.needs_restart = change.needs_restart
-        self._dirty = True
+        self._write_state()  # before it is said: whoever reads the line below finds the state file saying so too
+        self._dirty = True  # and again once the roll-out below is under way
         if change.needs_restart:
             err.print(
                 f"[yellow]restart `konstruct up` to apply {', '.join(change.needs_restart)} (until then the parts keep the previous value)[/yellow]"
