@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,17 +18,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
-from sqlalchemy import text
 
 from konstruct.errors import ConflictError
 
-if TYPE_CHECKING:  # `up` imports this module and needs no database session: the ORM stays out of its start-up
+if TYPE_CHECKING:  # `up` imports this module and needs no database session: SQLAlchemy stays out of its start-up
     from konstruct.db.engine import Database
 
 STATE_FILE = "up.json"
 LOCK_FILE = "up.lock"
 FORKED_PREFIX = "@worker "  # how a worker forked by `up`'s spare marks its log lines on the spare's output
 RECENT = 600.0  # seconds of deaths that count as recent
+HELD_ENV = "KONSTRUCT_UP_HELD"  # set by `up` on a part it starts before its database is ready (see released)
 
 
 def hold_up_lock(data_dir: Path) -> int:
@@ -58,6 +59,20 @@ def release_up_lock(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.ftruncate(fd, 0)
     os.close(fd)
+
+
+def released() -> bool:
+    """In a part `up` started while its database was still starting (HELD_ENV set): wait, having imported what the
+    part runs, for `up` to send on standard input the environment the part is to run with (one JSON line: where the
+    database is), apply it and return True. False when `up` gave up first (end of input): the part then just exits.
+    Any other process returns True at once."""
+    if os.environ.pop(HELD_ENV, None) is None:
+        return True
+    line = sys.stdin.readline()
+    if not line.strip():
+        return False
+    os.environ.update(json.loads(line))
+    return True
 
 
 def write_state(path: Path, data: dict[str, Any]) -> None:
@@ -123,6 +138,8 @@ class InboxHealth:
 
 async def inbox_health(db: Database, *, since: timedelta = timedelta(hours=24)) -> InboxHealth:
     """Counts across tenants (a SECURITY DEFINER read-out: no message text)."""
+    from sqlalchemy import text  # `up` imports this module before it has started its parts: SQLAlchemy waits
+
     async with db.system() as session:
         row = (await session.execute(text("select * from konstruct_inbox_health(:since)"), {"since": since})).one()
     return InboxHealth(int(row.received), int(row.processing), int(row.suspect), int(row.given_up), row.last_given_up)

@@ -3,12 +3,45 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 from alembic import command
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from konstruct.config import Settings
 from konstruct.db import migrate
+from tests.conftest import APP_PASSWORD
+
+
+def test_the_head_the_migration_files_declare_is_alembics(tmp_path: Path) -> None:
+    """What a warm `up` compares the database with, read from the files without alembic."""
+    assert migrate.declared_head() == migrate.head_revision() is not None
+    (tmp_path / "a.py").write_text('revision = "a"\ndown_revision = None\n')
+    (tmp_path / "b.py").write_text('revision: str = "b"\ndown_revision: str | None = "a"\n')
+    assert migrate.declared_head(tmp_path) == "b"
+    (tmp_path / "c.py").write_text('revision = "c"\ndown_revision = ("a",)\n')  # a branch: two heads
+    assert migrate.declared_head(tmp_path) is None
+    (tmp_path / "c.py").write_text('revision = "c"\ndown_revision = ("b",)\n')
+    assert migrate.declared_head(tmp_path) == "c"
+    (tmp_path / "d.py").write_text("revision = make_one()\n")  # not a literal, no down_revision: alembic decides
+    assert migrate.declared_head(tmp_path) is None
+
+
+def test_a_database_behind_the_head_is_upgraded_and_one_at_it_left_as_it_is(database_url: str, tmp_path: Path) -> None:
+    settings = Settings(database={"url": database_url, "app_password": APP_PASSWORD}, data={"dir": tmp_path})  # type: ignore[arg-type]
+    head = migrate.head_revision()
+    engine = create_engine(make_url(database_url).set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            command.downgrade(migrate._alembic_config(conn), "0021")
+        result = migrate.upgrade(settings)
+        assert (result.before, result.after) == ("0021", head)
+        with engine.connect() as conn:
+            assert conn.scalar(text("SELECT to_regclass('knowledge_chunks_embedding')")) is not None  # 0022's index
+        assert (migrate.upgrade(settings).before, migrate.upgrade(settings).after) == (head, head)
+    finally:
+        engine.dispose()
 
 
 def test_key_hints_stored_before_one_format_are_carried_over(database_url: str) -> None:

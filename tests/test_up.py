@@ -127,6 +127,41 @@ def _readyz(port: int) -> int:
     return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code
 
 
+def test_the_parts_start_while_the_database_does(site: Site) -> None:
+    """The gateway and the worker are started before the embedded PostgreSQL, and held until it is migrated: their
+    imports, most of their start-up, overlap the database's. (The first test of the module: no part restarted yet.)"""
+    postmaster = postmaster_pid(site.settings.data_dir)
+    assert postmaster is not None
+    database_started = psutil.Process(postmaster).create_time()
+    pids = site.pids()
+    for name in ("gateway", "worker"):
+        assert psutil.Process(pids[name]).create_time() < database_started, name
+    assert psutil.Process(pids["standby"]).create_time() > database_started  # the spare: once the others are ready
+
+
+def test_a_part_held_for_a_database_up_never_got_exits_quietly(tmp_path: Path, llm: FakeLLM) -> None:
+    config = write_config(tmp_path, None, llm.url)
+    for part in ("gateway", "worker"):
+        done = subprocess.run(
+            [sys.executable, "-m", "konstruct", "--config", str(config), part],
+            env=cli_env(KONSTRUCT_UP_HELD="1"), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert (done.returncode, done.stdout, done.stderr) == (0, "", ""), part
+    assert not (tmp_path / ".konstruct" / "pg").exists()  # nothing started, not even the embedded database
+
+
+def test_up_on_a_database_it_cannot_reach_leaves_no_part_behind(tmp_path: Path, llm: FakeLLM) -> None:
+    config = write_config(tmp_path, f"postgresql://konstruct:secret@127.0.0.1:{free_port()}/konstruct", llm.url)
+    done = konstruct("up", config=config, timeout=90)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cannot reach the database" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+    def left() -> list[int]:
+        return [p.pid for p in psutil.process_iter(["cmdline"]) if str(config) in " ".join(p.info["cmdline"] or [])]
+
+    wait_for(lambda: not left(), 10, "no gateway or worker of the failed up")
+
+
 def test_the_banner_names_the_configured_address(site: Site) -> None:
     port = site.settings.gateway.port
     assert port != 8080

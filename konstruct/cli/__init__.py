@@ -9,13 +9,16 @@ import sys
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
-import typer
-from typer import _click as click
-from typer.core import TyperGroup
+from konstruct.startup import collector_paused
 
-from konstruct import __version__
-from konstruct.cli.common import act_as, err, platform, state, with_database
-from konstruct.errors import KonstructError
+with collector_paused():
+    import typer
+    from typer import _click as click
+    from typer.core import TyperGroup
+
+    from konstruct import __version__
+    from konstruct.cli.common import act_as, err, platform, state, with_database
+    from konstruct.errors import KonstructError
 
 # Every command of the root, and the module of konstruct.cli that makes it: a module with `register(app)` adds its
 # commands to the root; a module with a Typer `app` is the group of that name. A module is imported when a command
@@ -57,7 +60,8 @@ COMMANDS = {
 @functools.cache
 def _registered(module_name: str) -> dict[str, click.Command]:
     """The commands a module registers on the root, built on a root of their own."""
-    module = importlib.import_module(f"konstruct.cli.{module_name}")
+    with collector_paused():
+        module = importlib.import_module(f"konstruct.cli.{module_name}")
     scratch = typer.Typer()
     module.register(scratch)
     return dict(typer.main.get_group(scratch).commands)
@@ -65,7 +69,8 @@ def _registered(module_name: str) -> dict[str, click.Command]:
 
 @functools.cache  # click commands are definitions only (each call has its own context): built once per process
 def _load(name: str) -> click.Command:
-    module = importlib.import_module(f"konstruct.cli.{COMMANDS[name]}")
+    with collector_paused():
+        module = importlib.import_module(f"konstruct.cli.{COMMANDS[name]}")
     if hasattr(module, "register"):
         return _registered(COMMANDS[name])[name]
     group = typer.main.get_group(module.app)  # a group even of one command, as add_typer makes it

@@ -18,7 +18,6 @@ from rich.console import Console
 from rich.table import Table
 
 from konstruct.config import Settings, load_settings, read_secret_from_environment
-from konstruct.db import migrate
 from konstruct.errors import ValidationError
 from konstruct.logs import install_outage_filter
 
@@ -137,6 +136,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 def prepare_database(cfg: Settings) -> None:
     """The embedded database before the first `konstruct up`: started, created and migrated here, said on stderr."""
+    from konstruct.db import migrate  # SQLAlchemy and psycopg: not before `up` has started its parts
+
     started = time.perf_counter()
     result = migrate.prepare_embedded(cfg)
     if result is not None:

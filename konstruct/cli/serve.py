@@ -8,19 +8,19 @@ import os
 import signal
 import sys
 import time
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
-from sqlalchemy.engine import make_url
 
 from konstruct.cli.common import out, settings, setup_logging, state
 from konstruct.cli.config_watch import ConfigWatch
-from konstruct.cli.supervisor import Part, Supervisor, ready_url, require_free_port
+from konstruct.cli.supervisor import Part, Supervisor, hold, let_go, ready_url, require_free_port
 from konstruct.config import DATABASE_URL_ENV, Settings
-from konstruct.db import migrate
-from konstruct.db.embedded import DATABASE_NAME, EmbeddedServer
-from konstruct.db.urls import app_password
-from konstruct.supervision import hold_up_lock, release_up_lock
+from konstruct.startup import collector_paused
+from konstruct.supervision import hold_up_lock, release_up_lock, released
+
+if TYPE_CHECKING:  # SQLAlchemy, psycopg and the migrations: imported by `up` once it has started its parts
+    from konstruct.db.embedded import EmbeddedServer
 
 DATA_DIR_ENV = "KONSTRUCT_DATA__DIR"
 APP_PASSWORD_ENV = "KONSTRUCT_DATABASE__APP_PASSWORD"
@@ -34,10 +34,15 @@ def register(app: typer.Typer) -> None:
 
 def gateway(ctx: typer.Context) -> None:
     """Run only the gateway (HTTP: webhooks, health). Scale out by running several behind a proxy."""
+    with collector_paused():  # deferred: Starlette, uvicorn and the whole app load only for this command
+        import uvicorn  # noqa: F401  (imported by run_gateway: here, while `up` may still be starting the database)
+
+        from konstruct.gateway.app import run_gateway
+
+    if not released():  # started by `up` before its database was ready, which then failed
+        raise typer.Exit()
     cfg = settings(ctx)
     setup_logging(state(ctx).verbose)
-    from konstruct.gateway.app import run_gateway  # deferred: Starlette, uvicorn and the whole app load only for this command
-
     run_gateway(cfg)
 
 
@@ -52,10 +57,13 @@ def worker(
     ),
 ) -> None:
     """Run only the worker (answers messages). Stop gracefully with SIGINT."""
+    with collector_paused():  # deferred: the worker, its tasks and the agent pipeline load only for this command
+        from konstruct.worker.main import run_worker
+
+    if not released():
+        raise typer.Exit()
     cfg = settings(ctx)
     setup_logging(state(ctx).verbose)
-    from konstruct.worker.main import run_worker  # deferred: the worker, its tasks and the agent pipeline load only for this command
-
     run_worker(cfg, threads=threads, periodic=not no_periodic, standby=standby)
     _exit_without_finalizing()
 
@@ -93,31 +101,34 @@ def up(ctx: typer.Context) -> None:
 
 
 def _run(cfg: Settings, watch: ConfigWatch, started: float, *, verbose: bool) -> None:
+    # -P: the current folder is not put on the children's sys.path, so a stripe.py there cannot stand in for
+    # the library. Not -I: that would also drop PYTHONPATH (plugins installed there), the user's site-packages
+    # and every PYTHON* variable (PYTHONUNBUFFERED, which the prefixed logs rely on).
+    base = [sys.executable, "-P", "-m", "konstruct", "--config", str(cfg.config_path)]
+    if verbose:
+        base.append("--verbose")
+    parts = [
+        Part("gateway", [*base, "gateway"], signal.SIGTERM, "cyan", ready_url=ready_url(cfg)),
+        Part("worker", [*base, "worker"], signal.SIGINT, "magenta", ready_line=" ready: "),  # SIGINT is huey's graceful stop
+    ]
+    standby = (
+        Part("standby", [*base, "worker", "--standby"], signal.SIGTERM, "magenta", ready_line="standby: warm") if cfg.up.standby else None
+    )
+    held = hold(parts)  # their imports overlap the database's start and the migration check
     database: EmbeddedServer | None = None
-    if cfg.embedded_database:
-        # This process holds the server and supervises it; the children are handed its URL and never start or stop it.
-        database = EmbeddedServer(cfg.data_dir)
-        out.print(f"[dim]embedded PostgreSQL in {cfg.data_dir / 'pg'}[/dim]")
     try:
+        from konstruct.db import migrate
+        from konstruct.db.embedded import EmbeddedServer
+
+        if cfg.embedded_database:
+            # This process holds the server and supervises it; the children are handed its URL and never start or stop it.
+            database = EmbeddedServer(cfg.data_dir)
+            out.print(f"[dim]embedded PostgreSQL in {cfg.data_dir / 'pg'}[/dim]")
         result = migrate.upgrade(cfg)
         out.print(f"[dim]database at revision {result.after}[/dim]")
-        # -P: the current folder is not put on the children's sys.path, so a stripe.py there cannot stand in for
-        # the library. Not -I: that would also drop PYTHONPATH (plugins installed there), the user's site-packages
-        # and every PYTHON* variable (PYTHONUNBUFFERED, which the prefixed logs rely on).
-        base = [sys.executable, "-P", "-m", "konstruct", "--config", str(cfg.config_path)]
-        if verbose:
-            base.append("--verbose")
-        parts = [
-            Part("gateway", [*base, "gateway"], signal.SIGTERM, "cyan", ready_url=ready_url(cfg)),
-            Part("worker", [*base, "worker"], signal.SIGINT, "magenta", ready_line=" ready: "),  # SIGINT is huey's graceful stop
-        ]
-        standby = (
-            Part("standby", [*base, "worker", "--standby"], signal.SIGTERM, "magenta", ready_line="standby: warm")
-            if cfg.up.standby
-            else None
-        )
-        Supervisor(cfg, parts, standby, database, _children_env(cfg, database), started, watch).run()
+        Supervisor(cfg, parts, standby, database, _children_env(cfg, database), started, watch, held=held).run()
     finally:
+        let_go(held)
         if database is not None:
             database.release()
 
@@ -125,6 +136,11 @@ def _run(cfg: Settings, watch: ConfigWatch, started: float, *, verbose: bool) ->
 def _children_env(cfg: Settings, database: EmbeddedServer | None) -> dict[str, str]:
     """The parts' environment: what `up` itself works from (data directory, database) is pinned in it, so a part
     started after an edit of konstruct.toml still uses the database `up` migrated and holds."""
+    from sqlalchemy.engine import make_url
+
+    from konstruct.db.embedded import DATABASE_NAME
+    from konstruct.db.urls import app_password
+
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env[DATA_DIR_ENV] = str(cfg.data_dir)
     if database is not None:
