@@ -27,7 +27,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import cli, pct, spawn, wait_log, wait_ready  # noqa: E402
+from bench.harness import cli, held_database, pct, spawn, wait_log, wait_ready  # noqa: E402
 from tests.fakes import whatsapp as wa  # noqa: E402
 from tests.fakes.llm import FakeLLM  # noqa: E402
 from tests.fakes.slack import FakeSlack, sign  # noqa: E402
@@ -80,24 +80,22 @@ def main() -> None:
         cli(site, env, "db", "upgrade")
         for command in setup:
             cli(site, env, *command)
-        from konstruct.db.embedded import start_embedded
-
-        start_embedded(site / ".konstruct")
-        gateway, worker = spawn(site, env, "gateway"), spawn(site, env, "worker")
-        base = f"http://127.0.0.1:{port}"
-        try:
-            wait_log(site, "gateway", "Uvicorn running on")
-            wait_ready(f"{base}/readyz", 1)
-            wait_log(site, "worker", " ready: ")
-            run(base, slack, graph, args.samples)
-        finally:
-            for proc in (gateway, worker):
-                proc.send_signal(2)
-            for proc in (gateway, worker):
-                proc.wait(120)
-            llm.stop()
-            graph.stop()
-            slack.stop()
+        with held_database(site / ".konstruct"):  # the whole run; stopped before the folder goes
+            gateway, worker = spawn(site, env, "gateway"), spawn(site, env, "worker")
+            base = f"http://127.0.0.1:{port}"
+            try:
+                wait_log(site, "gateway", "Uvicorn running on")
+                wait_ready(f"{base}/readyz", 1)
+                wait_log(site, "worker", " ready: ")
+                run(base, slack, graph, args.samples)
+            finally:
+                for proc in (gateway, worker):
+                    proc.send_signal(2)
+                for proc in (gateway, worker):
+                    proc.wait(120)
+                llm.stop()
+                graph.stop()
+                slack.stop()
 
 
 def whatsapp(base: str, text: str) -> None:

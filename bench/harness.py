@@ -51,12 +51,27 @@ def embedded_site(postgresql_conf: str = "") -> Iterator[tuple[Any, Any]]:
         if postgresql_conf:
             with (pgdata / "postgresql.conf").open("a") as conf:  # the server stopped with `db upgrade`
                 conf.write("\n" + postgresql_conf + "\n")
-        try:
-            yield settings, resolve_urls(settings)  # starts (holds) the embedded server in this process
-        finally:
-            server = embedded._servers.pop(pgdata, None)
-            if server is not None:
-                server.cleanup()  # stop it before its folder is removed
+        with held_database(settings.data_dir):
+            yield settings, resolve_urls(settings)
+
+
+@contextmanager
+def held_database(data_dir: Path) -> Iterator[None]:
+    """The site's embedded PostgreSQL held by this process for the run, and stopped before its temporary folder is
+    removed. Before, the server was let go only when the bench process exited, after the folder was gone, and with the
+    pids of the gateway's uvicorn processes still on its handle list (they end without taking themselves off it): it
+    was never stopped and outlived the bench, one per `--knee` rate."""
+    from konstruct.db import embedded
+
+    embedded.start_embedded(data_dir)
+    try:
+        yield
+    finally:
+        pgdata = embedded.pgdata_dir(data_dir).resolve()
+        server = embedded._servers.pop(pgdata, None)
+        if server is not None:
+            embedded._forget_dead_handles(pgdata)  # a part that died without letting go holds it no more
+            server.cleanup()
 
 
 def cli(site: Path, env: dict[str, str], *args: str) -> str:
@@ -200,42 +215,40 @@ class Bench:
             cli(site, env, "db", "upgrade")
             for command in self.setup:
                 cli(site, env, *command)
-            from konstruct.db.embedded import start_embedded  # hold the embedded server for the whole run
-
-            start_embedded(site / ".konstruct")
-            gateway = spawn(site, env, "gateway")
-            worker = spawn(site, env, "worker", nice=args.worker_nice) if args.worker == "during" and drain else None
-            try:
-                wait_log(site, "gateway", "Uvicorn running on")
-                wait_ready(f"http://127.0.0.1:{port}/readyz", args.gateway_workers)
-                if worker is not None:
-                    wait_log(site, "worker", " ready: ")
-                print(
-                    f"machine: {os.cpu_count()} cores; {args.rate:g}/s for {args.seconds:g} s after a {args.warmup:g} s warm-up; "
-                    f"{args.gateway_workers} gateway process(es); worker {args.worker} the load (nice {args.worker_nice})"
-                )
-                phases = [args.warmup, args.seconds] if args.warmup > 0 else [args.seconds]
-                results = asyncio.run(load(f"http://127.0.0.1:{port}{self.path}", args.rate, phases, request))
-                if len(results) == 2:
-                    results[0].report(f"warm-up ({args.warmup:g} s at the same rate, not in the figures below)")
-                results[-1].report("measured")
-                sent = sum(len(r.latencies) for r in results)
-                if not drain:
+            with held_database(site / ".konstruct"):  # the whole run; stopped before the folder goes
+                gateway = spawn(site, env, "gateway")
+                worker = spawn(site, env, "worker", nice=args.worker_nice) if args.worker == "during" and drain else None
+                try:
+                    wait_log(site, "gateway", "Uvicorn running on")
+                    wait_ready(f"http://127.0.0.1:{port}/readyz", args.gateway_workers)
+                    if worker is not None:
+                        wait_log(site, "worker", " ready: ")
+                    print(
+                        f"machine: {os.cpu_count()} cores; {args.rate:g}/s for {args.seconds:g} s after a {args.warmup:g} s warm-up; "
+                        f"{args.gateway_workers} gateway process(es); worker {args.worker} the load (nice {args.worker_nice})"
+                    )
+                    phases = [args.warmup, args.seconds] if args.warmup > 0 else [args.seconds]
+                    results = asyncio.run(load(f"http://127.0.0.1:{port}{self.path}", args.rate, phases, request))
+                    if len(results) == 2:
+                        results[0].report(f"warm-up ({args.warmup:g} s at the same rate, not in the figures below)")
+                    results[-1].report("measured")
+                    sent = sum(len(r.latencies) for r in results)
+                    if not drain:
+                        return results[-1]
+                    if worker is None:
+                        worker = spawn(site, env, "worker", nice=args.worker_nice)
+                    started = time.perf_counter()
+                    while time.perf_counter() < started + args.drain_timeout and answered() < sent:
+                        time.sleep(1)
+                    print(f"\nafter the load: {answered()} of {sent} answered in {time.perf_counter() - started:.0f} s more")
+                    print(f"every one answered exactly once: {'yes' if check(sent) else 'NO'}")
                     return results[-1]
-                if worker is None:
-                    worker = spawn(site, env, "worker", nice=args.worker_nice)
-                started = time.perf_counter()
-                while time.perf_counter() < started + args.drain_timeout and answered() < sent:
-                    time.sleep(1)
-                print(f"\nafter the load: {answered()} of {sent} answered in {time.perf_counter() - started:.0f} s more")
-                print(f"every one answered exactly once: {'yes' if check(sent) else 'NO'}")
-                return results[-1]
-            finally:
-                for name in ("gateway", "worker"):  # kept for a look after the temporary folder is gone
-                    if (site / f"{name}.log").exists():
-                        (Path(tempfile.gettempdir()) / f"konstruct-bench-{name}.log").write_bytes((site / f"{name}.log").read_bytes())
-                running = [p for p in (gateway, worker) if p is not None]
-                for proc in running:
-                    proc.send_signal(2)
-                for proc in running:
-                    proc.wait(120)
+                finally:
+                    for name in ("gateway", "worker"):  # kept for a look after the temporary folder is gone
+                        if (site / f"{name}.log").exists():
+                            (Path(tempfile.gettempdir()) / f"konstruct-bench-{name}.log").write_bytes((site / f"{name}.log").read_bytes())
+                    running = [p for p in (gateway, worker) if p is not None]
+                    for proc in running:
+                        proc.send_signal(2)
+                    for proc in running:
+                        proc.wait(120)

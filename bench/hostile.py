@@ -61,7 +61,7 @@ def main() -> None:
         site, port = Path(tmp), free_port()
         env = cli_env(BENCH_LLM_KEY="sk-bench", KONSTRUCT_BILLING__STRIPE_API_KEY="sk_test_bench",
                       KONSTRUCT_BILLING__WEBHOOK_SECRET=KEYS.stripe_secret)  # fmt: skip
-        from bench.harness import cli
+        from bench.harness import cli, held_database
 
         cli(site, env, "init", "--llm-model", "openai/fake-model", "--llm-api-base", llm.url, "--llm-api-key-env", "BENCH_LLM_KEY",
             "--port", str(port))  # fmt: skip
@@ -69,45 +69,46 @@ def main() -> None:
         import os
 
         os.environ.update({k: v for k, v in env.items() if k.startswith("KONSTRUCT_") or k == "BENCH_LLM_KEY"})
-        dsn = asyncio.run(setup(site / "konstruct.toml"))
-        gateway = spawn(site, env, "gateway")
-        try:
-            wait_log(site, "gateway", "Uvicorn running on")
-            wait_ready(f"http://127.0.0.1:{port}/readyz", 1)
-            rss = psutil.Process(gateway.pid)
-            before_rss = rss.memory_info().rss
-            webhook = (args.total - 1000) // 3
-            per_route = {"slack": webhook, "whatsapp": webhook, "stripe": webhook, "login": 1000}
-            half = {k: v // 2 for k, v in per_route.items()}
-            base = f"http://127.0.0.1:{port}"
-            rows_before = hostile.count_rows(dsn)
-            unsigned = asyncio.run(hostile.send(base, hostile.batch(1, KEYS, per_route, signed=False), concurrency=args.concurrency))
-            rows_unsigned = hostile.count_rows(dsn)
-            signed = asyncio.run(
-                hostile.send(
-                    base,
-                    hostile.batch(2, KEYS, {k: v for k, v in half.items() if k != "login"}, signed=True),
-                    concurrency=args.concurrency,
-                    tally=unsigned,
+        with held_database(site / ".konstruct"):  # stopped before the folder goes
+            dsn = asyncio.run(setup(site / "konstruct.toml"))
+            gateway = spawn(site, env, "gateway")
+            try:
+                wait_log(site, "gateway", "Uvicorn running on")
+                wait_ready(f"http://127.0.0.1:{port}/readyz", 1)
+                rss = psutil.Process(gateway.pid)
+                before_rss = rss.memory_info().rss
+                webhook = (args.total - 1000) // 3
+                per_route = {"slack": webhook, "whatsapp": webhook, "stripe": webhook, "login": 1000}
+                half = {k: v // 2 for k, v in per_route.items()}
+                base = f"http://127.0.0.1:{port}"
+                rows_before = hostile.count_rows(dsn)
+                unsigned = asyncio.run(hostile.send(base, hostile.batch(1, KEYS, per_route, signed=False), concurrency=args.concurrency))
+                rows_unsigned = hostile.count_rows(dsn)
+                signed = asyncio.run(
+                    hostile.send(
+                        base,
+                        hostile.batch(2, KEYS, {k: v for k, v in half.items() if k != "login"}, signed=True),
+                        concurrency=args.concurrency,
+                        tally=unsigned,
+                    )
                 )
-            )
-            after_rss = rss.memory_info().rss
-            sent = sum(signed.statuses.values())
-            print(f"requests sent: {sent} (transport errors: {dict(signed.errors) or 0})")
-            for route, statuses in signed.by_route().items():
-                print(f"  {route:18} {sum(statuses.values()):6}  {statuses}")
-            print(f"5xx responses: {signed.server_errors}")
-            written = {t: rows_unsigned[t] - rows_before[t] for t in rows_before if rows_unsigned[t] != rows_before[t]}
-            print(f"rows written by unauthenticated input: {sum(written.values())} {written or ''}")
-            print(f"gateway RSS: {before_rss / 2**20:.1f} MiB before, {after_rss / 2**20:.1f} MiB after")
-            print(f"/healthz during the run: {len(signed.health_ms)} probes, p50 {pct(signed.health_ms, 0.5):.1f} ms, "
-                  f"p99 {pct(signed.health_ms, 0.99):.1f} ms, failures {signed.health_failures}")  # fmt: skip
-            log = (site / "gateway.log").read_text(errors="replace")
-            print(f"tracebacks in the gateway log: {log.count('Traceback')}")
-        finally:
-            gateway.send_signal(2)
-            gateway.wait(60)
-            llm.stop()
+                after_rss = rss.memory_info().rss
+                sent = sum(signed.statuses.values())
+                print(f"requests sent: {sent} (transport errors: {dict(signed.errors) or 0})")
+                for route, statuses in signed.by_route().items():
+                    print(f"  {route:18} {sum(statuses.values()):6}  {statuses}")
+                print(f"5xx responses: {signed.server_errors}")
+                written = {t: rows_unsigned[t] - rows_before[t] for t in rows_before if rows_unsigned[t] != rows_before[t]}
+                print(f"rows written by unauthenticated input: {sum(written.values())} {written or ''}")
+                print(f"gateway RSS: {before_rss / 2**20:.1f} MiB before, {after_rss / 2**20:.1f} MiB after")
+                print(f"/healthz during the run: {len(signed.health_ms)} probes, p50 {pct(signed.health_ms, 0.5):.1f} ms, "
+                      f"p99 {pct(signed.health_ms, 0.99):.1f} ms, failures {signed.health_failures}")  # fmt: skip
+                log = (site / "gateway.log").read_text(errors="replace")
+                print(f"tracebacks in the gateway log: {log.count('Traceback')}")
+            finally:
+                gateway.send_signal(2)
+                gateway.wait(60)
+                llm.stop()
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import cli, pct  # noqa: E402
+from bench.harness import cli, held_database, pct  # noqa: E402
 from tests.helpers import cli_env, free_port  # noqa: E402
 
 MODEL = "openai/gpt-4o-mini"
@@ -154,8 +154,6 @@ def main() -> None:
     fake = subprocess.Popen([sys.executable, "-m", "tests.fakes.llm", "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL)
     wait_port(port)
     url = f"http://127.0.0.1:{port}/v1"
-    from konstruct.db import embedded
-
     env = cli_env()
     with tempfile.TemporaryDirectory(prefix="konstruct-bench-") as tmp:
         site = Path(tmp)
@@ -167,13 +165,10 @@ def main() -> None:
         )  # fmt: skip
         from konstruct.config import load_settings
 
-        pgdata = embedded.pgdata_dir(load_settings(site / "konstruct.toml").data_dir).resolve()
         try:
-            asyncio.run(run(site, args))
+            with held_database(load_settings(site / "konstruct.toml").data_dir):
+                asyncio.run(run(site, args))
         finally:
-            server = embedded._servers.pop(pgdata, None)
-            if server is not None:
-                server.cleanup()
             fake.terminate()
             fake.wait()
 

@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import Bench, add_load_arguments, cli, load, pct, spawn, wait_log, wait_ready  # noqa: E402
+from bench.harness import Bench, add_load_arguments, cli, held_database, load, pct, spawn, wait_log, wait_ready  # noqa: E402
 from tests.fakes.llm import FakeLLM  # noqa: E402
 from tests.fakes.slack import FakeSlack  # noqa: E402
 from tests.helpers import cli_env, free_port  # noqa: E402
@@ -76,47 +76,45 @@ def run_socket_mode(args: argparse.Namespace, env: dict[str, str], llm_url: str,
         cli(site, env, "db", "upgrade")
         for command in setup:
             cli(site, env, *command)
-        from konstruct.db.embedded import start_embedded  # hold the embedded server for the whole run
-
-        start_embedded(site / ".konstruct")
-        gateway = spawn(site, env, "gateway")
-        worker = spawn(site, env, "worker", nice=args.worker_nice) if args.worker == "during" else None
-        try:
-            wait_log(site, "gateway", "Socket Mode: holding")
-            deadline = time.monotonic() + 30
-            while not slack.socket.open_connections(APP_TOKEN) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if worker is not None:
-                wait_log(site, "worker", " ready: ")
-            print(f"machine: {os.cpu_count()} cores; Socket Mode, {args.rate:g}/s for {args.seconds:g} s; "
-                  f"{args.gateway_workers} gateway process(es), one holds the socket; worker {args.worker} the load")  # fmt: skip
-            count = int(args.rate * args.seconds)
-            payloads = [event(f"Ev{n:08d}", f"C{n % args.channels:08d}", f"{1_800_000_000 + n}.000100") for n in range(count)]
-            sent = slack.socket.send_events_at(APP_TOKEN, payloads, args.rate)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not all(slack.socket.acked(e) for e, _ in sent):
-                time.sleep(0.2)
-            acks = {e: slack.socket.acked(e) for e, _ in sent}
-            latencies = [acks[e][0].at - due for e, due in sent if acks[e]]
-            took = max(a[0].at for a in acks.values() if a) - sent[0][1]
-            ms = sorted(x * 1000 for x in latencies)
-            print(f"\nmeasured: sent {count}, acked {len(ms)} ({sum(len(a) > 1 for a in acks.values())} acked twice) in {took:.1f} s: "
-                  f"{len(ms) / took:.1f} events/s")  # fmt: skip
-            print(f"  time to ack (stored first): p50 {pct(ms, 0.5):.1f} ms, p95 {pct(ms, 0.95):.1f} ms, p99 {pct(ms, 0.99):.1f} ms, "
-                  f"max {ms[-1]:.1f} ms")  # fmt: skip
-            if worker is None:
-                worker = spawn(site, env, "worker", nice=args.worker_nice)
-            started = time.perf_counter()
-            while time.perf_counter() < started + args.drain_timeout and answered() < count:
-                time.sleep(1)
-            print(f"\nafter the load: {answered()} of {count} answered in {time.perf_counter() - started:.0f} s more")
-            print(f"every one answered exactly once: {'yes' if check(count) else 'NO'}")
-        finally:
-            running = [p for p in (gateway, worker) if p is not None]
-            for proc in running:
-                proc.send_signal(2)
-            for proc in running:
-                proc.wait(120)
+        with held_database(site / ".konstruct"):  # the whole run; stopped before the folder goes
+            gateway = spawn(site, env, "gateway")
+            worker = spawn(site, env, "worker", nice=args.worker_nice) if args.worker == "during" else None
+            try:
+                wait_log(site, "gateway", "Socket Mode: holding")
+                deadline = time.monotonic() + 30
+                while not slack.socket.open_connections(APP_TOKEN) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if worker is not None:
+                    wait_log(site, "worker", " ready: ")
+                print(f"machine: {os.cpu_count()} cores; Socket Mode, {args.rate:g}/s for {args.seconds:g} s; "
+                      f"{args.gateway_workers} gateway process(es), one holds the socket; worker {args.worker} the load")  # fmt: skip
+                count = int(args.rate * args.seconds)
+                payloads = [event(f"Ev{n:08d}", f"C{n % args.channels:08d}", f"{1_800_000_000 + n}.000100") for n in range(count)]
+                sent = slack.socket.send_events_at(APP_TOKEN, payloads, args.rate)
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline and not all(slack.socket.acked(e) for e, _ in sent):
+                    time.sleep(0.2)
+                acks = {e: slack.socket.acked(e) for e, _ in sent}
+                latencies = [acks[e][0].at - due for e, due in sent if acks[e]]
+                took = max(a[0].at for a in acks.values() if a) - sent[0][1]
+                ms = sorted(x * 1000 for x in latencies)
+                print(f"\nmeasured: sent {count}, acked {len(ms)} ({sum(len(a) > 1 for a in acks.values())} acked twice) in {took:.1f} s: "
+                      f"{len(ms) / took:.1f} events/s")  # fmt: skip
+                print(f"  time to ack (stored first): p50 {pct(ms, 0.5):.1f} ms, p95 {pct(ms, 0.95):.1f} ms, p99 {pct(ms, 0.99):.1f} ms, "
+                      f"max {ms[-1]:.1f} ms")  # fmt: skip
+                if worker is None:
+                    worker = spawn(site, env, "worker", nice=args.worker_nice)
+                started = time.perf_counter()
+                while time.perf_counter() < started + args.drain_timeout and answered() < count:
+                    time.sleep(1)
+                print(f"\nafter the load: {answered()} of {count} answered in {time.perf_counter() - started:.0f} s more")
+                print(f"every one answered exactly once: {'yes' if check(count) else 'NO'}")
+            finally:
+                running = [p for p in (gateway, worker) if p is not None]
+                for proc in running:
+                    proc.send_signal(2)
+                for proc in running:
+                    proc.wait(120)
 
 
 def knee(args: argparse.Namespace, env: dict[str, str], llm_url: str, setup: list[list[str]], request: Callable[[int], Any]) -> None:

@@ -28,7 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import cli, pct, spawn, wait_log  # noqa: E402
+from bench.harness import cli, held_database, pct, spawn, wait_log  # noqa: E402
 from tests.fakes.llm import FakeLLM  # noqa: E402
 from tests.fakes.slack import FakeSlack  # noqa: E402
 from tests.helpers import cli_env, free_port  # noqa: E402
@@ -129,39 +129,37 @@ def main() -> None:
                 "--signing-secret-env",
                 "BENCH_SIGNING",
             )
-            from konstruct.db.embedded import start_embedded  # hold the embedded server for the whole run
-
-            start_embedded(site / ".konstruct")
-            gateway = spawn(site, env, "gateway")
-            processes = [gateway]
-            try:
-                wait_log(site, "gateway", "Uvicorn running on")
-                answer_tokens = args.words + 5
-                print(f"machine: {os.cpu_count()} cores; fake LLM streaming {args.tokens_per_second:g} tokens/s, answers of "
-                      f"~{answer_tokens} tokens (~{answer_tokens / args.tokens_per_second:.1f} s to write); {args.messages} messages a mode")  # fmt: skip
-                results = {}
-                for streamed in (True, False):
-                    llm.delay = 0.0 if streamed else answer_tokens / args.tokens_per_second  # the same model, not streamed
-                    worker_env = {**env, "KONSTRUCT_SLACK__STREAM": "true" if streamed else "false"}
-                    worker = spawn(site, worker_env, "worker")
-                    processes.append(worker)
-                    wait_log(site, "worker", " ready: ")
-                    results[streamed] = measure(f"http://127.0.0.1:{port}", slack, args, 0 if streamed else 10_000, streamed)
-                    worker.send_signal(2)
-                    worker.wait(60)
-                    processes.remove(worker)
-                    (site / "worker.log").unlink()
-                print("\nmeasured (from each event's POST):")
-                first, full, appends = results[True]
-                report("streamed (startStream → stopStream)", first, full)
-                print(f"    {appends / args.messages:.1f} appendStream calls per answer (bounded by slack.stream_interval)")
-                first, full, _ = results[False]
-                report("not streamed (status, then the answer posted)", first, full)
-            finally:
-                for proc in processes:
-                    proc.send_signal(2)
-                for proc in processes:
-                    proc.wait(60)
+            with held_database(site / ".konstruct"):  # the whole run; stopped before the folder goes
+                gateway = spawn(site, env, "gateway")
+                processes = [gateway]
+                try:
+                    wait_log(site, "gateway", "Uvicorn running on")
+                    answer_tokens = args.words + 5
+                    print(f"machine: {os.cpu_count()} cores; fake LLM streaming {args.tokens_per_second:g} tokens/s, answers of "
+                          f"~{answer_tokens} tokens (~{answer_tokens / args.tokens_per_second:.1f} s to write); {args.messages} messages a mode")  # fmt: skip
+                    results = {}
+                    for streamed in (True, False):
+                        llm.delay = 0.0 if streamed else answer_tokens / args.tokens_per_second  # the same model, not streamed
+                        worker_env = {**env, "KONSTRUCT_SLACK__STREAM": "true" if streamed else "false"}
+                        worker = spawn(site, worker_env, "worker")
+                        processes.append(worker)
+                        wait_log(site, "worker", " ready: ")
+                        results[streamed] = measure(f"http://127.0.0.1:{port}", slack, args, 0 if streamed else 10_000, streamed)
+                        worker.send_signal(2)
+                        worker.wait(60)
+                        processes.remove(worker)
+                        (site / "worker.log").unlink()
+                    print("\nmeasured (from each event's POST):")
+                    first, full, appends = results[True]
+                    report("streamed (startStream → stopStream)", first, full)
+                    print(f"    {appends / args.messages:.1f} appendStream calls per answer (bounded by slack.stream_interval)")
+                    first, full, _ = results[False]
+                    report("not streamed (status, then the answer posted)", first, full)
+                finally:
+                    for proc in processes:
+                        proc.send_signal(2)
+                    for proc in processes:
+                        proc.wait(60)
     finally:
         llm.stop()
         slack.stop()
