@@ -225,7 +225,8 @@ class Bench:
                         wait_log(site, "worker", " ready: ")
                     print(
                         f"machine: {os.cpu_count()} cores; {args.rate:g}/s for {args.seconds:g} s after a {args.warmup:g} s warm-up; "
-                        f"{args.gateway_workers} gateway process(es); worker {args.worker} the load (nice {args.worker_nice})"
+                        f"{args.gateway_workers} gateway process(es); "
+                        + (f"worker {args.worker} the load (nice {args.worker_nice})" if drain else "no worker (ingest alone)")
                     )
                     phases = [args.warmup, args.seconds] if args.warmup > 0 else [args.seconds]
                     results = asyncio.run(load(f"http://127.0.0.1:{port}{self.path}", args.rate, phases, request))
