@@ -74,6 +74,27 @@ def held_database(data_dir: Path) -> Iterator[None]:
             server.cleanup()
 
 
+def drain_answers(
+    site: Path,
+    env: dict[str, str],
+    args: argparse.Namespace,
+    worker: subprocess.Popen[bytes] | None,
+    sent: int,
+    answered: Callable[[], int],
+    check: Callable[[int], bool],
+) -> subprocess.Popen[bytes]:
+    """After the load: the worker started if it did not run during it, then waited for until all `sent` are answered
+    (or --drain-timeout); prints how long that took and whether each was answered exactly once. The worker."""
+    if worker is None:
+        worker = spawn(site, env, "worker", nice=args.worker_nice)
+    started = time.perf_counter()
+    while time.perf_counter() < started + args.drain_timeout and answered() < sent:
+        time.sleep(1)
+    print(f"\nafter the load: {answered()} of {sent} answered in {time.perf_counter() - started:.0f} s more")
+    print(f"every one answered exactly once: {'yes' if check(sent) else 'NO'}")
+    return worker
+
+
 def cli(site: Path, env: dict[str, str], *args: str) -> str:
     result = subprocess.run([sys.executable, "-m", "konstruct", *args], cwd=site, env=env, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
@@ -236,13 +257,7 @@ class Bench:
                     sent = sum(len(r.latencies) for r in results)
                     if not drain:
                         return results[-1]
-                    if worker is None:
-                        worker = spawn(site, env, "worker", nice=args.worker_nice)
-                    started = time.perf_counter()
-                    while time.perf_counter() < started + args.drain_timeout and answered() < sent:
-                        time.sleep(1)
-                    print(f"\nafter the load: {answered()} of {sent} answered in {time.perf_counter() - started:.0f} s more")
-                    print(f"every one answered exactly once: {'yes' if check(sent) else 'NO'}")
+                    worker = drain_answers(site, env, args, worker, sent, answered, check)
                     return results[-1]
                 finally:
                     for name in ("gateway", "worker"):  # kept for a look after the temporary folder is gone

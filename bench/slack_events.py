@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import Bench, add_load_arguments, cli, held_database, load, pct, spawn, wait_log, wait_ready  # noqa: E402
+from bench.harness import Bench, add_load_arguments, cli, drain_answers, held_database, load, pct, spawn, wait_log, wait_ready  # noqa: E402
 from tests.fakes.llm import FakeLLM  # noqa: E402
 from tests.fakes.slack import FakeSlack  # noqa: E402
 from tests.helpers import cli_env, free_port  # noqa: E402
@@ -102,13 +102,7 @@ def run_socket_mode(args: argparse.Namespace, env: dict[str, str], llm_url: str,
                       f"{len(ms) / took:.1f} events/s")  # fmt: skip
                 print(f"  time to ack (stored first): p50 {pct(ms, 0.5):.1f} ms, p95 {pct(ms, 0.95):.1f} ms, p99 {pct(ms, 0.99):.1f} ms, "
                       f"max {ms[-1]:.1f} ms")  # fmt: skip
-                if worker is None:
-                    worker = spawn(site, env, "worker", nice=args.worker_nice)
-                started = time.perf_counter()
-                while time.perf_counter() < started + args.drain_timeout and answered() < count:
-                    time.sleep(1)
-                print(f"\nafter the load: {answered()} of {count} answered in {time.perf_counter() - started:.0f} s more")
-                print(f"every one answered exactly once: {'yes' if check(count) else 'NO'}")
+                worker = drain_answers(site, env, args, worker, count, answered, check)
             finally:
                 running = [p for p in (gateway, worker) if p is not None]
                 for proc in running:
