@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
 OUTAGE_INTERVAL = 10.0  # seconds between two lines about the same outage from one logger
+VERBOSE_ENV = "KONSTRUCT_VERBOSE"  # "1": debug logging in processes started for a command given --verbose
+
+
+def setup_logging(verbose: bool | None = None) -> None:
+    """How every process of Konstruct logs: one line a record, time, level, logger. verbose None: as the process that
+    started this one was told (VERBOSE_ENV), for processes started without a command line (the gateway's uvicorn
+    processes when gateway.workers > 1)."""
+    if verbose is None:
+        verbose = os.environ.get(VERBOSE_ENV) == "1"
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("huey", "huey.consumer", "huey.consumer.Scheduler", "httpx2", "mcp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    install_outage_filter()
 
 
 class OutageFilter(logging.Filter):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
-import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -19,7 +18,6 @@ from rich.table import Table
 
 from konstruct.config import Settings, load_settings, read_secret_from_environment
 from konstruct.errors import ValidationError
-from konstruct.logs import install_outage_filter
 
 if TYPE_CHECKING:  # the database stack (SQLAlchemy's ORM, the models) is imported by the commands that use it: not `up`'s
     from konstruct.db.engine import Database
@@ -196,14 +194,3 @@ def print_fields(fields: dict[str, Any]) -> None:
     width = max(len(key) for key in fields)
     for key, value in fields.items():
         out.print(f"[bold]{key.ljust(width)}[/bold]  {'' if value is None else value}")
-
-
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("huey", "huey.consumer", "huey.consumer.Scheduler", "httpx2", "mcp"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    install_outage_filter()

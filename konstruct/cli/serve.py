@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
-from konstruct.cli.common import out, settings, setup_logging, state
+from konstruct.cli.common import out, settings, state
 from konstruct.cli.config_watch import ConfigWatch
 from konstruct.cli.supervisor import Part, Supervisor, hold, let_go, ready_url, require_free_port
 from konstruct.config import DATABASE_URL_ENV, Settings
+from konstruct.logs import setup_logging
 from konstruct.startup import collector_paused
 from konstruct.supervision import hold_up_lock, release_up_lock, released
 

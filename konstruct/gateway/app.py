@@ -35,7 +35,7 @@ from konstruct.db.urls import resolve_urls
 from konstruct.errors import DatabaseUnavailable, KonstructError
 from konstruct.gateway import protocol
 from konstruct.gateway.headers import SecurityHeaders
-from konstruct.logs import Throttled
+from konstruct.logs import VERBOSE_ENV, Throttled, setup_logging
 from konstruct.web import metrics, pages
 from konstruct.worker.queue import make_queue
 
@@ -225,7 +225,10 @@ def create_app(settings: Settings) -> Starlette:
 
 
 def app_from_config() -> Starlette:
-    """The app for one of several gateway processes (uvicorn's factory)."""
+    """The app for one of several gateway processes (uvicorn's factory): logging as the gateway command set it up in
+    the process that started this one (without it, this process's own lines, `gateway ready` and Socket Mode's among
+    them, were dropped: only warnings came out, unformatted)."""
+    setup_logging()
     settings = load_settings()
     protocol.configure(settings.gateway)
     return create_app(settings)
@@ -243,6 +246,7 @@ def run_gateway(settings: Settings) -> None:
     if settings.gateway.workers > 1:
         # Several processes: uvicorn imports the app in each, from the same config file and environment.
         os.environ[CONFIG_ENV] = str(settings.config_path)
+        os.environ[VERBOSE_ENV] = "1" if logging.getLogger().isEnabledFor(logging.DEBUG) else ""
         app = "konstruct.gateway.app:app_from_config"
     uvicorn.run(
         app,
