@@ -59,9 +59,8 @@ COMMANDS = {
 
 @functools.cache
 def _registered(module_name: str) -> dict[str, click.Command]:
-    """The commands a module registers on the root, built on a root of their own."""
-    with collector_paused():
-        module = importlib.import_module(f"konstruct.cli.{module_name}")
+    """The commands a module registers on the root, built on a root of their own (the module imported by _load)."""
+    module = importlib.import_module(f"konstruct.cli.{module_name}")
     scratch = typer.Typer()
     module.register(scratch)
     return dict(typer.main.get_group(scratch).commands)
