@@ -25,9 +25,10 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy
+if TYPE_CHECKING:  # imported where vectors are made: a worker imports this module at start-up, numpy takes 0.05 s
+    import numpy
 
 DIMENSIONS = 384
 BATCH_SIZE = 64
@@ -81,6 +82,8 @@ class TorchModel:
         self.model = _sentence_transformer()
 
     def encode(self, texts: list[str]) -> numpy.ndarray:
+        import numpy
+
         vectors = self.model.encode(
             texts, batch_size=BATCH_SIZE, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False, device="cpu"
         )
@@ -154,6 +157,8 @@ class OnnxModel:
         self.graph, self.session = _open(graph)
 
     def encode(self, texts: list[str]) -> numpy.ndarray:
+        import numpy
+
         out = numpy.zeros((len(texts), DIMENSIONS), dtype=numpy.float32)
         order = numpy.argsort([-len(t) for t in texts], kind="stable")  # similar lengths together: less padding
         for start in range(0, len(texts), BATCH_SIZE):
@@ -162,6 +167,8 @@ class OnnxModel:
         return out
 
     def _batch(self, texts: list[str]) -> numpy.ndarray:
+        import numpy
+
         encoded = self.tokenizer.encode_batch(texts)
         ids = numpy.zeros((len(encoded), max(len(e.ids) for e in encoded)), dtype=numpy.int64)
         mask = numpy.zeros_like(ids)
@@ -266,6 +273,8 @@ class Embedder:
             raise TypeError("embed takes a sequence of strings, not one string")
         items = list(texts)
         if not items:
+            import numpy
+
             return numpy.zeros((0, DIMENSIONS), dtype=numpy.float32)
         model = self._get_model()
         request = _Request(items)

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -328,7 +328,7 @@ INSERT INTO audit_events (tenant_id, actor, action, target, detail) VALUES ($5::
 class Pipeline:
     settings: Settings
     db: Database
-    channels: dict[str, Channel]
+    channels: Mapping[str, Channel]
     worker_id: str
     remember: Callable[[uuid.UUID, uuid.UUID], None] | None = None  # queues embedding what the person said
     notify: Callable[[Notice], None] | None = None  # queues an email to a tenant's admins

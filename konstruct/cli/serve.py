@@ -13,14 +13,13 @@ from typing import TYPE_CHECKING, NoReturn
 import typer
 
 from konstruct.cli.common import out, settings, state
-from konstruct.cli.config_watch import ConfigWatch
-from konstruct.cli.supervisor import Part, Supervisor, hold, let_go, ready_url, require_free_port
 from konstruct.config import DATABASE_URL_ENV, Settings
 from konstruct.logs import setup_logging
 from konstruct.startup import collector_paused
 from konstruct.supervision import hold_up_lock, release_up_lock, released
 
 if TYPE_CHECKING:  # SQLAlchemy, psycopg and the migrations: imported by `up` once it has started its parts
+    from konstruct.cli.config_watch import ConfigWatch
     from konstruct.db.embedded import EmbeddedServer
 
 DATA_DIR_ENV = "KONSTRUCT_DATA__DIR"
@@ -90,6 +89,9 @@ def up(ctx: typer.Context) -> None:
     growing pause up to `up.max_backoff` when it keeps dying), and never takes the others down. One `up` runs
     per data directory. An edit of konstruct.toml is taken up by restarting the parts one at a time (an invalid
     edit is reported and the parts keep running as they are)."""
+    from konstruct.cli.config_watch import ConfigWatch  # here: the gateway and the worker this module runs need neither
+    from konstruct.cli.supervisor import require_free_port
+
     cfg = settings(ctx)
     started = time.perf_counter()
     watch = ConfigWatch(cfg)  # from now: an edit made while the database starts is seen too
@@ -102,6 +104,8 @@ def up(ctx: typer.Context) -> None:
 
 
 def _run(cfg: Settings, watch: ConfigWatch, started: float, *, verbose: bool) -> None:
+    from konstruct.cli.supervisor import Part, Supervisor, hold, let_go, ready_url
+
     # -P: the current folder is not put on the children's sys.path, so a stripe.py there cannot stand in for
     # the library. Not -I: that would also drop PYTHONPATH (plugins installed there), the user's site-packages
     # and every PYTHON* variable (PYTHONUNBUFFERED, which the prefixed logs rely on).

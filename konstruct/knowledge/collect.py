@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from konstruct.errors import ValidationError
 from konstruct.knowledge.extract import SUFFIXES, kind_for
 
@@ -41,6 +39,8 @@ def is_url(target: str) -> bool:
 
 def normalise_url(raw: str) -> str:
     """A URL as a source's uri: parsed, without its fragment; ValidationError for one that is not http(s)."""
+    import httpx  # here: a worker imports this module at start-up, and httpx takes 0.03 s
+
     try:
         url = httpx.URL(raw.strip())
     except (httpx.InvalidURL, TypeError) as exc:

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 
@@ -127,6 +126,8 @@ def tsquery(question: str) -> str:
 def vector_literal(values: Any) -> str:
     """pgvector's text form, exact: each float32 as the shortest decimal that reads back as the same float32's double
     (the server rounds it to that float32 again). In C: formatting 384 floats one by one cost 0.14 ms a question."""
+    import numpy  # here, not at the top: a worker imports this module at start-up (0.05 s); the embedding has it already
+
     return str(numpy.asarray(values, dtype=numpy.float32).tolist())
 
 

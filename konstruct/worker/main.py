@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 
+from konstruct.channels import registry
 from konstruct.config import Settings
 from konstruct.db.urls import resolve_urls
 from konstruct.llm.client import load_litellm
@@ -21,10 +22,12 @@ log = logging.getLogger("konstruct.worker")
 
 def warm_up(model: str) -> None:
     """Do now what the first message would otherwise pay for (~1.5 s of CPU on a small machine): litellm's import,
-    the MCP client's import (the mcp SDK), the tokenizer behind budget estimates, and the model's provider resolved.
-    Starts no thread and opens no connection, so the standby can fork after it."""
+    the MCP client's import (the mcp SDK), the channels' SDKs, the tokenizer behind budget estimates, and the model's
+    provider resolved. Starts no thread and opens no connection, so the standby can fork after it."""
     litellm = load_litellm()
     import konstruct.agent.tools.mcp_client  # noqa: F401  (offered on every turn)
+
+    registry.preload()
 
     with contextlib.suppress(Exception):
         litellm.token_counter(model=model, messages=[{"role": "user", "content": "warm-up"}])
@@ -128,6 +131,7 @@ def run_worker(settings: Settings, *, threads: int = 4, periodic: bool = True, s
         runtime.stopping = consumer.stop_flag  # a graceful stop does not wait for slots to admit more work
         gc.freeze()  # what the start-up made lives as long as the process (see _warm_up_and_freeze)
         log.info("worker %s ready: %d conversations at once", runtime.worker_id, settings.worker.concurrency)
+        runtime.load_in_background()
         if not standby:  # after "ready", not beside the start-up: on the GIL the two took turns, and `up` waited for both
             threading.Thread(target=_warm_up_and_freeze, args=(settings.llm.model,), name="warm-up", daemon=True).start()
         consumer.run()

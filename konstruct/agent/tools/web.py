@@ -18,12 +18,15 @@ import re
 import ssl
 from dataclasses import dataclass
 from html.parser import HTMLParser
+from typing import TYPE_CHECKING
 
 import certifi
-import httpx
 
 from konstruct.agent.tools.registry import ToolContext, ToolError
 from konstruct.netguard import AddressError, IPAddress, host_allowed, is_ip, is_public, normalise_host, resolve
+
+if TYPE_CHECKING:  # imported by the functions that fetch: a worker imports this module at start-up, httpx takes 0.03 s
+    import httpx
 
 MAX_BYTES = 200_000
 MAX_REDIRECTS = 3
@@ -88,6 +91,8 @@ async def _checked_addresses(url: httpx.URL, ctx: ToolContext) -> list[IPAddress
 
 async def _send(client: httpx.AsyncClient, url: httpx.URL, addresses: list[IPAddress]) -> httpx.Response:
     """GET ``url`` from the first of ``addresses`` that accepts a connection, with the name kept for Host and TLS."""
+    import httpx
+
     host = url.raw_host.decode("ascii")
     extensions = {"sni_hostname": host} if url.scheme == "https" and not is_ip(host) else {}
     failure: Exception | None = None
@@ -104,6 +109,8 @@ async def _send(client: httpx.AsyncClient, url: httpx.URL, addresses: list[IPAdd
 
 async def fetch(url: str, ctx: ToolContext, *, max_bytes: int = MAX_BYTES) -> Page:
     """GET ``url`` under the rules above (the body cut at ``max_bytes``); a refusal or failure is a ``ToolError``."""
+    import httpx
+
     try:
         async with asyncio.timeout(ctx.web_seconds):
             return await _fetch(url, ctx, max_bytes)
@@ -114,6 +121,8 @@ async def fetch(url: str, ctx: ToolContext, *, max_bytes: int = MAX_BYTES) -> Pa
 
 
 async def _fetch(raw_url: str, ctx: ToolContext, max_bytes: int) -> Page:
+    import httpx
+
     try:
         url = httpx.URL(raw_url.strip())
     except (httpx.InvalidURL, TypeError) as exc:
