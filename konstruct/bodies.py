@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from starlette.requests import ClientDisconnect, Request
+if TYPE_CHECKING:  # starlette is the gateway's: the CLI uses this module's text cleaning (through messaging) only
+    from starlette.requests import Request
 
 MAX_BODY = 1_000_000  # Slack and Meta payloads are a few kilobytes
 MAX_DEPTH = 64  # real payloads nest a dozen levels; deeper is an attack on the parser, not a message
@@ -18,6 +19,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 async def read_body(request: Request, limit: int = MAX_BODY) -> bytes | None:
     """The body, or None when it is larger than `limit` bytes (answer 413)."""
+    from starlette.requests import ClientDisconnect
+
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         return None

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
-import psutil
 from sqlalchemy import delete, func, select, text
 
 from konstruct.db.batches import Batches, per_database
@@ -214,6 +213,8 @@ async def warm(db: Database, queue: Doorbell, connections: int) -> None:
 
 def dead_local_workers(heartbeats: list[tuple[str, str, int]]) -> list[str]:
     """Workers on this host whose process is gone: their claims can be taken over at once."""
+    import psutil  # here: only the worker's sweep needs it, and `chat` and the gateway import this module too
+
     host = socket.gethostname()
     me = os.getpid()
     return [wid for wid, hostname, pid in heartbeats if hostname == host and pid != me and not psutil.pid_exists(pid)]
