@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,18 +56,28 @@ def embedded_site(postgresql_conf: str = "") -> Iterator[tuple[Any, Any]]:
             yield settings, resolve_urls(settings)
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 @contextmanager
 def held_database(data_dir: Path) -> Iterator[None]:
     """The site's embedded PostgreSQL held by this process for the run, and stopped before its temporary folder is
     removed. Before, the server was let go only when the bench process exited, after the folder was gone, and with the
     pids of the gateway's uvicorn processes still on its handle list (they end without taking themselves off it): it
-    was never stopped and outlived the bench, one per `--knee` rate."""
+    was never stopped and outlived the bench, one per `--knee` rate. SIGTERM (`timeout` ending a long drain) leaves
+    through the same clean-up: by default it killed the bench at once, and the server and the folder stayed."""
     from konstruct.db import embedded
 
+    terminated = signal.getsignal(signal.SIGTERM)
+    if terminated is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     embedded.start_embedded(data_dir)
     try:
         yield
     finally:
+        if terminated is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         pgdata = embedded.pgdata_dir(data_dir).resolve()
         server = embedded._servers.pop(pgdata, None)
         if server is not None:
