@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -131,9 +132,8 @@ def run_worker(settings: Settings, *, threads: int = 4, periodic: bool = True, s
         runtime.stopping = consumer.stop_flag  # a graceful stop does not wait for slots to admit more work
         gc.freeze()  # what the start-up made lives as long as the process (see _warm_up_and_freeze)
         log.info("worker %s ready: %d conversations at once", runtime.worker_id, settings.worker.concurrency)
-        runtime.load_in_background()
-        if not standby:  # after "ready", not beside the start-up: on the GIL the two took turns, and `up` waited for both
-            threading.Thread(target=_warm_up_and_freeze, args=(settings.llm.model,), name="warm-up", daemon=True).start()
+        # After "ready", not beside the start-up: on the GIL the two took turns, and `up` waited for both.
+        runtime.load_in_background(None if standby else functools.partial(_warm_up_and_freeze, settings.llm.model))
         consumer.run()
     except KeyboardInterrupt:
         # SIGINT before huey installed its own handler: nothing was admitted yet, so stopping is graceful.

@@ -10,7 +10,6 @@ message that kills a worker by itself is charged for it. A message that fails he
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import secrets
@@ -19,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from functools import partial
@@ -41,7 +40,6 @@ from konstruct.db.urls import DatabaseURLs
 from konstruct.handoff import sweep as handoff_sweep
 from konstruct.knowledge import ingest, recovery, search
 from konstruct.llm import probe
-from konstruct.llm.client import load_litellm
 from konstruct.logs import Throttled
 from konstruct.secrets import decrypt
 from konstruct.tenancy import invitations
@@ -92,16 +90,15 @@ class WorkerRuntime:
         self._expirer = asyncio.run_coroutine_threadsafe(self._expiry_loop(), self.loop)
         self.sweep()
 
-    def load_in_background(self) -> None:
-        """Once ready: import the channels' SDKs, litellm and the MCP SDK and load the embedding model (seconds of CPU;
-        a standby has all but the model already) in threads, not when the first person is waiting. Not during the
-        start-up: on the GIL those threads took turns with it, and a worker `up` started was ready 0.25 s after its
-        imports instead of 0.01 s."""
+    def load_in_background(self, warm_up: Callable[[], None] | None) -> None:
+        """Once ready, in threads: `warm_up` (konstruct.worker.main's: litellm, the MCP SDK and the channels' SDKs
+        imported; None in a worker the spare forked, which has them already) and the embedding model loaded, seconds
+        of CPU done now and not when the first person is waiting. Not during the start-up: on the GIL those threads
+        took turns with it, and a worker `up` started was ready 0.25 s after its imports instead of 0.01 s."""
 
         def start() -> None:
-            self._channels_warmup = asyncio.ensure_future(asyncio.to_thread(registry.preload))
-            self._warmup = asyncio.ensure_future(asyncio.to_thread(load_litellm))
-            self._mcp_warmup = asyncio.ensure_future(asyncio.to_thread(importlib.import_module, MCP_CLIENT))
+            if warm_up is not None:
+                self._warmup = asyncio.ensure_future(asyncio.to_thread(warm_up))
             if self.settings.memory.enabled:
                 self._model = asyncio.ensure_future(asyncio.to_thread(_load_embedding_model))
 
@@ -230,9 +227,9 @@ class WorkerRuntime:
             close = getattr(channel, "close", None)
             if close is not None:
                 await close()
-        warmup = getattr(self, "_mcp_warmup", None)
+        warmup = getattr(self, "_warmup", None)
         if warmup is not None and not warmup.done():
-            await asyncio.wait([warmup], timeout=10)  # a stop during the background import: let it finish
+            await asyncio.wait([warmup], timeout=10)  # a stop during the background imports: let them finish
         mcp = sys.modules.get(MCP_CLIENT)
         if mcp is not None and hasattr(mcp, "close_pool"):
             await mcp.close_pool()  # the worker's MCP connections (stdio servers stop)
