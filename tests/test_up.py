@@ -302,8 +302,14 @@ def test_a_killed_up_leaves_its_data_directory_free(tmp_path: Path, database_url
     finally:
         release_up_lock(fd)
 
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:  # also when it ends between the look-up and the status
+            return False
+
     def gone() -> bool:
-        return not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+        return not any(running(pid) for pid in pids)
 
     assert len(pids) >= 2
     wait_for(gone, 40, f"the parts {pids} of the killed up to end")
