@@ -9,6 +9,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -342,6 +343,54 @@ def test_a_worker_is_ready_without_the_channels_sdks_and_loads_them_just_after()
     before, after = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.splitlines()
     assert before == "[]", before
     assert all(f"'{module}'" in after for module in ("slack_sdk", "aiohttp", "httpx")), after
+
+
+def test_the_warm_up_makes_no_full_collector_pass_and_is_frozen_out_of_it() -> None:
+    """The warm-up after ready imports litellm and the SDKs (hundreds of thousands of objects) beside the first answers:
+    the collector's full passes, each walking all of them and each stopping every conversation, are held off until it
+    is done, and what it imported is frozen. The young generations are still collected meanwhile."""
+    import sys
+
+    from tests.helpers import cli_env
+
+    probe = (
+        "import gc, konstruct.worker.main as main; gc.collect(); gc.freeze(); before = gc.get_freeze_count(); "
+        "threshold = gc.get_threshold(); passes = []; "
+        "gc.callbacks.append(lambda phase, info: phase == 'stop' and passes.append(info['generation'])); "
+        "main._warm_up_and_freeze('openai/gpt-4o-mini'); "
+        "print(passes.count(2), passes.count(0) > 0, gc.get_freeze_count() - before > 100_000, gc.get_threshold() == threshold)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    # no full pass; young passes still ran; the imports frozen; the collector's thresholds as they were
+    assert done.stdout.split() == ["0", "True", "True", "True"], done.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread is Linux's")
+def test_the_warm_up_runs_in_a_thread_of_its_own_at_a_lower_priority() -> None:
+    import os
+    import threading
+
+    from konstruct.worker.runtime import BEHIND_NICE, behind
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen: dict[str, Any] = {}
+
+    def work() -> None:
+        seen.update(name=threading.current_thread().name, nice=nice())
+
+    caller = nice()
+    behind(work).result(timeout=10)
+    assert seen == {"name": "konstruct-warm-up", "nice": min(19, caller + BEHIND_NICE)}
+    assert nice() == caller  # only the warm-up's thread is lowered
+
+    def fails() -> None:
+        raise RuntimeError("import failed")
+
+    with pytest.raises(RuntimeError, match="import failed"):
+        behind(fails).result(timeout=10)
 
 
 async def test_channels_are_built_when_first_looked_up(settings: Settings, db: Database) -> None:

@@ -14,6 +14,7 @@ from konstruct.channels import registry
 from konstruct.config import Settings
 from konstruct.db.urls import resolve_urls
 from konstruct.llm.client import load_litellm
+from konstruct.startup import collector_paused
 from konstruct.supervision import FORKED_PREFIX
 from konstruct.worker.queue import make_queue, set_worker
 from konstruct.worker.runtime import WorkerRuntime
@@ -36,6 +37,9 @@ def warm_up(model: str) -> None:
         litellm.get_llm_provider(model=model)
 
 
+NO_FULL_PASS = 1_000_000  # the oldest generation's threshold during the warm-up: no full pass of the collector
+
+
 def _warm_up_and_freeze(model: str) -> None:
     """warm_up in a worker that started on its own, then what it imported kept out of the garbage collector's way.
 
@@ -44,11 +48,21 @@ def _warm_up_and_freeze(model: str) -> None:
     (2 s LLM, concurrency 256, 2,048 answers; gc.callbacks timing each pass): unfrozen, 9 full passes of 0.09-0.48 s,
     growing with the run, 2.1-2.6 s in all; frozen at ready and again here (as the spare does before it forks, and the
     gateway once started), 10-11 passes of 0.03-0.2 s, 1.0-1.1 s in all. Answers/s moved within the machine's noise
-    (70.4 and 69.7 against 64.9 and 78.8, runs interleaved). The one full collection before the freeze lets go of what
-    the first answers left behind rather than keeping it for good."""
-    warm_up(model)
-    gc.collect()
-    gc.freeze()
+    (70.4 and 69.7 against 64.9 and 78.8, runs interleaved).
+
+    The warm-up runs beside the first answers, so the collector stays on for the young generations (the first answers'
+    cyclic garbage is still collected) but makes no full pass until it is done. Each full pass walked every object the
+    imports had made so far, more each time: 6 passes of 35-180 ms in a warm-up alone, 1.1 s of the collector's time in
+    all against 0.2-0.26 s without them (three runs each). In bench/slack_events.py, worker during, 1,000/s: 7 full passes
+    of 94-401 ms in the first 10 s, each stopping every conversation in flight, against none. At the end, what it
+    imported is frozen without a full collection first (that one pass took 0.63 s with the first answers in flight)."""
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(young, middle, NO_FULL_PASS)
+    try:
+        warm_up(model)
+    finally:
+        gc.freeze()
+        gc.set_threshold(young, middle, old)
 
 
 def serve_as_spare(settings: Settings) -> bool:
@@ -60,12 +74,12 @@ def serve_as_spare(settings: Settings) -> bool:
     told to stop (SIGINT/SIGTERM). The spare reaps its children and says how each ended."""
     wanted = {signal.SIGUSR1, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, wanted)  # held until sigwait, so none is lost meanwhile
-    warm_up(settings.llm.model)
+    with collector_paused():  # nothing else runs here: no pass at all, then frozen (see _warm_up_and_freeze)
+        warm_up(settings.llm.model)
+    # Frozen, the imported modules stay shared with every forked worker (copy-on-write).
     if threading.active_count() > 1:  # forking a process with threads could copy a held lock into the child
         log.error("standby: %d threads after warm-up; cannot fork workers safely", threading.active_count())
         return False
-    gc.collect()
-    gc.freeze()  # the imported modules stay shared with every forked worker (copy-on-write)
     log.info("standby: warm, waiting to start workers")
     while True:
         taken = signal.sigwait(wanted)

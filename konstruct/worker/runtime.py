@@ -98,7 +98,7 @@ class WorkerRuntime:
 
         def start() -> None:
             if warm_up is not None:
-                self._warmup = asyncio.ensure_future(asyncio.to_thread(warm_up))
+                self._warmup = asyncio.wrap_future(behind(warm_up))
             if self.settings.memory.enabled:
                 self._model = asyncio.ensure_future(asyncio.to_thread(_load_embedding_model))
 
@@ -361,6 +361,39 @@ def _what_it_sees(settings: Settings) -> dict[str, Any]:
     except OSError:
         mtime = None
     return {"has_platform_key": has_key, "config_mtime": mtime}
+
+
+BEHIND_NICE = 10  # added to the nice value of the thread that runs the warm-up
+
+
+def behind(work: Callable[[], None]) -> Future[None]:
+    """`work` in a thread of its own at a lower CPU priority (BEHIND_NICE more), for the warm-up after ready.
+
+    The warm-up is seconds of CPU (litellm's import alone is most of it) and a worker is ready before it, so a load that
+    arrives at once (a restart under traffic) shares the cores with it. At a lower priority it takes the cores the
+    gateway, PostgreSQL and the first answers leave. Linux keeps a nice value per thread, so only this thread is
+    lowered; elsewhere (a thread id is not a process id there) it runs at the process's priority. It starts no thread
+    (checked: litellm's, the MCP SDK's and the channels' imports start none), so nothing it leaves behind inherits the
+    lower priority. The embedding model is not loaded here: ONNX Runtime starts its thread pool when the model opens,
+    and those threads would keep it."""
+    done: Future[None] = Future()
+
+    def run() -> None:
+        if sys.platform.startswith("linux"):
+            tid = threading.get_native_id()
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BEHIND_NICE))
+            except OSError as exc:  # a sandbox may refuse it: the warm-up still runs
+                log.debug("warm-up at the process's priority: %s", exc)
+        try:
+            work()
+        except BaseException as exc:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+
+    threading.Thread(target=run, name="konstruct-warm-up", daemon=True).start()
+    return done
 
 
 def _load_embedding_model() -> None:
