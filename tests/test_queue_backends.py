@@ -66,3 +66,33 @@ def test_unknown_queue_url_is_a_clear_error(tmp_path: Path, database_url: str, f
     result = konstruct_in_process("doctor", config=config)
     assert result.returncode == 1
     assert "queue.url" in result.stdout and "not supported" in result.stdout
+
+
+def test_running_a_task_costs_the_queue_no_statement_and_revoking_is_refused(tmp_path: Path, database_url: str, fake_llm: FakeLLM) -> None:
+    """Konstruct never revokes a task, so huey neither looks up revocation flags before a task nor deletes its flag
+    after it: running a task it has taken costs the storage no statement (SQLite's trace hook sees every one)."""
+    from konstruct.config import load_settings
+    from konstruct.db.urls import resolve_urls
+    from konstruct.errors import QueueError
+    from konstruct.worker.queue import make_queue
+
+    config = write_config(tmp_path, database_url, fake_llm.url, queue={"url": f"sqlite:///{tmp_path / 'queue.db'}"})
+    settings = load_settings(config)
+    queue = make_queue(settings, resolve_urls(settings))
+    ran: list[int] = []
+
+    @queue.huey.task(name="probe")
+    def probe(n: int) -> None:
+        ran.append(n)
+
+    result = probe(7)
+    task = queue.huey.dequeue()
+    statements: list[str] = []
+    queue.huey.storage.conn.set_trace_callback(statements.append)
+    queue.huey.execute(task)
+    assert ran == [7]
+    assert statements == []  # no revocation flags read before the task, none deleted after it
+    for revoke in (result.revoke, lambda: probe.revoke(), lambda: queue.huey.revoke_by_id(task.id)):
+        with pytest.raises(QueueError, match="does not revoke"):
+            revoke()
+    queue.close()

@@ -29,6 +29,41 @@ def _current_worker() -> Any:
     return _worker
 
 
+class _Unrevoked:
+    """Konstruct's huey: no task is ever revoked (the inbox row is the truth; a message not to answer is settled there),
+    so huey's revocation flags are neither looked up before each task nor deleted after it. Those were two of the three
+    round trips to the queue's storage per task (the third takes the task). Revoking is refused, so that nothing can
+    count on a check that no longer runs."""
+
+    def is_revoked(self, task: Any, timestamp: Any = None, peek: bool = True) -> bool:
+        return False
+
+    def delete(self, key: str) -> Any:
+        if key.startswith(REVOKE_FLAG):  # huey deletes the task's flag after each task: there is none
+            return False
+        return super().delete(key)  # type: ignore[misc]
+
+    def revoke(self, *args: Any, **kwargs: Any) -> None:
+        raise QueueError("Konstruct's queue does not revoke tasks: settle the message in the inbox instead")
+
+    revoke_all = revoke_by_id = revoke
+
+
+REVOKE_FLAG = "r:"  # huey's key of a task's revocation flag: "r:" and the task id
+
+
+class _PostgresHuey(_Unrevoked, PostgresHuey):
+    pass
+
+
+class _SqliteHuey(_Unrevoked, SqliteHuey):
+    pass
+
+
+class _RedisHuey(_Unrevoked, RedisHuey):
+    pass
+
+
 class Queue:
     """A huey instance with Konstruct's tasks registered on it."""
 
@@ -131,11 +166,11 @@ def make_queue(settings: Settings, urls: DatabaseURLs) -> Queue:
     url = settings.queue.url or ""
     name = settings.queue.name
     if not url or url in ("postgres", "postgresql", "database"):
-        huey: Huey = PostgresHuey(name, dsn=urls.app_libpq(), create_tables=False, blocking=True, read_timeout=1)
+        huey: Huey = _PostgresHuey(name, dsn=urls.app_libpq(), create_tables=False, blocking=True, read_timeout=1)
     elif url.startswith("sqlite:///"):
-        huey = SqliteHuey(name, filename=url.removeprefix("sqlite:///"))
+        huey = _SqliteHuey(name, filename=url.removeprefix("sqlite:///"))
     elif url.startswith(("redis://", "rediss://", "unix://")):
-        huey = RedisHuey(name, url=url, blocking=True)
+        huey = _RedisHuey(name, url=url, blocking=True)
     else:
         raise ConfigError(f"queue.url: {url!r} is not supported; use empty (the database), 'sqlite:///path' or 'redis://host:6379/0'")
     return Queue(huey)
