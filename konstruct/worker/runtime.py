@@ -375,7 +375,12 @@ def behind(work: Callable[[], None]) -> Future[None]:
     lowered; elsewhere (a thread id is not a process id there) it runs at the process's priority. It starts no thread
     (checked: litellm's, the MCP SDK's and the channels' imports start none), so nothing it leaves behind inherits the
     lower priority. The embedding model is not loaded here: ONNX Runtime starts its thread pool when the model opens,
-    and those threads would keep it."""
+    and those threads would keep it.
+
+    The price: the first answers need litellm too, and wait for its import here (Python's lock on a module being
+    imported), which at the lower priority takes longer on busy cores. bench/slack_events.py at 1,000/s with the worker
+    starting as the load does, threads sampled from /proc: the worker's loop used no CPU for 2.7 s while this thread
+    imported. Those messages wait stored and acknowledged; the acknowledgements are what cannot wait."""
     done: Future[None] = Future()
 
     def run() -> None:
