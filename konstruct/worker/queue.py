@@ -29,6 +29,9 @@ def _current_worker() -> Any:
     return _worker
 
 
+REVOKE_FLAG = "r:"  # huey's key of a task's revocation flag: "r:" and the task id
+
+
 class _Unrevoked:
     """Konstruct's huey: no task is ever revoked (the inbox row is the truth; a message not to answer is settled there),
     so huey's revocation flags are neither looked up before each task nor deleted after it. Those were two of the three
@@ -49,19 +52,16 @@ class _Unrevoked:
     revoke_all = revoke_by_id = revoke
 
 
-REVOKE_FLAG = "r:"  # huey's key of a task's revocation flag: "r:" and the task id
-
-
 class _PostgresHuey(_Unrevoked, PostgresHuey):
-    pass
+    """huey's Postgres storage (the default, in Konstruct's own database), without revocations."""
 
 
 class _SqliteHuey(_Unrevoked, SqliteHuey):
-    pass
+    """huey's SQLite storage (queue.url 'sqlite:///path'), without revocations."""
 
 
 class _RedisHuey(_Unrevoked, RedisHuey):
-    pass
+    """huey's Redis storage (queue.url 'redis://…', for scale-out), without revocations."""
 
 
 class Queue:

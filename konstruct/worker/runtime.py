@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
@@ -381,24 +381,20 @@ def behind(work: Callable[[], None]) -> Future[None]:
     imported), which at the lower priority takes longer on busy cores. bench/slack_events.py at 1,000/s with the worker
     starting as the load does, threads sampled from /proc: the worker's loop used no CPU for 2.7 s while this thread
     imported. Those messages wait stored and acknowledged; the acknowledgements are what cannot wait."""
-    done: Future[None] = Future()
-
-    def run() -> None:
-        if sys.platform.startswith("linux"):
-            tid = threading.get_native_id()
-            try:
-                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BEHIND_NICE))
-            except OSError as exc:  # a sandbox may refuse it: the warm-up still runs
-                log.debug("warm-up at the process's priority: %s", exc)
-        try:
-            work()
-        except BaseException as exc:
-            done.set_exception(exc)
-        else:
-            done.set_result(None)
-
-    threading.Thread(target=run, name="konstruct-warm-up", daemon=True).start()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="konstruct-warm-up", initializer=_lower_priority)
+    done = pool.submit(work)
+    pool.shutdown(wait=False)  # the thread ends once `work` has run
     return done
+
+
+def _lower_priority() -> None:
+    """This thread BEHIND_NICE nice levels lower, on Linux (see `behind`)."""
+    if sys.platform.startswith("linux"):
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BEHIND_NICE))
+        except OSError as exc:  # a sandbox may refuse it: the warm-up still runs
+            log.debug("warm-up at the process's priority: %s", exc)
 
 
 def _load_embedding_model() -> None:
