@@ -173,15 +173,14 @@ class Queue:
 def _redis_for_huey() -> None:
     """Give huey.storage the redis client its import went without (above): the names its Redis storage uses, bound
     as its own `from redis import ...` would have bound them. Once is enough; huey imported elsewhere first has them."""
-    storage = huey_storage
-    if storage.Redis is not None:
+    if huey_storage.Redis is not None:
         return
     import redis
     from redis.exceptions import ConnectionError, TimeoutError
 
-    storage.ConnectionPool, storage.Redis = redis.ConnectionPool, redis.Redis
-    storage.ConnectionError, storage.TimeoutError = ConnectionError, TimeoutError
-    storage.RedisStorage.redis_client = redis.Redis
+    huey_storage.ConnectionPool, huey_storage.Redis = redis.ConnectionPool, redis.Redis
+    huey_storage.ConnectionError, huey_storage.TimeoutError = ConnectionError, TimeoutError
+    huey_storage.RedisStorage.redis_client = redis.Redis
 
 
 def make_queue(settings: Settings, urls: DatabaseURLs) -> Queue:
