@@ -6,7 +6,8 @@ the fake OpenAI-compatible LLM from tests/fakes. For each scenario the inbox is 
 each its own conversation, queued as the gateway queues them) with no worker running; then the workers start and
 answer them all. Answers/s is the number answered over the time from the first claim to the last answer (from the
 inbox rows' claimed_at/finished_at); the peak is the most LLM calls the fake saw at once; CPU-ms per answer is the
-workers' (all of them) and PostgreSQL's process time over the run.
+workers' (all of them) and PostgreSQL's process time over the run; transactions per answer, the database's
+(pg_stat_database) over the run, less the bench's own look-ups (each commit is a WAL flush and two round trips more).
 
 Scenarios (each `delay:concurrency:messages[:workers]`, the concurrency each worker's), by default those of the
 throughput issue, with one worker and with two (one per core of the 2-core machine the targets were set on):
@@ -98,6 +99,33 @@ async def progress(site: Path, run: str) -> tuple[int, int, float | None]:
     return int(row[0]), int(row[1]), float(row[2]) if row[2] is not None else None
 
 
+def transactions(site: Path) -> int:
+    """Transactions the database has ended (committed or rolled back) so far, as its statistics have them: a backend
+    reports its own when it goes idle (at most once a second) and when it exits."""
+    from sqlalchemy import create_engine, text
+
+    from konstruct.config import load_settings
+    from konstruct.db.urls import resolve_urls
+
+    engine = create_engine(resolve_urls(load_settings(site / "konstruct.toml")).owner_sync())
+    try:
+        with engine.connect() as conn:
+            query = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+            return int(conn.execute(text(query)).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def own_transactions(site: Path, run: str) -> tuple[int, int]:
+    """(one `transactions` read's, one `progress` look-up's) transactions, counted with the workers stopped: taken off a
+    run's count, what is left are the workers' own."""
+    first = transactions(site)
+    read = transactions(site) - first
+    asyncio.run(progress(site, run))
+    time.sleep(1.1)
+    return read, transactions(site) - first - 2 * read
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -146,9 +174,12 @@ def main() -> None:
                         wait_log(site, f"worker-{run}-{n}", " ready: ")
                     for part in parts:
                         part.mark()
+                    ended = transactions(site)
+                    polls = 0
                     deadline = time.monotonic() + args.timeout
                     while True:
                         done, failed, took = asyncio.run(progress(site, run))
+                        polls += 1
                         if done + failed >= messages or time.monotonic() > deadline:
                             break
                         time.sleep(0.5)
@@ -161,13 +192,18 @@ def main() -> None:
                             worker.wait(30)
                         except subprocess.TimeoutExpired:
                             worker.kill()
+                time.sleep(1.1)  # the statistics of the last backends to go idle
+                ended = transactions(site) - ended
+                read, poll = own_transactions(site, run)
+                ended -= read + polls * poll
                 rate = done / took if took else 0.0
                 ideal = f" (ideal {count * concurrency / delay:.0f}/s)" if delay else ""
                 who = "one worker" if count == 1 else f"{count} workers"
                 per = ", ".join(f"{name} {seconds * 1000 / max(done, 1):.1f}" for name, seconds in cpu.items())
                 print(
                     f"{who}, LLM {delay:g} s, concurrency {concurrency:>4}, {messages} messages: {done} answered, {failed} failed, "
-                    f"{rate:.1f} answers/s{ideal}, peak {fake.max_in_flight} LLM calls in flight; CPU-ms per answer: {per}",
+                    f"{rate:.1f} answers/s{ideal}, peak {fake.max_in_flight} LLM calls in flight; CPU-ms per answer: {per}; "
+                    f"{ended / max(done, 1):.2f} transactions per answer",
                     flush=True,
                 )
                 settle(parts[1:])
