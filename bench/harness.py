@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -237,6 +238,56 @@ def add_load_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--drain-timeout", type=float, default=900.0, help=f"seconds to wait for every one of the {what} to be answered")
 
 
+def cpu_seconds(proc: psutil.Process) -> float:
+    """User + system time of a process and of the children it has reaped (a PostgreSQL backend that ended, say)."""
+    t = proc.cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@dataclass
+class Part:
+    """One part of the installation (the gateway, the workers, …): the process trees it is made of, and their CPU time."""
+
+    name: str
+    roots: list[int] = field(default_factory=list)
+    gone: float = 0.0  # CPU seconds of processes that died unreaped by a process of ours (a SIGKILLed worker), since the mark
+    _marks: dict[tuple[int, float], float] = field(default_factory=dict)
+
+    def processes(self) -> list[psutil.Process]:
+        found: list[psutil.Process] = []
+        for pid in self.roots:
+            try:
+                root = psutil.Process(pid)
+                found += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        return found
+
+    def sample(self) -> dict[tuple[int, float], float]:
+        times = {}
+        for proc in self.processes():
+            try:
+                times[(proc.pid, proc.create_time())] = cpu_seconds(proc)
+            except psutil.NoSuchProcess:
+                continue
+        return times
+
+    def mark(self) -> None:
+        self._marks, self.gone = self.sample(), 0.0
+
+    def since_mark(self) -> float:
+        """CPU seconds since `mark`: a process that ended since counts in its parent's reaped children's time (all of its
+        life, less what it had at the mark, which is subtracted here); a process new since counts from zero."""
+        return sum(self.sample().values()) - sum(self._marks.values()) + self.gone
+
+    def drop(self, pid: int) -> None:
+        """Before a SIGKILL of root `pid`: keep its CPU time since the mark, stop following it."""
+        for key, value in self.sample().items():
+            if key[0] == pid:
+                self.gone += value - self._marks.pop(key, 0.0)
+        self.roots.remove(pid)
+
+
 @dataclass
 class Bench:
     """One benchmark run: a site set up by `setup` commands, a gateway, a worker during or after the load."""
@@ -274,11 +325,22 @@ class Bench:
                         + (f"worker {args.worker} the load (nice {args.worker_nice})" if drain else "no worker (ingest alone)")
                     )
                     phases = [args.warmup, args.seconds] if args.warmup > 0 else [args.seconds]
+                    from konstruct.db.embedded import postmaster_pid
+
+                    parts = [Part("gateway", [gateway.pid]), Part("postgresql", [postmaster_pid(site / ".konstruct") or 0])]
+                    if worker is not None:
+                        parts.append(Part("worker", [worker.pid]))
+                    for part in parts:
+                        part.mark()
                     results = asyncio.run(load(f"http://127.0.0.1:{port}{self.path}", args.rate, phases, request))
                     if len(results) == 2:
                         results[0].report(f"warm-up ({args.warmup:g} s at the same rate, not in the figures below)")
                     results[-1].report("measured")
                     sent = sum(len(r.latencies) for r in results)
+                    print(
+                        "  CPU-ms per request over the load (warm-up included): "
+                        + ", ".join(f"{part.name} {part.since_mark() * 1000 / max(sent, 1):.2f}" for part in parts)
+                    )
                     if not drain:
                         return results[-1]
                     worker = drain_answers(site, env, args, worker, sent, answered, check)

@@ -36,7 +36,6 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,63 +44,13 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import cli, load, pct, spawn, wait_log, wait_ready  # noqa: E402
+from bench.harness import Part, cli, load, pct, spawn, wait_log, wait_ready  # noqa: E402
 from bench.slack_events import BOT_USER, SECRET, TEAM, TOKEN, signed  # noqa: E402
 from tests.fakes.llm import FakeLLM  # noqa: E402
 from tests.fakes.slack import FakeSlack  # noqa: E402
 from tests.helpers import cli_env, free_port  # noqa: E402
 
 EVENT_ID = re.compile(r"Ev\d{8}")
-
-
-def cpu_seconds(proc: psutil.Process) -> float:
-    """User + system time of a process and of the children it has reaped (a PostgreSQL backend that ended, say)."""
-    t = proc.cpu_times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-@dataclass
-class Part:
-    """One part of the installation (the gateway, the workers, …): the process trees it is made of, and their CPU time."""
-
-    name: str
-    roots: list[int] = field(default_factory=list)
-    gone: float = 0.0  # CPU seconds of processes that died unreaped by a process of ours (a SIGKILLed worker), since the mark
-    _marks: dict[tuple[int, float], float] = field(default_factory=dict)
-
-    def processes(self) -> list[psutil.Process]:
-        found: list[psutil.Process] = []
-        for pid in self.roots:
-            try:
-                root = psutil.Process(pid)
-                found += [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                continue
-        return found
-
-    def sample(self) -> dict[tuple[int, float], float]:
-        times = {}
-        for proc in self.processes():
-            try:
-                times[(proc.pid, proc.create_time())] = cpu_seconds(proc)
-            except psutil.NoSuchProcess:
-                continue
-        return times
-
-    def mark(self) -> None:
-        self._marks, self.gone = self.sample(), 0.0
-
-    def since_mark(self) -> float:
-        """CPU seconds since `mark`: a process that ended since counts in its parent's reaped children's time (all of its
-        life, less what it had at the mark, which is subtracted here); a process new since counts from zero."""
-        return sum(self.sample().values()) - sum(self._marks.values()) + self.gone
-
-    def drop(self, pid: int) -> None:
-        """Before a SIGKILL of root `pid`: keep its CPU time since the mark, stop following it."""
-        for key, value in self.sample().items():
-            if key[0] == pid:
-                self.gone += value - self._marks.pop(key, 0.0)
-        self.roots.remove(pid)
 
 
 def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], int]:

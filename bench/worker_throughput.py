@@ -38,8 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import cli, spawn, wait_log  # noqa: E402
-from bench.scale_out import Part, settle  # noqa: E402
+from bench.harness import Part, cli, spawn, wait_log  # noqa: E402
+from bench.scale_out import settle  # noqa: E402
 from tests.fakes.llm import FakeLLM  # noqa: E402
 from tests.helpers import cli_env  # noqa: E402
 
