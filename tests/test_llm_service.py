@@ -3,7 +3,6 @@ below worker.concurrency caps the calls in flight."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import pytest
@@ -16,6 +15,7 @@ from konstruct.llm.client import LLMError, load_litellm
 from konstruct.llm.service import CallContext, LLMService
 from konstruct.tenancy.tenants import create_tenant
 from tests.fakes.llm import FakeLLM
+from tests.helpers import wait_until
 
 MODEL, FALLBACK = "openai/gpt-4o-mini", "openai/gpt-4o"
 QUESTION = [{"role": "user", "content": "are you there?"}]
@@ -118,11 +118,13 @@ async def test_litellms_own_logging_is_left_out_and_the_cost_is_still_litellms(s
         result = await LLMService(settings, db).complete(CallContext(tenant.id), model=MODEL, messages=ours)
         around = [{"role": "user", "content": "around the service"}]
         await litellm.acompletion(model=FALLBACK, api_key="sk-test", api_base=fake_llm.url, messages=around, max_tokens=16)
-        for _ in range(100):  # litellm's logging worker runs the handlers as tasks of their own
-            if "around the service" in heard:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)
+
+        # litellm's logging worker runs the handlers as tasks of their own, in the order the calls finished: the
+        # service's call, had it been logged, would be heard before this one.
+        async def log() -> list[str]:
+            return heard
+
+        await wait_until(log, lambda got: "around the service" in got, 10, "litellm's success log")
     finally:
         litellm.callbacks.remove(listener)
     # The call around the service only (another test's earlier calls may be heard late: they are not counted).

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import URL
 
 from konstruct import inbox
@@ -226,7 +226,12 @@ async def test_a_duplicate_in_another_transaction_in_flight_is_found_once_that_o
             told = await conn.fetchmany(inbox._store_statement(None), [inbox._Message(new, None, first_id).arguments()])
             assert told[0]["id"] == first_id
             second = asyncio.ensure_future(inbox.store(other, new))
-            await asyncio.sleep(0.5)
+
+            async def waiting_on_a_lock() -> int:
+                async with db.system() as session:
+                    return int(await session.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")) or 0)
+
+            await wait_until(waiting_on_a_lock, lambda waiting: waiting > 0, 10, "the second store to wait on the first one's row")
             assert not second.done()  # its insert waits on the first one's row
         stored = await asyncio.wait_for(second, 10)
     finally:
