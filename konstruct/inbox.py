@@ -58,13 +58,9 @@ class Stored:
 
 
 # One statement per message: pick the agent, upsert the conversation, insert the inbox row (once), its history row
-# and audit event, and (with the Postgres queue) the queue entry; and say what became of the message, in one row: the
-# row stored now (id, conversation_id), else the row stored before (`before`: a redelivery, found by its key only then;
-# the same batch's earlier messages are seen, each statement reading after the one before), with `answerable` false
-# when no agent may answer it. A row stored before by a transaction still in flight is not seen (all NULL, answerable):
-# `GroupCommit.write` looks it up once that one has committed (the insert waited for it). The look-up by key runs only
-# for a redelivery: a prepared statement's generic plan, made while the table was small, scans it whole (a look-up
-# joined for every message took ingest from 1,000 to 818 events/s). Positional parameters (asyncpg's own protocol):
+# and audit event, and (with the Postgres queue) the queue entry; and say what became of the message: the row stored
+# now, or NULLs when nothing was (a redelivery, or no agent may answer it: `GroupCommit.write` then looks the message
+# up by its key, once any transaction that stored it too has committed). Positional parameters (asyncpg's own protocol):
 # $1 id, $2 tenant, $3 agent, $4 connection, $5 external channel, $6 may start, $7 channel, $8 conversation key,
 # $9 external id, $10 sender, $11 text, $12 payload, $13 actor, $14 status[, $15 queue, $16 task, $17 notify channel].
 _STORE = """
@@ -102,18 +98,15 @@ WITH existing AS (
            jsonb_build_object('channel', $7::text, 'external_id', $9::text, 'conversation_id', conversation_id::text)
     FROM inb
 ){queue_insert}
-SELECT inb.id, inb.conversation_id, $14::text AS status,
-       CASE WHEN inb.id IS NULL THEN (
-           SELECT ROW(o.id, o.conversation_id, o.status) FROM inbound_messages o
-           WHERE o.tenant_id = $2::uuid AND o.channel = $7::text AND o.external_id = $9::text
-       ) END AS before,
-       EXISTS (SELECT 1 FROM chosen WHERE agent_id IS NOT NULL) AS answerable
-FROM (SELECT 1) AS one LEFT JOIN inb ON true
+SELECT inb.id, inb.conversation_id, $14::text AS status FROM (SELECT 1) AS one LEFT JOIN inb ON true
 """
 _QUEUE_INSERT = (
     ", queued AS (INSERT INTO {table} (queue, data, priority, inbound_id) SELECT $15::text, $16::bytea, 0, inb.id FROM inb "
     "WHERE $14::text = 'received' RETURNING pg_notify($17::text, ''))"
 )
+# A message the batch did not store: the row stored before (the same batch's earlier messages too), if any. Its own
+# statement, run only then: joined into the store statement for every message, the prepared statement's generic plan
+# (made while the table was nearly empty) scanned the table, and ingest fell from 1,000 to 818 events/s.
 _STORED_BEFORE = "SELECT id, conversation_id, status FROM inbound_messages WHERE channel = $1 AND external_id = $2"
 _statements: dict[str | None, str] = {}
 
@@ -170,24 +163,18 @@ class GroupCommit:
         async with self.db.tenant_driver(tenant_id=tenant_id) as conn:
             # One round trip for the batch, a row back for each message (BEGIN, this and COMMIT: three in all).
             told = await conn.fetchmany(_store_statement(first.outbox.table if first.outbox else None), [w.arguments() for w in group])
-            rows: list[tuple[uuid.UUID, uuid.UUID, str] | None] = []
-            for w, row in zip(group, told, strict=True):
-                if row["id"] is not None:
-                    rows.append((row["id"], row["conversation_id"], row["status"]))
-                elif row["before"] is not None or not row["answerable"]:
-                    rows.append(row["before"])
-                else:
-                    before = await conn.fetchrow(_STORED_BEFORE, w.message.channel, w.message.external_id)
-                    rows.append((before["id"], before["conversation_id"], before["status"]) if before is not None else None)
+            rows = [
+                row if row["id"] is not None else await conn.fetchrow(_STORED_BEFORE, w.message.channel, w.message.external_id)
+                for w, row in zip(group, told, strict=True)
+            ]
         results: list[Stored | None] = []
-        for waiting, found in zip(group, rows, strict=True):
-            if found is None:  # no agent to answer it (or a thread the agent is not part of): nothing stored
+        for waiting, row in zip(group, rows, strict=True):
+            if row is None:  # no agent to answer it (or a thread the agent is not part of): nothing stored
                 results.append(None)
                 continue
-            inbound_id, conversation_id, status = found
-            new = inbound_id == waiting.inbound_id
-            queued = new and waiting.outbox is not None and status == "received"
-            results.append(Stored(inbound_id, tenant_id, conversation_id, status, duplicate=not new, queued=queued))
+            new = row["id"] == waiting.inbound_id
+            queued = new and waiting.outbox is not None and row["status"] == "received"
+            results.append(Stored(row["id"], tenant_id, row["conversation_id"], row["status"], duplicate=not new, queued=queued))
         return results
 
 
