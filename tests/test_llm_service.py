@@ -15,7 +15,6 @@ from konstruct.llm.client import LLMError, load_litellm
 from konstruct.llm.service import CallContext, LLMService
 from konstruct.tenancy.tenants import create_tenant
 from tests.fakes.llm import FakeLLM
-from tests.helpers import wait_until
 
 MODEL, FALLBACK = "openai/gpt-4o-mini", "openai/gpt-4o"
 QUESTION = [{"role": "user", "content": "are you there?"}]
@@ -91,45 +90,3 @@ def test_litellms_connection_caps_are_above_the_highest_worker_concurrency() -> 
     assert ceiling == 1000
     assert ceiling <= constants.AIOHTTP_CONNECTOR_LIMIT_PER_HOST
     assert ceiling <= constants.AIOHTTP_CONNECTOR_LIMIT
-
-
-async def test_litellms_own_logging_is_left_out_and_the_cost_is_still_litellms(settings: Settings, db: Database, fake_llm: FakeLLM) -> None:
-    """The service's calls skip litellm's success logging (Konstruct registers no litellm callbacks: client.unlogged),
-    and the usage row still carries the cost litellm priced the response at. A call made around the service is
-    logged, so the logger below does hear litellm's events."""
-    from litellm.integrations.custom_logger import CustomLogger
-
-    litellm = load_litellm()
-    heard: list[str] = []
-
-    class Listener(CustomLogger):  # type: ignore[misc]
-        async def async_log_success_event(
-            self, kwargs: dict[str, object], response_obj: object, start_time: object, end_time: object
-        ) -> None:
-            messages = kwargs.get("messages")
-            if isinstance(messages, list) and messages:
-                heard.append(str(messages[-1].get("content")))
-
-    tenant = await create_tenant(db, name="Acme", slug="acme-unlogged", actor="test")
-    listener = Listener()
-    litellm.callbacks.append(listener)
-    try:
-        ours = [{"role": "user", "content": "through the service"}]
-        result = await LLMService(settings, db).complete(CallContext(tenant.id), model=MODEL, messages=ours)
-        around = [{"role": "user", "content": "around the service"}]
-        await litellm.acompletion(model=FALLBACK, api_key="sk-test", api_base=fake_llm.url, messages=around, max_tokens=16)
-
-        # litellm's logging worker runs the handlers as tasks of their own, in the order the calls finished: the
-        # service's call, had it been logged, would be heard before this one.
-        async def log() -> list[str]:
-            return heard
-
-        await wait_until(log, lambda got: "around the service" in got, 10, "litellm's success log")
-    finally:
-        litellm.callbacks.remove(listener)
-    # The call around the service only (another test's earlier calls may be heard late: they are not counted).
-    assert "around the service" in heard and "through the service" not in heard
-    async with db.tenant(tenant_id=tenant.id) as session:
-        cost = await session.scalar(select(LLMUsage.cost_usd))
-    prompt, completion = litellm.cost_per_token(model=MODEL, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
-    assert cost is not None and cost > 0 and float(cost) == pytest.approx(prompt + completion, abs=1e-8)

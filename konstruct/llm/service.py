@@ -20,7 +20,7 @@ from konstruct.config import Settings
 from konstruct.db.engine import Database
 from konstruct.errors import ValidationError
 from konstruct.llm import budget, ledger, probe
-from konstruct.llm.client import Completion, LLMError, ToolCall, load_litellm, unlogged
+from konstruct.llm.client import Completion, LLMError, ToolCall, load_litellm
 from konstruct.llm.keys import TenantKey, check_api_base
 from konstruct.llm.probe import provider_of
 from konstruct.mail import Notice
@@ -108,11 +108,10 @@ class LLMService:
         for d in ready:
             for _attempt in range(llm.retries + 1):
                 try:
-                    with unlogged():
-                        response = await litellm.acompletion(
-                            model=d.model, api_key=d.api_key, api_base=d.api_base, timeout=llm.timeout, max_retries=0,
-                            messages=messages, max_tokens=llm.max_tokens, **extra,
-                        )  # fmt: skip
+                    response = await litellm.acompletion(
+                        model=d.model, api_key=d.api_key, api_base=d.api_base, timeout=llm.timeout, max_retries=0,
+                        messages=messages, max_tokens=llm.max_tokens, **extra,
+                    )  # fmt: skip
                     return response, d
                 except Exception as exc:
                     failure = failure or (exc, d)
