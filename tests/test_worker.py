@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import URL
 
 from konstruct import inbox
@@ -211,32 +211,6 @@ async def test_duplicate_deliveries_at_once_get_one_reply(shared: Shared, fake_l
     await shared.settle()  # any second doorbell has been taken by now
     assert len(await replies_for(db, tenant, row.id)) == 1
     assert asked(fake_llm, "hi") == 1 and len(fake_llm.requests) == 2  # the message once, and the later one
-
-
-async def test_a_duplicate_in_another_transaction_in_flight_is_found_once_that_one_commits(
-    acme: tuple[TenantInfo, AgentInfo], settings: Settings, db: Database
-) -> None:
-    """Two gateway processes store the same event at once. The second one's insert waits for the first's transaction,
-    and its own statement cannot see that row: it is looked up once the first committed, a duplicate of it."""
-    tenant, agent = acme
-    other = Database(settings)  # another process's writer and connections
-    new, first_id = message(tenant, agent, "racing-event", "hello"), uuid.uuid4()
-    try:
-        async with db.tenant_driver(tenant_id=tenant.id) as conn:  # the first process's batch, not committed yet
-            told = await conn.fetchmany(inbox._store_statement(None), [inbox._Message(new, None, first_id).arguments()])
-            assert told[0]["id"] == first_id
-            second = asyncio.ensure_future(inbox.store(other, new))
-
-            async def waiting_on_a_lock() -> int:
-                async with db.system() as session:
-                    return int(await session.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")) or 0)
-
-            await wait_until(waiting_on_a_lock, lambda waiting: waiting > 0, 10, "the second store to wait on the first one's row")
-            assert not second.done()  # its insert waits on the first one's row
-        stored = await asyncio.wait_for(second, 10)
-    finally:
-        await other.dispose()
-    assert stored is not None and stored.id == first_id and stored.duplicate and stored.status == "received"
 
 
 async def test_worker_killed_mid_call_answers_exactly_once_after_restart(

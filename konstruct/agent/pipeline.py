@@ -54,7 +54,6 @@ from konstruct.db.engine import Database, unavailable
 from konstruct.db.models import Conversation, InboundMessage, Message
 from konstruct.handoff import desk, replies
 from konstruct.handoff import state as handoff
-from konstruct.llm import ledger
 from konstruct.llm.client import Completion, LLMError, ToolCall, supports_vision
 from konstruct.llm.service import BudgetExhausted, CallContext, LLMService
 from konstruct.mail import Notice
@@ -124,7 +123,6 @@ class Turn:
     has_memories: bool = True  # the person has memories with this agent (False: recall has nothing to look for)
     has_knowledge: bool = True  # the agent may read documents with chunks (False: nothing to look up)
     passages: list[grounding.Passage] = field(default_factory=list)  # what was retrieved from the documents for it
-    terms: list[Any] | None = None  # the tenant's keys and limit as the claim read them (ledger.read_terms): the answer's first call's
 
     @property
     def tenant_id(self) -> uuid.UUID:
@@ -255,38 +253,31 @@ async def window_closed(pipeline: Pipeline, turn: Turn) -> Outcome | None:
 GATES: tuple[Gate, ...] = (tenant_inactive, desk_reply, no_channel, gave_up, escalated, billing_paused, escalation_rule, window_closed)
 
 
-_INBOUND_COLUMNS = tuple(InboundMessage.__table__.columns.keys())
-_MESSAGE_COLUMNS = tuple(Message.__table__.columns.keys())
-_AGENT_COLUMNS = ("id", "tenant_id", "name", "role", "persona", "model", "settings", "created_at", "updated_at", "suggested_prompts")
-# The claim and what the steps after it read, in one statement: the row taken (received → processing), its conversation,
-# agent and tenant, whether there is anything to recall (the person's memories) or to look up (documents the agent may
-# read: without, neither step costs a transaction), the reply an earlier attempt stored (at most one per inbound message
-# and direction) and the conversation's unsummarised history, newest first ($4 the kinds shown, $5 the most rows).
-# No row when the claim took none. (Four statements before: three round trips more a message.)
+_INBOUND_COLUMNS = ", ".join(InboundMessage.__table__.columns.keys())
+_MESSAGE_COLUMNS = ", ".join(Message.__table__.columns.keys())
 _CLAIM = f"""
-WITH claimed AS (
-    UPDATE inbound_messages SET status = 'processing', attempts = attempts + 1, worker_id = $2::text, claimed_at = now(),
-                                solo = $3::boolean
-    WHERE id = $1::uuid AND status = 'received' AND ($3::boolean OR NOT suspect)
-    RETURNING {", ".join(_INBOUND_COLUMNS)}
-)
-SELECT {", ".join(f"claimed.{name}" for name in _INBOUND_COLUMNS)},
-       t.name AS tenant_name, t.status AS tenant_status, t.allowed_hosts, c.external_id AS conversation_external_id,
-       c.status AS state, c.summary, c.summary_until, {", ".join(f"a.{name} AS agent_{name}" for name in _AGENT_COLUMNS)},
-       EXISTS (SELECT 1 FROM memories m WHERE m.agent_id = a.id AND m.person = claimed.sender) AS has_memories,
-       EXISTS (SELECT 1 FROM knowledge_sources k WHERE k.chunks > 0 AND (k.agent_ids = '{{}}' OR a.id = ANY(k.agent_ids))) AS has_knowledge,
-       {", ".join(f"p.{name} AS previous_{name}" for name in _MESSAGE_COLUMNS)},
-       ARRAY(
-           SELECT ROW(h.direction, h.text, h.created_at, h.kind, h.author) FROM messages h
-           WHERE h.conversation_id = claimed.conversation_id AND h.created_at <= claimed.received_at AND h.status <> 'failed'
-             AND h.kind = ANY($4::text[]) AND (c.summary_until IS NULL OR h.created_at > c.summary_until)
-           ORDER BY h.created_at DESC, h.direction DESC LIMIT $5::int
-       ) AS history
-FROM claimed
-LEFT JOIN conversations c ON c.id = claimed.conversation_id
-LEFT JOIN tenants t ON t.id = c.tenant_id
-LEFT JOIN agents a ON a.id = c.agent_id
-LEFT JOIN messages p ON p.inbound_id = claimed.id AND p.direction = 'out'
+UPDATE inbound_messages SET status = 'processing', attempts = attempts + 1, worker_id = $2::text, claimed_at = now(), solo = $3::boolean
+WHERE id = $1::uuid AND status = 'received' AND ($3::boolean OR NOT suspect)
+RETURNING {_INBOUND_COLUMNS}
+"""
+# What the steps after the claim read about its conversation, agent and tenant, and whether there is anything to recall
+# (the person's memories) or to look up (documents the agent may read): without, neither step costs a transaction.
+_CONTEXT = """
+SELECT t.name AS tenant_name, t.status AS tenant_status, t.allowed_hosts, c.external_id AS conversation_external_id, c.status AS state,
+       c.summary, c.summary_until, a.id, a.tenant_id, a.name, a.role, a.persona, a.model, a.settings, a.created_at, a.updated_at,
+       a.suggested_prompts,
+       EXISTS (SELECT 1 FROM memories m WHERE m.agent_id = a.id AND m.person = $2::text) AS has_memories,
+       EXISTS (SELECT 1 FROM knowledge_sources k WHERE k.chunks > 0 AND (k.agent_ids = '{}' OR a.id = ANY(k.agent_ids))) AS has_knowledge
+FROM conversations c JOIN tenants t ON t.id = c.tenant_id JOIN agents a ON a.id = c.agent_id
+WHERE c.id = $1::uuid
+"""
+_PREVIOUS = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE inbound_id = $1::uuid AND direction = 'out'"
+# The conversation's unsummarised history, newest first: $4 the summary's end (NULL: none).
+_HISTORY = """
+SELECT direction, text, created_at, kind, author FROM messages
+WHERE conversation_id = $1::uuid AND created_at <= $2::timestamptz AND status <> 'failed' AND kind = ANY($3::text[])
+  AND ($4::timestamptz IS NULL OR created_at > $4::timestamptz)
+ORDER BY created_at DESC, direction DESC LIMIT $5::int
 """
 _TURNS = "SELECT count(*) FROM inbound_messages WHERE conversation_id = $1::uuid AND channel <> $2::text"
 
@@ -304,24 +295,13 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
-_SHOWN = [MESSAGE, handoff.HUMAN, handoff.NOTE]  # the history's kinds the model is shown: a notice is not the agent's own words
-
-
-class Claimed(NamedTuple):
-    """A row this worker took, with what the claim read beside it (`Pipeline.load` makes the turn of them)."""
-
-    inbound: InboundMessage
-    context: asyncpg.Record
-
-
-async def claim(conn: asyncpg.Connection, inbound_id: uuid.UUID, worker_id: str, *, solo: bool) -> Claimed | None:
+async def claim(conn: asyncpg.Connection, inbound_id: uuid.UUID, worker_id: str, *, solo: bool) -> InboundMessage | None:
     """Take the row (received → processing), or None when it is not ours: another worker has it, it is
     finished, or it is a suspect only the suspect lane (solo) may take."""
-    row = await conn.fetchrow(_CLAIM, inbound_id, worker_id, solo, _SHOWN, MAX_UNSUMMARISED)
+    row = await conn.fetchrow(_CLAIM, inbound_id, worker_id, solo)
     if row is None:
         return None
-    values = {name: row[name] for name in _INBOUND_COLUMNS}
-    return Claimed(InboundMessage(**{**values, "payload": _json(values["payload"])}), row)
+    return InboundMessage(**{**dict(row), "payload": _json(row["payload"])})
 
 
 # The reply, kept before it is sent (once per inbound message: NULL when another attempt stored it first).
@@ -363,13 +343,10 @@ class Pipeline:
         """Answer one inbox row. Returns its final state, or None when it was not ours to take.
         solo: the worker runs nothing else meanwhile (the suspect lane); a suspect row is only taken that way."""
         async with self.db.tenant_driver(tenant_id=tenant_id) as conn:
-            claimed = await claim(conn, inbound_id, self.worker_id, solo=solo)
-            if claimed is None:
+            inbound = await claim(conn, inbound_id, self.worker_id, solo=solo)
+            if inbound is None:
                 return None  # a duplicate doorbell: another worker has it or it is finished
-            turn = await self.load(conn, claimed)
-            if claimed.context["previous_id"] is None:  # the answer's first call then needs no transaction of its own
-                turn.terms = await ledger.read_terms(conn, self.settings)
-        inbound = turn.inbound
+            turn = await self.load(conn, inbound)
         if self.settings.billing.enabled or (inbound.attempts > 1 and turn.previous is None):
             async with self.db.tenant(tenant_id=tenant_id) as session:
                 if self.settings.billing.enabled:
@@ -403,19 +380,21 @@ class Pipeline:
         await self.remember_later(turn)
         return status
 
-    async def load(self, conn: asyncpg.Connection, claimed: Claimed) -> Turn:
+    async def load(self, conn: asyncpg.Connection, inbound: InboundMessage) -> Turn:
         """Everything the later steps read, in the claim's transaction (the billing standing and an approval's resume
         state, when they matter, are read by `process` right after it)."""
-        inbound, context = claimed
-        assert context["agent_id"] is not None  # the conversation, its agent and tenant: foreign keys of the row just claimed
+        context = await conn.fetchrow(_CONTEXT, inbound.conversation_id, inbound.sender)
+        assert context is not None  # the conversation, its agent and tenant: foreign keys of the row just claimed
         agent = AgentInfo(
-            context["agent_id"], context["agent_tenant_id"], context["agent_name"], context["agent_role"], context["agent_persona"],
-            context["agent_model"], dict(_json(context["agent_settings"]) or {}), context["agent_created_at"],
-            context["agent_updated_at"], tuple(_json(context["agent_suggested_prompts"]) or ()),
+            context["id"], context["tenant_id"], context["name"], context["role"], context["persona"], context["model"],
+            dict(_json(context["settings"]) or {}), context["created_at"], context["updated_at"],
+            tuple(_json(context["suggested_prompts"]) or ()),
         )  # fmt: skip
-        found = context["previous_id"] is not None
-        previous = Message(**{name: context[f"previous_{name}"] for name in _MESSAGE_COLUMNS}) if found else None
-        history = [HistoryRow(*row) for row in context["history"]]
+        found = await conn.fetchrow(_PREVIOUS, inbound.id)
+        previous = Message(**dict(found)) if found is not None else None
+        kinds = [MESSAGE, handoff.HUMAN, handoff.NOTE]  # an apology or a notice is not the agent's own words
+        rows = await conn.fetch(_HISTORY, inbound.conversation_id, inbound.received_at, kinds, context["summary_until"], MAX_UNSUMMARISED)
+        history = [HistoryRow(*row) for row in rows]
         rules = list(agent.settings.get("escalation_rules") or [])
         # `count` in a rule: the person's turns in this conversation
         turns = int(await conn.fetchval(_TURNS, inbound.conversation_id, handoff.DESK) or 0) if rules else 0
@@ -723,10 +702,7 @@ class ToolRun:
         if resumed is not None:
             messages, steps, calls = list(resumed.state.messages), resumed.state.steps, list(resumed.state.calls)
         else:
-            terms, self.turn.terms = self.turn.terms, None  # read with the claim; later calls read them again
-            result = await llm.complete(
-                ctx, model=model, messages=messages, tools=specs or None, fallbacks=fallbacks, on_text=show, terms=terms
-            )
+            result = await llm.complete(ctx, model=model, messages=messages, tools=specs or None, fallbacks=fallbacks, on_text=show)
             if not result.tool_calls or self.registry is None:
                 return result
             messages, steps, calls = await self._next(messages, result, show), 1, list(result.tool_calls)

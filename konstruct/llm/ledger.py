@@ -31,23 +31,10 @@ FROM (SELECT 1) AS one LEFT JOIN budgets b ON true LEFT JOIN llm_keys k ON true
 """
 
 
-Terms = tuple[dict[str, TenantKey], budget.Limit | None]
-
-
-async def terms(db: Database, settings: Settings, tenant_id: uuid.UUID) -> Terms:
+async def terms(db: Database, settings: Settings, tenant_id: uuid.UUID) -> tuple[dict[str, TenantKey], budget.Limit | None]:
     """The tenant's keys (decrypted) and its effective monthly limit (own budget capped by its plan's), or None."""
     async with db.tenant_driver(tenant_id=tenant_id) as conn:
-        rows = await read_terms(conn, settings)
-    return terms_of(settings, rows)
-
-
-async def read_terms(conn: asyncpg.Connection, settings: Settings) -> list[asyncpg.Record]:
-    """What `terms` reads, in a transaction the caller holds for the tenant (the worker's claim: one transaction fewer
-    a message); `terms_of` makes the terms of it (keys decrypted) where they are used."""
-    return await conn.fetch(_TERMS, settings.billing.enabled, list(budget.LIVE_SUBSCRIPTIONS))
-
-
-def terms_of(settings: Settings, rows: list[asyncpg.Record]) -> Terms:
+        rows = await conn.fetch(_TERMS, settings.billing.enabled, list(budget.LIVE_SUBSCRIPTIONS))
     first = rows[0]
     keys = keys_of(settings, [(r["provider"], r["secret"], r["api_base"]) for r in rows if r["provider"] is not None])
     own = (

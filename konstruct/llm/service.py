@@ -171,19 +171,14 @@ class LLMService:
         tools: list[dict[str, Any]] | None = None,
         fallbacks: list[str] | None = None,
         on_text: Callable[[str], Awaitable[None]] | None = None,
-        terms: list[Any] | None = None,
     ) -> Completion:
         """One call with the tenant's keys, budgeted and recorded. With `on_text` the answer is streamed:
         each piece of text is handed to it as it arrives (tool calls are gathered, not handed on), and the
-        Completion returned, the usage row and the cost are those of the whole stream, as without it.
-        `terms`: what ledger.read_terms read for this tenant in the caller's transaction just before, else read here."""
+        Completion returned, the usage row and the cost are those of the whole stream, as without it."""
         if not _loaded():
             await asyncio.to_thread(load_litellm)  # never block the event loop on the import
         models = [model, *[m for m in (fallbacks if fallbacks is not None else self.settings.llm.fallbacks) if m != model]]
-        if terms is not None:
-            keys, limit = ledger.terms_of(self.settings, terms)
-        else:
-            keys, limit = await ledger.terms(self.db, self.settings, ctx.tenant_id)
+        keys, limit = await ledger.terms(self.db, self.settings, ctx.tenant_id)
         await self._check_endpoints(keys)
         reservation: uuid.UUID | None = None
         if limit is not None:
